@@ -1,0 +1,415 @@
+//! The HTTP client for Apple's device-assignment service: session handling and one
+//! method per endpoint.
+//!
+//! Session rules (doc §3.2, NanoDEP's transport as the model): authenticate on first use
+//! and cache the session token; on `401`, or `403` whose body is `FORBIDDEN`, authenticate
+//! once and replay the request once; adopt any `X-ADM-Auth-Session` a response carries.
+//! Transient failures (connect errors, timeouts, 5xx, 429/503 with `Retry-After`) are
+//! retried with capped exponential backoff and jitter; everything else is returned at once.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
+use serde::{Deserialize, Serialize};
+
+use super::error::{classify, parse_retry_after, ApiError, Endpoint};
+use super::oauth1;
+use crate::config::RetryPolicy;
+use crate::model::DeviceRecord;
+use crate::token::ServerToken;
+
+/// Apple's media type, spelled as Apple and every client spell it (doc §1).
+const JSON_UTF8: &str = "application/json;charset=UTF8";
+/// Header carrying the session token, both ways.
+const SESSION_HEADER: &str = "x-adm-auth-session";
+/// Caps a `Retry-After` so one answer cannot stall a run for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Everything the client needs besides the token.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Base URL, e.g. `https://mdmenrollment.apple.com`.
+    pub base_url: reqwest::Url,
+    /// `User-Agent` (required by Apple).
+    pub user_agent: String,
+    /// `X-Server-Protocol-Version`.
+    pub protocol_version: u32,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Backoff for transient failures.
+    pub retry: RetryPolicy,
+}
+
+/// A page of `POST /server/devices` or `POST /devices/sync` (`FetchDeviceResponse`).
+#[derive(Debug, Deserialize)]
+pub struct DevicePage {
+    /// The page's records, in Apple's order.
+    #[serde(default)]
+    pub devices: Vec<DeviceRecord>,
+    /// Position after this page.
+    pub cursor: String,
+    /// Progress marker.
+    #[serde(default)]
+    pub fetched_until: Option<String>,
+    /// True: ask again at once with `cursor`.
+    #[serde(default)]
+    pub more_to_follow: bool,
+}
+
+/// `GET /account` (doc §4.1), the fields adesync uses; everything else is ignored.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Account {
+    /// MDM server name in ABM/ASM.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The server's ID.
+    #[serde(default)]
+    pub server_uuid: Option<String>,
+    /// Organisation name.
+    #[serde(default)]
+    pub org_name: Option<String>,
+    /// `edu` (ASM) or `org` (ABM).
+    #[serde(default)]
+    pub org_type: Option<String>,
+    /// Apple Account that downloaded the token.
+    #[serde(default)]
+    pub admin_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PageRequest<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<&'a str>,
+    limit: u32,
+}
+
+/// One token's connection to Apple.
+pub struct AppleClient {
+    http: reqwest::Client,
+    settings: ClientSettings,
+    token: ServerToken,
+    session: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for AppleClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppleClient")
+            .field("base_url", &self.settings.base_url.as_str())
+            .field("token", &self.token)
+            .field("session", &"<redacted>")
+            .finish()
+    }
+}
+
+struct Response {
+    status: u16,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl AppleClient {
+    /// A client for one token. Builds its own connection pool.
+    pub fn new(token: ServerToken, settings: ClientSettings) -> Result<Self, ApiError> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(30)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ApiError::Transport {
+                endpoint: Endpoint::Session,
+                url: settings.base_url.to_string(),
+                detail: format!("cannot build the HTTP client: {e}"),
+                timeout: false,
+            })?;
+        Ok(Self {
+            http,
+            settings,
+            token,
+            session: Mutex::new(None),
+        })
+    }
+
+    /// `POST /server/devices`: one page of the full device list.
+    pub async fn fetch_devices(
+        &self,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<DevicePage, ApiError> {
+        let body = serde_json::to_vec(&PageRequest { cursor, limit }).unwrap_or_default();
+        let bytes = self
+            .call(
+                Endpoint::FetchDevices,
+                reqwest::Method::POST,
+                "server/devices",
+                Some(body),
+            )
+            .await?;
+        parse_json(Endpoint::FetchDevices, &bytes)
+    }
+
+    /// `POST /devices/sync`: one page of changes since `cursor`.
+    pub async fn sync_devices(&self, cursor: &str, limit: u32) -> Result<DevicePage, ApiError> {
+        let body = serde_json::to_vec(&PageRequest {
+            cursor: Some(cursor),
+            limit,
+        })
+        .unwrap_or_default();
+        let bytes = self
+            .call(
+                Endpoint::SyncDevices,
+                reqwest::Method::POST,
+                "devices/sync",
+                Some(body),
+            )
+            .await?;
+        parse_json(Endpoint::SyncDevices, &bytes)
+    }
+
+    /// `GET /account`.
+    pub async fn account(&self) -> Result<Account, ApiError> {
+        let bytes = self
+            .call(Endpoint::Account, reqwest::Method::GET, "account", None)
+            .await?;
+        parse_json(Endpoint::Account, &bytes)
+    }
+
+    /// Forgets the cached session (the next call authenticates).
+    pub fn clear_session(&self) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Calls an endpoint with retries for transient failures.
+    async fn call(
+        &self,
+        endpoint: Endpoint,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let policy = &self.settings.retry;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(policy.initial_delay)
+            .with_max_delay(policy.max_delay)
+            .with_max_times(policy.max_attempts.saturating_sub(1) as usize)
+            .with_jitter();
+        (|| self.call_authenticated(endpoint, method.clone(), path, body.as_deref()))
+            .retry(backoff)
+            .when(ApiError::is_retryable)
+            .adjust(|err, planned| {
+                // Out of attempts stays out; otherwise Apple's Retry-After wins.
+                planned.map(|d| {
+                    err.retry_after()
+                        .map(|ra| ra.min(MAX_RETRY_AFTER))
+                        .unwrap_or(d)
+                })
+            })
+            .notify(|err, wait| {
+                tracing::warn!(error = %err, retry_in = ?wait, "transient failure; retrying");
+            })
+            .await
+    }
+
+    /// One attempt: ensure a session, send, re-authenticate once on 401/403 FORBIDDEN.
+    async fn call_authenticated(
+        &self,
+        endpoint: Endpoint,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let mut session = match self.cached_session() {
+            Some(s) => s,
+            None => self.authenticate().await?,
+        };
+        let mut reauthenticated = false;
+        loop {
+            let resp = self
+                .send(endpoint, method.clone(), path, body, Some(&session))
+                .await?;
+            self.adopt_session(&resp.headers, &session);
+            if resp.status / 100 == 2 {
+                return Ok(resp.body);
+            }
+            let text = String::from_utf8_lossy(&resp.body);
+            let expired_session = resp.status == 401
+                || (resp.status == 403 && super::error::body_token(&text) == "FORBIDDEN");
+            if expired_session && !reauthenticated {
+                tracing::debug!(
+                    endpoint = endpoint.describe(),
+                    status = resp.status,
+                    "session not accepted; authenticating again"
+                );
+                self.clear_session();
+                session = self.authenticate().await?;
+                reauthenticated = true;
+                continue;
+            }
+            if expired_session && resp.status == 401 {
+                return Err(ApiError::SessionRejected(endpoint));
+            }
+            return Err(classify(
+                endpoint,
+                resp.status,
+                &text,
+                retry_after(&resp.headers),
+            ));
+        }
+    }
+
+    fn cached_session(&self) -> Option<String> {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes a rotated session token from a response (doc §3.2).
+    fn adopt_session(&self, headers: &HeaderMap, current: &str) {
+        if let Some(new) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+            if !new.is_empty() && new != current {
+                tracing::debug!("Apple rotated the session token");
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(new.to_owned());
+            }
+        }
+    }
+
+    /// `GET /session` with an OAuth 1.0a signature; caches the token.
+    async fn authenticate(&self) -> Result<String, ApiError> {
+        let url = self.url("session");
+        let auth = oauth1::authorization_header(
+            "GET",
+            &url,
+            &self.token,
+            Some(oauth1::APPLE_REALM),
+            None,
+            None,
+        );
+        let resp = self
+            .send_raw(Endpoint::Session, reqwest::Method::GET, url, None, |b| {
+                b.header(AUTHORIZATION, auth.clone())
+                    // Apple's own simulator requires it on /session (doc §3.1).
+                    .header(CONTENT_TYPE, JSON_UTF8)
+            })
+            .await?;
+        if resp.status / 100 != 2 {
+            let text = String::from_utf8_lossy(&resp.body);
+            return Err(classify(
+                Endpoint::Session,
+                resp.status,
+                &text,
+                retry_after(&resp.headers),
+            ));
+        }
+        #[derive(Deserialize)]
+        struct SessionBody {
+            auth_session_token: Option<String>,
+        }
+        let parsed: SessionBody = parse_json(Endpoint::Session, &resp.body)?;
+        let token =
+            parsed
+                .auth_session_token
+                .filter(|t| !t.is_empty())
+                .ok_or(ApiError::MalformedBody {
+                    endpoint: Endpoint::Session,
+                    detail: "no auth_session_token in the response".into(),
+                })?;
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        Ok(token)
+    }
+
+    fn url(&self, path: &str) -> reqwest::Url {
+        let mut url = self.settings.base_url.clone();
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base_path}/{path}"));
+        url
+    }
+
+    async fn send(
+        &self,
+        endpoint: Endpoint,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&[u8]>,
+        session: Option<&str>,
+    ) -> Result<Response, ApiError> {
+        let url = self.url(path);
+        let session = session.map(str::to_owned);
+        self.send_raw(endpoint, method, url, body, move |b| match &session {
+            Some(s) => b.header(SESSION_HEADER, s.as_str()),
+            None => b,
+        })
+        .await
+    }
+
+    async fn send_raw(
+        &self,
+        endpoint: Endpoint,
+        method: reqwest::Method,
+        url: reqwest::Url,
+        body: Option<&[u8]>,
+        extra: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Response, ApiError> {
+        let mut b = self
+            .http
+            .request(method, url)
+            .header(USER_AGENT, self.settings.user_agent.as_str())
+            .header(
+                "X-Server-Protocol-Version",
+                self.settings.protocol_version.to_string(),
+            )
+            .header(ACCEPT, HeaderValue::from_static(JSON_UTF8));
+        if let Some(body) = body {
+            b = b.header(CONTENT_TYPE, JSON_UTF8).body(body.to_vec());
+        }
+        let b = extra(b);
+        let transport = |e: reqwest::Error| ApiError::Transport {
+            endpoint,
+            url: self.settings.base_url.to_string(),
+            detail: describe_reqwest(&e),
+            timeout: e.is_timeout(),
+        };
+        let resp = b.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(transport)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, chrono::Utc::now()))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    endpoint: Endpoint,
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedBody {
+        endpoint,
+        detail: format!("{e} in a {}-byte body", bytes.len()),
+    })
+}
+
+/// reqwest's error with its causes, without the URL's query or any header.
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}

@@ -1,0 +1,10 @@
+//! Everything that speaks Apple's HTTP: OAuth signing, the session, one method per
+//! endpoint, and the parsing of Apple's errors. See `docs/apple-dep-api.md` in the
+//! project's shared docs for the protocol facts each part relies on.
+
+pub mod client;
+pub mod error;
+pub mod oauth1;
+
+pub use client::{Account, AppleClient, ClientSettings, DevicePage};
+pub use error::{ApiError, CursorError, Endpoint};

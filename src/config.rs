@@ -1,0 +1,629 @@
+//! Configuration: the TOML file turned into a typed, validated [`Config`].
+//!
+//! Raw TOML is parsed into `Raw*` mirrors (unknown keys refused), then resolved into the
+//! types the rest of the program uses: relative paths resolved against the config
+//! file's folder, defaults filled in, every value checked. A [`ConfigError`] names the
+//! key and the reason; the binary exits 78 (EX_CONFIG) on it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::token::ServerToken;
+
+/// Apple's production base URL.
+pub const DEFAULT_API_URL: &str = "https://mdmenrollment.apple.com";
+/// Where the config file is looked for when neither `--config` nor `ADESYNC_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/adesync/config.toml";
+/// Apple's documented maximum `limit` for fetch/sync (doc §4.3).
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// `X-Server-Protocol-Version` sent unless configured (doc §1.1: 7 reports iPadOS).
+pub const DEFAULT_PROTOCOL_VERSION: u32 = 7;
+
+/// A configuration problem: which key, and why. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}; pass --config FILE or set ADESYNC_CONFIG")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or wrong type (toml's message names key and line).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's description.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("config file {path}: `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key, e.g. `tokens[0].page_size`.
+        key: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Option<PathBuf>,
+    user_agent: Option<String>,
+    protocol_version: Option<u32>,
+    request_timeout: Option<String>,
+    schedule: Option<String>,
+    retry: Option<RawRetry>,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    initial_delay: Option<String>,
+    max_delay: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    token_file: PathBuf,
+    api_url: Option<String>,
+    page_size: Option<i64>,
+    user_agent: Option<String>,
+    protocol_version: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    path: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    /// SQLite database file (created if missing).
+    pub database: PathBuf,
+    /// Interval between syncs of each token in daemon mode.
+    pub schedule: Duration,
+    /// Per-request timeout (connect + response).
+    pub request_timeout: Duration,
+    /// Retry policy for transient failures.
+    pub retry: RetryPolicy,
+    /// The enrollment-program tokens to sync.
+    pub tokens: Vec<TokenConfig>,
+    /// Where events are written besides the `events` table.
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// Capped exponential backoff with jitter for transient failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// Delay before the first retry.
+    pub initial_delay: Duration,
+    /// Upper bound of any single delay (also caps `Retry-After`).
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One enrollment-program (server) token.
+#[derive(Clone)]
+pub struct TokenConfig {
+    /// Unique name; keys every stored row of this token.
+    pub name: String,
+    /// The decrypted server token file.
+    pub token_file: PathBuf,
+    /// The token, read at config load.
+    pub token: ServerToken,
+    /// Apple's base URL (or a simulator's).
+    pub api_url: reqwest::Url,
+    /// `limit` sent with fetch and sync.
+    pub page_size: u32,
+    /// `User-Agent` header.
+    pub user_agent: String,
+    /// `X-Server-Protocol-Version` header.
+    pub protocol_version: u32,
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token_file", &self.token_file)
+            .field("token", &self.token)
+            .field("api_url", &self.api_url.as_str())
+            .field("page_size", &self.page_size)
+            .field("user_agent", &self.user_agent)
+            .field("protocol_version", &self.protocol_version)
+            .finish()
+    }
+}
+
+/// An event sink.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SinkConfig {
+    /// Unique name; keys the sink's delivery cursor.
+    pub name: String,
+    /// Where the JSON lines go.
+    pub target: JsonlTarget,
+}
+
+/// Destination of a `jsonl` sink.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JsonlTarget {
+    /// Standard output (`path = "-"`).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// The default `User-Agent`: product and version (Apple requires one; doc §1).
+pub fn default_user_agent() -> String {
+    format!("adesync/{}", env!("CARGO_PKG_VERSION"))
+}
+
+impl Config {
+    /// Reads and validates the config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+
+        let database = resolve(
+            base,
+            raw.database
+                .unwrap_or_else(|| PathBuf::from("/var/lib/adesync/adesync.db")),
+        );
+        let user_agent = raw.user_agent.unwrap_or_else(default_user_agent);
+        check_user_agent(&user_agent).map_err(|r| invalid("user_agent", r))?;
+        let protocol_version = raw.protocol_version.unwrap_or(DEFAULT_PROTOCOL_VERSION);
+        check_protocol(protocol_version).map_err(|r| invalid("protocol_version", r))?;
+        let request_timeout = duration(raw.request_timeout.as_deref(), Duration::from_secs(60))
+            .map_err(|r| invalid("request_timeout", r))?;
+        if request_timeout.is_zero() {
+            return Err(invalid("request_timeout", "must be more than 0s".into()));
+        }
+        let schedule = duration(raw.schedule.as_deref(), Duration::from_secs(15 * 60))
+            .map_err(|r| invalid("schedule", r))?;
+        if schedule < Duration::from_secs(10) || schedule > Duration::from_secs(24 * 3600) {
+            return Err(invalid(
+                "schedule",
+                "must be between 10s and 24h: Apple's sync cursor expires after 7 days, and a daily sync keeps it alive".into(),
+            ));
+        }
+
+        let mut retry = RetryPolicy::default();
+        if let Some(r) = raw.retry {
+            if let Some(n) = r.max_attempts {
+                if !(1..=20).contains(&n) {
+                    return Err(invalid("retry.max_attempts", "must be 1..=20".into()));
+                }
+                retry.max_attempts = n;
+            }
+            retry.initial_delay = duration(r.initial_delay.as_deref(), retry.initial_delay)
+                .map_err(|e| invalid("retry.initial_delay", e))?;
+            retry.max_delay = duration(r.max_delay.as_deref(), retry.max_delay)
+                .map_err(|e| invalid("retry.max_delay", e))?;
+            if retry.max_delay < retry.initial_delay {
+                return Err(invalid(
+                    "retry.max_delay",
+                    "must not be less than retry.initial_delay".into(),
+                ));
+            }
+        }
+
+        if raw.tokens.is_empty() {
+            return Err(invalid(
+                "tokens",
+                "no [[tokens]] configured; add one per ABM/ASM server token (see config.example.toml)".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut tokens = Vec::with_capacity(raw.tokens.len());
+        for (i, t) in raw.tokens.into_iter().enumerate() {
+            let key = |k: &str| format!("tokens[{i}].{k}");
+            check_name(&t.name).map_err(|r| invalid(&key("name"), r))?;
+            if !names.insert(t.name.clone()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!(
+                        "\"{}\" is used by more than one token; names must be unique",
+                        t.name
+                    ),
+                ));
+            }
+            let token_file = resolve(base, t.token_file);
+            let token = ServerToken::load(&token_file)
+                .map_err(|e| invalid(&key("token_file"), e.to_string()))?;
+            let api_url = parse_api_url(t.api_url.as_deref().unwrap_or(DEFAULT_API_URL))
+                .map_err(|r| invalid(&key("api_url"), r))?;
+            let page_size = match t.page_size {
+                None => MAX_PAGE_SIZE,
+                Some(n) if (1..=MAX_PAGE_SIZE as i64).contains(&n) => n as u32,
+                Some(n) => {
+                    return Err(invalid(
+                        &key("page_size"),
+                        format!("{n} is out of range; Apple accepts 1..=1000"),
+                    ))
+                }
+            };
+            let ua = t.user_agent.unwrap_or_else(|| user_agent.clone());
+            check_user_agent(&ua).map_err(|r| invalid(&key("user_agent"), r))?;
+            let pv = t.protocol_version.unwrap_or(protocol_version);
+            check_protocol(pv).map_err(|r| invalid(&key("protocol_version"), r))?;
+            tokens.push(TokenConfig {
+                name: t.name,
+                token_file,
+                token,
+                api_url,
+                page_size,
+                user_agent: ua,
+                protocol_version: pv,
+            });
+        }
+
+        let mut sink_names = HashSet::new();
+        let mut sinks = Vec::new();
+        for (i, s) in raw.sinks.into_iter().enumerate() {
+            let key = |k: &str| format!("sinks[{i}].{k}");
+            check_name(&s.name).map_err(|r| invalid(&key("name"), r))?;
+            if !sink_names.insert(s.name.clone()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!("\"{}\" is used twice", s.name),
+                ));
+            }
+            let target = match s.kind.as_str() {
+                "jsonl" => match s.path.as_deref() {
+                    None | Some("-") => JsonlTarget::Stdout,
+                    Some(p) => JsonlTarget::File(resolve(base, PathBuf::from(p))),
+                },
+                other => {
+                    return Err(invalid(
+                        &key("type"),
+                        format!("unknown sink type \"{other}\"; supported: jsonl"),
+                    ))
+                }
+            };
+            sinks.push(SinkConfig {
+                name: s.name,
+                target,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_owned(),
+            database,
+            schedule,
+            request_timeout,
+            retry,
+            tokens,
+            sinks,
+        })
+    }
+
+    /// The effective configuration as TOML, secrets left out (they live only in token files).
+    pub fn to_redacted_toml(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# effective configuration from {}",
+            self.source.display()
+        );
+        let _ = writeln!(s, "database = {:?}", self.database.display().to_string());
+        let _ = writeln!(
+            s,
+            "schedule = {:?}",
+            humantime::format_duration(self.schedule).to_string()
+        );
+        let _ = writeln!(
+            s,
+            "request_timeout = {:?}",
+            humantime::format_duration(self.request_timeout).to_string()
+        );
+        let _ = writeln!(s, "\n[retry]");
+        let _ = writeln!(s, "max_attempts = {}", self.retry.max_attempts);
+        let _ = writeln!(
+            s,
+            "initial_delay = {:?}",
+            humantime::format_duration(self.retry.initial_delay).to_string()
+        );
+        let _ = writeln!(
+            s,
+            "max_delay = {:?}",
+            humantime::format_duration(self.retry.max_delay).to_string()
+        );
+        for t in &self.tokens {
+            let _ = writeln!(s, "\n[[tokens]]");
+            let _ = writeln!(s, "name = {:?}", t.name);
+            let _ = writeln!(s, "token_file = {:?}", t.token_file.display().to_string());
+            let _ = writeln!(
+                s,
+                "api_url = {:?}",
+                t.api_url.as_str().trim_end_matches('/')
+            );
+            let _ = writeln!(s, "page_size = {}", t.page_size);
+            let _ = writeln!(s, "user_agent = {:?}", t.user_agent);
+            let _ = writeln!(s, "protocol_version = {}", t.protocol_version);
+            let _ = writeln!(
+                s,
+                "# consumer_key = {:?}, secrets redacted, expires {}",
+                redact_key(&t.token.consumer_key),
+                t.token.access_token_expiry.format("%Y-%m-%dT%H:%M:%SZ")
+            );
+        }
+        for k in &self.sinks {
+            let _ = writeln!(s, "\n[[sinks]]");
+            let _ = writeln!(s, "name = {:?}", k.name);
+            let _ = writeln!(s, "type = \"jsonl\"");
+            match &k.target {
+                JsonlTarget::Stdout => {
+                    let _ = writeln!(s, "path = \"-\"");
+                }
+                JsonlTarget::File(p) => {
+                    let _ = writeln!(s, "path = {:?}", p.display().to_string());
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Shows only the start of a consumer key, enough to tell tokens apart.
+pub fn redact_key(key: &str) -> String {
+    let head: String = key.chars().take(9).collect();
+    format!("{head}…")
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
+    match text {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+            format!("{t:?} is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\"")
+        }),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "{name:?} is not a valid name; use 1-64 characters of a-z, 0-9, _ and -"
+        ));
+    }
+    Ok(())
+}
+
+fn check_user_agent(ua: &str) -> Result<(), String> {
+    if ua.trim().is_empty() {
+        return Err("must not be empty: Apple rejects requests without a User-Agent".into());
+    }
+    if !ua.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err("must be printable ASCII".into());
+    }
+    Ok(())
+}
+
+fn check_protocol(v: u32) -> Result<(), String> {
+    if !(1..=99).contains(&v) {
+        return Err(format!(
+            "{v} is not a protocol version Apple knows; use e.g. 7"
+        ));
+    }
+    Ok(())
+}
+
+/// Accepts https anywhere, and plain http only to a loopback address (a local simulator).
+pub fn parse_api_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must not have a query or fragment"));
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(a)) => a.is_loopback(),
+                Some(url::Host::Ipv6(a)) => a.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if !loopback {
+                return Err(format!(
+                    "{text:?} uses plain http to a non-loopback host; use https (plain http is allowed only to 127.0.0.1/localhost for a simulator)"
+                ));
+            }
+        }
+        other => {
+            return Err(format!(
+                "{text:?}: scheme {other} is not supported; use https"
+            ))
+        }
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_token() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("acme.json"),
+            r#"{"consumer_key":"CK_1234567890","consumer_secret":"CS_s","access_token":"AT_s",
+               "access_secret":"AS_s","access_token_expiry":"2099-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        dir
+    }
+
+    fn parse(dir: &tempfile::TempDir, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &dir.path().join("config.toml"))
+    }
+
+    const MINIMAL: &str =
+        "database = \"a.db\"\n[[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_relative_paths() {
+        let dir = dir_with_token();
+        let c = parse(&dir, MINIMAL).unwrap();
+        assert_eq!(c.database, dir.path().join("a.db"));
+        assert_eq!(
+            c.tokens[0].api_url.as_str(),
+            "https://mdmenrollment.apple.com/"
+        );
+        assert_eq!(c.tokens[0].page_size, 1000);
+        assert_eq!(c.tokens[0].protocol_version, 7);
+        assert!(c.tokens[0].user_agent.starts_with("adesync/"));
+        assert_eq!(c.schedule, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
+        let dir = dir_with_token();
+        // The example points at /etc/adesync/acme.json; aim it at the temp token.
+        let text = text.replace("/etc/adesync/acme.json", "acme.json");
+        let c = parse(&dir, &text).unwrap();
+        assert_eq!(c.tokens[0].name, "acme");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = dir_with_token();
+        let cases = [
+            (format!("{MINIMAL}page_size = 0\n"), "tokens[0].page_size"),
+            (
+                format!("{MINIMAL}page_size = 1001\n"),
+                "tokens[0].page_size",
+            ),
+            (
+                format!("{MINIMAL}api_url = \"http://example.com\"\n"),
+                "tokens[0].api_url",
+            ),
+            (MINIMAL.replace("acme\"", "Acme Corp\""), "tokens[0].name"),
+            (
+                MINIMAL.replace("acme.json", "missing.json"),
+                "tokens[0].token_file",
+            ),
+            (
+                format!("{MINIMAL}[[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n"),
+                "tokens[1].name",
+            ),
+            (format!("schedule = \"8d\"\n{MINIMAL}"), "schedule"),
+            (format!("schedule = \"soon\"\n{MINIMAL}"), "schedule"),
+            ("database = \"a.db\"\n".to_owned(), "tokens"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&dir, &text).unwrap_err();
+            match &err {
+                ConfigError::Invalid { key: k, .. } => assert_eq!(k, key, "{err}"),
+                other => panic!("expected Invalid for {key}, got {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let dir = dir_with_token();
+        let err = parse(&dir, &format!("{MINIMAL}pagesize = 10\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pagesize"), "{err}");
+        let err = parse(&dir, &format!("databse = 1\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("databse"), "{err}");
+    }
+
+    #[test]
+    fn http_is_allowed_to_loopback_only() {
+        assert!(parse_api_url("http://127.0.0.1:8080").is_ok());
+        assert!(parse_api_url("http://localhost:8080").is_ok());
+        assert!(parse_api_url("http://[::1]:8080").is_ok());
+        assert!(parse_api_url("http://10.0.0.1").is_err());
+        assert!(parse_api_url("https://mdmenrollment.apple.com").is_ok());
+        assert!(parse_api_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn redacted_output_has_no_secrets() {
+        let dir = dir_with_token();
+        let c = parse(&dir, MINIMAL).unwrap();
+        let out = c.to_redacted_toml();
+        assert!(
+            !out.contains("CS_s") && !out.contains("AT_s") && !out.contains("AS_s"),
+            "{out}"
+        );
+        assert!(out.contains("name = \"acme\""));
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("\"CS_s\"") && !dbg.contains("\"AS_s\""),
+            "{dbg}"
+        );
+    }
+}

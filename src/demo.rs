@@ -1,0 +1,165 @@
+//! The one-command demo: the bundled Apple simulator on 127.0.0.1, a full sync into a
+//! fresh SQLite file, some changes made in the simulator, an incremental sync, and the
+//! change events — the whole product in a minute, with no Apple account.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// Runs the demo in `dir` (its database is recreated) with `devices` simulated devices.
+pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for f in [
+        "adesync.db",
+        "adesync.db-wal",
+        "adesync.db-shm",
+        "events.jsonl",
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let mock = adesync_mock::start(adesync_mock::MockConfig {
+        devices,
+        seed: 2026,
+        ..Default::default()
+    })
+    .await
+    .context("cannot start the Apple simulator on 127.0.0.1")?;
+
+    let credentials = adesync_mock::Credentials::depsim();
+    let token_path = dir.join("demo-token.json");
+    write_private(
+        &token_path,
+        &credentials.token_json(chrono::Utc::now() + chrono::Duration::days(365)),
+    )?;
+    let config_path = dir.join("config.toml");
+    let config_text = format!(
+        "# adesync demo configuration (written by `adesync demo`).\n\
+         database = \"adesync.db\"\n\n\
+         [[tokens]]\nname = \"demo\"\ntoken_file = \"demo-token.json\"\n\
+         # The simulator ran on this port during the demo; it is gone now.\n\
+         api_url = \"{}\"\npage_size = 1000\n\n\
+         [[sinks]]\nname = \"events-file\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
+        mock.base_url()
+    );
+    std::fs::write(&config_path, config_text)?;
+    let config = Config::load(&config_path)?;
+
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Apple simulator listening on {} with {devices} devices",
+        mock.base_url()
+    )?;
+
+    writeln!(
+        out,
+        "\n1. First sync: full fetch into {}",
+        config.database.display()
+    )?;
+    let first = sync(&config).await?;
+    writeln!(out, "   {first}")?;
+
+    let serials = mock.serials();
+    let added = mock.add_devices(25);
+    let to_modify: Vec<String> = serials
+        .iter()
+        .step_by(serials.len().max(1) / 40 + 1)
+        .take(40)
+        .cloned()
+        .collect();
+    let modified = mock.modify_devices(&to_modify);
+    let to_delete: Vec<String> = serials.iter().rev().take(10).cloned().collect();
+    let deleted = mock.delete_devices(&to_delete);
+    writeln!(
+        out,
+        "\n2. In the simulator: {} devices assigned, {modified} changed, {deleted} unassigned",
+        added.len()
+    )?;
+
+    let before = {
+        let db = config.database.clone();
+        tokio::task::spawn_blocking(move || Store::open(&db)?.max_event_id()).await??
+    };
+    writeln!(out, "\n3. Second sync: only the changes")?;
+    let second = sync(&config).await?;
+    writeln!(out, "   {second}")?;
+
+    let (events, assigned, total_events) = {
+        let db = config.database.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let s = Store::open(&db)?;
+            let events = s.events_after(before, None, 10_000)?;
+            let (assigned, _) = s.device_counts("demo")?;
+            Ok((events, assigned, s.event_count(None)?))
+        })
+        .await??
+    };
+    writeln!(
+        out,
+        "\n4. Events from the second sync ({} in all; a few of each kind):",
+        events.len()
+    )?;
+    for kind in ["added", "modified", "deleted"] {
+        for e in events.iter().filter(|e| e.kind == kind).take(3) {
+            writeln!(
+                out,
+                "   #{:<6} {:<8} {}  {}",
+                e.id,
+                e.kind,
+                e.serial_number,
+                crate::cli::summarize_changes(&e.kind, &e.changes)
+            )?;
+        }
+    }
+    mock.shutdown();
+    writeln!(
+        out,
+        "\nThe store now holds {assigned} assigned devices and {total_events} events; every event is also in {}.",
+        dir.join("events.jsonl").display()
+    )?;
+    let cfg = config_path.display();
+    writeln!(out, "Look around:")?;
+    writeln!(out, "   adesync --config {cfg} devices --limit 10")?;
+    writeln!(out, "   adesync --config {cfg} devices --deleted")?;
+    writeln!(
+        out,
+        "   adesync --config {cfg} events --after {before} --format json | head -3"
+    )?;
+    writeln!(
+        out,
+        "   sqlite3 {} 'SELECT model, COUNT(*) FROM devices GROUP BY model'",
+        config.database.display()
+    )?;
+    Ok(())
+}
+
+async fn sync(config: &Config) -> anyhow::Result<String> {
+    let report = crate::syncer::run_all_once(config, None).await;
+    if let Some((name, e)) = report.failed.first() {
+        anyhow::bail!("sync of \"{name}\" failed: {e}");
+    }
+    crate::cli::deliver_sinks(config).await?;
+    let s = report.ok.first().context("no token was synced")?;
+    Ok(format!(
+        "{} pages, {} device records in {:.2?}: {} added, {} modified, {} deleted",
+        s.pages, s.records, s.duration, s.stats.added, s.stats.modified, s.stats.deleted
+    ))
+}
+
+/// Writes a file only its owner can read (it holds secrets).
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! adesync keeps a complete, queryable SQLite mirror of the devices Apple Business Manager
+//! or Apple School Manager assigns to a device-management server, and records every change
+//! as an event.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file → a validated [`config::Config`]; errors name the key.
+//! - [`token`]: the server token (OAuth credentials), expiry, secret redaction.
+//! - [`apple`]: everything that speaks Apple's HTTP — OAuth 1.0a, the session, one method
+//!   per endpoint, Apple's errors parsed once.
+//! - [`model`]: devices and records with Apple's field names; de-duplication by `op_date`.
+//! - [`store`]: all SQL. One transaction per page: rows, events and the cursor together.
+//! - [`events`]: the diff that makes events, their JSON, and the `jsonl` sink.
+//! - [`syncer`]: one pass for one token — the cursor state machine and the page pipeline.
+//! - [`daemon`]: the long-running loop: schedule, signals.
+//! - [`cli`]: the command line; words for people.
+//! - [`demo`]: the one-command demo against the bundled Apple simulator.
+//!
+//! Rule of thumb: HTTP bytes → `apple`; meaning → `model`; SQL → `store`; decisions →
+//! `syncer` / `events`; time and loops → `daemon`; words for people → `cli`.
+
+pub mod apple;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+// pub mod demo;
+pub mod events;
+pub mod model;
+pub mod store;
+pub mod syncer;
+pub mod token;

@@ -1,0 +1,282 @@
+//! Domain types shared by the Apple client, the store and the syncer.
+//!
+//! Apple's vocabulary is kept end to end: a [`Device`] has exactly the JSON field names
+//! Apple uses (`serial_number`, `profile_status`, ...), and the store's columns carry the
+//! same names. Fields Apple adds in later protocol versions are kept in [`Device::extra`]
+//! so nothing Apple sends is lost.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The Apple device fields adesync stores in named columns, in column order.
+///
+/// `serial_number` is the key and is not listed here.
+pub const DEVICE_FIELDS: [&str; 12] = [
+    "model",
+    "description",
+    "color",
+    "asset_tag",
+    "profile_status",
+    "profile_uuid",
+    "profile_assign_time",
+    "profile_push_time",
+    "device_assigned_date",
+    "device_assigned_by",
+    "os",
+    "device_family",
+];
+
+/// What Apple says happened to a device in a sync record (`op_type`).
+///
+/// Fetch records carry no `op_type`; they describe current membership and are
+/// treated like `added`/`modified` (doc §4.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpType {
+    /// The device was assigned to this device-management server.
+    Added,
+    /// One or more of the device's fields changed.
+    Modified,
+    /// The device was unassigned from this server (e.g. moved to another one).
+    Deleted,
+}
+
+/// One device as Apple describes it, with Apple's field names.
+///
+/// Every field but `serial_number` is optional because Apple omits absent fields.
+/// `extra` keeps any field not named here (e.g. protocol v8+ `mdm_migration_deadline`,
+/// v10+ `imei`) exactly as Apple sent it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// The device's serial number; unique per token.
+    pub serial_number: String,
+    /// Marketing model name, e.g. "iPad Air".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Apple's order description, e.g. "IPAD AIR WI-FI 64GB BLUE".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Colour as Apple spells it, e.g. "SPACE GRAY".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<String>,
+    /// Asset tag set in ABM/ASM, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_tag: Option<String>,
+    /// `empty`, `assigned`, `pushed` or `removed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_status: Option<String>,
+    /// UUID of the assigned enrollment profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_uuid: Option<String>,
+    /// When the profile was assigned (as Apple sent it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_assign_time: Option<String>,
+    /// When the device fetched the profile (as Apple sent it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_push_time: Option<String>,
+    /// When the device was assigned to this server (as Apple sent it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_assigned_date: Option<String>,
+    /// Who assigned the device (usually an e-mail address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_assigned_by: Option<String>,
+    /// `iOS`, `iPadOS`, `OSX`, `tvOS`, `visionOS` (protocol v2+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// `iPhone`, `iPad`, `Mac`, `AppleTV`, `Vision`, `iPod` (protocol v2+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_family: Option<String>,
+    /// Every other field Apple sent, except the per-record `op_type`/`op_date`.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Device {
+    /// The named fields in [`DEVICE_FIELDS`] order, for diffing and storing.
+    pub fn fields(&self) -> [&Option<String>; 12] {
+        [
+            &self.model,
+            &self.description,
+            &self.color,
+            &self.asset_tag,
+            &self.profile_status,
+            &self.profile_uuid,
+            &self.profile_assign_time,
+            &self.profile_push_time,
+            &self.device_assigned_date,
+            &self.device_assigned_by,
+            &self.os,
+            &self.device_family,
+        ]
+    }
+
+    /// Mutable access to the named fields in [`DEVICE_FIELDS`] order.
+    pub fn fields_mut(&mut self) -> [&mut Option<String>; 12] {
+        [
+            &mut self.model,
+            &mut self.description,
+            &mut self.color,
+            &mut self.asset_tag,
+            &mut self.profile_status,
+            &mut self.profile_uuid,
+            &mut self.profile_assign_time,
+            &mut self.profile_push_time,
+            &mut self.device_assigned_date,
+            &mut self.device_assigned_by,
+            &mut self.os,
+            &mut self.device_family,
+        ]
+    }
+
+    /// The full record as JSON, Apple's field names, absent fields omitted.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// One record of a fetch or sync page: the device plus Apple's per-record operation.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct DeviceRecord {
+    /// What happened (sync only; `None` on fetch pages).
+    #[serde(default)]
+    pub op_type: Option<OpType>,
+    /// When it happened, as Apple sent it (sync only).
+    #[serde(default)]
+    pub op_date: Option<String>,
+    /// The device's fields.
+    #[serde(flatten)]
+    pub device: Device,
+}
+
+/// Which of Apple's two device-list endpoints a page came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageKind {
+    /// `POST /server/devices`: the full current membership, paged.
+    Fetch,
+    /// `POST /devices/sync`: changes since the cursor.
+    Sync,
+}
+
+/// Keeps, for each serial number, only the record that describes its latest state.
+///
+/// Apple: "This service may return the same device more than once ... The record with
+/// the latest op_date indicates the last known state of the device" (doc §4.4, §7.2).
+/// Ties, and fetch records without `op_date`, resolve in array order: the later wins.
+/// The result keeps the order of each serial's first appearance.
+pub fn dedupe_latest(records: Vec<DeviceRecord>) -> Vec<DeviceRecord> {
+    use std::collections::HashMap;
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(records.len());
+    let mut out: Vec<DeviceRecord> = Vec::with_capacity(records.len());
+    for rec in records {
+        match index.get(&rec.device.serial_number) {
+            Some(&i) => {
+                if !is_older(rec.op_date.as_deref(), out[i].op_date.as_deref()) {
+                    out[i] = rec;
+                }
+            }
+            None => {
+                index.insert(rec.device.serial_number.clone(), out.len());
+                out.push(rec);
+            }
+        }
+    }
+    out
+}
+
+/// True when `a` is strictly older than `b`. Unknown or unparsable dates are never older.
+pub fn is_older(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a.and_then(parse_time), b.and_then(parse_time)) {
+        (Some(a), Some(b)) => a < b,
+        _ => false,
+    }
+}
+
+/// Parses Apple's RFC 3339 timestamps (e.g. `2024-07-03T09:40:00Z`).
+pub fn parse_time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Formats a time the way adesync stores its own timestamps: RFC 3339, UTC, milliseconds.
+pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(serial: &str, op: Option<OpType>, date: Option<&str>, color: &str) -> DeviceRecord {
+        DeviceRecord {
+            op_type: op,
+            op_date: date.map(str::to_owned),
+            device: Device {
+                serial_number: serial.into(),
+                color: Some(color.into()),
+                ..Device::default()
+            },
+        }
+    }
+
+    #[test]
+    fn latest_op_date_wins_even_when_it_comes_first() {
+        let page = vec![
+            rec(
+                "A",
+                Some(OpType::Modified),
+                Some("2024-07-03T10:00:00Z"),
+                "new",
+            ),
+            rec("B", Some(OpType::Added), Some("2024-07-03T09:00:00Z"), "b"),
+            rec(
+                "A",
+                Some(OpType::Added),
+                Some("2024-07-03T09:00:00Z"),
+                "old",
+            ),
+        ];
+        let out = dedupe_latest(page);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].device.serial_number, "A");
+        assert_eq!(out[0].device.color.as_deref(), Some("new"));
+        assert_eq!(out[1].device.serial_number, "B");
+    }
+
+    #[test]
+    fn ties_and_fetch_records_resolve_in_array_order() {
+        let page = vec![
+            rec("A", None, None, "first"),
+            rec("A", None, None, "second"),
+        ];
+        assert_eq!(
+            dedupe_latest(page)[0].device.color.as_deref(),
+            Some("second")
+        );
+        let tie = vec![
+            rec("A", Some(OpType::Added), Some("2024-07-03T10:00:00Z"), "x"),
+            rec(
+                "A",
+                Some(OpType::Deleted),
+                Some("2024-07-03T10:00:00Z"),
+                "y",
+            ),
+        ];
+        assert_eq!(dedupe_latest(tie)[0].op_type, Some(OpType::Deleted));
+    }
+
+    #[test]
+    fn unknown_fields_are_kept_and_op_fields_are_not() {
+        let json = r#"{"serial_number":"X1","model":"iPad","op_type":"added",
+            "op_date":"2024-07-03T09:40:00Z","imei":["35"],"is_replacement_device":false}"#;
+        let r: DeviceRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(r.op_type, Some(OpType::Added));
+        assert_eq!(r.device.model.as_deref(), Some("iPad"));
+        assert_eq!(r.device.extra.len(), 2);
+        assert!(r.device.extra.contains_key("imei"));
+        assert!(!r.device.extra.contains_key("op_type"));
+        let back = r.device.to_json();
+        assert_eq!(back["is_replacement_device"], Value::Bool(false));
+        assert!(back.get("op_date").is_none());
+    }
+}

@@ -1,0 +1,1102 @@
+//! All SQL: the SQLite mirror of Apple's devices, the change events and the per-token
+//! sync state.
+//!
+//! Key invariant: [`Store::apply_page`] writes one page's device rows, the events they
+//! cause and the cursor that follows the page in ONE transaction. The stored cursor
+//! therefore never runs ahead of stored data: a crash at any instant leaves the store
+//! equal to a prefix of Apple's truth, and the next run resumes from the last committed
+//! page. Events are derived by comparing the stored row with the incoming record, so a
+//! page applied twice (a re-fetch, or Apple repeating itself) emits nothing the second time.
+//!
+//! This code is synchronous rusqlite; async callers reach it through
+//! `tokio::task::spawn_blocking` (see `syncer.rs`), never on the executor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::{Map, Value};
+
+use crate::model::{is_older, Device, DeviceRecord, OpType, PageKind, DEVICE_FIELDS};
+
+/// Schema migrations, applied in order against `PRAGMA user_version`.
+/// Never edit one that has shipped; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: devices, events, per-token sync state, sink cursors.
+    r#"
+    CREATE TABLE devices (
+        token_name           TEXT NOT NULL,
+        serial_number        TEXT NOT NULL,
+        model                TEXT,
+        description          TEXT,
+        color                TEXT,
+        asset_tag            TEXT,
+        profile_status       TEXT,
+        profile_uuid         TEXT,
+        profile_assign_time  TEXT,
+        profile_push_time    TEXT,
+        device_assigned_date TEXT,
+        device_assigned_by   TEXT,
+        os                   TEXT,
+        device_family        TEXT,
+        -- Apple fields beyond the named columns, as sent (NULL when none). Together with
+        -- the columns this is the device's raw JSON.
+        extra_json           TEXT,
+        -- op_date of the newest sync record applied; older records are ignored.
+        last_op_date         TEXT,
+        -- Which full fetch last saw the device; a completed fetch marks the rest deleted.
+        fetch_run            INTEGER,
+        first_seen_at        TEXT NOT NULL,
+        updated_at           TEXT NOT NULL,
+        deleted_at           TEXT,
+        PRIMARY KEY (token_name, serial_number)
+    ) WITHOUT ROWID;
+    CREATE INDEX devices_alive ON devices (token_name, deleted_at);
+
+    CREATE TABLE events (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        token_name    TEXT NOT NULL,
+        serial_number TEXT NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('added', 'modified', 'deleted')),
+        changes       TEXT NOT NULL,
+        occurred_at   TEXT NOT NULL
+    );
+    CREATE INDEX events_device ON events (token_name, serial_number);
+
+    CREATE TABLE sync_state (
+        token_name      TEXT PRIMARY KEY,
+        phase           TEXT NOT NULL DEFAULT 'fetch' CHECK (phase IN ('fetch', 'sync')),
+        cursor          TEXT,
+        cursor_at       TEXT,
+        fetch_run       INTEGER NOT NULL DEFAULT 1,
+        fetched_until   TEXT,
+        last_run_at     TEXT,
+        last_success_at TEXT,
+        last_error      TEXT,
+        last_error_kind TEXT,
+        last_error_at   TEXT
+    );
+
+    CREATE TABLE sink_cursors (
+        sink_name     TEXT PRIMARY KEY,
+        last_event_id INTEGER NOT NULL DEFAULT 0
+    );
+    "#,
+];
+
+/// A storage failure. Names the database file and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database {path}: {action}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The database is newer than this program.
+    #[error("database {path} has schema version {found}, newer than this adesync knows ({known}); upgrade adesync")]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// Ours.
+        known: i64,
+    },
+    /// The parent folder could not be created.
+    #[error("cannot create the folder for database {path}: {source}")]
+    CreateDir {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The two phases of Apple's cursor protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Paging `POST /server/devices` (the full list).
+    Fetch,
+    /// Paging `POST /devices/sync` (changes).
+    Sync,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Fetch => "fetch",
+            Phase::Sync => "sync",
+        }
+    }
+    fn parse(s: &str) -> Phase {
+        if s == "sync" {
+            Phase::Sync
+        } else {
+            Phase::Fetch
+        }
+    }
+}
+
+/// Where a token stands in Apple's cursor protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CursorState {
+    /// Fetch or sync.
+    pub phase: Phase,
+    /// The cursor to send next (`None`: start a fetch from the beginning).
+    pub cursor: Option<String>,
+    /// Number of the current/last full fetch; devices seen by it carry the number.
+    pub fetch_run: i64,
+}
+
+/// A token's stored sync state and history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncState {
+    /// The token's name.
+    pub token_name: String,
+    /// The cursor position.
+    pub cursor: CursorState,
+    /// When the cursor was stored (its age matters: Apple expires cursors after 7 days).
+    pub cursor_at: Option<String>,
+    /// Apple's progress marker from the last page.
+    pub fetched_until: Option<String>,
+    /// When the last run started.
+    pub last_run_at: Option<String>,
+    /// When the last successful run ended.
+    pub last_success_at: Option<String>,
+    /// The last run's error, if it failed.
+    pub last_error: Option<String>,
+    /// A stable name for the last error's kind.
+    pub last_error_kind: Option<String>,
+    /// When it failed.
+    pub last_error_at: Option<String>,
+}
+
+/// One page to write.
+#[derive(Debug)]
+pub struct PageWrite<'a> {
+    /// Token the page belongs to.
+    pub token: &'a str,
+    /// Fetch or sync page.
+    pub kind: PageKind,
+    /// Records, already de-duplicated by serial (see `model::dedupe_latest`).
+    pub records: &'a [DeviceRecord],
+    /// The cursor state to store with the page.
+    pub next: CursorState,
+    /// Apple's `fetched_until`.
+    pub fetched_until: Option<&'a str>,
+    /// The page completes a full fetch: devices the fetch did not return are deleted.
+    pub completes_fetch: bool,
+    /// Timestamp for rows and events.
+    pub now: &'a str,
+}
+
+/// What a page changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// `added` events written.
+    pub added: u64,
+    /// `modified` events written.
+    pub modified: u64,
+    /// `deleted` events written.
+    pub deleted: u64,
+    /// Records that changed nothing.
+    pub unchanged: u64,
+    /// Sync records older than what is stored, ignored.
+    pub stale: u64,
+}
+
+impl PageStats {
+    /// Adds another page's counts.
+    pub fn add(&mut self, o: PageStats) {
+        self.added += o.added;
+        self.modified += o.modified;
+        self.deleted += o.deleted;
+        self.unchanged += o.unchanged;
+        self.stale += o.stale;
+    }
+    /// Events written.
+    pub fn events(&self) -> u64 {
+        self.added + self.modified + self.deleted
+    }
+}
+
+/// A stored device with its bookkeeping.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredDevice {
+    /// Token it belongs to.
+    pub token_name: String,
+    /// Apple's fields.
+    pub device: Device,
+    /// When adesync first stored it.
+    pub first_seen_at: String,
+    /// When a field last changed.
+    pub updated_at: String,
+    /// When it was removed from the server (None while assigned).
+    pub deleted_at: Option<String>,
+}
+
+/// A stored change event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEvent {
+    /// Monotonic id.
+    pub id: i64,
+    /// Token.
+    pub token_name: String,
+    /// Device.
+    pub serial_number: String,
+    /// `added`, `modified` or `deleted`.
+    pub kind: String,
+    /// `{"field": [old, new]}`.
+    pub changes: Value,
+    /// When adesync recorded it.
+    pub occurred_at: String,
+    /// The device's current record, if stored.
+    pub device: Option<Device>,
+}
+
+/// Filters for [`Store::devices`].
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFilter {
+    /// Only this token.
+    pub token: Option<String>,
+    /// Only this serial number.
+    pub serial: Option<String>,
+    /// Include deleted devices (`Some(true)`: only deleted).
+    pub deleted: Option<bool>,
+    /// At most this many.
+    pub limit: Option<u64>,
+}
+
+/// The SQLite store. One per connection; open one per thread that needs it.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+const DEVICE_COLUMNS: &str =
+    "serial_number, model, description, color, asset_tag, profile_status, \
+    profile_uuid, profile_assign_time, profile_push_time, device_assigned_date, \
+    device_assigned_by, os, device_family, extra_json";
+
+impl Store {
+    /// Opens (creating if missing) and migrates the database.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
+            path: path.to_owned(),
+            action: "open",
+            source,
+        })?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        store.configure()?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            action,
+            source,
+        }
+    }
+
+    fn configure(&mut self) -> Result<(), StoreError> {
+        // WAL lets readers (the CLI) run beside the writer. synchronous=NORMAL in WAL mode
+        // keeps the database consistent on power loss; the last commits may be lost, and
+        // they are re-fetched from Apple because the cursor commits with them.
+        self.conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 30000;",
+            )
+            .map_err(self.err("configure"))
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err("read schema version"))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    action: "migrate",
+                    source,
+                })?;
+            tx.execute_batch(sql)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|_| tx.commit())
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    action: "migrate",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err("read schema version"))
+    }
+
+    /// The token's sync state; a fresh one if never synced.
+    pub fn sync_state(&self, token: &str) -> Result<SyncState, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT phase, cursor, fetch_run, cursor_at, fetched_until, last_run_at,
+                        last_success_at, last_error, last_error_kind, last_error_at
+                 FROM sync_state WHERE token_name = ?1",
+                [token],
+                |r| {
+                    Ok(SyncState {
+                        token_name: token.to_owned(),
+                        cursor: CursorState {
+                            phase: Phase::parse(&r.get::<_, String>(0)?),
+                            cursor: r.get(1)?,
+                            fetch_run: r.get(2)?,
+                        },
+                        cursor_at: r.get(3)?,
+                        fetched_until: r.get(4)?,
+                        last_run_at: r.get(5)?,
+                        last_success_at: r.get(6)?,
+                        last_error: r.get(7)?,
+                        last_error_kind: r.get(8)?,
+                        last_error_at: r.get(9)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.err("read sync state"))?;
+        Ok(row.unwrap_or_else(|| SyncState {
+            token_name: token.to_owned(),
+            cursor: CursorState {
+                phase: Phase::Fetch,
+                cursor: None,
+                fetch_run: 1,
+            },
+            cursor_at: None,
+            fetched_until: None,
+            last_run_at: None,
+            last_success_at: None,
+            last_error: None,
+            last_error_kind: None,
+            last_error_at: None,
+        }))
+    }
+
+    /// Every token with stored state, by name.
+    pub fn sync_states(&self) -> Result<Vec<SyncState>, StoreError> {
+        let names: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT token_name FROM sync_state ORDER BY token_name")
+                .map_err(self.err("list sync state"))?;
+            let rows = stmt
+                .query_map([], |r| r.get(0))
+                .and_then(|it| it.collect::<Result<Vec<String>, _>>());
+            rows.map_err(self.err("list sync state"))?
+        };
+        names.iter().map(|n| self.sync_state(n)).collect()
+    }
+
+    /// Stores a cursor transition that comes with no page (e.g. EXHAUSTED_CURSOR → sync,
+    /// or an expired cursor → start a new full fetch).
+    pub fn set_cursor(
+        &mut self,
+        token: &str,
+        next: &CursorState,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        upsert_state(&self.conn, token, next, None, now).map_err(|source| StoreError::Sqlite {
+            path,
+            action: "store cursor",
+            source,
+        })
+    }
+
+    /// Records the start of a run.
+    pub fn record_run_start(&mut self, token: &str, now: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO sync_state (token_name, last_run_at) VALUES (?1, ?2)
+                 ON CONFLICT (token_name) DO UPDATE SET last_run_at = excluded.last_run_at",
+                params![token, now],
+            )
+            .map(drop)
+            .map_err(self.err("record run start"))
+    }
+
+    /// Records the outcome of a run: `error` is `None` on success.
+    pub fn record_run_end(
+        &mut self,
+        token: &str,
+        error: Option<(&str, &str)>,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let result = match error {
+            None => self.conn.execute(
+                "INSERT INTO sync_state (token_name, last_success_at) VALUES (?1, ?2)
+                 ON CONFLICT (token_name) DO UPDATE SET last_success_at = excluded.last_success_at,
+                     last_error = NULL, last_error_kind = NULL, last_error_at = NULL",
+                params![token, now],
+            ),
+            Some((kind, message)) => self.conn.execute(
+                "INSERT INTO sync_state (token_name, last_error, last_error_kind, last_error_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (token_name) DO UPDATE SET last_error = excluded.last_error,
+                     last_error_kind = excluded.last_error_kind, last_error_at = excluded.last_error_at",
+                params![token, message, kind, now],
+            ),
+        };
+        result.map(drop).map_err(self.err("record run result"))
+    }
+
+    /// Writes one page: device rows, their events and the next cursor, atomically.
+    pub fn apply_page(&mut self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            action: "write page",
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        let stats = write_page(&tx, page).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(stats)
+    }
+
+    /// Stored devices matching `filter`, by token then serial.
+    pub fn devices(&self, filter: &DeviceFilter) -> Result<Vec<StoredDevice>, StoreError> {
+        let mut sql = format!(
+            "SELECT token_name, {DEVICE_COLUMNS}, first_seen_at, updated_at, deleted_at FROM devices WHERE 1=1"
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(t) = &filter.token {
+            args.push(t.clone().into());
+            sql.push_str(&format!(" AND token_name = ?{}", args.len()));
+        }
+        if let Some(s) = &filter.serial {
+            args.push(s.clone().into());
+            sql.push_str(&format!(" AND serial_number = ?{}", args.len()));
+        }
+        match filter.deleted {
+            None => sql.push_str(" AND deleted_at IS NULL"),
+            Some(true) => sql.push_str(" AND deleted_at IS NOT NULL"),
+            Some(false) => {}
+        }
+        sql.push_str(" ORDER BY token_name, serial_number");
+        if let Some(l) = filter.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let mut stmt = self.conn.prepare(&sql).map_err(self.err("list devices"))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| {
+                Ok(StoredDevice {
+                    token_name: r.get(0)?,
+                    device: device_from_row(r, 1)?,
+                    first_seen_at: r.get(15)?,
+                    updated_at: r.get(16)?,
+                    deleted_at: r.get(17)?,
+                })
+            })
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("list devices"))
+    }
+
+    /// Events with `id > after`, oldest first, with each device's current record.
+    pub fn events_after(
+        &self,
+        after: i64,
+        token: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
+                    d.{cols}
+             FROM events e LEFT JOIN devices d
+               ON d.token_name = e.token_name AND d.serial_number = e.serial_number
+             WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
+             ORDER BY e.id LIMIT ?3",
+            cols = DEVICE_COLUMNS.replace(", ", ", d.")
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .map_err(self.err("read events"))?;
+        let rows = stmt
+            .query_map(params![after, token, limit as i64], |r| {
+                let changes: String = r.get(4)?;
+                let has_device: Option<String> = r.get(6)?;
+                Ok(StoredEvent {
+                    id: r.get(0)?,
+                    token_name: r.get(1)?,
+                    serial_number: r.get(2)?,
+                    kind: r.get(3)?,
+                    changes: serde_json::from_str(&changes).unwrap_or(Value::Null),
+                    occurred_at: r.get(5)?,
+                    device: match has_device {
+                        Some(_) => Some(device_from_row(r, 6)?),
+                        None => None,
+                    },
+                })
+            })
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("read events"))
+    }
+
+    /// Counts of stored devices per token: (assigned, deleted).
+    pub fn device_counts(&self, token: &str) -> Result<(u64, u64), StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FILTER (WHERE deleted_at IS NULL), COUNT(*) FILTER (WHERE deleted_at IS NOT NULL)
+                 FROM devices WHERE token_name = ?1",
+                [token],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(self.err("count devices"))
+    }
+
+    /// Number of events, optionally per kind, for a token.
+    pub fn event_count(&self, token: Option<&str>) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE (?1 IS NULL OR token_name = ?1)",
+                [token],
+                |r| r.get::<_, i64>(0).map(|n| n as u64),
+            )
+            .map_err(self.err("count events"))
+    }
+
+    /// A sink's delivery cursor (0 when new).
+    pub fn sink_cursor(&self, sink: &str) -> Result<i64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT last_event_id FROM sink_cursors WHERE sink_name = ?1",
+                [sink],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0))
+            .map_err(self.err("read sink cursor"))
+    }
+
+    /// Moves a sink's delivery cursor.
+    pub fn set_sink_cursor(&mut self, sink: &str, last_event_id: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO sink_cursors (sink_name, last_event_id) VALUES (?1, ?2)
+                 ON CONFLICT (sink_name) DO UPDATE SET last_event_id = excluded.last_event_id",
+                params![sink, last_event_id],
+            )
+            .map(drop)
+            .map_err(self.err("store sink cursor"))
+    }
+
+    /// The highest event id (0 when none).
+    pub fn max_event_id(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))
+            .map_err(self.err("read events"))
+    }
+}
+
+fn upsert_state(
+    conn: &Connection,
+    token: &str,
+    next: &CursorState,
+    fetched_until: Option<&str>,
+    now: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO sync_state (token_name, phase, cursor, fetch_run, cursor_at, fetched_until)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (token_name) DO UPDATE SET phase = excluded.phase, cursor = excluded.cursor,
+             fetch_run = excluded.fetch_run, cursor_at = excluded.cursor_at,
+             fetched_until = COALESCE(excluded.fetched_until, sync_state.fetched_until)",
+    )?
+    .execute(params![
+        token,
+        next.phase.as_str(),
+        next.cursor,
+        next.fetch_run,
+        now,
+        fetched_until
+    ])
+    .map(drop)
+}
+
+/// The stored state of one device, as needed to diff against an incoming record.
+struct Existing {
+    device: Device,
+    last_op_date: Option<String>,
+    deleted: bool,
+}
+
+fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::Result<Device> {
+    let mut d = Device {
+        serial_number: r.get(start)?,
+        ..Device::default()
+    };
+    for (i, f) in d.fields_mut().into_iter().enumerate() {
+        *f = r.get(start + 1 + i)?;
+    }
+    let extra: Option<String> = r.get(start + 13)?;
+    if let Some(text) = extra {
+        if let Ok(Value::Object(m)) = serde_json::from_str(&text) {
+            d.extra = m;
+        }
+    }
+    Ok(d)
+}
+
+fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite::Result<PageStats> {
+    let mut stats = PageStats::default();
+    let existing = load_existing(tx, page.token, page.records)?;
+    let fetch_run = match page.kind {
+        PageKind::Fetch => Some(page.next.fetch_run),
+        PageKind::Sync => None,
+    };
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO devices (token_name, serial_number, model, description, color, asset_tag,
+             profile_status, profile_uuid, profile_assign_time, profile_push_time,
+             device_assigned_date, device_assigned_by, os, device_family, extra_json,
+             last_op_date, fetch_run, first_seen_at, updated_at, deleted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?18, NULL)
+         ON CONFLICT (token_name, serial_number) DO UPDATE SET
+             model = excluded.model, description = excluded.description, color = excluded.color,
+             asset_tag = excluded.asset_tag, profile_status = excluded.profile_status,
+             profile_uuid = excluded.profile_uuid, profile_assign_time = excluded.profile_assign_time,
+             profile_push_time = excluded.profile_push_time,
+             device_assigned_date = excluded.device_assigned_date,
+             device_assigned_by = excluded.device_assigned_by, os = excluded.os,
+             device_family = excluded.device_family, extra_json = excluded.extra_json,
+             last_op_date = COALESCE(excluded.last_op_date, devices.last_op_date),
+             fetch_run = COALESCE(excluded.fetch_run, devices.fetch_run),
+             updated_at = excluded.updated_at, deleted_at = NULL",
+    )?;
+    let mut touch = tx.prepare_cached(
+        "UPDATE devices SET fetch_run = COALESCE(?3, fetch_run),
+             last_op_date = COALESCE(?4, last_op_date)
+         WHERE token_name = ?1 AND serial_number = ?2",
+    )?;
+    let mut mark_deleted = tx.prepare_cached(
+        "UPDATE devices SET deleted_at = ?3, updated_at = ?3, last_op_date = COALESCE(?4, last_op_date)
+         WHERE token_name = ?1 AND serial_number = ?2",
+    )?;
+    let mut event = tx.prepare_cached(
+        "INSERT INTO events (token_name, serial_number, kind, changes, occurred_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+
+    for rec in page.records {
+        let serial = rec.device.serial_number.as_str();
+        let old = existing.get(serial);
+        // Apple may deliver an older record after a newer one (doc §4.4); the newest wins.
+        if let Some(old) = old {
+            if is_older(rec.op_date.as_deref(), old.last_op_date.as_deref()) {
+                stats.stale += 1;
+                continue;
+            }
+        }
+        if rec.op_type == Some(OpType::Deleted) {
+            match old {
+                Some(o) if !o.deleted => {
+                    mark_deleted.execute(params![page.token, serial, page.now, rec.op_date])?;
+                    let changes = crate::events::removal_changes(&o.device);
+                    event.execute(params![
+                        page.token,
+                        serial,
+                        "deleted",
+                        changes.to_string(),
+                        page.now
+                    ])?;
+                    stats.deleted += 1;
+                }
+                Some(_) => {
+                    touch.execute(params![page.token, serial, fetch_run, rec.op_date])?;
+                    stats.unchanged += 1;
+                }
+                // Never stored: nothing to delete, and no row for a device we never had.
+                None => stats.unchanged += 1,
+            }
+            continue;
+        }
+        let (kind, changes) = match old {
+            None => ("added", crate::events::addition_changes(&rec.device)),
+            Some(o) if o.deleted => ("added", crate::events::addition_changes(&rec.device)),
+            Some(o) => {
+                let diff = crate::events::diff(&o.device, &rec.device);
+                if diff.is_empty() {
+                    touch.execute(params![page.token, serial, fetch_run, rec.op_date])?;
+                    stats.unchanged += 1;
+                    continue;
+                }
+                ("modified", Value::Object(diff))
+            }
+        };
+        let d = &rec.device;
+        let f = d.fields();
+        let extra = if d.extra.is_empty() {
+            None
+        } else {
+            Some(Value::Object(d.extra.clone()).to_string())
+        };
+        upsert.execute(params![
+            page.token,
+            serial,
+            f[0],
+            f[1],
+            f[2],
+            f[3],
+            f[4],
+            f[5],
+            f[6],
+            f[7],
+            f[8],
+            f[9],
+            f[10],
+            f[11],
+            extra,
+            rec.op_date,
+            fetch_run,
+            page.now
+        ])?;
+        event.execute(params![
+            page.token,
+            serial,
+            kind,
+            changes.to_string(),
+            page.now
+        ])?;
+        match kind {
+            "added" => stats.added += 1,
+            _ => stats.modified += 1,
+        }
+    }
+
+    if page.completes_fetch {
+        // Reconcile: the completed full fetch is Apple's whole membership; a device it did
+        // not return left while we were not looking (e.g. during an expired cursor).
+        let mut gone = tx.prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices
+             WHERE token_name = ?1 AND deleted_at IS NULL AND (fetch_run IS NULL OR fetch_run <> ?2)"
+        ))?;
+        let removed: Vec<Device> = gone
+            .query_map(params![page.token, page.next.fetch_run], |r| {
+                device_from_row(r, 0)
+            })?
+            .collect::<Result<_, _>>()?;
+        for d in removed {
+            mark_deleted.execute(params![
+                page.token,
+                d.serial_number,
+                page.now,
+                Option::<String>::None
+            ])?;
+            let changes = crate::events::removal_changes(&d);
+            event.execute(params![
+                page.token,
+                d.serial_number,
+                "deleted",
+                changes.to_string(),
+                page.now
+            ])?;
+            stats.deleted += 1;
+        }
+    }
+
+    upsert_state(tx, page.token, &page.next, page.fetched_until, page.now)?;
+    Ok(stats)
+}
+
+/// Reads the stored rows for a page's serials in one statement.
+fn load_existing(
+    tx: &rusqlite::Transaction<'_>,
+    token: &str,
+    records: &[DeviceRecord],
+) -> rusqlite::Result<HashMap<String, Existing>> {
+    let serials = Value::Array(
+        records
+            .iter()
+            .map(|r| Value::String(r.device.serial_number.clone()))
+            .collect(),
+    )
+    .to_string();
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS}, last_op_date, deleted_at FROM devices
+         WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
+    ))?;
+    let mut map = HashMap::with_capacity(records.len());
+    let rows = stmt.query_map(params![token, serials], |r| {
+        Ok(Existing {
+            device: device_from_row(r, 0)?,
+            last_op_date: r.get(14)?,
+            deleted: r.get::<_, Option<String>>(15)?.is_some(),
+        })
+    })?;
+    for row in rows {
+        let e = row?;
+        map.insert(e.device.serial_number.clone(), e);
+    }
+    Ok(map)
+}
+
+/// The device fields as a JSON object map, named columns and extras together.
+pub fn device_map(d: &Device) -> Map<String, Value> {
+    match d.to_json() {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Names of the stored columns that mirror Apple's fields, for docs and exports.
+pub fn apple_columns() -> impl Iterator<Item = &'static str> {
+    std::iter::once("serial_number").chain(DEVICE_FIELDS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(serial: &str, op: Option<OpType>, date: Option<&str>, color: &str) -> DeviceRecord {
+        DeviceRecord {
+            op_type: op,
+            op_date: date.map(str::to_owned),
+            device: Device {
+                serial_number: serial.into(),
+                model: Some("iPad".into()),
+                color: Some(color.into()),
+                ..Device::default()
+            },
+        }
+    }
+
+    fn page<'a>(
+        records: &'a [DeviceRecord],
+        kind: PageKind,
+        cursor: &str,
+        run: i64,
+        completes: bool,
+    ) -> PageWrite<'a> {
+        PageWrite {
+            token: "acme",
+            kind,
+            records,
+            next: CursorState {
+                phase: if completes || kind == PageKind::Sync {
+                    Phase::Sync
+                } else {
+                    Phase::Fetch
+                },
+                cursor: Some(cursor.into()),
+                fetch_run: run,
+            },
+            fetched_until: None,
+            completes_fetch: completes,
+            now: "2026-01-01T00:00:00.000Z",
+        }
+    }
+
+    #[test]
+    fn migrations_run_twice_are_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        drop(s);
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        drop(Store::open(&p).unwrap());
+        let c = Connection::open(&p).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(
+            Store::open(&p),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn page_events_follow_the_diff() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
+        let st = s
+            .apply_page(&page(&p1, PageKind::Fetch, "c1", 1, true))
+            .unwrap();
+        assert_eq!((st.added, st.modified, st.deleted), (2, 0, 0));
+        // Same data again: nothing.
+        let st = s
+            .apply_page(&page(&p1, PageKind::Fetch, "c2", 2, true))
+            .unwrap();
+        assert_eq!(st.events(), 0);
+        // One modified, one deleted, one new.
+        let p3 = [
+            rec(
+                "A",
+                Some(OpType::Modified),
+                Some("2026-01-01T00:00:00Z"),
+                "green",
+            ),
+            rec(
+                "B",
+                Some(OpType::Deleted),
+                Some("2026-01-01T00:00:00Z"),
+                "blue",
+            ),
+            rec(
+                "C",
+                Some(OpType::Added),
+                Some("2026-01-01T00:00:00Z"),
+                "gold",
+            ),
+        ];
+        let st = s
+            .apply_page(&page(&p3, PageKind::Sync, "c3", 2, false))
+            .unwrap();
+        assert_eq!((st.added, st.modified, st.deleted), (1, 1, 1));
+        let evs = s.events_after(0, None, 100).unwrap();
+        let m = evs.iter().find(|e| e.kind == "modified").unwrap();
+        assert_eq!(m.changes, serde_json::json!({"color": ["red", "green"]}));
+        // An older record for A is ignored.
+        let stale = [rec(
+            "A",
+            Some(OpType::Modified),
+            Some("2025-12-01T00:00:00Z"),
+            "red",
+        )];
+        let st = s
+            .apply_page(&page(&stale, PageKind::Sync, "c4", 2, false))
+            .unwrap();
+        assert_eq!((st.stale, st.events()), (1, 0));
+        assert_eq!(
+            s.sync_state("acme").unwrap().cursor.cursor.as_deref(),
+            Some("c4")
+        );
+        // B was deleted; it comes back as added.
+        let back = [rec(
+            "B",
+            Some(OpType::Added),
+            Some("2026-01-02T00:00:00Z"),
+            "blue",
+        )];
+        let st = s
+            .apply_page(&page(&back, PageKind::Sync, "c5", 2, false))
+            .unwrap();
+        assert_eq!(st.added, 1);
+    }
+
+    #[test]
+    fn a_completed_fetch_reconciles_devices_it_did_not_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let all = [
+            rec("A", None, None, "r"),
+            rec("B", None, None, "r"),
+            rec("C", None, None, "r"),
+        ];
+        s.apply_page(&page(&all, PageKind::Fetch, "c1", 1, true))
+            .unwrap();
+        // Re-fetch (run 2) over two pages that no longer contain B.
+        let p1 = [rec("A", None, None, "r")];
+        let st = s
+            .apply_page(&page(&p1, PageKind::Fetch, "f1", 2, false))
+            .unwrap();
+        assert_eq!(st.events(), 0);
+        let p2 = [rec("C", None, None, "r")];
+        let st = s
+            .apply_page(&page(&p2, PageKind::Fetch, "f2", 2, true))
+            .unwrap();
+        assert_eq!((st.deleted, st.added, st.modified), (1, 0, 0));
+        let gone = s
+            .devices(&DeviceFilter {
+                deleted: Some(true),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].device.serial_number, "B");
+    }
+
+    #[test]
+    fn extra_fields_round_trip_and_are_diffed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut r = rec("A", None, None, "r");
+        r.device
+            .extra
+            .insert("imei".into(), serde_json::json!(["1"]));
+        s.apply_page(&page(
+            std::slice::from_ref(&r),
+            PageKind::Fetch,
+            "c1",
+            1,
+            true,
+        ))
+        .unwrap();
+        let stored = s.devices(&DeviceFilter::default()).unwrap();
+        assert_eq!(stored[0].device, r.device);
+        r.device
+            .extra
+            .insert("imei".into(), serde_json::json!(["2"]));
+        let st = s
+            .apply_page(&page(
+                std::slice::from_ref(&r),
+                PageKind::Fetch,
+                "c2",
+                2,
+                true,
+            ))
+            .unwrap();
+        assert_eq!(st.modified, 1);
+        let ev = s.events_after(1, None, 10).unwrap();
+        assert_eq!(ev[0].changes, serde_json::json!({"imei": [["1"], ["2"]]}));
+    }
+}

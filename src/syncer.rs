@@ -1,0 +1,691 @@
+//! One sync pass for one token: Apple's fetch/sync cursor protocol as a state machine.
+//!
+//! [`next_step`] is the pure decision (tested as a table); [`run_token`] drives it: it
+//! downloads pages on the async side while a blocking writer thread commits each page —
+//! rows, events and the following cursor in one transaction — in order. The download of
+//! page N+1 overlaps the commit of page N, and the cursor stored never runs ahead of the
+//! rows stored, because it is part of the same commit.
+//!
+//! Protocol rules (doc §5): fetch pages until `more_to_follow` is false, then sync from the
+//! cursor; `EXHAUSTED_CURSOR` on fetch → sync with the same cursor; `EXPIRED_CURSOR`,
+//! `INVALID_CURSOR`, `CURSOR_REQUIRED` → a new full fetch whose completion reconciles
+//! (devices it did not return are deleted); Apple returning the cursor it was sent with
+//! `more_to_follow: true` stops the pass (never spin) and the next run continues.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::apple::{ApiError, AppleClient, ClientSettings, CursorError, DevicePage};
+use crate::config::{Config, TokenConfig};
+use crate::model::{dedupe_latest, format_time, DeviceRecord, PageKind};
+use crate::store::{CursorState, PageStats, PageWrite, Phase, Store, StoreError};
+use crate::token::TokenError;
+
+/// What Apple answered to one fetch/sync request, as far as the state machine cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome<'a> {
+    /// A page: the cursor that was sent, the one returned, and `more_to_follow`.
+    Page {
+        /// Cursor sent with the request.
+        sent: Option<&'a str>,
+        /// Cursor in the response.
+        cursor: &'a str,
+        /// `more_to_follow`.
+        more: bool,
+    },
+    /// A cursor error.
+    CursorError(CursorError),
+}
+
+/// What to do after a response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Commit the page with `state`; `completes_fetch` reconciles; then `then`.
+    StorePage {
+        /// State to store with the page.
+        state: CursorState,
+        /// The page ends a full fetch.
+        completes_fetch: bool,
+        /// What follows.
+        then: Then,
+    },
+    /// No page: store `state` and carry on.
+    Transition {
+        /// The new state.
+        state: CursorState,
+        /// Whether this transition starts a new full fetch (only once per run).
+        restart: bool,
+    },
+    /// A second restart in one run: give up this run rather than loop.
+    GiveUp(CursorError),
+}
+
+/// What follows a stored page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Request the next page.
+    Continue,
+    /// The pass is complete.
+    Done,
+    /// Apple repeated the cursor with `more_to_follow: true`: stop, resume next run.
+    StopSameCursor,
+}
+
+/// The pure state transition. `restarted`: a full re-fetch already began in this run.
+pub fn next_step(
+    current: &CursorState,
+    kind: PageKind,
+    outcome: Outcome<'_>,
+    restarted: bool,
+) -> Next {
+    match outcome {
+        Outcome::Page { sent, cursor, more } => {
+            let same = more && sent == Some(cursor);
+            let completes_fetch = kind == PageKind::Fetch && !more;
+            let phase = if kind == PageKind::Sync || completes_fetch {
+                Phase::Sync
+            } else {
+                Phase::Fetch
+            };
+            let then = if same {
+                Then::StopSameCursor
+            } else if more || completes_fetch {
+                // After a completed fetch, one sync follows at once to pick up changes
+                // made while the fetch was paging.
+                Then::Continue
+            } else {
+                Then::Done
+            };
+            Next::StorePage {
+                state: CursorState {
+                    phase,
+                    cursor: Some(cursor.to_owned()),
+                    fetch_run: current.fetch_run,
+                },
+                completes_fetch,
+                then,
+            }
+        }
+        Outcome::CursorError(CursorError::Exhausted) if kind == PageKind::Fetch => {
+            Next::Transition {
+                state: CursorState {
+                    phase: Phase::Sync,
+                    cursor: current.cursor.clone(),
+                    fetch_run: current.fetch_run,
+                },
+                restart: false,
+            }
+        }
+        Outcome::CursorError(e) if restarted => Next::GiveUp(e),
+        // Expired, invalid, required, or exhausted on sync: start a new full fetch.
+        Outcome::CursorError(_) => Next::Transition {
+            state: CursorState {
+                phase: Phase::Fetch,
+                cursor: None,
+                fetch_run: current.fetch_run + 1,
+            },
+            restart: true,
+        },
+    }
+}
+
+/// A failed pass. Each variant says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The token file is unusable or expired.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Apple refused or could not be reached.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Apple rejected even a brand-new fetch cursor.
+    #[error("Apple rejected the cursor of a fresh full fetch ({0:?}); retrying next run")]
+    CursorLoop(CursorError),
+    /// The writer thread died.
+    #[error("internal error: the database writer stopped: {0}")]
+    Writer(String),
+}
+
+impl SyncError {
+    /// A short stable name for the stored last error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SyncError::Token(TokenError::Expired { .. }) => "token_expired",
+            SyncError::Token(_) => "token_file",
+            SyncError::Api(e) => e.kind(),
+            SyncError::Store(_) => "database",
+            SyncError::CursorLoop(_) => "cursor",
+            SyncError::Writer(_) => "internal",
+        }
+    }
+
+    /// Whether a person must act (token, terms, access) before a retry can succeed.
+    pub fn needs_admin(&self) -> bool {
+        match self {
+            SyncError::Token(_) => true,
+            SyncError::Api(e) => e.needs_admin(),
+            _ => false,
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunSummary {
+    /// Token name.
+    pub token: String,
+    /// Pages received (fetch + sync).
+    pub pages: u64,
+    /// Device records received.
+    pub records: u64,
+    /// Events written, by kind, and unchanged/stale records.
+    pub stats: PageStats,
+    /// A full (re-)fetch ran.
+    pub fetched: bool,
+    /// The pass stopped on Apple's repeated-cursor bug.
+    pub stopped_on_same_cursor: bool,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Progress callback for a terminal: (pages, records) so far.
+pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+enum WriterMsg {
+    Page {
+        kind: PageKind,
+        records: Vec<DeviceRecord>,
+        state: CursorState,
+        fetched_until: Option<String>,
+        completes_fetch: bool,
+    },
+    Cursor(CursorState),
+}
+
+/// Settings for the Apple client of one token.
+pub fn client_settings(config: &Config, token: &TokenConfig) -> ClientSettings {
+    ClientSettings {
+        base_url: token.api_url.clone(),
+        user_agent: token.user_agent.clone(),
+        protocol_version: token.protocol_version,
+        timeout: config.request_timeout,
+        retry: config.retry.clone(),
+    }
+}
+
+/// Runs one pass for one token and records its outcome in the store.
+pub async fn run_token(
+    config: &Config,
+    token: &TokenConfig,
+    progress: Option<Progress>,
+) -> Result<RunSummary, SyncError> {
+    let started = Instant::now();
+    let db = config.database.clone();
+    let name = token.name.clone();
+    let result = run_inner(config, token, progress, started).await;
+    // Record the outcome; a failure to record is logged, not allowed to mask the result.
+    let outcome = result
+        .as_ref()
+        .err()
+        .map(|e| (e.kind().to_owned(), e.to_string()));
+    let recorded = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        let mut store = Store::open(&db)?;
+        let now = format_time(chrono::Utc::now());
+        store.record_run_end(
+            &name,
+            outcome.as_ref().map(|(k, m)| (k.as_str(), m.as_str())),
+            &now,
+        )
+    })
+    .await;
+    match recorded {
+        Ok(Err(e)) => {
+            tracing::error!(token = %token.name, error = %e, "cannot record the run's outcome")
+        }
+        Err(e) => {
+            tracing::error!(token = %token.name, error = %e, "cannot record the run's outcome")
+        }
+        Ok(Ok(())) => {}
+    }
+    result
+}
+
+async fn run_inner(
+    config: &Config,
+    token: &TokenConfig,
+    progress: Option<Progress>,
+    started: Instant,
+) -> Result<RunSummary, SyncError> {
+    // Refuse an expired token before any call to Apple.
+    token
+        .token
+        .check_not_expired(&token.name, &token.token_file, chrono::Utc::now())?;
+    let client = AppleClient::new(token.token.clone(), client_settings(config, token))?;
+
+    let db = config.database.clone();
+    let name = token.name.clone();
+    let (store, initial) = blocking(move || -> Result<(Store, CursorState), StoreError> {
+        let mut store = Store::open(&db)?;
+        store.record_run_start(&name, &format_time(chrono::Utc::now()))?;
+        let state = store.sync_state(&name)?.cursor;
+        Ok((store, state))
+    })
+    .await??;
+
+    // Two pages in flight at most: one being committed, one downloaded ahead.
+    let (tx, rx) = mpsc::channel::<WriterMsg>(1);
+    let writer_token = token.name.clone();
+    let writer = tokio::task::spawn_blocking(move || writer_loop(store, &writer_token, rx));
+
+    let mut summary = RunSummary {
+        token: token.name.clone(),
+        ..RunSummary::default()
+    };
+    let driven = drive(
+        &client,
+        token,
+        initial,
+        &tx,
+        &mut summary,
+        progress.as_ref(),
+    )
+    .await;
+    drop(tx);
+    let written = writer.await.map_err(|e| SyncError::Writer(e.to_string()))?;
+    // A writer error is the root cause when both failed (the driver saw a closed channel).
+    summary.stats = written?;
+    driven?;
+    summary.duration = started.elapsed();
+    Ok(summary)
+}
+
+async fn drive(
+    client: &AppleClient,
+    token: &TokenConfig,
+    mut state: CursorState,
+    tx: &mpsc::Sender<WriterMsg>,
+    summary: &mut RunSummary,
+    progress: Option<&Progress>,
+) -> Result<(), SyncError> {
+    let limit = token.page_size;
+    let mut restarted = false;
+    summary.fetched = state.phase == Phase::Fetch;
+    loop {
+        let (kind, result): (PageKind, Result<DevicePage, ApiError>) =
+            match (&state.phase, &state.cursor) {
+                (Phase::Fetch, c) => (
+                    PageKind::Fetch,
+                    client.fetch_devices(c.as_deref(), limit).await,
+                ),
+                (Phase::Sync, Some(c)) => (PageKind::Sync, client.sync_devices(c, limit).await),
+                // A sync state without a cursor cannot be resumed: fetch.
+                (Phase::Sync, None) => (
+                    PageKind::Sync,
+                    Err(ApiError::Cursor {
+                        endpoint: crate::apple::Endpoint::SyncDevices,
+                        kind: CursorError::Required,
+                    }),
+                ),
+            };
+        let page = match result {
+            Ok(p) => Some(p),
+            Err(ApiError::Cursor { kind: e, .. }) => {
+                let next = next_step(&state, kind, Outcome::CursorError(e), restarted);
+                match next {
+                    Next::Transition { state: s, restart } => {
+                        if restart {
+                            tracing::warn!(token = %token.name, cursor_error = ?e,
+                                "Apple rejected the stored cursor; starting a full re-fetch (devices it does not return will be marked deleted)");
+                            restarted = true;
+                            summary.fetched = true;
+                        } else {
+                            tracing::debug!(token = %token.name, "fetch cursor exhausted; switching to sync");
+                        }
+                        send(tx, WriterMsg::Cursor(s.clone())).await?;
+                        state = s;
+                        continue;
+                    }
+                    Next::GiveUp(e) => return Err(SyncError::CursorLoop(e)),
+                    Next::StorePage { .. } => unreachable_store(),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(page) = page else { continue };
+        let next = next_step(
+            &state,
+            kind,
+            Outcome::Page {
+                sent: state.cursor.as_deref(),
+                cursor: &page.cursor,
+                more: page.more_to_follow,
+            },
+            restarted,
+        );
+        let Next::StorePage {
+            state: s,
+            completes_fetch,
+            then,
+        } = next
+        else {
+            unreachable_store()
+        };
+        summary.pages += 1;
+        summary.records += page.devices.len() as u64;
+        if let Some(p) = progress {
+            p(summary.pages, summary.records);
+        }
+        tracing::debug!(token = %token.name, ?kind, devices = page.devices.len(), more = page.more_to_follow, "page received");
+        send(
+            tx,
+            WriterMsg::Page {
+                kind,
+                records: dedupe_latest(page.devices),
+                state: s.clone(),
+                fetched_until: page.fetched_until,
+                completes_fetch,
+            },
+        )
+        .await?;
+        state = s;
+        match then {
+            Then::Continue => continue,
+            Then::Done => return Ok(()),
+            Then::StopSameCursor => {
+                tracing::warn!(token = %token.name,
+                    "Apple returned the same cursor with more_to_follow=true (a known Apple bug); stopping this pass, the next run continues from the stored cursor");
+                summary.stopped_on_same_cursor = true;
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn unreachable_store() -> ! {
+    // next_step returns StorePage exactly for Outcome::Page.
+    panic!("next_step returned a page decision for a cursor error")
+}
+
+async fn send(tx: &mpsc::Sender<WriterMsg>, msg: WriterMsg) -> Result<(), SyncError> {
+    // A closed channel means the writer failed; its error is reported by run_inner.
+    tx.send(msg)
+        .await
+        .map_err(|_| SyncError::Writer("the database writer stopped early".into()))
+}
+
+fn writer_loop(
+    mut store: Store,
+    token: &str,
+    mut rx: mpsc::Receiver<WriterMsg>,
+) -> Result<PageStats, SyncError> {
+    let mut stats = PageStats::default();
+    while let Some(msg) = rx.blocking_recv() {
+        let now = format_time(chrono::Utc::now());
+        match msg {
+            WriterMsg::Page {
+                kind,
+                records,
+                state,
+                fetched_until,
+                completes_fetch,
+            } => {
+                let s = store.apply_page(&PageWrite {
+                    token,
+                    kind,
+                    records: &records,
+                    next: state,
+                    fetched_until: fetched_until.as_deref(),
+                    completes_fetch,
+                    now: &now,
+                })?;
+                stats.add(s);
+            }
+            WriterMsg::Cursor(state) => store.set_cursor(token, &state, &now)?,
+        }
+    }
+    Ok(stats)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SyncError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SyncError::Writer(e.to_string()))
+}
+
+/// Result of syncing every configured token once.
+#[derive(Debug, Default)]
+pub struct OnceReport {
+    /// Successful passes.
+    pub ok: Vec<RunSummary>,
+    /// Failed passes: token name and error.
+    pub failed: Vec<(String, SyncError)>,
+}
+
+/// Syncs every token once, concurrently (bounded); one failing token never stops the others.
+pub async fn run_all_once(config: &Config, progress: Option<Progress>) -> OnceReport {
+    use futures_util::stream::{self, StreamExt};
+    const CONCURRENCY: usize = 4;
+    let results: Vec<(String, Result<RunSummary, SyncError>)> = stream::iter(config.tokens.iter())
+        .map(|t| {
+            let progress = progress.clone();
+            async move { (t.name.clone(), run_token(config, t, progress).await) }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut report = OnceReport::default();
+    for (name, r) in results {
+        match r {
+            Ok(s) => {
+                log_summary(&s);
+                report.ok.push(s);
+            }
+            Err(e) => {
+                tracing::error!(token = %name, error = %e, "sync failed");
+                report.failed.push((name, e));
+            }
+        }
+    }
+    report.ok.sort_by(|a, b| a.token.cmp(&b.token));
+    report.failed.sort_by(|a, b| a.0.cmp(&b.0));
+    report
+}
+
+/// The one summary line per token run.
+pub fn log_summary(s: &RunSummary) {
+    tracing::info!(
+        token = %s.token,
+        pages = s.pages,
+        devices = s.records,
+        added = s.stats.added,
+        modified = s.stats.modified,
+        deleted = s.stats.deleted,
+        full_fetch = s.fetched,
+        duration_ms = s.duration.as_millis() as u64,
+        "sync complete"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(phase: Phase, cursor: Option<&str>, run: i64) -> CursorState {
+        CursorState {
+            phase,
+            cursor: cursor.map(str::to_owned),
+            fetch_run: run,
+        }
+    }
+
+    fn page(sent: Option<&'static str>, cursor: &'static str, more: bool) -> Outcome<'static> {
+        Outcome::Page { sent, cursor, more }
+    }
+
+    #[test]
+    fn cursor_state_transitions() {
+        use Phase::*;
+        use Then::*;
+        let fetch0 = st(Fetch, None, 1);
+        let fetch1 = st(Fetch, Some("f1"), 1);
+        let sync1 = st(Sync, Some("s1"), 1);
+        let cases: Vec<(&str, CursorState, PageKind, Outcome<'static>, bool, Next)> = vec![
+            (
+                "first fetch page, more follow",
+                fetch0.clone(),
+                PageKind::Fetch,
+                page(None, "f1", true),
+                false,
+                Next::StorePage {
+                    state: st(Fetch, Some("f1"), 1),
+                    completes_fetch: false,
+                    then: Continue,
+                },
+            ),
+            (
+                "last fetch page completes the fetch and a sync follows",
+                fetch1.clone(),
+                PageKind::Fetch,
+                page(Some("f1"), "f2", false),
+                false,
+                Next::StorePage {
+                    state: st(Sync, Some("f2"), 1),
+                    completes_fetch: true,
+                    then: Continue,
+                },
+            ),
+            (
+                "single-page fetch with the same cursor and no more is fine",
+                fetch1.clone(),
+                PageKind::Fetch,
+                page(Some("f1"), "f1", false),
+                false,
+                Next::StorePage {
+                    state: st(Sync, Some("f1"), 1),
+                    completes_fetch: true,
+                    then: Continue,
+                },
+            ),
+            (
+                "fetch repeats the cursor with more: stop",
+                fetch1.clone(),
+                PageKind::Fetch,
+                page(Some("f1"), "f1", true),
+                false,
+                Next::StorePage {
+                    state: st(Fetch, Some("f1"), 1),
+                    completes_fetch: false,
+                    then: StopSameCursor,
+                },
+            ),
+            (
+                "sync page, more follow",
+                sync1.clone(),
+                PageKind::Sync,
+                page(Some("s1"), "s2", true),
+                false,
+                Next::StorePage {
+                    state: st(Sync, Some("s2"), 1),
+                    completes_fetch: false,
+                    then: Continue,
+                },
+            ),
+            (
+                "last sync page",
+                sync1.clone(),
+                PageKind::Sync,
+                page(Some("s1"), "s2", false),
+                false,
+                Next::StorePage {
+                    state: st(Sync, Some("s2"), 1),
+                    completes_fetch: false,
+                    then: Done,
+                },
+            ),
+            (
+                "sync repeats the cursor with more: stop",
+                sync1.clone(),
+                PageKind::Sync,
+                page(Some("s1"), "s1", true),
+                false,
+                Next::StorePage {
+                    state: st(Sync, Some("s1"), 1),
+                    completes_fetch: false,
+                    then: StopSameCursor,
+                },
+            ),
+            (
+                "exhausted fetch cursor switches to sync",
+                fetch1.clone(),
+                PageKind::Fetch,
+                Outcome::CursorError(CursorError::Exhausted),
+                false,
+                Next::Transition {
+                    state: st(Sync, Some("f1"), 1),
+                    restart: false,
+                },
+            ),
+            (
+                "expired sync cursor: full re-fetch, new run",
+                sync1.clone(),
+                PageKind::Sync,
+                Outcome::CursorError(CursorError::Expired),
+                false,
+                Next::Transition {
+                    state: st(Fetch, None, 2),
+                    restart: true,
+                },
+            ),
+            (
+                "invalid cursor: full re-fetch",
+                sync1.clone(),
+                PageKind::Sync,
+                Outcome::CursorError(CursorError::Invalid),
+                false,
+                Next::Transition {
+                    state: st(Fetch, None, 2),
+                    restart: true,
+                },
+            ),
+            (
+                "cursor required: fetch",
+                sync1.clone(),
+                PageKind::Sync,
+                Outcome::CursorError(CursorError::Required),
+                false,
+                Next::Transition {
+                    state: st(Fetch, None, 2),
+                    restart: true,
+                },
+            ),
+            (
+                "exhausted on sync: full re-fetch",
+                sync1.clone(),
+                PageKind::Sync,
+                Outcome::CursorError(CursorError::Exhausted),
+                false,
+                Next::Transition {
+                    state: st(Fetch, None, 2),
+                    restart: true,
+                },
+            ),
+            (
+                "a second restart in one run gives up",
+                fetch0.clone(),
+                PageKind::Fetch,
+                Outcome::CursorError(CursorError::Invalid),
+                true,
+                Next::GiveUp(CursorError::Invalid),
+            ),
+        ];
+        for (name, state, kind, outcome, restarted, want) in cases {
+            assert_eq!(next_step(&state, kind, outcome, restarted), want, "{name}");
+        }
+    }
+}

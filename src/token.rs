@@ -1,0 +1,290 @@
+//! The server token: the OAuth 1.0a credentials Apple issues per device-management server.
+//!
+//! Owns reading a decrypted token file and checking its expiry. The secret values never
+//! leave this module in printable form: [`Secret`] redacts itself in `Debug` and
+//! `Display`, and no error carries the file's contents.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+/// A secret string that never prints its value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value, for the one place that must use it (signing a request).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// The decrypted server token (doc §2.3).
+#[derive(Clone, Debug)]
+pub struct ServerToken {
+    /// `CK_...`: identifies the server; not secret, but kept whole only here.
+    pub consumer_key: String,
+    /// `CS_...`.
+    pub consumer_secret: Secret,
+    /// `AT_...`.
+    pub access_token: Secret,
+    /// `AS_...`.
+    pub access_secret: Secret,
+    /// When Apple stops accepting the token (one year after download).
+    pub access_token_expiry: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+struct RawToken {
+    consumer_key: Option<String>,
+    consumer_secret: Option<Secret>,
+    access_token: Option<Secret>,
+    access_secret: Option<Secret>,
+    access_token_expiry: Option<String>,
+}
+
+/// Why a token file could not be used. Never contains the file's contents.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file could not be read.
+    #[error("cannot read server token file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not the decrypted token JSON.
+    #[error("server token file {path} is not a decrypted server token ({detail}); expected the JSON with consumer_key, consumer_secret, access_token, access_secret and access_token_expiry that ABM/ASM's token decrypts to")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, without any secret value.
+        detail: String,
+    },
+    /// The token's `access_token_expiry` has passed.
+    #[error("the server token for \"{name}\" expired at {expiry}; in Apple Business/School Manager open Preferences → your MDM server → Download Token, then replace {path}")]
+    Expired {
+        /// The token's configured name.
+        name: String,
+        /// When it expired.
+        expiry: DateTime<Utc>,
+        /// Where the new one goes.
+        path: PathBuf,
+    },
+}
+
+impl ServerToken {
+    /// Reads and validates a decrypted token file.
+    pub fn load(path: &Path) -> Result<Self, TokenError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|detail| TokenError::Format {
+            path: path.to_owned(),
+            detail,
+        })
+    }
+
+    /// Parses the decrypted token: either bare JSON or the MIME-wrapped form Apple's
+    /// S/MIME payload decrypts to (headers, blank line, optional
+    /// `-----BEGIN MESSAGE-----` / `-----END MESSAGE-----` lines, JSON possibly
+    /// hard-wrapped). Robust rule from doc §2.3: drop the header block and marker lines,
+    /// join the rest with no separator.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let json = extract_json(text);
+        let raw: RawToken = serde_json::from_str(&json).map_err(|e| {
+            // serde_json's message names the position, never the value.
+            format!("not valid JSON: {e}")
+        })?;
+        let mut missing = Vec::new();
+        if raw.consumer_key.as_deref().is_none_or(str::is_empty) {
+            missing.push("consumer_key");
+        }
+        if raw.consumer_secret.as_ref().is_none_or(|s| s.0.is_empty()) {
+            missing.push("consumer_secret");
+        }
+        if raw.access_token.as_ref().is_none_or(|s| s.0.is_empty()) {
+            missing.push("access_token");
+        }
+        if raw.access_secret.as_ref().is_none_or(|s| s.0.is_empty()) {
+            missing.push("access_secret");
+        }
+        if raw.access_token_expiry.is_none() {
+            missing.push("access_token_expiry");
+        }
+        if !missing.is_empty() {
+            return Err(format!("missing field(s): {}", missing.join(", ")));
+        }
+        let expiry_text = raw.access_token_expiry.unwrap_or_default();
+        let expiry = crate::model::parse_time(&expiry_text).ok_or_else(|| {
+            format!("access_token_expiry {expiry_text:?} is not an RFC 3339 time")
+        })?;
+        Ok(Self {
+            consumer_key: raw.consumer_key.unwrap_or_default(),
+            consumer_secret: raw.consumer_secret.unwrap_or_else(|| Secret::new("")),
+            access_token: raw.access_token.unwrap_or_else(|| Secret::new("")),
+            access_secret: raw.access_secret.unwrap_or_else(|| Secret::new("")),
+            access_token_expiry: expiry,
+        })
+    }
+
+    /// Refuses an expired token before any call to Apple.
+    pub fn check_not_expired(
+        &self,
+        name: &str,
+        path: &Path,
+        now: DateTime<Utc>,
+    ) -> Result<(), TokenError> {
+        if now >= self.access_token_expiry {
+            return Err(TokenError::Expired {
+                name: name.to_owned(),
+                expiry: self.access_token_expiry,
+                path: path.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whole days until expiry (negative once expired).
+    pub fn days_left(&self, now: DateTime<Utc>) -> i64 {
+        (self.access_token_expiry - now).num_days()
+    }
+}
+
+fn extract_json(text: &str) -> String {
+    let trimmed = text.trim_start_matches('\u{feff}').trim();
+    if trimmed.starts_with('{') {
+        return trimmed.to_owned();
+    }
+    // Drop the MIME-like header block (everything up to the first blank line) when the
+    // text starts with header lines.
+    let mut lines: Vec<&str> = trimmed.lines().collect();
+    if lines.first().is_some_and(|l| looks_like_header(l)) {
+        let blank = lines.iter().position(|l| l.trim().is_empty());
+        lines = match blank {
+            Some(i) => lines.split_off(i + 1),
+            None => Vec::new(),
+        };
+    }
+    lines
+        .iter()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| {
+            !l.starts_with("-----BEGIN MESSAGE-----") && !l.starts_with("-----END MESSAGE-----")
+        })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+fn looks_like_header(line: &str) -> bool {
+    match line.split_once(':') {
+        Some((name, _)) => {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/apple/");
+
+    #[test]
+    fn parses_plain_json_token() {
+        let text =
+            std::fs::read_to_string(format!("{FIXTURES}nanodep-decrypted-tokens.example.json"))
+                .unwrap();
+        let t = ServerToken::parse(&text).unwrap();
+        assert_eq!(t.consumer_key, "CK_9af2f8218b150c351ad802c6f3d66abe");
+        assert_eq!(
+            t.access_token.expose(),
+            "AT_9af2f8218b150c351ad802c6f3d66abe"
+        );
+        assert_eq!(
+            t.access_token_expiry.to_rfc3339(),
+            "2023-07-01T22:18:53+00:00"
+        );
+    }
+
+    #[test]
+    fn parses_apples_wrapped_mime_form_and_the_marker_form() {
+        for file in [
+            "apple-doc-token-decrypted-sample.txt",
+            "synthetic-decrypted-token-with-markers.txt",
+        ] {
+            let text = std::fs::read_to_string(format!("{FIXTURES}{file}")).unwrap();
+            let t = ServerToken::parse(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(t.consumer_key.starts_with("CK_"), "{file}");
+            assert!(t.access_secret.expose().starts_with("AS_"), "{file}");
+        }
+    }
+
+    #[test]
+    fn missing_fields_are_named_and_secrets_never_printed() {
+        let err = ServerToken::parse(r#"{"consumer_key":"CK_1","consumer_secret":"CS_topsecret"}"#)
+            .unwrap_err();
+        assert!(
+            err.contains("access_token, access_secret, access_token_expiry"),
+            "{err}"
+        );
+        let t = ServerToken::parse(
+            r#"{"consumer_key":"CK_1","consumer_secret":"CS_topsecret","access_token":"AT_topsecret",
+               "access_secret":"AS_topsecret","access_token_expiry":"2030-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let dbg = format!("{t:?}");
+        assert!(!dbg.contains("topsecret"), "{dbg}");
+        let bad =
+            ServerToken::parse(r#"{"consumer_key": "CK_1", "consumer_secret": "CS_topsecret""#)
+                .unwrap_err();
+        assert!(!bad.contains("topsecret"), "{bad}");
+    }
+
+    #[test]
+    fn expiry_is_enforced_at_the_boundary() {
+        let t = ServerToken::parse(
+            r#"{"consumer_key":"CK_1","consumer_secret":"CS_1","access_token":"AT_1",
+               "access_secret":"AS_1","access_token_expiry":"2030-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let exp = t.access_token_expiry;
+        let p = Path::new("/etc/adesync/acme.json");
+        assert!(t
+            .check_not_expired("acme", p, exp - chrono::Duration::seconds(1))
+            .is_ok());
+        let err = t.check_not_expired("acme", p, exp).unwrap_err().to_string();
+        assert!(
+            err.contains("\"acme\"") && err.contains("Download Token"),
+            "{err}"
+        );
+    }
+}
