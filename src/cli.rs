@@ -230,7 +230,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_events(&events, format)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { devices: _, dir: _ } => Ok(ExitCode::SUCCESS),
+        Command::Demo { devices, dir } => crate::demo::run(devices, &dir)
+            .await
+            .map(|_| ExitCode::SUCCESS),
     }
 }
 

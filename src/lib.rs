@@ -23,7 +23,7 @@ pub mod apple;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-// pub mod demo;
+pub mod demo;
 pub mod events;
 pub mod model;
 pub mod store;

@@ -140,15 +140,13 @@ impl AppleClient {
         limit: u32,
     ) -> Result<DevicePage, ApiError> {
         let body = serde_json::to_vec(&PageRequest { cursor, limit }).unwrap_or_default();
-        let bytes = self
-            .call(
-                Endpoint::FetchDevices,
-                reqwest::Method::POST,
-                "server/devices",
-                Some(body),
-            )
-            .await?;
-        parse_json(Endpoint::FetchDevices, &bytes)
+        self.call(
+            Endpoint::FetchDevices,
+            reqwest::Method::POST,
+            "server/devices",
+            Some(body),
+        )
+        .await
     }
 
     /// `POST /devices/sync`: one page of changes since `cursor`.
@@ -158,23 +156,19 @@ impl AppleClient {
             limit,
         })
         .unwrap_or_default();
-        let bytes = self
-            .call(
-                Endpoint::SyncDevices,
-                reqwest::Method::POST,
-                "devices/sync",
-                Some(body),
-            )
-            .await?;
-        parse_json(Endpoint::SyncDevices, &bytes)
+        self.call(
+            Endpoint::SyncDevices,
+            reqwest::Method::POST,
+            "devices/sync",
+            Some(body),
+        )
+        .await
     }
 
     /// `GET /account`.
     pub async fn account(&self) -> Result<Account, ApiError> {
-        let bytes = self
-            .call(Endpoint::Account, reqwest::Method::GET, "account", None)
-            .await?;
-        parse_json(Endpoint::Account, &bytes)
+        self.call(Endpoint::Account, reqwest::Method::GET, "account", None)
+            .await
     }
 
     /// Forgets the cached session (the next call authenticates).
@@ -182,35 +176,41 @@ impl AppleClient {
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Calls an endpoint with retries for transient failures.
-    async fn call(
+    /// Calls an endpoint and parses its JSON, with retries for transient failures
+    /// (a malformed body counts as one: it is usually a truncated transfer).
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
         endpoint: Endpoint,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<bytes::Bytes, ApiError> {
+    ) -> Result<T, ApiError> {
         let policy = &self.settings.retry;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(policy.initial_delay)
             .with_max_delay(policy.max_delay)
             .with_max_times(policy.max_attempts.saturating_sub(1) as usize)
             .with_jitter();
-        (|| self.call_authenticated(endpoint, method.clone(), path, body.as_deref()))
-            .retry(backoff)
-            .when(ApiError::is_retryable)
-            .adjust(|err, planned| {
-                // Out of attempts stays out; otherwise Apple's Retry-After wins.
-                planned.map(|d| {
-                    err.retry_after()
-                        .map(|ra| ra.min(MAX_RETRY_AFTER))
-                        .unwrap_or(d)
-                })
+        (|| async {
+            let bytes = self
+                .call_authenticated(endpoint, method.clone(), path, body.as_deref())
+                .await?;
+            parse_json(endpoint, &bytes)
+        })
+        .retry(backoff)
+        .when(ApiError::is_retryable)
+        .adjust(|err, planned| {
+            // Out of attempts stays out; otherwise Apple's Retry-After wins.
+            planned.map(|d| {
+                err.retry_after()
+                    .map(|ra| ra.min(MAX_RETRY_AFTER))
+                    .unwrap_or(d)
             })
-            .notify(|err, wait| {
-                tracing::warn!(error = %err, retry_in = ?wait, "transient failure; retrying");
-            })
-            .await
+        })
+        .notify(|err, wait| {
+            tracing::warn!(error = %err, retry_in = ?wait, "transient failure; retrying");
+        })
+        .await
     }
 
     /// One attempt: ensure a session, send, re-authenticate once on 401/403 FORBIDDEN.

@@ -1,0 +1,275 @@
+//! The built `adesync` binary: exit codes, output formats, and a process killed mid-sync.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::{assert_mirrors, event_counts, Env};
+
+fn adesync(env: &Env) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
+    c.arg("--config")
+        .arg(&env.config_path)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs the binary off the async runtime (the simulator lives on it).
+async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_then_query_devices_and_events() {
+    let env = Env::with(
+        adesync_mock::MockConfig {
+            devices: 120,
+            ..Default::default()
+        },
+        50,
+        "[[sinks]]\nname = \"out\"\ntype = \"jsonl\"\npath = \"-\"\n",
+    )
+    .await;
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The stdout sink printed one JSON line per event.
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 120);
+    assert_eq!(lines[0]["type"], "device.added");
+    assert_eq!(lines[0]["token"], "acme");
+    assert_eq!(
+        lines[0]["device"]["serial_number"],
+        lines[0]["serial_number"]
+    );
+    // A second run prints nothing new: the sink's cursor moved.
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["devices", "--format", "csv"]);
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        csv.starts_with("token,serial_number,model,description,color,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 121);
+
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["events", "--after", "100", "--format", "json"]);
+        c
+    })
+    .await;
+    let ids: Vec<i64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, (101..=120).collect::<Vec<_>>());
+
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["devices", "--format", "table", "--limit", "3"]);
+        c
+    })
+    .await;
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("token  serial_number"), "{table}");
+    assert_eq!(table.lines().count(), 4);
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_78_and_names_the_key() {
+    let env = Env::new(1, 100).await;
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("page_size = 100", "page_size = 5000");
+    std::fs::write(&env.config_path, text).unwrap();
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("tokens[0].page_size") && err.contains("1..=1000"),
+        "{err}"
+    );
+
+    let out = output({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
+        c.args(["--config", "/nonexistent/adesync.toml", "check-config"]);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("/nonexistent/adesync.toml"));
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_config_without_secrets() {
+    let env = Env::new(1, 100).await;
+    let out = output({
+        let mut c = adesync(&env);
+        c.arg("check-config");
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("name = \"acme\"") && text.contains("page_size = 100"),
+        "{text}"
+    );
+    let creds = adesync_mock::Credentials::depsim();
+    for secret in [
+        &creds.consumer_secret,
+        &creds.access_token,
+        &creds.access_secret,
+    ] {
+        assert!(!text.contains(secret.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_token_makes_run_once_exit_1_with_the_reason() {
+    let env = Env::new(3, 100).await;
+    env.mock.push_fault(
+        adesync_mock::Endpoint::Session,
+        adesync_mock::Fault {
+            times: 5,
+            kind: adesync_mock::FaultKind::Status {
+                status: 403,
+                body: "ACCESS_DENIED".into(),
+                headers: vec![],
+            },
+        },
+    );
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("ACCESS_DENIED") && err.contains("\"acme\""),
+        "{err}"
+    );
+}
+
+/// Nothing lost, nothing doubled: a 100,000-device fetch killed with SIGKILL several times,
+/// then run to completion, leaves a store equal to the simulator's truth with exactly one
+/// `added` event per device — and after every kill the store is a consistent prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_large_fetch_loses_and_doubles_nothing() {
+    let env = Env::new(100_000, 1000).await;
+    let mut kills = 0;
+    for delay_ms in [400u64, 700, 1000, 1300, 1600] {
+        let mut cmd = adesync(&env);
+        cmd.args(["run", "--once"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        // The store is a prefix of the truth: every stored device has exactly one added event.
+        let store = env.store();
+        let (added, modified, deleted) = event_counts(&store);
+        let stored = store.device_counts("acme").unwrap().0 as usize;
+        assert_eq!(added, stored, "after a kill at {delay_ms} ms");
+        assert_eq!((modified, deleted), (0, 0));
+    }
+    assert!(
+        kills >= 2,
+        "the process finished too fast to be killed mid-sync ({kills} kills)"
+    );
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (100_000, 0, 0));
+    // Exactly one event per serial.
+    let events = store.events_after(0, None, 200_000).unwrap();
+    let unique: std::collections::HashSet<_> =
+        events.iter().map(|e| e.serial_number.clone()).collect();
+    assert_eq!(unique.len(), 100_000);
+}
+
+#[tokio::test]
+async fn demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
+        c.args(["demo", "--devices", "2000", "--dir"])
+            .arg(dir.path().join("demo"))
+            .env("RUST_LOG", "warn");
+        c
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("2000 added"), "{text}");
+    assert!(text.contains("25 added, 40 modified, 10 deleted"), "{text}");
+    let jsonl = std::fs::read_to_string(dir.path().join("demo/events.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), 2075);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("demo/demo-token.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

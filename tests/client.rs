@@ -1,0 +1,344 @@
+//! The Apple client against a wiremock server: what it sends and how it reacts.
+
+use std::time::{Duration, Instant};
+
+use adesync::apple::{ApiError, AppleClient, ClientSettings, CursorError};
+use adesync::config::RetryPolicy;
+use adesync::token::{Secret, ServerToken};
+use wiremock::matchers::{header, header_exists, method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+fn token() -> ServerToken {
+    ServerToken {
+        consumer_key: "CK_test".into(),
+        consumer_secret: Secret::new("CS_secret_value"),
+        access_token: Secret::new("AT_secret_value"),
+        access_secret: Secret::new("AS_secret_value"),
+        access_token_expiry: chrono::Utc::now() + chrono::Duration::days(100),
+    }
+}
+
+fn client(server: &MockServer, attempts: u32) -> AppleClient {
+    AppleClient::new(
+        token(),
+        ClientSettings {
+            base_url: reqwest::Url::parse(&server.uri()).unwrap(),
+            user_agent: "adesync-test/1".into(),
+            protocol_version: 7,
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy {
+                max_attempts: attempts,
+                initial_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+            },
+        },
+    )
+    .unwrap()
+}
+
+fn session_ok(token: &str) -> Mock {
+    Mock::given(method("GET"))
+        .and(path("/session"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string(format!("{{\"auth_session_token\":\"{token}\"}}")),
+        )
+}
+
+fn page(cursor: &str, more: bool) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_string(format!(
+        r#"{{"devices":[{{"serial_number":"C02X","model":"MacBook Air"}}],"cursor":"{cursor}","fetched_until":"2024-07-03T09:46:40Z","more_to_follow":{more}}}"#
+    ))
+}
+
+fn count(reqs: &[Request], p: &str) -> usize {
+    reqs.iter().filter(|r| r.url.path() == p).count()
+}
+
+#[tokio::test]
+async fn every_call_carries_user_agent_protocol_version_and_session() {
+    let server = MockServer::start().await;
+    session_ok("S1").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .and(header("x-adm-auth-session", "S1"))
+        .and(header("user-agent", "adesync-test/1"))
+        .and(header("x-server-protocol-version", "7"))
+        .respond_with(page("C1", false))
+        .mount(&server)
+        .await;
+    let c = client(&server, 1);
+    let p = c.fetch_devices(None, 1000).await.unwrap();
+    assert_eq!(p.cursor, "C1");
+    assert_eq!(p.devices[0].device.serial_number, "C02X");
+    let reqs = server.received_requests().await.unwrap();
+    let session = reqs.iter().find(|r| r.url.path() == "/session").unwrap();
+    let auth = session
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(auth.starts_with("OAuth realm=\"ADM\","), "{auth}");
+    assert!(auth.contains("oauth_consumer_key=\"CK_test\""), "{auth}");
+    assert!(
+        !auth.contains("CS_secret_value") && !auth.contains("AS_secret_value"),
+        "secrets must not be sent: {auth}"
+    );
+    assert_eq!(session.headers.get("user-agent").unwrap(), "adesync-test/1");
+    let fetch = reqs
+        .iter()
+        .find(|r| r.url.path() == "/server/devices")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&fetch.body).unwrap();
+    assert_eq!(body, serde_json::json!({"limit": 1000}));
+    // The session is reused.
+    c.fetch_devices(Some("C1"), 1000).await.unwrap();
+    assert_eq!(
+        count(&server.received_requests().await.unwrap(), "/session"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_expired_session_is_renewed_and_the_request_replayed() {
+    let server = MockServer::start().await;
+    // The first session token is refused by the API, the second accepted.
+    Mock::given(method("GET"))
+        .and(path("/session"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"auth_session_token":"OLD"}"#))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    session_ok("NEW").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .and(header("x-adm-auth-session", "OLD"))
+        .respond_with(ResponseTemplate::new(401).set_body_string("UNAUTHORIZED"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .and(header("x-adm-auth-session", "NEW"))
+        .respond_with(page("C1", false))
+        .mount(&server)
+        .await;
+    let c = client(&server, 1);
+    let p = c.fetch_devices(None, 10).await.unwrap();
+    assert_eq!(p.cursor, "C1");
+    let reqs = server.received_requests().await.unwrap();
+    assert_eq!(count(&reqs, "/session"), 2);
+    assert_eq!(count(&reqs, "/server/devices"), 2);
+}
+
+#[tokio::test]
+async fn a_403_forbidden_session_is_renewed_too() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/session"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"auth_session_token":"OLD"}"#))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    session_ok("NEW").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .and(header("x-adm-auth-session", "OLD"))
+        .respond_with(ResponseTemplate::new(403).set_body_string("\"FORBIDDEN\""))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .and(header("x-adm-auth-session", "NEW"))
+        .respond_with(page("C9", false))
+        .mount(&server)
+        .await;
+    let p = client(&server, 1).sync_devices("C8", 10).await.unwrap();
+    assert_eq!(p.cursor, "C9");
+}
+
+#[tokio::test]
+async fn a_second_401_is_an_error_not_a_loop() {
+    let server = MockServer::start().await;
+    session_ok("S").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .respond_with(ResponseTemplate::new(401).set_body_string("UNAUTHORIZED"))
+        .mount(&server)
+        .await;
+    let err = client(&server, 3).sync_devices("C", 10).await.unwrap_err();
+    assert!(matches!(err, ApiError::SessionRejected(_)), "{err}");
+    let reqs = server.received_requests().await.unwrap();
+    assert_eq!(count(&reqs, "/session"), 2);
+    assert_eq!(count(&reqs, "/devices/sync"), 2);
+}
+
+#[tokio::test]
+async fn a_rotated_session_header_is_adopted() {
+    let server = MockServer::start().await;
+    session_ok("FIRST").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .and(header("x-adm-auth-session", "FIRST"))
+        .respond_with(page("C2", true).insert_header("X-ADM-Auth-Session", "ROTATED"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .and(header("x-adm-auth-session", "ROTATED"))
+        .respond_with(page("C3", false))
+        .mount(&server)
+        .await;
+    let c = client(&server, 1);
+    assert_eq!(c.sync_devices("C1", 10).await.unwrap().cursor, "C2");
+    assert_eq!(c.sync_devices("C2", 10).await.unwrap().cursor, "C3");
+    assert_eq!(
+        count(&server.received_requests().await.unwrap(), "/session"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn each_cursor_error_is_typed() {
+    for (body, want) in [
+        ("EXHAUSTED_CURSOR", CursorError::Exhausted),
+        ("\"EXPIRED_CURSOR\"", CursorError::Expired),
+        ("INVALID_CURSOR\n", CursorError::Invalid),
+        ("CURSOR_REQUIRED", CursorError::Required),
+    ] {
+        let server = MockServer::start().await;
+        session_ok("S").mount(&server).await;
+        Mock::given(method("POST"))
+            .and(path("/devices/sync"))
+            .respond_with(ResponseTemplate::new(400).set_body_string(body))
+            .mount(&server)
+            .await;
+        let err = client(&server, 3).sync_devices("C", 10).await.unwrap_err();
+        match err {
+            ApiError::Cursor { kind, .. } => assert_eq!(kind, want, "{body}"),
+            other => panic!("{body}: {other}"),
+        }
+        // Cursor errors are not retried.
+        assert_eq!(
+            count(&server.received_requests().await.unwrap(), "/devices/sync"),
+            1
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_then_the_call_succeeds() {
+    let server = MockServer::start().await;
+    session_ok("S").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .respond_with(page("C2", false))
+        .mount(&server)
+        .await;
+    let started = Instant::now();
+    let p = client(&server, 3).sync_devices("C1", 10).await.unwrap();
+    assert_eq!(p.cursor, "C2");
+    // The configured backoff is 10-50 ms; only Retry-After explains a wait of a second.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        count(&server.received_requests().await.unwrap(), "/devices/sync"),
+        2
+    );
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_up_to_the_limit() {
+    let server = MockServer::start().await;
+    session_ok("S").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("Internal Server Error"))
+        .mount(&server)
+        .await;
+    let err = client(&server, 3).sync_devices("C1", 10).await.unwrap_err();
+    assert!(matches!(err, ApiError::Server { status: 500, .. }), "{err}");
+    assert_eq!(
+        count(&server.received_requests().await.unwrap(), "/devices/sync"),
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_body_is_an_error_that_names_the_endpoint() {
+    let server = MockServer::start().await;
+    session_ok("S").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{\"devices\": [ {\"serial"))
+        .mount(&server)
+        .await;
+    let err = client(&server, 2)
+        .fetch_devices(None, 10)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::MalformedBody { .. }), "{err}");
+    assert!(err.to_string().contains("POST /server/devices"), "{err}");
+    // A missing cursor is malformed too.
+    let server = MockServer::start().await;
+    session_ok("S").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{\"devices\": []}"))
+        .mount(&server)
+        .await;
+    let err = client(&server, 1)
+        .fetch_devices(None, 10)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cursor"), "{err}");
+}
+
+#[tokio::test]
+async fn terms_not_signed_on_session_stops_with_the_remedy() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/session"))
+        .and(header_exists("authorization"))
+        .respond_with(ResponseTemplate::new(403).set_body_string("T_C_NOT_SIGNED"))
+        .mount(&server)
+        .await;
+    let err = client(&server, 5)
+        .fetch_devices(None, 10)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::TermsNotSigned(_)), "{err}");
+    assert!(err.to_string().contains("accept"), "{err}");
+    assert_eq!(
+        count(&server.received_requests().await.unwrap(), "/session"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_token_says_to_download_a_new_one_and_debug_hides_secrets() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/session"))
+        .respond_with(ResponseTemplate::new(401).set_body_string("signature_invalid"))
+        .mount(&server)
+        .await;
+    let c = client(&server, 5);
+    let err = c.fetch_devices(None, 10).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("Download Token") && msg.contains("clock"),
+        "{msg}"
+    );
+    let dbg = format!("{c:?} {err:?}");
+    assert!(!dbg.contains("secret_value"), "{dbg}");
+}

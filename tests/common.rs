@@ -1,0 +1,103 @@
+//! Shared fixtures: a simulator on 127.0.0.1, a config pointing at it, and comparisons
+//! between the store and the simulator's truth.
+
+use std::path::{Path, PathBuf};
+
+use adesync::config::Config;
+use adesync::store::{DeviceFilter, Store};
+use adesync_mock::{Credentials, MockConfig, MockHandle};
+
+/// A simulator, a temp folder with a token file and a config.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub mock: MockHandle,
+    pub config_path: PathBuf,
+}
+
+impl Env {
+    /// A simulator with `devices` devices and a config with one token "acme" at `page_size`.
+    pub async fn new(devices: usize, page_size: u32) -> Env {
+        Self::with(
+            MockConfig {
+                devices,
+                ..Default::default()
+            },
+            page_size,
+            "",
+        )
+        .await
+    }
+
+    /// Full control: simulator settings, page size, extra TOML appended to the config.
+    pub async fn with(mock: MockConfig, page_size: u32, extra_toml: &str) -> Env {
+        let mock = adesync_mock::start(mock).await.expect("simulator starts");
+        let dir = tempfile::tempdir().unwrap();
+        write_token(&dir.path().join("acme.json"), &Credentials::depsim(), 365);
+        let config_path = dir.path().join("config.toml");
+        let text = format!(
+            "database = \"adesync.db\"\n\
+             [retry]\nmax_attempts = 3\ninitial_delay = \"10ms\"\nmax_delay = \"100ms\"\n\
+             [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\napi_url = \"{}\"\npage_size = {page_size}\n{extra_toml}",
+            mock.base_url()
+        );
+        std::fs::write(&config_path, text).unwrap();
+        Env {
+            dir,
+            mock,
+            config_path,
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("valid config")
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.dir.path().join("adesync.db")).unwrap()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Writes a decrypted token file for `creds`, expiring in `days` (negative: expired).
+pub fn write_token(path: &Path, creds: &Credentials, days: i64) {
+    let json = creds.token_json(chrono::Utc::now() + chrono::Duration::days(days));
+    std::fs::write(path, json).unwrap();
+}
+
+/// The simulator's current devices, sorted by serial, as JSON objects.
+pub fn truth(mock: &MockHandle) -> Vec<serde_json::Value> {
+    mock.devices()
+}
+
+/// The store's assigned devices of `token`, sorted by serial, as Apple-shaped JSON.
+pub fn stored(store: &Store, token: &str) -> Vec<serde_json::Value> {
+    store
+        .devices(&DeviceFilter {
+            token: Some(token.into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device.to_json())
+        .collect()
+}
+
+/// Asserts the store mirrors the simulator exactly.
+pub fn assert_mirrors(store: &Store, mock: &MockHandle) {
+    let want = truth(mock);
+    let got = stored(store, "acme");
+    assert_eq!(got.len(), want.len(), "device count differs");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w, "stored device differs from the simulator");
+    }
+}
+
+/// Counts of events by kind for a token.
+pub fn event_counts(store: &Store) -> (usize, usize, usize) {
+    let evs = store.events_after(0, None, u64::MAX >> 1).unwrap();
+    let n = |k: &str| evs.iter().filter(|e| e.kind == k).count();
+    (n("added"), n("modified"), n("deleted"))
+}

@@ -1,0 +1,270 @@
+//! Whole sync passes against the bundled Apple simulator.
+
+use adesync::store::Phase;
+use adesync::syncer::{run_all_once, run_token, SyncError};
+use adesync_mock::{Credentials, Endpoint, Fault, FaultKind, MockConfig};
+
+use crate::common::{assert_mirrors, event_counts, write_token, Env};
+
+#[tokio::test]
+async fn full_fetch_of_2500_devices_takes_exactly_three_fetch_calls() {
+    let env = Env::new(2500, 1000).await;
+    let config = env.config();
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert_eq!(env.mock.count_requests(Endpoint::FetchDevices), 3);
+    // One sync follows the completed fetch to pick up changes made during it.
+    assert_eq!(env.mock.count_requests(Endpoint::SyncDevices), 1);
+    assert_eq!(env.mock.count_requests(Endpoint::Session), 1);
+    assert_eq!(s.stats.added, 2500);
+    assert_eq!((s.stats.modified, s.stats.deleted), (0, 0));
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (2500, 0, 0));
+    let state = store.sync_state("acme").unwrap();
+    assert_eq!(state.cursor.phase, Phase::Sync);
+    assert!(state.last_success_at.is_some() && state.last_error.is_none());
+}
+
+#[tokio::test]
+async fn changes_in_apple_become_exactly_those_events() {
+    let env = Env::new(300, 100).await;
+    let config = env.config();
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+    let serials = env.mock.serials();
+    let added = env.mock.add_devices(10);
+    assert_eq!(env.mock.modify_devices(&serials[0..7]), 7);
+    assert_eq!(env.mock.delete_devices(&serials[100..105]), 5);
+    let before = env.store().max_event_id().unwrap();
+    env.mock.clear_requests();
+
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert_eq!(
+        (s.stats.added, s.stats.modified, s.stats.deleted),
+        (10, 7, 5)
+    );
+    assert_eq!(
+        env.mock.count_requests(Endpoint::FetchDevices),
+        0,
+        "no re-fetch"
+    );
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    let events = store.events_after(before, None, 1000).unwrap();
+    assert_eq!(events.len(), 22);
+    for e in &events {
+        match e.kind.as_str() {
+            "added" => assert!(added.contains(&e.serial_number)),
+            "deleted" => assert!(serials[100..105].contains(&e.serial_number)),
+            "modified" => {
+                assert!(serials[0..7].contains(&e.serial_number));
+                let changes = e.changes.as_object().unwrap();
+                assert!(!changes.is_empty());
+                // Only fields that really changed are named, each as [old, new].
+                for (field, pair) in changes {
+                    assert_ne!(pair[0], pair[1], "{field} did not change");
+                }
+            }
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    let deleted = store
+        .devices(&adesync::store::DeviceFilter {
+            deleted: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(deleted.len(), 5);
+}
+
+#[tokio::test]
+async fn an_unchanged_re_run_makes_only_sync_calls_and_emits_nothing() {
+    let env = Env::new(500, 200).await;
+    let config = env.config();
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+    let before = env.store().max_event_id().unwrap();
+    env.mock.clear_requests();
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert_eq!(s.stats.events(), 0);
+    assert_eq!(env.mock.count_requests(Endpoint::FetchDevices), 0);
+    assert_eq!(env.mock.count_requests(Endpoint::SyncDevices), 1);
+    assert_eq!(env.store().max_event_id().unwrap(), before);
+}
+
+#[tokio::test]
+async fn expired_cursor_triggers_full_refetch_and_reconciles_without_duplicate_events() {
+    let env = Env::new(1200, 500).await;
+    let config = env.config();
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+    let serials = env.mock.serials();
+    // While the cursor is dead: 3 devices leave without a sync record, 4 change, 2 arrive.
+    env.mock.remove_silently(&serials[10..13]);
+    env.mock.modify_devices(&serials[20..24]);
+    env.mock.add_devices(2);
+    env.mock.advance_clock(chrono::Duration::days(8));
+    env.mock.clear_requests();
+
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(s.fetched);
+    assert_eq!(
+        (s.stats.added, s.stats.modified, s.stats.deleted),
+        (2, 4, 3)
+    );
+    assert!(env.mock.count_requests(Endpoint::FetchDevices) >= 3);
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (1202, 4, 3));
+}
+
+#[tokio::test]
+async fn duplicate_serials_in_a_sync_page_resolve_to_the_latest_op_date() {
+    let env = Env::new(50, 100).await;
+    let config = env.config();
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+    let serials = env.mock.serials();
+    env.mock.modify_devices(&serials[0..3]);
+    env.mock.push_fault(
+        Endpoint::SyncDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::DuplicateSerial,
+        },
+    );
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert_eq!(s.stats.modified, 3);
+    assert_mirrors(&env.store(), &env.mock);
+}
+
+#[tokio::test]
+async fn the_same_cursor_bug_stops_the_pass_and_the_next_run_continues() {
+    let env = Env::new(100, 1000).await;
+    let config = env.config();
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+    env.mock.add_devices(2500);
+    env.mock.push_fault(
+        Endpoint::SyncDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::SameCursor,
+        },
+    );
+    env.mock.clear_requests();
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(s.stopped_on_same_cursor);
+    // It stopped instead of spinning.
+    assert_eq!(env.mock.count_requests(Endpoint::SyncDevices), 1);
+    // Apple recovers; the next run continues from the stored cursor and completes.
+    let s = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(!s.stopped_on_same_cursor);
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (2600, 0, 0));
+}
+
+#[tokio::test]
+async fn one_failing_token_does_not_stop_the_others() {
+    let env = Env::with(
+        MockConfig {
+            devices: 20,
+            ..Default::default()
+        },
+        100,
+        "[[tokens]]\nname = \"revoked\"\ntoken_file = \"revoked.json\"\napi_url = \"API\"\n",
+    )
+    .await;
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("API", &env.mock.base_url());
+    std::fs::write(&env.config_path, text).unwrap();
+    let mut wrong = Credentials::depsim();
+    wrong.access_secret = "AS_not_the_right_secret".into();
+    write_token(&env.path("revoked.json"), &wrong, 30);
+    let report = run_all_once(&env.config(), None).await;
+    assert_eq!(report.ok.len(), 1);
+    assert_eq!(report.ok[0].stats.added, 20);
+    assert_eq!(report.failed.len(), 1);
+    let (name, err) = &report.failed[0];
+    assert_eq!(name, "revoked");
+    assert!(
+        matches!(
+            err,
+            SyncError::Api(adesync::apple::ApiError::TokenRejected { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.needs_admin());
+    let state = env.store().sync_state("revoked").unwrap();
+    assert_eq!(state.last_error_kind.as_deref(), Some("token_rejected"));
+    assert!(!state
+        .last_error
+        .unwrap()
+        .contains("AS_not_the_right_secret"));
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused_before_any_call_to_apple() {
+    let env = Env::new(5, 100).await;
+    write_token(&env.path("acme.json"), &Credentials::depsim(), -1);
+    let config = env.config();
+    let err = run_token(&config, &config.tokens[0], None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "token_expired");
+    assert!(err.to_string().contains("\"acme\""), "{err}");
+    assert!(env.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn terms_not_signed_fails_the_run_with_the_remedy_and_keeps_the_cursor() {
+    let env = Env::new(30, 100).await;
+    let config = env.config();
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+    let cursor = env.store().sync_state("acme").unwrap().cursor;
+    env.mock.expire_sessions();
+    env.mock.push_fault(
+        Endpoint::Session,
+        Fault {
+            times: 1,
+            kind: FaultKind::Status {
+                status: 403,
+                body: "T_C_NOT_SIGNED".into(),
+                headers: vec![],
+            },
+        },
+    );
+    let err = run_token(&config, &config.tokens[0], None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "terms_not_signed");
+    assert!(err.to_string().contains("accept"), "{err}");
+    assert_eq!(env.store().sync_state("acme").unwrap().cursor, cursor);
+    // Once accepted, the next run succeeds.
+    run_token(&config, &config.tokens[0], None).await.unwrap();
+}
+
+#[tokio::test]
+async fn transient_server_errors_are_retried_within_the_run() {
+    let env = Env::new(250, 100).await;
+    let config = env.config();
+    env.mock.push_fault(
+        Endpoint::FetchDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::Status {
+                status: 503,
+                body: String::new(),
+                headers: vec![("Retry-After".into(), "0".into())],
+            },
+        },
+    );
+    env.mock.push_fault(
+        Endpoint::FetchDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::MalformedJson,
+        },
+    );
+    let s = run_token(&config, &config.tokens[0], None).await;
+    let s = s.unwrap();
+    assert_eq!(s.stats.added, 250);
+    assert_mirrors(&env.store(), &env.mock);
+}
