@@ -63,6 +63,7 @@ struct RawConfig {
     request_timeout: Option<String>,
     schedule: Option<String>,
     retry: Option<RawRetry>,
+    http: Option<RawHttp>,
     #[serde(default)]
     tokens: Vec<RawToken>,
     #[serde(default)]
@@ -79,9 +80,17 @@ struct RawRetry {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawHttp {
+    enabled: Option<bool>,
+    listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawToken {
     name: String,
     token_file: PathBuf,
+    schedule: Option<String>,
     api_url: Option<String>,
     page_size: Option<i64>,
     user_agent: Option<String>,
@@ -114,6 +123,8 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Where events are written besides the `events` table.
     pub sinks: Vec<SinkConfig>,
+    /// Address of the `/metrics` and `/healthz` listener; `None` when off.
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// Capped exponential backoff with jitter for transient failures.
@@ -154,6 +165,8 @@ pub struct TokenConfig {
     pub user_agent: String,
     /// `X-Server-Protocol-Version` header.
     pub protocol_version: u32,
+    /// Interval between this token's syncs in daemon mode.
+    pub schedule: Duration,
 }
 
 impl fmt::Debug for TokenConfig {
@@ -166,6 +179,7 @@ impl fmt::Debug for TokenConfig {
             .field("page_size", &self.page_size)
             .field("user_agent", &self.user_agent)
             .field("protocol_version", &self.protocol_version)
+            .field("schedule", &self.schedule)
             .finish()
     }
 }
@@ -230,14 +244,21 @@ impl Config {
         if request_timeout.is_zero() {
             return Err(invalid("request_timeout", "must be more than 0s".into()));
         }
-        let schedule = duration(raw.schedule.as_deref(), Duration::from_secs(15 * 60))
+        let schedule = check_schedule(raw.schedule.as_deref(), DEFAULT_SCHEDULE)
             .map_err(|r| invalid("schedule", r))?;
-        if schedule < Duration::from_secs(10) || schedule > Duration::from_secs(24 * 3600) {
-            return Err(invalid(
-                "schedule",
-                "must be between 10s and 24h: Apple's sync cursor expires after 7 days, and a daily sync keeps it alive".into(),
-            ));
-        }
+        let http_listen = match raw.http {
+            Some(h) if h.enabled.unwrap_or(true) => {
+                let text = h.listen.unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_owned());
+                let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+                    invalid(
+                        "http.listen",
+                        format!("{text:?} is not an address:port such as \"127.0.0.1:9464\""),
+                    )
+                })?;
+                Some(addr)
+            }
+            _ => None,
+        };
 
         let mut retry = RetryPolicy::default();
         if let Some(r) = raw.retry {
@@ -296,6 +317,8 @@ impl Config {
             };
             let ua = t.user_agent.unwrap_or_else(|| user_agent.clone());
             check_user_agent(&ua).map_err(|r| invalid(&key("user_agent"), r))?;
+            let token_schedule = check_schedule(t.schedule.as_deref(), schedule)
+                .map_err(|r| invalid(&key("schedule"), r))?;
             let pv = t.protocol_version.unwrap_or(protocol_version);
             check_protocol(pv).map_err(|r| invalid(&key("protocol_version"), r))?;
             tokens.push(TokenConfig {
@@ -306,6 +329,7 @@ impl Config {
                 page_size,
                 user_agent: ua,
                 protocol_version: pv,
+                schedule: token_schedule,
             });
         }
 
@@ -346,6 +370,7 @@ impl Config {
             retry,
             tokens,
             sinks,
+            http_listen,
         })
     }
 
@@ -381,6 +406,9 @@ impl Config {
             "max_delay = {:?}",
             humantime::format_duration(self.retry.max_delay).to_string()
         );
+        if let Some(addr) = self.http_listen {
+            let _ = writeln!(s, "\n[http]\nenabled = true\nlisten = \"{addr}\"");
+        }
         for t in &self.tokens {
             let _ = writeln!(s, "\n[[tokens]]");
             let _ = writeln!(s, "name = {:?}", t.name);
@@ -393,6 +421,11 @@ impl Config {
             let _ = writeln!(s, "page_size = {}", t.page_size);
             let _ = writeln!(s, "user_agent = {:?}", t.user_agent);
             let _ = writeln!(s, "protocol_version = {}", t.protocol_version);
+            let _ = writeln!(
+                s,
+                "schedule = {:?}",
+                humantime::format_duration(t.schedule).to_string()
+            );
             let _ = writeln!(
                 s,
                 "# consumer_key = {:?}, secrets redacted, expires {}",
@@ -438,6 +471,24 @@ fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
             format!("{t:?} is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\"")
         }),
     }
+}
+
+/// The daemon's default interval between syncs of a token.
+pub const DEFAULT_SCHEDULE: Duration = Duration::from_secs(15 * 60);
+/// Where the HTTP listener binds when `[http]` is enabled without `listen`.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
+
+/// A schedule is an interval ("15m"). It must be short enough that Apple's 7-day cursor
+/// never expires between syncs, even after a few failed runs: at most 24h.
+fn check_schedule(text: Option<&str>, default: Duration) -> Result<Duration, String> {
+    let d = duration(text, default)?;
+    if d < Duration::from_secs(10) || d > Duration::from_secs(24 * 3600) {
+        return Err(format!(
+            "{} is outside 10s..=24h: Apple's sync cursor expires after 7 days, and syncing at least daily keeps it alive",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
 }
 
 fn check_name(name: &str) -> Result<(), String> {

@@ -1,45 +1,99 @@
-//! The long-running service: sync every token at start-up and then on the schedule,
-//! until SIGTERM or SIGINT.
+//! The long-running service: every token syncs at start-up and then on its schedule,
+//! each in its own loop, until SIGTERM or SIGINT.
 //!
-//! A signal stops the loop between passes; a pass in flight is cancelled at its next
-//! await point, and because each page commits in its own transaction nothing already
-//! committed is lost and nothing half-written is kept. SIGHUP starts a pass at once.
+//! - One loop per token, so a slow or failing token never delays the others; a semaphore
+//!   bounds how many sync at once; a token never runs twice at once (its loop is serial).
+//! - After a failed run the next attempt comes sooner than the schedule and backs off while
+//!   failures repeat (30 s, 1 m, 2 m, … capped at the schedule). Errors that need a person
+//!   (expired or revoked token, terms not accepted, access denied) *park* the token: it is
+//!   retried hourly, `adesync status` says what to do, and a change of its token file
+//!   un-parks it at once.
+//! - SIGHUP syncs every token now (token files are re-read at each run). SIGTERM/SIGINT stop
+//!   new work; a pass in flight stops between pages and its writer commits what it holds,
+//!   so nothing committed is lost and nothing half-written is kept.
+//! - systemd: READY=1 once the database is open, WATCHDOG=1 pings, STATUS= after each run.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, TokenConfig};
+use crate::syncer::{RunSummary, SyncError};
 
-/// Runs until SIGTERM/SIGINT. Config errors never reach here (checked before).
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    // Open (and migrate) the database up front so a broken database fails fast.
-    let db = config.database.clone();
-    tokio::task::spawn_blocking(move || crate::store::Store::open(&db)).await??;
-    tracing::info!(tokens = config.tokens.len(), schedule = %humantime::format_duration(config.schedule), "adesync started");
-    loop {
-        let pass = async {
-            let report = crate::syncer::run_all_once(&config, None).await;
-            if let Err(e) = crate::cli::deliver_sinks(&config).await {
-                tracing::error!(error = %e, "event delivery failed");
-            }
-            report
-        };
-        tokio::select! {
-            _ = pass => {}
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
-        }
-        let wait = jittered(config.schedule);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = hup.recv() => { tracing::info!("SIGHUP: syncing now"); }
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
+/// How often a parked token is retried.
+pub const PARKED_RETRY: Duration = Duration::from_secs(3600);
+/// First retry delay after a failed run; doubles while failures repeat.
+pub const FAILURE_RETRY_BASE: Duration = Duration::from_secs(30);
+/// How often a parked token's file is checked for a replacement.
+const TOKEN_FILE_POLL: Duration = Duration::from_secs(15);
+/// How many tokens sync at the same time.
+pub const MAX_CONCURRENT_TOKENS: usize = 4;
+/// How often pending events are pushed to sinks between syncs.
+const SINK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What the daemon knows about one token, for `/healthz`, `/metrics` and STATUS=.
+#[derive(Clone, Debug, Default)]
+pub struct TokenHealth {
+    /// Token name.
+    pub name: String,
+    /// The token's schedule.
+    pub schedule: Duration,
+    /// A run is in progress.
+    pub running: bool,
+    /// Failed runs in a row.
+    pub consecutive_failures: u32,
+    /// Set while parked: the error that needs a person.
+    pub parked: Option<String>,
+    /// The last run's error, if it failed.
+    pub last_error: Option<String>,
+    /// When the last run succeeded.
+    pub last_success: Option<SystemTime>,
+    /// The last successful run's summary.
+    pub last_summary: Option<RunSummary>,
+    /// Errors by kind since start.
+    pub errors_by_kind: HashMap<String, u64>,
+    /// Events written since start.
+    pub events_written: u64,
+    /// Runs since start, successful or not.
+    pub runs: u64,
+}
+
+/// Shared health of all tokens.
+pub type Health = Arc<Mutex<HashMap<String, TokenHealth>>>;
+
+/// A sync of one token; the real one is [`crate::syncer::run_token_cancellable`]. Tests
+/// substitute their own to drive the scheduler with paused time.
+pub type Runner = Arc<
+    dyn Fn(
+            TokenConfig,
+            CancellationToken,
+        ) -> Pin<Box<dyn Future<Output = Result<RunSummary, SyncError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Called after each run with the token's name and outcome (logging, STATUS=, sinks).
+pub type OnRun = Arc<dyn Fn(&str, &Result<RunSummary, SyncError>) + Send + Sync>;
+
+/// The delay before a token's next run, given its last outcome.
+pub fn next_delay(
+    schedule: Duration,
+    outcome: &Result<RunSummary, SyncError>,
+    failures: u32,
+) -> Duration {
+    match outcome {
+        Ok(_) => jittered(schedule),
+        Err(e) if e.needs_admin() => PARKED_RETRY.max(schedule),
+        Err(_) => {
+            let exp = failures.saturating_sub(1).min(16);
+            let backoff = FAILURE_RETRY_BASE.saturating_mul(1u32 << exp);
+            jittered(backoff.min(schedule))
         }
     }
 }
@@ -48,4 +102,474 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 pub fn jittered(base: Duration) -> Duration {
     let max = base.as_millis() as u64 / 10;
     base + Duration::from_millis(rand::rng().random_range(0..=max))
+}
+
+/// The scheduler: one loop per token until `shutdown` is cancelled. `sync_now` wakes every
+/// loop at once (SIGHUP). Returns when every loop has stopped.
+pub async fn schedule(
+    tokens: Vec<TokenConfig>,
+    runner: Runner,
+    health: Health,
+    sync_now: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+    on_run: OnRun,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_TOKENS));
+    let mut loops = tokio::task::JoinSet::new();
+    for token in tokens {
+        health.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            token.name.clone(),
+            TokenHealth {
+                name: token.name.clone(),
+                schedule: token.schedule,
+                ..TokenHealth::default()
+            },
+        );
+        loops.spawn(token_loop(
+            token,
+            runner.clone(),
+            health.clone(),
+            sync_now.clone(),
+            shutdown.clone(),
+            permits.clone(),
+            on_run.clone(),
+        ));
+    }
+    while loops.join_next().await.is_some() {}
+}
+
+async fn token_loop(
+    token: TokenConfig,
+    runner: Runner,
+    health: Health,
+    mut sync_now: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+    permits: Arc<Semaphore>,
+    on_run: OnRun,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p,
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(_permit) = permit else { return };
+        update(&health, &token.name, |h| h.running = true);
+        let outcome = runner(token.clone(), shutdown.clone()).await;
+        drop(_permit);
+        if matches!(outcome, Err(SyncError::Cancelled)) || shutdown.is_cancelled() {
+            update(&health, &token.name, |h| h.running = false);
+            return;
+        }
+        failures = if outcome.is_ok() { 0 } else { failures + 1 };
+        let parked = matches!(&outcome, Err(e) if e.needs_admin());
+        update(&health, &token.name, |h| {
+            h.running = false;
+            h.runs += 1;
+            h.consecutive_failures = failures;
+            match &outcome {
+                Ok(s) => {
+                    h.last_success = Some(SystemTime::now());
+                    h.events_written += s.stats.events();
+                    h.last_summary = Some(s.clone());
+                    h.last_error = None;
+                    h.parked = None;
+                }
+                Err(e) => {
+                    *h.errors_by_kind.entry(e.kind().to_owned()).or_default() += 1;
+                    h.last_error = Some(e.to_string());
+                    h.parked = parked.then(|| e.to_string());
+                }
+            }
+        });
+        on_run(&token.name, &outcome);
+        let delay = next_delay(token.schedule, &outcome, failures);
+        if parked {
+            tracing::error!(token = %token.name, retry_in = %humantime::format_duration(delay),
+                "token parked until an administrator acts (see `adesync status`); a new token file is picked up at once");
+        } else if let Err(e) = &outcome {
+            tracing::warn!(token = %token.name, error = %e, retry_in = %humantime::format_duration(delay), "sync failed; will retry");
+        }
+        let stamp = parked.then(|| file_stamp(&token.token_file));
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                changed = sync_now.changed() => {
+                    if changed.is_err() { return; }
+                    tracing::info!(token = %token.name, "sync requested");
+                    break;
+                }
+                _ = tokio::time::sleep(TOKEN_FILE_POLL), if stamp.is_some() => {
+                    if stamp != Some(file_stamp(&token.token_file)) {
+                        tracing::info!(token = %token.name, "token file changed; un-parking");
+                        break;
+                    }
+                }
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn update(health: &Health, name: &str, f: impl FnOnce(&mut TokenHealth)) {
+    if let Some(h) = health
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(name)
+    {
+        f(h);
+    }
+}
+
+/// Runs the service until SIGTERM/SIGINT. The config was validated by the caller.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    // Open (and migrate) the database up front so a broken database fails fast.
+    let db = config.database.clone();
+    tokio::task::spawn_blocking(move || crate::store::Store::open(&db)).await??;
+
+    let config = Arc::new(config);
+    let health: Health = Arc::default();
+    let shutdown = CancellationToken::new();
+    let (sync_now_tx, sync_now_rx) = watch::channel(0u64);
+
+    if let Some(addr) = config.http_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (config `http.listen`): {e}"))?;
+        tracing::info!(%addr, "serving /metrics and /healthz");
+        let app = crate::http::router(config.clone(), health.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+    }
+
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("started; first sync running"),
+    ]);
+    spawn_watchdog(shutdown.clone());
+    tracing::info!(tokens = config.tokens.len(), "adesync started");
+
+    let runner_config = config.clone();
+    let runner: Runner = Arc::new(move |token, cancel| {
+        let config = runner_config.clone();
+        Box::pin(async move {
+            crate::syncer::run_token_cancellable(&config, &token, None, &cancel).await
+        })
+    });
+    let status_health = health.clone();
+    let sink_config = config.clone();
+    let (deliver_tx, mut deliver_rx) = watch::channel(0u64);
+    let on_run: OnRun =
+        Arc::new(move |name, outcome| {
+            if let Ok(s) = outcome {
+                crate::syncer::log_summary(s);
+            } else if let Err(e) = outcome {
+                tracing::error!(token = %name, error = %e, "sync failed");
+            }
+            let line = status_line(&status_health);
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+            deliver_tx.send_modify(|n| *n += 1);
+        });
+
+    // Event delivery runs beside the syncs, so a slow sink never delays a sync.
+    let sink_stop = shutdown.clone();
+    let sinks = tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::cli::deliver_sinks(&sink_config).await {
+                tracing::error!(error = %e, "event delivery failed");
+            }
+            tokio::select! {
+                _ = deliver_rx.changed() => {}
+                _ = tokio::time::sleep(SINK_INTERVAL) => {}
+                _ = sink_stop.cancelled() => return,
+            }
+        }
+    });
+
+    let sched = tokio::spawn(schedule(
+        config.tokens.clone(),
+        runner,
+        health.clone(),
+        sync_now_rx,
+        shutdown.clone(),
+        on_run,
+    ));
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: syncing every token now");
+                sync_now_tx.send_modify(|n| *n += 1);
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+        }
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    // Passes in flight stop between pages; their writers commit what they hold.
+    let _ = tokio::time::timeout(Duration::from_secs(20), sched).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sinks).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One line for systemd's STATUS=: per token, its last outcome.
+pub fn status_line(health: &Health) -> String {
+    let h = health.lock().unwrap_or_else(|e| e.into_inner());
+    let mut names: Vec<&String> = h.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = &h[n];
+            if let Some(p) = &t.parked {
+                let short: String = p.chars().take(60).collect();
+                format!("{n}: PARKED ({short})")
+            } else if t.last_error.is_some() {
+                format!("{n}: failing ({} in a row)", t.consecutive_failures)
+            } else if let Some(s) = &t.last_summary {
+                format!(
+                    "{n}: ok, +{} ~{} -{}",
+                    s.stats.added, s.stats.modified, s.stats.deleted
+                )
+            } else {
+                format!("{n}: starting")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    let _ = sd_notify::notify(false, states);
+}
+
+fn spawn_watchdog(shutdown: CancellationToken) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let every = Duration::from_micros(usec / 2);
+    tokio::spawn(async move {
+        loop {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apple::{ApiError, Endpoint};
+    use tokio::time::Instant;
+
+    fn token(name: &str, schedule_secs: u64) -> TokenConfig {
+        let dir = std::env::temp_dir();
+        TokenConfig {
+            name: name.into(),
+            token_file: dir.join(format!("adesync-daemon-test-{name}.json")),
+            token: crate::token::ServerToken::parse(
+                r#"{"consumer_key":"CK_1","consumer_secret":"CS_1","access_token":"AT_1","access_secret":"AS_1","access_token_expiry":"2099-01-01T00:00:00Z"}"#,
+            )
+            .unwrap(),
+            api_url: reqwest::Url::parse("http://127.0.0.1:9").unwrap(),
+            page_size: 100,
+            user_agent: "t".into(),
+            protocol_version: 7,
+            schedule: Duration::from_secs(schedule_secs),
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<(String, Duration)>>>;
+
+    /// A fake runner: "fail" always fails transiently, "revoked" needs an admin,
+    /// "slow" takes 40 minutes, others succeed at once. Records (token, start time).
+    fn runner(log: Log, start: Instant) -> Runner {
+        Arc::new(move |t: TokenConfig, cancel: CancellationToken| {
+            let log = log.clone();
+            Box::pin(async move {
+                log.lock().unwrap().push((t.name.clone(), start.elapsed()));
+                match t.name.as_str() {
+                    "fail" => Err(SyncError::Api(ApiError::Server {
+                        endpoint: Endpoint::SyncDevices,
+                        status: 500,
+                        body: String::new(),
+                    })),
+                    "revoked" => Err(SyncError::Api(ApiError::AccessDenied(Endpoint::Session))),
+                    "slow" => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(40 * 60)) => {}
+                            _ = cancel.cancelled() => return Err(SyncError::Cancelled),
+                        }
+                        Ok(RunSummary {
+                            token: t.name.clone(),
+                            ..Default::default()
+                        })
+                    }
+                    _ => Ok(RunSummary {
+                        token: t.name.clone(),
+                        ..Default::default()
+                    }),
+                }
+            })
+        })
+    }
+
+    fn starts(log: &Log, name: &str) -> Vec<u64> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, t)| t.as_secs())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_keep_their_schedule_while_one_fails_and_one_is_slow() {
+        let log: Log = Arc::default();
+        let health: Health = Arc::default();
+        let shutdown = CancellationToken::new();
+        let (_tx, rx) = watch::channel(0);
+        let start = Instant::now();
+        let tokens = vec![
+            token("a", 900),
+            token("b", 600),
+            token("fail", 900),
+            token("slow", 900),
+            token("revoked", 900),
+        ];
+        let sched = tokio::spawn(schedule(
+            tokens,
+            runner(log.clone(), start),
+            health.clone(),
+            rx,
+            shutdown.clone(),
+            Arc::new(|_, _| {}),
+        ));
+        tokio::time::sleep(Duration::from_secs(3 * 3600 + 60)).await;
+        shutdown.cancel();
+        sched.await.unwrap();
+
+        // "a" runs at start and then every 15 minutes (+ up to 10% jitter): 0, ~900, ~1800 ...
+        let a = starts(&log, "a");
+        assert!(a.len() >= 11 && a.len() <= 13, "{a:?}");
+        assert_eq!(a[0], 0);
+        for w in a.windows(2) {
+            let gap = w[1] - w[0];
+            assert!((900..=990).contains(&gap), "a's gap {gap} in {a:?}");
+        }
+        let b = starts(&log, "b");
+        for w in b.windows(2) {
+            assert!((600..=660).contains(&(w[1] - w[0])), "b: {b:?}");
+        }
+        // The failing token retries sooner, backing off: ~30 s, ~60 s, ~120 s, ... capped at 900 s.
+        let f = starts(&log, "fail");
+        let gaps: Vec<u64> = f.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            (30..=33).contains(&gaps[0])
+                && (60..=66).contains(&gaps[1])
+                && (120..=132).contains(&gaps[2]),
+            "{gaps:?}"
+        );
+        assert!(gaps.iter().all(|g| *g <= 990), "{gaps:?}");
+        // The slow token (40 minutes a run) never delayed the others, and never overlapped itself.
+        let s = starts(&log, "slow");
+        for w in s.windows(2) {
+            assert!(w[1] - w[0] >= 2400, "slow overlapped: {s:?}");
+        }
+        // The parked token is retried hourly, not every 15 minutes.
+        let r = starts(&log, "revoked");
+        assert_eq!(r.len(), 4, "{r:?}");
+        let h = health.lock().unwrap();
+        assert!(h["revoked"]
+            .parked
+            .as_deref()
+            .unwrap()
+            .contains("ACCESS_DENIED"));
+        assert!(h["fail"].consecutive_failures >= 5);
+        assert_eq!(h["a"].consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sync_now_wakes_every_token_at_once() {
+        let log: Log = Arc::default();
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = watch::channel(0);
+        let start = Instant::now();
+        let sched = tokio::spawn(schedule(
+            vec![token("a", 3600), token("b", 3600)],
+            runner(log.clone(), start),
+            Arc::default(),
+            rx,
+            shutdown.clone(),
+            Arc::new(|_, _| {}),
+        ));
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        tx.send_modify(|n| *n += 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        shutdown.cancel();
+        sched.await.unwrap();
+        assert_eq!(starts(&log, "a"), vec![0, 600]);
+        assert_eq!(starts(&log, "b"), vec![0, 600]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_a_slow_run_promptly() {
+        let log: Log = Arc::default();
+        let shutdown = CancellationToken::new();
+        let (_tx, rx) = watch::channel(0);
+        let start = Instant::now();
+        let sched = tokio::spawn(schedule(
+            vec![token("slow", 900)],
+            runner(log.clone(), start),
+            Arc::default(),
+            rx,
+            shutdown.clone(),
+            Arc::new(|_, _| {}),
+        ));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), sched)
+            .await
+            .expect("stops at once")
+            .unwrap();
+    }
+
+    #[test]
+    fn failure_backoff_grows_and_is_capped_by_the_schedule() {
+        let err = || -> Result<RunSummary, SyncError> {
+            Err(SyncError::Api(ApiError::Server {
+                endpoint: Endpoint::SyncDevices,
+                status: 502,
+                body: String::new(),
+            }))
+        };
+        let d1 = next_delay(Duration::from_secs(900), &err(), 1);
+        let d3 = next_delay(Duration::from_secs(900), &err(), 3);
+        let d9 = next_delay(Duration::from_secs(900), &err(), 9);
+        assert!(d1 >= Duration::from_secs(30) && d1 <= Duration::from_secs(33));
+        assert!(d3 >= Duration::from_secs(120) && d3 <= Duration::from_secs(132));
+        assert!(d9 >= Duration::from_secs(900) && d9 <= Duration::from_secs(990));
+    }
 }

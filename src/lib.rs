@@ -12,7 +12,8 @@
 //! - [`store`]: all SQL. One transaction per page: rows, events and the cursor together.
 //! - [`events`]: the diff that makes events, their JSON, and the `jsonl` sink.
 //! - [`syncer`]: one pass for one token — the cursor state machine and the page pipeline.
-//! - [`daemon`]: the long-running loop: schedule, signals.
+//! - [`daemon`]: the long-running service: per-token schedules, failure policy, signals, systemd.
+//! - [`http`]: the optional `/metrics` and `/healthz` listener.
 //! - [`cli`]: the command line; words for people.
 //! - [`demo`]: the one-command demo against the bundled Apple simulator.
 //!
@@ -25,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod events;
+pub mod http;
 pub mod model;
 pub mod store;
 pub mod syncer;

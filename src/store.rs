@@ -598,6 +598,35 @@ impl Store {
             .map_err(self.err("count devices"))
     }
 
+    /// Assigned devices by (token, profile_status); a missing status counts as "unknown".
+    pub fn profile_status_counts(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT token_name, COALESCE(profile_status, 'unknown'), COUNT(*) FROM devices
+                 WHERE deleted_at IS NULL GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .map_err(self.err("count devices"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("count devices"))
+    }
+
+    /// Events per token.
+    pub fn event_counts_by_token(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT token_name, COUNT(*) FROM events GROUP BY 1 ORDER BY 1")
+            .map_err(self.err("count events"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("count events"))
+    }
+
     /// Number of events, optionally per kind, for a token.
     pub fn event_count(&self, token: Option<&str>) -> Result<u64, StoreError> {
         self.conn

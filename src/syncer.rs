@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::apple::{ApiError, AppleClient, ClientSettings, CursorError, DevicePage};
 use crate::config::{Config, TokenConfig};
@@ -148,6 +149,9 @@ pub enum SyncError {
     /// The writer thread died.
     #[error("internal error: the database writer stopped: {0}")]
     Writer(String),
+    /// The daemon is shutting down; committed pages are kept.
+    #[error("stopped by shutdown; the next run continues from the last committed page")]
+    Cancelled,
 }
 
 impl SyncError {
@@ -160,6 +164,7 @@ impl SyncError {
             SyncError::Store(_) => "database",
             SyncError::CursorLoop(_) => "cursor",
             SyncError::Writer(_) => "internal",
+            SyncError::Cancelled => "cancelled",
         }
     }
 
@@ -223,10 +228,25 @@ pub async fn run_token(
     token: &TokenConfig,
     progress: Option<Progress>,
 ) -> Result<RunSummary, SyncError> {
+    run_token_cancellable(config, token, progress, &CancellationToken::new()).await
+}
+
+/// [`run_token`] that stops between pages when `cancel` fires: pages already handed to
+/// the writer are committed, the request in flight is dropped, and the run ends with
+/// [`SyncError::Cancelled`] (not recorded as a failure).
+pub async fn run_token_cancellable(
+    config: &Config,
+    token: &TokenConfig,
+    progress: Option<Progress>,
+    cancel: &CancellationToken,
+) -> Result<RunSummary, SyncError> {
     let started = Instant::now();
     let db = config.database.clone();
     let name = token.name.clone();
-    let result = run_inner(config, token, progress, started).await;
+    let result = run_inner(config, token, progress, started, cancel).await;
+    if matches!(result, Err(SyncError::Cancelled)) {
+        return result;
+    }
     // Record the outcome; a failure to record is logged, not allowed to mask the result.
     let outcome = result
         .as_ref()
@@ -259,6 +279,7 @@ async fn run_inner(
     token: &TokenConfig,
     progress: Option<Progress>,
     started: Instant,
+    cancel: &CancellationToken,
 ) -> Result<RunSummary, SyncError> {
     // Refuse an expired token before any call to Apple.
     token
@@ -292,6 +313,7 @@ async fn run_inner(
         &tx,
         &mut summary,
         progress.as_ref(),
+        cancel,
     )
     .await;
     drop(tx);
@@ -310,18 +332,31 @@ async fn drive(
     tx: &mpsc::Sender<WriterMsg>,
     summary: &mut RunSummary,
     progress: Option<&Progress>,
+    cancel: &CancellationToken,
 ) -> Result<(), SyncError> {
     let limit = token.page_size;
     let mut restarted = false;
     summary.fetched = state.phase == Phase::Fetch;
     loop {
+        if cancel.is_cancelled() {
+            return Err(SyncError::Cancelled);
+        }
         let (kind, result): (PageKind, Result<DevicePage, ApiError>) =
             match (&state.phase, &state.cursor) {
                 (Phase::Fetch, c) => (
                     PageKind::Fetch,
-                    client.fetch_devices(c.as_deref(), limit).await,
+                    tokio::select! {
+                        r = client.fetch_devices(c.as_deref(), limit) => r,
+                        _ = cancel.cancelled() => return Err(SyncError::Cancelled),
+                    },
                 ),
-                (Phase::Sync, Some(c)) => (PageKind::Sync, client.sync_devices(c, limit).await),
+                (Phase::Sync, Some(c)) => (
+                    PageKind::Sync,
+                    tokio::select! {
+                        r = client.sync_devices(c, limit) => r,
+                        _ = cancel.cancelled() => return Err(SyncError::Cancelled),
+                    },
+                ),
                 // A sync state without a cursor cannot be resumed: fetch.
                 (Phase::Sync, None) => (
                     PageKind::Sync,

@@ -1,0 +1,213 @@
+//! A stateful simulator of Apple's ADE/DEP "Device Assignment" web service
+//! (`mdmenrollment.apple.com`), for tests, benchmarks and demos of a DEP client. The
+//! specification it follows is `docs/apple-dep-api.md`; section numbers in comments refer to it.
+//!
+//! It speaks Apple's protocol on loopback: OAuth 1.0a `GET /session`, `GET /account`, paged
+//! `POST /server/devices` (fetch) and `POST /devices/sync` over a device store with a change
+//! log, Apple's cursor errors, session rotation and expiry, protocol-version gates, and
+//! scripted faults. A [`MockHandle`] changes the world between calls (devices added, modified,
+//! deleted or silently released; the clock advanced) and shows what the client sent.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let mock = adesync_mock::start(adesync_mock::MockConfig { devices: 2500, ..Default::default() }).await?;
+//! let url = mock.base_url(); // point the client here, with Credentials::depsim()
+//! mock.add_devices(3);       // the next sync reports three `added` records
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `config`: [`Credentials`] and [`MockConfig`], plain data.
+//! - `oauth`: RFC 5849 HMAC-SHA1 signature verification and nonce memory.
+//! - `devices`: realistic device records (catalogue, serials, profile life cycle).
+//! - `store`: membership + change log, and fetch/sync paging by cursor.
+//! - `cursor`: the opaque cursor strings.
+//! - `faults`: [`Endpoint`], [`Fault`], fault queues and the request journal.
+//! - `server`: the HTTP routes, Apple's and the `/_mock` admin API.
+//! - `rfc3339`: fast timestamp formatting.
+
+mod config;
+mod cursor;
+mod devices;
+mod faults;
+mod oauth;
+mod rfc3339;
+mod server;
+mod store;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tokio::net::TcpListener;
+
+pub use config::{Credentials, MockConfig};
+pub use faults::{Endpoint, Fault, FaultKind, RecordedRequest};
+
+use server::Shared;
+use store::Store;
+
+/// Starts a simulated service on `127.0.0.1` at a free port, on the current tokio runtime.
+pub async fn start(config: MockConfig) -> std::io::Result<MockHandle> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    start_on(listener, config).await
+}
+
+/// Starts a simulated service on `listener`, on the current tokio runtime. Returns once the
+/// initial devices exist and connections are accepted.
+pub async fn start_on(listener: TcpListener, config: MockConfig) -> std::io::Result<MockHandle> {
+    let addr = listener.local_addr()?;
+    let (count, seed) = (config.devices, config.seed);
+    // A million devices take a noticeable fraction of a second: keep the executor free.
+    let store = tokio::task::spawn_blocking(move || Store::new(count, seed))
+        .await
+        .map_err(std::io::Error::other)?;
+    let shared = Arc::new(Shared::new(config, store));
+    let app = server::router(shared.clone());
+    let mut stop = shared.shutdown.subscribe();
+    let task_shared = shared.clone();
+    tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                // An error means every sender is gone: nobody can ask any more, so stop.
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "mock server stopped with an error");
+        }
+        task_shared.stopped.send_replace(true);
+    });
+    tracing::debug!(%addr, devices = count, "mock ADE service listening");
+    Ok(MockHandle { shared, addr })
+}
+
+/// Controls and observes a running simulated service. Cheap to clone; every method is
+/// synchronous and holds the state lock only briefly, so it can be called from tests between
+/// client calls.
+#[derive(Clone)]
+pub struct MockHandle {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl MockHandle {
+    /// `http://127.0.0.1:PORT`, the API base URL to give the client.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &MockConfig {
+        &self.shared.config
+    }
+
+    /// Assigns `n` new devices to the MDM server now (sync: `added`); returns their serials.
+    pub fn add_devices(&self, n: usize) -> Vec<String> {
+        self.shared.add_devices(n)
+    }
+
+    /// Applies a realistic change to each listed device (profile assigned → status, uuid and
+    /// assign time; assigned → pushed with push time; pushed → removed, or a new asset tag);
+    /// sync: `modified`. Returns how many of the serials were assigned.
+    pub fn modify_devices(&self, serials: &[String]) -> usize {
+        self.shared.modify_devices(serials)
+    }
+
+    /// Edits one device arbitrarily (sync: `modified`); `false` if it is not assigned.
+    /// `serial_number` is the device's identity and is restored if `f` changes it.
+    pub fn modify_device(&self, serial: &str, f: impl FnOnce(&mut Map<String, Value>)) -> bool {
+        let mut s = self.shared.lock();
+        let now = s.now().timestamp();
+        s.store.modify_with(serial, now, |map, _, _| f(map))
+    }
+
+    /// Unassigns the listed devices (sync: `deleted`, with their last known fields); returns
+    /// how many were assigned.
+    pub fn delete_devices(&self, serials: &[String]) -> usize {
+        self.shared.delete_devices(serials)
+    }
+
+    /// Unassigns without any sync record, as releasing a device from the organisation in ABM
+    /// does (doc §7.3): only a full fetch reveals it. Returns how many were assigned.
+    pub fn remove_silently(&self, serials: &[String]) -> usize {
+        self.shared.remove_silently(serials)
+    }
+
+    /// The truth: every assigned device in fetch form (no `op_type` / `op_date`), sorted by
+    /// serial number.
+    pub fn devices(&self) -> Vec<Value> {
+        serde_json::from_str(&self.shared.devices_array()).expect("devices render as JSON")
+    }
+
+    /// Serial numbers of every assigned device, sorted.
+    pub fn serials(&self) -> Vec<String> {
+        self.shared.lock().store.serials_sorted()
+    }
+
+    /// Moves the simulated clock (real UTC now + offset) by `d`; op dates, session and cursor
+    /// lifetimes follow it, OAuth timestamps do not.
+    pub fn advance_clock(&self, d: chrono::Duration) {
+        self.shared.lock().clock_offset += d;
+    }
+
+    /// The simulated clock's now.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.shared.lock().now()
+    }
+
+    /// Forgets every session token issued so far: the next authenticated call gets `401`.
+    pub fn expire_sessions(&self) {
+        self.shared.lock().sessions.clear();
+    }
+
+    /// Queues a fault for `endpoint`; faults of one endpoint are used in order, and
+    /// [`Endpoint::Any`] faults apply to any Apple endpoint once its own queue is empty.
+    pub fn push_fault(&self, endpoint: Endpoint, fault: Fault) {
+        self.shared.lock().faults.push(endpoint, fault);
+    }
+
+    /// Drops every queued fault.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
+    }
+
+    /// Every request to a non-admin path, in the order they were answered.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.shared.lock().requests.clear();
+    }
+
+    /// How many recorded requests hit `endpoint` ([`Endpoint::Any`]: all of them).
+    pub fn count_requests(&self, endpoint: Endpoint) -> usize {
+        let s = self.shared.lock();
+        match endpoint {
+            Endpoint::Any => s.requests.len(),
+            e => s.requests.iter().filter(|r| r.endpoint == e).count(),
+        }
+    }
+
+    /// Asks the server to stop: no new connections; requests in flight finish.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+
+    /// Resolves once the server has stopped (after [`Self::shutdown`]).
+    pub async fn stopped(&self) {
+        let mut rx = self.shared.stopped.subscribe();
+        // The sender lives in `shared`, which `self` keeps alive: this cannot fail.
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,724 @@
+//! The HTTP face of the simulator: Apple's endpoints (`GET /session`, `GET /account`,
+//! `POST /server/devices`, `POST /devices/sync`) with Apple's checks in Apple's order, and the
+//! admin API under `/_mock` that the binary and demos drive. All state sits behind one std
+//! mutex held only for short, non-async sections; responses are rendered after it is released.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Request, State as AxumState};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::watch;
+
+use crate::config::MockConfig;
+use crate::devices::LATEST_PROTOCOL;
+use crate::faults::{Endpoint, Fault, FaultKind, FaultQueues, RecordedRequest};
+use crate::oauth::{self, OAuthError, SignedRequest, Verifier};
+use crate::rfc3339;
+use crate::store::{CursorContext, CursorError, PageFault, Store};
+
+/// Content type of Apple's 2xx bodies, spelled as Apple spells it (doc §1).
+const JSON_UTF8: &str = "application/json;charset=UTF8";
+
+/// Larger request bodies are refused; Apple's largest (a cursor and a limit) is tiny.
+const MAX_BODY: usize = 1 << 20;
+
+const SESSION_HEADER: &str = "x-adm-auth-session";
+
+/// Server state shared by every connection and every [`crate::MockHandle`].
+pub(crate) struct Shared {
+    pub config: MockConfig,
+    /// Random per start; cursors carry it (see `cursor`).
+    pub instance: u32,
+    state: Mutex<State>,
+    /// `true` asks the server to stop.
+    pub shutdown: watch::Sender<bool>,
+    /// Becomes `true` once the server has stopped.
+    pub stopped: watch::Sender<bool>,
+}
+
+/// Everything mutable.
+pub(crate) struct State {
+    pub store: Store,
+    /// Simulated clock = real UTC now + this.
+    pub clock_offset: chrono::Duration,
+    /// Session token → simulated issue time.
+    pub sessions: HashMap<String, DateTime<Utc>>,
+    pub verifier: Verifier,
+    /// Authenticated calls so far, for session rotation.
+    pub authenticated_calls: u64,
+    pub faults: FaultQueues,
+    pub requests: Vec<RecordedRequest>,
+}
+
+impl State {
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.clock_offset
+    }
+}
+
+impl Shared {
+    pub fn new(config: MockConfig, store: Store) -> Self {
+        let verifier = Verifier::new(config.oauth_timestamp_window);
+        Self {
+            config,
+            instance: rand::rng().random(),
+            state: Mutex::new(State {
+                store,
+                clock_offset: chrono::Duration::zero(),
+                sessions: HashMap::new(),
+                verifier,
+                authenticated_calls: 0,
+                faults: FaultQueues::default(),
+                requests: Vec::new(),
+            }),
+            shutdown: watch::Sender::new(false),
+            stopped: watch::Sender::new(false),
+        }
+    }
+
+    /// The state; a panic elsewhere while it was held leaves it usable, since every
+    /// mutation is a complete step.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds devices now; returns their serials.
+    pub fn add_devices(&self, n: usize) -> Vec<String> {
+        let mut s = self.lock();
+        let now = s.now().timestamp();
+        s.store.add(n, now)
+    }
+
+    /// A realistic change to each listed device; how many existed.
+    pub fn modify_devices(&self, serials: &[String]) -> usize {
+        let mut s = self.lock();
+        let now = s.now().timestamp();
+        s.store.modify(serials, now)
+    }
+
+    /// Unassigns, logged; how many existed.
+    pub fn delete_devices(&self, serials: &[String]) -> usize {
+        let mut s = self.lock();
+        let now = s.now().timestamp();
+        s.store.delete(serials, now)
+    }
+
+    /// Unassigns, not logged; how many existed.
+    pub fn remove_silently(&self, serials: &[String]) -> usize {
+        self.lock().store.remove_silently(serials)
+    }
+
+    /// Every device as one JSON array, sorted by serial.
+    pub fn devices_array(&self) -> String {
+        // Copy out handles under the lock; write JSON after releasing it.
+        let (all, profiles) = self.lock().store.snapshot_by_serial();
+        let mut out = String::with_capacity(all.len() * 420 + 2);
+        out.push('[');
+        for (i, (_, device)) in all.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            device.render(&mut out, LATEST_PROTOCOL, &profiles);
+        }
+        out.push(']');
+        out
+    }
+}
+
+/// The whole service.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/_mock/devices", get(admin_devices).post(admin_add))
+        .route("/_mock/devices/modify", post(admin_modify))
+        .route("/_mock/devices/delete", post(admin_delete))
+        .route("/_mock/devices/release", post(admin_release))
+        .route("/_mock/clock/advance", post(admin_clock))
+        .route("/_mock/faults", post(admin_faults))
+        .route("/_mock/sessions/expire", post(admin_expire))
+        .route("/_mock/stats", get(admin_stats))
+        .fallback(apple)
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------------------
+// Apple's endpoints
+
+/// Every non-admin request: answer it, then journal it with the status it got.
+async fn apple(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let endpoint = Endpoint::from_path(parts.uri.path());
+    let body = axum::body::to_bytes(body, MAX_BODY).await;
+    let response = match (&body, endpoint) {
+        (_, None) => StatusCode::NOT_FOUND.into_response(),
+        (Err(_), Some(_)) => apple_error(
+            &shared.config,
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_REQUEST_BODY",
+        ),
+        (Ok(bytes), Some(endpoint)) => {
+            respond(
+                &shared,
+                endpoint,
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                bytes,
+            )
+            .await
+        }
+    };
+    let status = response.status().as_u16();
+    tracing::debug!(method = %parts.method, path = parts.uri.path(), status, "request");
+    let record = RecordedRequest {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default(),
+        status,
+        endpoint: endpoint.unwrap_or(Endpoint::Any),
+    };
+    shared.lock().requests.push(record);
+    response
+}
+
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Apple's error body: a bare token, or a JSON string when configured like depsim (doc §6.1).
+fn apple_error(config: &MockConfig, status: StatusCode, token: &str) -> Response {
+    if config.quoted_errors {
+        (
+            status,
+            [(header::CONTENT_TYPE, JSON_UTF8)],
+            Value::String(token.to_owned()).to_string(),
+        )
+            .into_response()
+    } else {
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain;charset=UTF-8")],
+            token.to_owned(),
+        )
+            .into_response()
+    }
+}
+
+fn json_ok(body: String) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, JSON_UTF8)], body).into_response()
+}
+
+/// The checks every Apple endpoint shares, in order: method, User-Agent, scripted faults,
+/// then the endpoint itself.
+async fn respond(
+    shared: &Shared,
+    endpoint: Endpoint,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let config = &shared.config;
+    let allowed = match endpoint {
+        Endpoint::Session | Endpoint::Account => Method::GET,
+        _ => Method::POST,
+    };
+    if *method != allowed {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, allowed.as_str())],
+        )
+            .into_response();
+    }
+    let user_agent = header_str(headers, header::USER_AGENT).unwrap_or("").trim();
+    if user_agent.is_empty() {
+        return apple_error(config, StatusCode::BAD_REQUEST, "USER_AGENT_MISSING");
+    }
+    let lower = user_agent.to_ascii_lowercase();
+    if config
+        .user_agent_denylist
+        .iter()
+        .any(|bad| !bad.is_empty() && lower.contains(&bad.to_ascii_lowercase()))
+    {
+        return apple_error(config, StatusCode::BAD_REQUEST, "USER_AGENT_INVALID");
+    }
+
+    let fault = shared.lock().faults.take(endpoint);
+    let page_fault = match fault {
+        Some(FaultKind::Status {
+            status,
+            body,
+            headers,
+        }) => return status_fault(status, body, &headers),
+        Some(FaultKind::MalformedJson) => {
+            return json_ok(r#"{"devices":[{"serial_number":"C02TRUNC"#.to_owned())
+        }
+        Some(FaultKind::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            None
+        }
+        Some(kind) => kind.page_fault(),
+        None => None,
+    };
+
+    // Doc §1.1: absent → 2 (what Apple assumes is unconfirmed); garbage is treated alike.
+    let proto = header_str(headers, "x-server-protocol-version")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(2);
+
+    match endpoint {
+        Endpoint::Session => session(shared, method, uri, headers),
+        _ => authenticated(shared, endpoint, headers, body, proto, page_fault),
+    }
+}
+
+fn status_fault(status: u16, body: String, headers: &[(String, String)]) -> Response {
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body,
+    )
+        .into_response();
+    for (name, value) in headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            response.headers_mut().append(n, v);
+        }
+    }
+    response
+}
+
+/// `GET /session` (doc §3.1).
+fn session(
+    shared: &Shared,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Response {
+    let config = &shared.config;
+    // The client signs the URL it used; the Host header (with port) is that URL's authority.
+    let Some(host) = header_str(headers, header::HOST).or(uri.authority().map(|a| a.as_str()))
+    else {
+        return apple_error(config, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    };
+    let base_uri = oauth::base_uri(host, uri.path());
+    let request = SignedRequest {
+        method: method.as_str(),
+        base_uri: &base_uri,
+        query: uri.query(),
+        authorization: header_str(headers, header::AUTHORIZATION),
+    };
+    // The client signs with its real clock, so the window is checked against ours.
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut state = shared.lock();
+    match state
+        .verifier
+        .verify(&request, &config.credentials, now_unix)
+    {
+        Err(OAuthError::BadRequest(why)) => {
+            tracing::info!(reason = why, "GET /session refused (400)");
+            apple_error(config, StatusCode::BAD_REQUEST, "BAD_REQUEST")
+        }
+        Err(OAuthError::Unauthorized(why)) => {
+            tracing::info!(reason = why, "GET /session refused (401)");
+            apple_error(config, StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+        }
+        Ok(()) => {
+            let token = new_session_token();
+            let now = state.now();
+            state.sessions.insert(token.clone(), now);
+            json_ok(json!({ "auth_session_token": token }).to_string())
+        }
+    }
+}
+
+/// 48 random hex characters, like Apple's sample token.
+fn new_session_token() -> String {
+    let bytes: [u8; 24] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Body of fetch and sync requests.
+#[derive(Deserialize)]
+struct PageRequest {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+/// Endpoints behind `X-ADM-Auth-Session` (doc §3.2).
+fn authenticated(
+    shared: &Shared,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: &Bytes,
+    proto: u32,
+    page_fault: Option<PageFault>,
+) -> Response {
+    let config = &shared.config;
+    let mut state = shared.lock();
+    let now = state.now();
+    let token = header_str(headers, SESSION_HEADER).unwrap_or("");
+    let valid = match state.sessions.get(token) {
+        None => false,
+        Some(issued) => match config.session_ttl {
+            None => true,
+            Some(ttl) => chrono::Duration::from_std(ttl).is_ok_and(|ttl| now - *issued < ttl),
+        },
+    };
+    if !valid {
+        state.sessions.remove(token);
+        drop(state);
+        return apple_error(config, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    }
+    // Apple "periodically issues a new X-ADM-Auth-Session in its response" (doc §3.2).
+    state.authenticated_calls += 1;
+    let rotated = match config.rotate_session_every {
+        Some(n) if n > 0 && state.authenticated_calls % u64::from(n) == 0 => {
+            let fresh = new_session_token();
+            state.sessions.insert(fresh.clone(), now);
+            Some(fresh)
+        }
+        _ => None,
+    };
+
+    let mut response = match endpoint {
+        Endpoint::Account => {
+            drop(state);
+            json_ok(account(config, proto).to_string())
+        }
+        _ => {
+            let request: PageRequest = if body.iter().all(u8::is_ascii_whitespace) {
+                PageRequest {
+                    cursor: None,
+                    limit: None,
+                }
+            } else {
+                match serde_json::from_slice(body) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        drop(state);
+                        return with_session(
+                            apple_error(config, StatusCode::BAD_REQUEST, "MALFORMED_REQUEST_BODY"),
+                            rotated,
+                        );
+                    }
+                }
+            };
+            let max = config.max_limit.max(1);
+            let limit = match request.limit {
+                Some(l) if l > 0 => u32::try_from(l).unwrap_or(u32::MAX).min(max),
+                _ => config.default_limit.clamp(1, max),
+            } as usize;
+            let cursor = request.cursor.as_deref().filter(|c| !c.is_empty());
+            let ctx = CursorContext {
+                now_ms: now.timestamp_millis(),
+                instance: shared.instance,
+                ttl_ms: config.cursor_ttl.num_milliseconds(),
+            };
+            let page = if endpoint == Endpoint::FetchDevices {
+                state.store.fetch(cursor, limit, ctx, page_fault)
+            } else {
+                state.store.sync(cursor, limit, ctx, page_fault)
+            };
+            drop(state);
+            match page {
+                Ok(page) => json_ok(page.render(now.timestamp(), proto)),
+                Err(e) => cursor_error(config, e),
+            }
+        }
+    };
+    response = with_session(response, rotated);
+    response
+}
+
+fn cursor_error(config: &MockConfig, e: CursorError) -> Response {
+    apple_error(config, StatusCode::BAD_REQUEST, e.token())
+}
+
+fn with_session(mut response: Response, token: Option<String>) -> Response {
+    if let Some(v) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(SESSION_HEADER), v);
+    }
+    response
+}
+
+/// `GET /account` (doc §4.1); the v3 fields only from protocol version 3 on.
+fn account(config: &MockConfig, proto: u32) -> Value {
+    let mut v = Map::new();
+    let mut put = |k: &str, val: Value| {
+        v.insert(k.to_owned(), val);
+    };
+    put("server_name", config.server_name.clone().into());
+    put("server_uuid", config.server_uuid.clone().into());
+    put("admin_id", "it-admin@example.com".into());
+    put("facilitator_id", "it-admin@example.com".into());
+    put("org_name", config.org_name.clone().into());
+    put("org_email", "it-admin@example.com".into());
+    put("org_phone", "+1 555 0100".into());
+    put("org_address", "1 Infinite Loop, Cupertino, CA 95014".into());
+    if proto >= 3 {
+        let limit = json!({ "default": config.default_limit, "maximum": config.max_limit });
+        put("org_id", "1234567".into());
+        put(
+            "org_id_hash",
+            "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8".into(),
+        );
+        put("org_type", config.org_type.clone().into());
+        put("org_version", "v2".into());
+        put(
+            "urls",
+            json!([
+                { "uri": "/session", "http_method": ["GET"] },
+                { "uri": "/account", "http_method": ["GET"] },
+                { "uri": "/server/devices", "http_method": ["POST"], "limit": limit },
+                { "uri": "/devices/sync", "http_method": ["POST"], "limit": limit },
+                { "uri": "/devices", "http_method": ["POST"] },
+                { "uri": "/devices/disown", "http_method": ["POST"] },
+                { "uri": "/device/activationlock", "http_method": ["POST"] },
+                { "uri": "/profile", "http_method": ["POST", "GET"] },
+                { "uri": "/profile/devices", "http_method": ["DELETE", "POST", "PUT"] },
+            ]),
+        );
+    }
+    Value::Object(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// Admin API (not Apple's): no auth, plain JSON in and out, curl-friendly (any content type).
+
+fn admin_error(message: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({ "error": message.into() })),
+    )
+        .into_response()
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))
+}
+
+/// `{"serials": [..]}` as given, or `{"count": n}` chosen at random among current devices.
+fn selection(shared: &Shared, body: &Bytes) -> Result<Vec<String>, String> {
+    let v = parse_body(body)?;
+    if let Some(list) = v.get("serials") {
+        return serde_json::from_value(list.clone())
+            .map_err(|_| "\"serials\" must be an array of strings".to_owned());
+    }
+    match v.get("count").and_then(Value::as_u64) {
+        Some(n) => Ok(shared.lock().store.pick(n as usize)),
+        None => Err("expected {\"count\": n} or {\"serials\": [..]}".to_owned()),
+    }
+}
+
+async fn admin_devices(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    json_ok(shared.devices_array())
+}
+
+async fn admin_add(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    let v = match parse_body(&body) {
+        Ok(v) => v,
+        Err(message) => return admin_error(message),
+    };
+    let Some(n) = v.get("count").and_then(Value::as_u64) else {
+        return admin_error("expected {\"count\": n}");
+    };
+    let serials = shared.add_devices(n as usize);
+    axum::Json(json!({ "added": serials.len(), "serials": serials })).into_response()
+}
+
+async fn admin_modify(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    match selection(&shared, &body) {
+        Ok(serials) => {
+            let n = shared.modify_devices(&serials);
+            axum::Json(json!({ "modified": n, "serials": serials })).into_response()
+        }
+        Err(message) => admin_error(message),
+    }
+}
+
+async fn admin_delete(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    match selection(&shared, &body) {
+        Ok(serials) => {
+            let n = shared.delete_devices(&serials);
+            axum::Json(json!({ "deleted": n, "serials": serials })).into_response()
+        }
+        Err(message) => admin_error(message),
+    }
+}
+
+async fn admin_release(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    match selection(&shared, &body) {
+        Ok(serials) => {
+            let n = shared.remove_silently(&serials);
+            axum::Json(json!({ "released": n, "serials": serials })).into_response()
+        }
+        Err(message) => admin_error(message),
+    }
+}
+
+async fn admin_clock(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    let v = match parse_body(&body) {
+        Ok(v) => v,
+        Err(message) => return admin_error(message),
+    };
+    let Some(seconds) = v.get("seconds").and_then(Value::as_i64) else {
+        return admin_error("expected {\"seconds\": n}");
+    };
+    let mut s = shared.lock();
+    s.clock_offset += chrono::Duration::seconds(seconds);
+    let now = s.now().timestamp();
+    axum::Json(json!({ "now": rfc3339::format(now) })).into_response()
+}
+
+/// `{"endpoint": "...", "times": n, "status": 503, "body": "...", "headers": [[k, v]]}` or
+/// `{"endpoint": "...", "kind": "malformed_json" | "same_cursor" | "duplicate_serial" |
+/// {"delay_ms": n}}`.
+fn parse_fault(v: &Value) -> Result<(Endpoint, Fault), String> {
+    let endpoint_name = v.get("endpoint").and_then(Value::as_str).unwrap_or("any");
+    let endpoint = Endpoint::from_name(endpoint_name).ok_or_else(|| {
+        format!("unknown endpoint {endpoint_name:?} (session, account, fetch_devices, sync_devices, any)")
+    })?;
+    let times = v.get("times").and_then(Value::as_u64).unwrap_or(1);
+    let times = u32::try_from(times).map_err(|_| "\"times\" is too large".to_owned())?;
+    let kind = match (v.get("status"), v.get("kind")) {
+        (Some(status), _) => {
+            let status = status
+                .as_u64()
+                .and_then(|s| u16::try_from(s).ok())
+                .filter(|s| (100..=999).contains(s))
+                .ok_or("\"status\" must be an HTTP status code")?;
+            let body = v
+                .get("body")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let headers = match v.get("headers") {
+                None => Vec::new(),
+                Some(h) => serde_json::from_value::<Vec<(String, String)>>(h.clone())
+                    .map_err(|_| "\"headers\" must be [[name, value], ...]")?,
+            };
+            FaultKind::Status {
+                status,
+                body,
+                headers,
+            }
+        }
+        (None, Some(Value::String(k))) => match k.as_str() {
+            "malformed_json" => FaultKind::MalformedJson,
+            "same_cursor" => FaultKind::SameCursor,
+            "duplicate_serial" => FaultKind::DuplicateSerial,
+            other => return Err(format!("unknown fault kind {other:?}")),
+        },
+        (None, Some(k)) => match k.get("delay_ms").and_then(Value::as_u64) {
+            Some(ms) => FaultKind::Delay(std::time::Duration::from_millis(ms)),
+            None => return Err("\"kind\" must be a name or {\"delay_ms\": n}".into()),
+        },
+        (None, None) => return Err("expected \"status\" or \"kind\"".into()),
+    };
+    Ok((endpoint, Fault { times, kind }))
+}
+
+async fn admin_faults(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    let v = match parse_body(&body) {
+        Ok(v) => v,
+        Err(message) => return admin_error(message),
+    };
+    match parse_fault(&v) {
+        Ok((endpoint, fault)) => {
+            shared.lock().faults.push(endpoint, fault);
+            axum::Json(json!({ "queued": endpoint.name() })).into_response()
+        }
+        Err(message) => admin_error(message),
+    }
+}
+
+async fn admin_expire(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    let mut s = shared.lock();
+    let n = s.sessions.len();
+    s.sessions.clear();
+    axum::Json(json!({ "expired": n })).into_response()
+}
+
+async fn admin_stats(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    let s = shared.lock();
+    let mut counts = Map::new();
+    for e in [
+        Endpoint::Session,
+        Endpoint::Account,
+        Endpoint::FetchDevices,
+        Endpoint::SyncDevices,
+    ] {
+        let n = s.requests.iter().filter(|r| r.endpoint == e).count();
+        counts.insert(e.name().to_owned(), n.into());
+    }
+    counts.insert("total".into(), s.requests.len().into());
+    axum::Json(json!({
+        "devices": s.store.len(),
+        "log_length": s.store.log_len(),
+        "sessions": s.sessions.len(),
+        "now": rfc3339::format(s.now().timestamp()),
+        "requests": counts,
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_fault_bodies_parse() {
+        let (e, f) = parse_fault(&json!({
+            "endpoint": "fetch_devices", "times": 2, "status": 503, "body": "",
+            "headers": [["Retry-After", "1"]]
+        }))
+        .unwrap();
+        assert_eq!(e, Endpoint::FetchDevices);
+        assert_eq!(f.times, 2);
+        assert!(
+            matches!(f.kind, FaultKind::Status { status: 503, ref headers, .. } if headers[0].1 == "1")
+        );
+        let (e, f) = parse_fault(&json!({"endpoint": "any", "kind": {"delay_ms": 250}})).unwrap();
+        assert_eq!(e, Endpoint::Any);
+        assert!(matches!(f.kind, FaultKind::Delay(d) if d.as_millis() == 250));
+        for kind in ["malformed_json", "same_cursor", "duplicate_serial"] {
+            assert!(parse_fault(&json!({"endpoint": "sync_devices", "kind": kind})).is_ok());
+        }
+        assert!(parse_fault(&json!({"endpoint": "nope", "status": 500})).is_err());
+        assert!(parse_fault(&json!({"endpoint": "any", "kind": "explode"})).is_err());
+        assert!(parse_fault(&json!({"endpoint": "any"})).is_err());
+    }
+}

@@ -1,0 +1,900 @@
+//! Scenarios over loopback HTTP: a small client (with its own OAuth signer, independent of the
+//! server's verifier) drives the real service the way a DEP client would.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha1::Sha1;
+
+use crate::{start, Credentials, Endpoint, Fault, FaultKind, MockConfig, MockHandle};
+
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn pct(s: &str) -> String {
+    utf8_percent_encode(s, UNRESERVED).to_string()
+}
+
+/// An `Authorization` header for `GET url`, built the way Apple's documentation shows it.
+fn oauth_header(creds: &Credentials, url: &str, nonce: &str, timestamp: u64) -> String {
+    let ts = timestamp.to_string();
+    // Already in sorted order.
+    let params = [
+        ("oauth_consumer_key", creds.consumer_key.as_str()),
+        ("oauth_nonce", nonce),
+        ("oauth_signature_method", "HMAC-SHA1"),
+        ("oauth_timestamp", ts.as_str()),
+        ("oauth_token", creds.access_token.as_str()),
+        ("oauth_version", "1.0"),
+    ];
+    let normalised: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{}={}", pct(k), pct(v)))
+        .collect();
+    let base = format!("GET&{}&{}", pct(url), pct(&normalised.join("&")));
+    let key = format!(
+        "{}&{}",
+        pct(&creds.consumer_secret),
+        pct(&creds.access_secret)
+    );
+    let mut mac = Hmac::<Sha1>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(base.as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!(
+        "OAuth realm=\"ADM\", oauth_consumer_key=\"{}\", oauth_token=\"{}\", \
+         oauth_signature_method=\"HMAC-SHA1\", oauth_signature=\"{}\", \
+         oauth_timestamp=\"{ts}\", oauth_nonce=\"{}\", oauth_version=\"1.0\"",
+        pct(&creds.consumer_key),
+        pct(&creds.access_token),
+        pct(&signature),
+        pct(nonce)
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+
+    fn serials(&self) -> Vec<String> {
+        self.json()["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["serial_number"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn cursor(&self) -> String {
+        self.json()["cursor"].as_str().unwrap().to_owned()
+    }
+
+    fn more(&self) -> bool {
+        self.json()["more_to_follow"].as_bool().unwrap()
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    proto: &'static str,
+}
+
+impl Client {
+    async fn new(mock: &MockHandle) -> Self {
+        let mut c = Self {
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            base: mock.base_url(),
+            session: String::new(),
+            proto: "7",
+        };
+        c.login(&mock.config().credentials).await;
+        c
+    }
+
+    async fn session_with(&self, authorization: Option<&str>) -> Reply {
+        let mut req = self
+            .http
+            .get(format!("{}/session", self.base))
+            .header("User-Agent", "adesync-test/1")
+            .header("X-Server-Protocol-Version", self.proto);
+        if let Some(a) = authorization {
+            req = req.header("Authorization", a);
+        }
+        reply(req).await
+    }
+
+    async fn login(&mut self, creds: &Credentials) {
+        let url = format!("{}/session", self.base);
+        let nonce = format!("{:032x}", rand::random::<u128>());
+        let r = self
+            .session_with(Some(&oauth_header(creds, &url, &nonce, unix_now())))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        self.session = r.json()["auth_session_token"].as_str().unwrap().to_owned();
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("User-Agent", "adesync-test/1")
+            .header("X-Server-Protocol-Version", self.proto)
+            .header("X-ADM-Auth-Session", &self.session)
+            .header("Content-Type", "application/json;charset=UTF8")
+            .body(body.to_string());
+        reply(req).await
+    }
+
+    async fn fetch(&self, cursor: Option<&str>, limit: u32) -> Reply {
+        let mut body = json!({ "limit": limit });
+        if let Some(c) = cursor {
+            body["cursor"] = c.into();
+        }
+        self.post("/server/devices", body).await
+    }
+
+    async fn sync(&self, cursor: &str) -> Reply {
+        self.post("/devices/sync", json!({ "cursor": cursor, "limit": 1000 }))
+            .await
+    }
+
+    /// Pages a whole fetch; returns (serials in order, final cursor, pages).
+    async fn fetch_all(&self, limit: u32) -> (Vec<String>, String, usize) {
+        let mut cursor: Option<String> = None;
+        let mut serials = Vec::new();
+        let mut pages = 0;
+        loop {
+            let r = self.fetch(cursor.as_deref(), limit).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            pages += 1;
+            serials.extend(r.serials());
+            cursor = Some(r.cursor());
+            if !r.more() {
+                return (serials, cursor.unwrap(), pages);
+            }
+        }
+    }
+}
+
+async fn reply(req: reqwest::RequestBuilder) -> Reply {
+    let r = req.send().await.unwrap();
+    Reply {
+        status: r.status(),
+        headers: r.headers().clone(),
+        text: r.text().await.unwrap(),
+    }
+}
+
+async fn mock(config: MockConfig) -> MockHandle {
+    start(config).await.unwrap()
+}
+
+#[tokio::test]
+async fn session_accepts_a_signed_request_once_and_refuses_tampering() {
+    let m = mock(MockConfig::default()).await;
+    let c = Client::new(&m).await;
+    assert_eq!(c.session.len(), 48);
+    assert!(c.session.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    let url = format!("{}/session", m.base_url());
+    let creds = Credentials::depsim();
+    let header = oauth_header(&creds, &url, "nonce-1", unix_now());
+    let first = c.session_with(Some(&header)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.headers["content-type"],
+        "application/json;charset=UTF8"
+    );
+    // The same nonce again is a replay.
+    let replay = c.session_with(Some(&header)).await;
+    assert_eq!(
+        (replay.status, replay.text.as_str()),
+        (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+    );
+    // Signed for another nonce than the one sent.
+    let tampered = oauth_header(&creds, &url, "nonce-2", unix_now()).replace("nonce-2", "nonce-3");
+    assert_eq!(
+        c.session_with(Some(&tampered)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Signed for another port: the signature covers the Host header's port.
+    let other_port = oauth_header(&creds, "http://127.0.0.1:1/session", "nonce-4", unix_now());
+    assert_eq!(
+        c.session_with(Some(&other_port)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Other credentials.
+    let stranger = Credentials {
+        access_secret: "AS_other".into(),
+        ..Credentials::depsim()
+    };
+    let wrong = oauth_header(&stranger, &url, "nonce-5", unix_now());
+    assert_eq!(
+        c.session_with(Some(&wrong)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Ten minutes old.
+    let stale = oauth_header(&creds, &url, "nonce-6", unix_now() - 600);
+    assert_eq!(
+        c.session_with(Some(&stale)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // A missing parameter or no header at all is a bad request.
+    let missing =
+        oauth_header(&creds, &url, "nonce-7", unix_now()).replace(", oauth_nonce=\"nonce-7\"", "");
+    let r = c.session_with(Some(&missing)).await;
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (StatusCode::BAD_REQUEST, "BAD_REQUEST")
+    );
+    assert_eq!(c.session_with(None).await.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn fetch_pages_2500_devices_in_three_pages_then_the_cursor_is_exhausted() {
+    let m = mock(MockConfig {
+        devices: 2500,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let first = c.fetch(None, 1000).await;
+    assert_eq!(
+        first.headers["content-type"],
+        "application/json;charset=UTF8"
+    );
+    let v = first.json();
+    assert!(v["fetched_until"].as_str().unwrap().ends_with('Z'));
+    assert!(v["devices"][0].get("op_type").is_none());
+    assert!(v["devices"][0].get("op_date").is_none());
+
+    let (serials, cursor, pages) = c.fetch_all(1000).await;
+    assert_eq!(pages, 3);
+    assert_eq!(serials.len(), 2500);
+    let mut sorted = serials.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, m.serials());
+    assert!(!cursor.contains('='));
+
+    let again = c.fetch(Some(&cursor), 1000).await;
+    assert_eq!(
+        (again.status, again.text.as_str()),
+        (StatusCode::BAD_REQUEST, "EXHAUSTED_CURSOR")
+    );
+    // The same cursor is a valid sync cursor with nothing new.
+    let s = c.sync(&cursor).await;
+    assert_eq!(s.status, StatusCode::OK);
+    assert!(s.serials().is_empty());
+    assert!(!s.more());
+}
+
+#[tokio::test]
+async fn limit_defaults_to_the_configured_default_and_is_clamped_to_the_maximum() {
+    let m = mock(MockConfig {
+        devices: 1500,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    assert_eq!(
+        c.post("/server/devices", json!({})).await.serials().len(),
+        100
+    );
+    assert_eq!(c.fetch(None, 5000).await.serials().len(), 1000);
+}
+
+#[tokio::test]
+async fn sync_after_add_modify_delete_returns_exactly_those_ops() {
+    let m = mock(MockConfig {
+        devices: 50,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let (_, cursor, _) = c.fetch_all(1000).await;
+
+    let existing = m.serials();
+    let added = m.add_devices(2);
+    assert_eq!(m.modify_devices(&existing[0..1]), 1);
+    assert_eq!(m.delete_devices(&existing[1..2]), 1);
+    assert!(m.modify_device(&existing[2], |d| {
+        d.insert("asset_tag".into(), "TAG-42".into());
+    }));
+    assert_eq!(m.delete_devices(&["NOSUCHSERIAL".to_string()]), 0);
+
+    let r = c.sync(&cursor).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    let ops: Vec<(String, String)> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert!(d["op_date"].as_str().unwrap().ends_with('Z'));
+            (
+                d["serial_number"].as_str().unwrap().to_owned(),
+                d["op_type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (added[0].clone(), "added".into()),
+            (added[1].clone(), "added".into()),
+            (existing[0].clone(), "modified".into()),
+            (existing[1].clone(), "deleted".into()),
+            (existing[2].clone(), "modified".into()),
+        ]
+    );
+    assert_eq!(v["devices"][4]["asset_tag"], "TAG-42");
+    // The deleted record carries the device's last known fields.
+    assert!(v["devices"][3]["model"].is_string());
+    assert!(!r.more());
+
+    // The next sync from the returned cursor is empty.
+    let next = c.sync(&r.cursor()).await;
+    assert!(next.serials().is_empty());
+    assert_eq!(m.serials().len(), 51);
+}
+
+#[tokio::test]
+async fn sync_pages_when_the_log_is_longer_than_the_limit() {
+    let m = mock(MockConfig::default()).await;
+    let c = Client::new(&m).await;
+    let (_, cursor, _) = c.fetch_all(100).await;
+    m.add_devices(250);
+    let mut cursor = cursor;
+    let mut got = Vec::new();
+    loop {
+        let r = c
+            .post("/devices/sync", json!({ "cursor": cursor, "limit": 100 }))
+            .await;
+        got.extend(r.serials());
+        cursor = r.cursor();
+        if !r.more() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 250);
+}
+
+#[tokio::test]
+async fn silently_removed_devices_vanish_from_fetch_without_a_sync_record() {
+    let m = mock(MockConfig {
+        devices: 10,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let (_, cursor, _) = c.fetch_all(100).await;
+    let gone = m.serials()[3].clone();
+    assert_eq!(m.remove_silently(std::slice::from_ref(&gone)), 1);
+    assert!(c.sync(&cursor).await.serials().is_empty());
+    let (serials, _, _) = c.fetch_all(100).await;
+    assert_eq!(serials.len(), 9);
+    assert!(!serials.contains(&gone));
+}
+
+#[tokio::test]
+async fn cursors_expire_after_seven_days_on_the_simulated_clock() {
+    let m = mock(MockConfig {
+        devices: 30,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let mid_fetch = c.fetch(None, 10).await.cursor();
+    let (_, done, _) = c.fetch_all(100).await;
+    m.advance_clock(chrono::Duration::days(6));
+    assert_eq!(c.sync(&done).await.status, StatusCode::OK);
+    m.advance_clock(chrono::Duration::days(2));
+    for r in [c.sync(&done).await, c.fetch(Some(&mid_fetch), 10).await] {
+        assert_eq!(
+            (r.status, r.text.as_str()),
+            (StatusCode::BAD_REQUEST, "EXPIRED_CURSOR")
+        );
+    }
+}
+
+#[tokio::test]
+async fn garbage_or_missing_cursors_get_apples_errors() {
+    let m = mock(MockConfig::default()).await;
+    let c = Client::new(&m).await;
+    for r in [
+        c.fetch(Some("bm90IGEgY3Vyc29y"), 10).await,
+        c.sync("!!!").await,
+        c.sync("MDowOjE1MzY0Mjc2OTg5MTQ6MTUzNjQyNzY5ODkxNDp0cnVlOjE1MzY0Mjc2OTg5MTQ")
+            .await,
+    ] {
+        assert_eq!(
+            (r.status, r.text.as_str()),
+            (StatusCode::BAD_REQUEST, "INVALID_CURSOR")
+        );
+    }
+    let r = c.post("/devices/sync", json!({ "limit": 10 })).await;
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (StatusCode::BAD_REQUEST, "CURSOR_REQUIRED")
+    );
+    let r = c
+        .http
+        .post(format!("{}/server/devices", c.base))
+        .header("User-Agent", "t")
+        .header("X-ADM-Auth-Session", &c.session)
+        .body("{not json");
+    let r = reply(r).await;
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (StatusCode::BAD_REQUEST, "MALFORMED_REQUEST_BODY")
+    );
+}
+
+#[tokio::test]
+async fn a_cursor_from_another_server_instance_is_invalid() {
+    let a = mock(MockConfig::default()).await;
+    let b = mock(MockConfig::default()).await;
+    let (_, cursor, _) = Client::new(&a).await.fetch_all(100).await;
+    let r = Client::new(&b).await.sync(&cursor).await;
+    assert_eq!(r.text, "INVALID_CURSOR");
+}
+
+#[tokio::test]
+async fn quoted_errors_are_json_strings() {
+    let m = mock(MockConfig {
+        quoted_errors: true,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let r = c.sync("garbage").await;
+    assert_eq!(r.text, "\"INVALID_CURSOR\"");
+    assert_eq!(r.json(), "INVALID_CURSOR");
+}
+
+#[tokio::test]
+async fn same_cursor_fault_echoes_the_sent_cursor_with_more_to_follow() {
+    let m = mock(MockConfig {
+        devices: 30,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let first = c.fetch(None, 10).await.cursor();
+    m.push_fault(
+        Endpoint::FetchDevices,
+        Fault {
+            times: 2,
+            kind: FaultKind::SameCursor,
+        },
+    );
+    for _ in 0..2 {
+        let r = c.fetch(Some(&first), 10).await;
+        assert_eq!(r.cursor(), first);
+        assert!(r.more());
+        assert_eq!(r.serials().len(), 10);
+    }
+    // Used up: normal paging resumes.
+    assert_ne!(c.fetch(Some(&first), 10).await.cursor(), first);
+
+    let (_, done, _) = c.fetch_all(100).await;
+    m.add_devices(1);
+    m.push_fault(
+        Endpoint::Any,
+        Fault {
+            times: 1,
+            kind: FaultKind::SameCursor,
+        },
+    );
+    let r = c.sync(&done).await;
+    assert_eq!((r.cursor(), r.more(), r.serials().len()), (done, true, 1));
+}
+
+#[tokio::test]
+async fn duplicate_serial_fault_places_an_older_record_after_the_newest() {
+    let m = mock(MockConfig {
+        devices: 5,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let (_, cursor, _) = c.fetch_all(100).await;
+    let victim = m.serials()[0].clone();
+    m.delete_devices(std::slice::from_ref(&victim));
+    m.push_fault(
+        Endpoint::SyncDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::DuplicateSerial,
+        },
+    );
+    let v = c.sync(&cursor).await.json();
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0]["serial_number"], victim.as_str());
+    assert_eq!(devices[1]["serial_number"], victim.as_str());
+    assert_eq!(devices[0]["op_type"], "deleted");
+    // Array order says "modified" last; op_date says "deleted" is the truth.
+    assert_eq!(devices[1]["op_type"], "modified");
+    assert!(devices[1]["op_date"].as_str() < devices[0]["op_date"].as_str());
+
+    m.push_fault(
+        Endpoint::FetchDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::DuplicateSerial,
+        },
+    );
+    let serials = c.fetch(None, 100).await.serials();
+    assert_eq!(serials.len(), 5);
+    assert_eq!(serials.first(), serials.last());
+}
+
+#[tokio::test]
+async fn status_delay_and_malformed_faults_replace_or_slow_the_answer() {
+    let m = mock(MockConfig {
+        devices: 3,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    m.push_fault(
+        Endpoint::FetchDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::Status {
+                status: 503,
+                body: "Service Unavailable".into(),
+                headers: vec![("Retry-After".into(), "1".into())],
+            },
+        },
+    );
+    m.push_fault(
+        Endpoint::Any,
+        Fault {
+            times: 1,
+            kind: FaultKind::MalformedJson,
+        },
+    );
+    m.push_fault(
+        Endpoint::Any,
+        Fault {
+            times: 1,
+            kind: FaultKind::Delay(Duration::from_millis(200)),
+        },
+    );
+    let r = c.fetch(None, 10).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["retry-after"], "1");
+    let r = c.fetch(None, 10).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(serde_json::from_str::<Value>(&r.text).is_err());
+    let t = std::time::Instant::now();
+    assert_eq!(c.fetch(None, 10).await.serials().len(), 3);
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    assert_eq!(m.count_requests(Endpoint::FetchDevices), 3);
+}
+
+#[tokio::test]
+async fn sessions_are_required_expire_and_rotate() {
+    let m = mock(MockConfig {
+        devices: 3,
+        rotate_session_every: Some(2),
+        session_ttl: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    let first = c.fetch(None, 10).await;
+    assert!(!first.headers.contains_key("x-adm-auth-session"));
+    let second = c.fetch(None, 10).await;
+    let rotated = second.headers["x-adm-auth-session"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(rotated, c.session);
+    // The old token still works, and so does the new one.
+    assert_eq!(c.fetch(None, 10).await.status, StatusCode::OK);
+    c.session = rotated;
+    assert_eq!(c.fetch(None, 10).await.status, StatusCode::OK);
+
+    m.advance_clock(chrono::Duration::hours(2));
+    let r = c.fetch(None, 10).await;
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+    );
+    c.login(&Credentials::depsim()).await;
+    assert_eq!(c.fetch(None, 10).await.status, StatusCode::OK);
+    m.expire_sessions();
+    assert_eq!(c.fetch(None, 10).await.status, StatusCode::UNAUTHORIZED);
+    c.session.clear();
+    assert_eq!(c.fetch(None, 10).await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn user_agent_is_required_and_deny_listed_agents_are_refused() {
+    let m = mock(MockConfig {
+        user_agent_denylist: vec!["godep".into()],
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let url = format!("{}/account", m.base_url());
+    let no_ua = reply(c.http.get(&url).header("X-ADM-Auth-Session", &c.session)).await;
+    assert_eq!(
+        (no_ua.status, no_ua.text.as_str()),
+        (StatusCode::BAD_REQUEST, "USER_AGENT_MISSING")
+    );
+    let denied = reply(
+        c.http
+            .get(&url)
+            .header("User-Agent", "nanodep-godep/0")
+            .header("X-ADM-Auth-Session", &c.session),
+    )
+    .await;
+    assert_eq!(
+        (denied.status, denied.text.as_str()),
+        (StatusCode::BAD_REQUEST, "USER_AGENT_INVALID")
+    );
+}
+
+#[tokio::test]
+async fn account_lists_urls_with_the_configured_limits() {
+    let m = mock(MockConfig {
+        max_limit: 5000,
+        default_limit: 1000,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    let r = reply(
+        c.http
+            .get(format!("{}/account", c.base))
+            .header("User-Agent", "t")
+            .header("X-Server-Protocol-Version", "3")
+            .header("X-ADM-Auth-Session", &c.session),
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(v["org_type"], "org");
+    assert_eq!(v["org_version"], "v2");
+    assert_eq!(v["server_uuid"], m.config().server_uuid.as_str());
+    let urls = v["urls"].as_array().unwrap();
+    for uri in ["/server/devices", "/devices/sync"] {
+        let u = urls.iter().find(|u| u["uri"] == uri).unwrap();
+        assert_eq!(u["limit"], json!({ "default": 1000, "maximum": 5000 }));
+    }
+    // Protocol 2 predates the v3 account fields.
+    c.proto = "2";
+    let r = reply(
+        c.http
+            .get(format!("{}/account", c.base))
+            .header("User-Agent", "t")
+            .header("X-Server-Protocol-Version", "2")
+            .header("X-ADM-Auth-Session", &c.session),
+    )
+    .await;
+    assert!(r.json().get("urls").is_none());
+    assert!(r.json()["server_name"].is_string());
+}
+
+#[tokio::test]
+async fn protocol_version_gates_ipad_os_and_device_family() {
+    let m = mock(MockConfig {
+        devices: 300,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    let ipad = |v: &Value| {
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_family"] == "iPad")
+            .cloned()
+    };
+    let v7 = c.fetch(None, 300).await.json();
+    assert_eq!(ipad(&v7).unwrap()["os"], "iPadOS");
+    c.proto = "6";
+    let v6 = c.fetch(None, 300).await.json();
+    assert_eq!(ipad(&v6).unwrap()["os"], "iOS");
+    c.proto = "1";
+    let v1 = c.fetch(None, 300).await.json();
+    assert!(v1["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d.get("os").is_none() && d.get("device_family").is_none()));
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_devices() {
+    let config = MockConfig {
+        devices: 200,
+        seed: 99,
+        ..Default::default()
+    };
+    let a = mock(config.clone()).await;
+    let b = mock(config).await;
+    assert_eq!(a.devices(), b.devices());
+    assert_eq!(a.add_devices(5), b.add_devices(5));
+    let c = mock(MockConfig {
+        devices: 200,
+        seed: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_ne!(a.serials()[..200], c.serials()[..]);
+    assert_eq!(a.serials().len(), 205);
+}
+
+#[tokio::test]
+async fn requests_are_recorded_with_lowercase_headers_and_status() {
+    let m = mock(MockConfig::default()).await;
+    let c = Client::new(&m).await;
+    c.fetch(None, 10).await;
+    reply(
+        c.http
+            .get(format!("{}/nope", c.base))
+            .header("User-Agent", "t"),
+    )
+    .await;
+    let reqs = m.requests();
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(reqs[0].endpoint, Endpoint::Session);
+    assert!(reqs[0]
+        .header("authorization")
+        .unwrap()
+        .starts_with("OAuth "));
+    assert_eq!(reqs[1].endpoint, Endpoint::FetchDevices);
+    assert_eq!(reqs[1].method, "POST");
+    assert_eq!(reqs[1].path, "/server/devices");
+    assert_eq!(reqs[1].header("X-Server-Protocol-Version"), Some("7"));
+    assert!(reqs[1].headers.iter().all(|(k, _)| *k == k.to_lowercase()));
+    assert_eq!(reqs[1].body, r#"{"limit":10}"#);
+    assert_eq!(reqs[1].status, 200);
+    assert_eq!((reqs[2].endpoint, reqs[2].status), (Endpoint::Any, 404));
+    assert_eq!(m.count_requests(Endpoint::Any), 3);
+    m.clear_requests();
+    assert!(m.requests().is_empty());
+}
+
+#[tokio::test]
+async fn wrong_methods_get_405() {
+    let m = mock(MockConfig::default()).await;
+    let c = Client::new(&m).await;
+    let r = reply(
+        c.http
+            .get(format!("{}/server/devices", c.base))
+            .header("User-Agent", "t"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn the_admin_api_changes_and_reports_the_world() {
+    let m = mock(MockConfig {
+        devices: 10,
+        ..Default::default()
+    })
+    .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = |path: &str, body: Value| {
+        http.post(format!("{}/_mock/{path}", m.base_url()))
+            .body(body.to_string())
+    };
+    let added = reply(admin("devices", json!({ "count": 3 }))).await.json();
+    assert_eq!(added["added"], 3);
+    let modified = reply(admin("devices/modify", json!({ "count": 2 })))
+        .await
+        .json();
+    assert_eq!(modified["modified"], 2);
+    let serial = m.serials()[0].clone();
+    let deleted = reply(admin("devices/delete", json!({ "serials": [serial] })))
+        .await
+        .json();
+    assert_eq!(deleted["deleted"], 1);
+    let before = m.now();
+    reply(admin("clock/advance", json!({ "seconds": 86_400 }))).await;
+    assert!(m.now() - before >= chrono::Duration::hours(23));
+    let fault = reply(admin(
+        "faults",
+        json!({ "endpoint": "fetch_devices", "status": 500, "body": "Internal Server Error" }),
+    ))
+    .await;
+    assert_eq!(fault.status, StatusCode::OK, "{}", fault.text);
+    let bad = reply(admin("faults", json!({ "endpoint": "everything" }))).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+
+    let c = Client::new(&m).await;
+    assert_eq!(
+        c.fetch(None, 10).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let stats = reply(http.get(format!("{}/_mock/stats", m.base_url())))
+        .await
+        .json();
+    assert_eq!(stats["devices"], 12);
+    assert_eq!(stats["log_length"], 6);
+    assert_eq!(stats["requests"]["session"], 1);
+    assert_eq!(stats["requests"]["fetch_devices"], 1);
+    let truth = reply(http.get(format!("{}/_mock/devices", m.base_url())))
+        .await
+        .json();
+    assert_eq!(truth.as_array().unwrap().len(), 12);
+    assert_eq!(truth, Value::Array(m.devices()));
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_server() {
+    let m = mock(MockConfig::default()).await;
+    m.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), m.stopped())
+        .await
+        .expect("stopped in time");
+    assert!(tokio::net::TcpStream::connect(m.addr()).await.is_err());
+}
+
+/// The benchmark's shape: a million devices fetched at 1000 per page. Opt-in (release build
+/// recommended): `cargo test --release -p adesync-mock -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow; measures the simulator, run on demand"]
+async fn a_million_devices_fetch_in_a_thousand_pages() {
+    let t = std::time::Instant::now();
+    let m = mock(MockConfig {
+        devices: 1_000_000,
+        max_limit: 1000,
+        ..Default::default()
+    })
+    .await;
+    eprintln!("start-up with 1M devices: {:?}", t.elapsed());
+    let c = Client::new(&m).await;
+    let t = std::time::Instant::now();
+    let mut cursor: Option<String> = None;
+    let (mut pages, mut bytes, mut devices) = (0, 0, 0);
+    loop {
+        let r = c.fetch(cursor.as_deref(), 1000).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let v = r.json();
+        pages += 1;
+        bytes += r.text.len();
+        devices += v["devices"].as_array().unwrap().len();
+        cursor = Some(v["cursor"].as_str().unwrap().to_owned());
+        if !v["more_to_follow"].as_bool().unwrap() {
+            break;
+        }
+    }
+    eprintln!(
+        "fetched {devices} devices in {pages} pages, {} MB, in {:?} (client parse included)",
+        bytes >> 20,
+        t.elapsed()
+    );
+    assert_eq!((devices, pages), (1_000_000, 1000));
+}

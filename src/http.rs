@@ -1,0 +1,258 @@
+//! The optional HTTP listener (off by default, loopback by default when on):
+//! `/metrics` in Prometheus text format and `/healthz` for load balancers and monitors.
+//!
+//! Metrics combine the database (device counts, last success, events) with what the
+//! running daemon knows (durations, errors by kind, parked tokens). Reads go through
+//! `spawn_blocking`; nothing here writes.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::config::Config;
+use crate::daemon::Health;
+use crate::store::{Store, SyncState};
+
+#[derive(Clone)]
+struct AppState {
+    config: Arc<Config>,
+    health: Health,
+}
+
+/// The listener's routes.
+pub fn router(config: Arc<Config>, health: Health) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(AppState { config, health })
+}
+
+struct DbView {
+    states: Vec<SyncState>,
+    by_status: Vec<(String, String, u64)>,
+    events: Vec<(String, u64)>,
+}
+
+async fn read_db(config: &Config) -> Result<DbView, String> {
+    let db = config.database.clone();
+    tokio::task::spawn_blocking(move || -> Result<DbView, String> {
+        let s = Store::open(&db).map_err(|e| e.to_string())?;
+        Ok(DbView {
+            states: s.sync_states().map_err(|e| e.to_string())?,
+            by_status: s.profile_status_counts().map_err(|e| e.to_string())?,
+            events: s.event_counts_by_token().map_err(|e| e.to_string())?,
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    match read_db(&app.config).await {
+        Ok(view) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            render_metrics(&app.config, &app.health, &view),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("database unavailable: {e}\n"),
+        ),
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn rfc3339_unix(s: &str) -> Option<f64> {
+    crate::model::parse_time(s).map(|t| t.timestamp_millis() as f64 / 1000.0)
+}
+
+/// Prometheus label value escaping.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn render_metrics(config: &Config, health: &Health, view: &DbView) -> String {
+    let mut out = String::new();
+    let h = health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    };
+    family(
+        "adesync_devices",
+        "gauge",
+        "Devices assigned to the server, by profile_status.",
+        view.by_status
+            .iter()
+            .map(|(t, s, n)| {
+                (
+                    format!("token=\"{}\",profile_status=\"{}\"", label(t), label(s)),
+                    *n as f64,
+                )
+            })
+            .collect(),
+    );
+    family(
+        "adesync_last_success_timestamp_seconds",
+        "gauge",
+        "When the token last synced successfully (Unix time).",
+        view.states
+            .iter()
+            .filter_map(|s| {
+                let t = rfc3339_unix(s.last_success_at.as_deref()?)?;
+                Some((format!("token=\"{}\"", label(&s.token_name)), t))
+            })
+            .collect(),
+    );
+    family(
+        "adesync_sync_duration_seconds",
+        "gauge",
+        "Duration of the token's last successful sync.",
+        h.values()
+            .filter_map(|t| {
+                let s = t.last_summary.as_ref()?;
+                Some((
+                    format!("token=\"{}\"", label(&t.name)),
+                    s.duration.as_secs_f64(),
+                ))
+            })
+            .collect(),
+    );
+    let mut errors = Vec::new();
+    for t in h.values() {
+        for (kind, n) in &t.errors_by_kind {
+            errors.push((
+                format!("token=\"{}\",kind=\"{}\"", label(&t.name), label(kind)),
+                *n as f64,
+            ));
+        }
+    }
+    errors.sort_by(|a, b| a.0.cmp(&b.0));
+    family(
+        "adesync_sync_errors_total",
+        "counter",
+        "Failed syncs since start, by error kind.",
+        errors,
+    );
+    family(
+        "adesync_token_parked",
+        "gauge",
+        "1 while the token waits for an administrator (expired or revoked token, terms, access).",
+        config
+            .tokens
+            .iter()
+            .map(|t| {
+                let parked = h.get(&t.name).is_some_and(|x| x.parked.is_some());
+                (
+                    format!("token=\"{}\"", label(&t.name)),
+                    if parked { 1.0 } else { 0.0 },
+                )
+            })
+            .collect(),
+    );
+    family(
+        "adesync_token_expiry_timestamp_seconds",
+        "gauge",
+        "When the server token expires (Unix time).",
+        config
+            .tokens
+            .iter()
+            .map(|t| {
+                (
+                    format!("token=\"{}\"", label(&t.name)),
+                    t.token.access_token_expiry.timestamp() as f64,
+                )
+            })
+            .collect(),
+    );
+    family(
+        "adesync_events_total",
+        "counter",
+        "Change events stored for the token.",
+        view.events
+            .iter()
+            .map(|(t, n)| (format!("token=\"{}\"", label(t)), *n as f64))
+            .collect(),
+    );
+    out
+}
+
+/// Why a token is unhealthy, or `None` when it synced within its expected interval.
+pub fn token_problem(
+    name: &str,
+    schedule: Duration,
+    state: Option<&SyncState>,
+    parked: Option<&str>,
+    now: SystemTime,
+) -> Option<String> {
+    if let Some(p) = parked {
+        return Some(format!("{name}: parked: {p}"));
+    }
+    let last = state
+        .and_then(|s| s.last_success_at.as_deref())
+        .and_then(rfc3339_unix);
+    let Some(last) = last else {
+        return Some(format!("{name}: has not synced successfully yet"));
+    };
+    // Expected: a sync every `schedule` (+10% jitter), plus time for the sync itself.
+    let allowed = schedule.as_secs_f64() * 2.0 + 300.0;
+    let age = unix(now) - last;
+    if age > allowed {
+        let err = state
+            .and_then(|s| s.last_error.as_deref())
+            .unwrap_or("no error recorded");
+        return Some(format!(
+            "{name}: last successful sync {:.0}s ago (expected within {:.0}s); last error: {err}",
+            age, allowed
+        ));
+    }
+    None
+}
+
+async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
+    let view = match read_db(&app.config).await {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("database unavailable: {e}\n"),
+            )
+        }
+    };
+    let h = app.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let now = SystemTime::now();
+    let problems: Vec<String> = app
+        .config
+        .tokens
+        .iter()
+        .filter_map(|t| {
+            let state = view.states.iter().find(|s| s.token_name == t.name);
+            let parked = h.get(&t.name).and_then(|x| x.parked.as_deref());
+            token_problem(&t.name, t.schedule, state, parked, now)
+        })
+        .collect();
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+    }
+}
