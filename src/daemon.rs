@@ -274,17 +274,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let status_health = health.clone();
     let sink_config = config.clone();
     let (deliver_tx, mut deliver_rx) = watch::channel(0u64);
-    let on_run: OnRun =
-        Arc::new(move |name, outcome| {
-            if let Ok(s) = outcome {
-                crate::syncer::log_summary(s);
-            } else if let Err(e) = outcome {
-                tracing::error!(token = %name, error = %e, "sync failed");
-            }
-            let line = status_line(&status_health);
-            notify(&[sd_notify::NotifyState::Status(&line)]);
-            deliver_tx.send_modify(|n| *n += 1);
-        });
+    let on_run: OnRun = Arc::new(move |name, outcome| {
+        if let Ok(s) = outcome {
+            crate::syncer::log_summary(s);
+        } else if let Err(e) = outcome {
+            tracing::error!(token = %name, error = %e, "sync failed");
+        }
+        let line = status_line(&status_health);
+        notify(&[sd_notify::NotifyState::Status(&line)]);
+        deliver_tx.send_modify(|n| *n += 1);
+    });
 
     // Event delivery runs beside the syncs, so a slow sink never delays a sync.
     let sink_stop = shutdown.clone();
