@@ -5,11 +5,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::store::{DeviceFilter, Store};
+
+mod sink_commands;
 
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd does not restart on it.
 pub const EXIT_CONFIG: u8 = 78;
@@ -78,6 +79,15 @@ pub enum Command {
         /// Assigned and deleted devices.
         #[arg(long)]
         all: bool,
+        /// Only devices with this profile_status (empty, assigned, pushed, removed).
+        #[arg(long)]
+        profile_status: Option<String>,
+        /// Only this model, e.g. "iPad Air" (case-insensitive).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this device family: iPhone, iPad, Mac, AppleTV, Vision, iPod (case-insensitive).
+        #[arg(long)]
+        family: Option<String>,
         /// At most this many rows.
         #[arg(long)]
         limit: Option<u64>,
@@ -85,21 +95,71 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Show one device, every stored field, and its event history.
+    Device {
+        /// The device's serial number.
+        serial: String,
+        /// Only this token (when the serial is known to several).
+        #[arg(long)]
+        token: Option<String>,
+        /// Output format (json: the device and its events as one object).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show each token's sync status and what needs attention.
+    ///
+    /// Per token: phase, cursor age, last success and error, device counts and days until
+    /// the server token expires. Exits 1 when any token needs attention (a failed or
+    /// parked sync, no recent success, a token expiring within 30 days), so it works as a
+    /// cron or monitoring check.
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Print shell completions, e.g. `adesync completions bash > /etc/bash_completion.d/adesync`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `adesync man > /usr/local/share/man/man1/adesync.1`.
+    Man,
     /// List change events after an id, oldest first.
     ///
     /// `--format json` prints the same JSON lines the jsonl sink writes; feed the last id
-    /// back as --after to read only newer events.
+    /// back as --after to read only newer events. `events replay` sends events to a sink again.
+    #[command(args_conflicts_with_subcommands = true)]
     Events {
+        /// Send events to a sink again (without it: list events).
+        #[command(subcommand)]
+        action: Option<sink_commands::EventsAction>,
         /// Only events with a larger id.
         #[arg(long, default_value_t = 0)]
         after: i64,
         /// Only this token.
         #[arg(long)]
         token: Option<String>,
+        /// Only this kind: added, modified or deleted.
+        #[arg(long, value_parser = ["added", "modified", "deleted"])]
+        kind: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: u64,
+        /// Keep running and print new events as they are committed (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
         /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show each event sink's cursor, backlog and last error; `sinks test NAME` sends a
+    /// test event, `sinks resume NAME` un-parks a sink whose receiver was fixed.
+    #[command(args_conflicts_with_subcommands = true)]
+    Sinks {
+        /// What to do (without it: list the sinks).
+        #[command(subcommand)]
+        action: Option<sink_commands::SinksAction>,
+        /// Output format of the list.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -112,6 +172,27 @@ pub enum Command {
         /// Folder for the demo's config, token file and database (recreated).
         #[arg(long, default_value = "adesync-demo")]
         dir: PathBuf,
+    },
+    /// Server tokens: make the key pair, import Apple's .p7m, list expiry, forget a token.
+    ///
+    /// From nothing to a syncing token: `token keygen --name acme`, upload the certificate
+    /// it writes to Apple Business/School Manager, download the token (.p7m), then
+    /// `token import --name acme FILE.p7m`. Renew yearly the same way (download, import).
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        cmd: crate::tokens::TokenCommand,
+    },
+    /// Show the MDM server behind each token, as Apple's GET /account last reported it:
+    /// server name and UUID, organisation, ABM or ASM, the admin who downloaded the token,
+    /// and the page-size maximum. Refreshed at the start of every sync.
+    Account {
+        /// Only this token.
+        #[arg(long)]
+        token: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
 }
 
@@ -128,7 +209,9 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.log_format);
+    // The demo prints its own story; its logs stay quiet unless RUST_LOG asks.
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    init_logging(cli.log_format, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -154,9 +237,10 @@ pub fn main() -> ExitCode {
 
 /// Logs go to standard error. Under journald (JOURNAL_STREAM set) the timestamp is left
 /// out because the journal adds its own. `RUST_LOG` filters (default `info`).
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" }));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -199,6 +283,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serial,
             deleted,
             all,
+            profile_status,
+            model,
+            family,
             limit,
             format,
         } => {
@@ -213,6 +300,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     None
                 },
+                profile_status,
+                model,
+                family,
                 limit,
             };
             let rows = store.devices(&filter)?;
@@ -220,25 +310,113 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Events {
+            action: Some(action),
+            ..
+        } => sink_commands::events(&cli.config, action).await,
+        Command::Sinks { action, format } => {
+            sink_commands::sinks(&cli.config, action, format).await
+        }
+        Command::Events {
+            action: None,
             after,
             token,
+            kind,
             limit,
+            follow,
             format,
         } => {
             let store = open_existing(&cli.config)?;
-            let events = store.events_after(after, token.as_deref(), limit)?;
-            print_events(&events, format)?;
+            let mut last = after;
+            let mut header = format != Format::Json;
+            loop {
+                let (events, scanned_to) =
+                    filtered_events(&store, last, token.as_deref(), kind.as_deref(), None, limit)?;
+                if !events.is_empty() || header {
+                    print_events(&events, format, header)?;
+                    header = false;
+                }
+                last = scanned_to;
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        Command::Device {
+            serial,
+            token,
+            format,
+        } => {
+            let store = open_existing(&cli.config)?;
+            let devices = store.devices(&DeviceFilter {
+                serial: Some(serial.clone()),
+                token: token.clone(),
+                deleted: Some(false),
+                ..DeviceFilter::default()
+            })?;
+            if devices.is_empty() {
+                eprintln!("no device with serial number {serial} is stored");
+                return Ok(ExitCode::FAILURE);
+            }
+            let (events, _) =
+                filtered_events(&store, 0, token.as_deref(), None, Some(&serial), u64::MAX)?;
+            print_device_detail(&devices, &events, format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { format } => {
+            let config = Config::load(&cli.config)?;
+            let store = Store::open(&config.database)?;
+            let statuses = crate::report::token_statuses(&config, &store, chrono::Utc::now())?;
+            let sinks = crate::sinks::sink_status(&store, &config)?;
+            print_status(&statuses, format)?;
+            print_sink_attention(&sinks, format)?;
+            let sink_trouble = sinks.iter().any(|s| s.state != "ok");
+            Ok(
+                if sink_trouble || statuses.iter().any(|s| !s.attention.is_empty()) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "adesync",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { devices, dir } => crate::demo::run(devices, &dir)
             .await
             .map(|_| ExitCode::SUCCESS),
+        Command::Token { cmd } => {
+            let cfg = crate::tokens::LenientConfig::read(&cli.config, cmd.needs_config())?;
+            Ok(crate::tokens::run(&cfg, cmd)?)
+        }
+        Command::Account { token, format } => {
+            let cfg = crate::tokens::LenientConfig::read(&cli.config, true)?;
+            Ok(crate::account::show(&cfg, token.as_deref(), format)?)
+        }
     }
 }
 
-/// `run --once`: every token once, then deliver events to the sinks.
+/// `run --once`: every token once, then deliver events to the sinks. On a terminal a
+/// progress line per token shows pages and devices; elsewhere nothing extra is printed.
 pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
-    let report = crate::syncer::run_all_once(config, None).await;
+    use std::io::IsTerminal;
+    let bars = std::io::stderr().is_terminal().then(progress_bars);
+    let report = crate::syncer::run_all_once(config, bars.as_ref().map(|(_, p)| p.clone())).await;
+    if let Some((multi, _)) = bars {
+        let _ = multi.clear();
+    }
     deliver_sinks(config).await?;
     if report.failed.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -254,22 +432,76 @@ pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::FAILURE)
 }
 
-/// Writes pending events to every configured sink.
+/// One delivery pass over every configured sink (see [`crate::sinks::deliver_all`]).
+///
+/// A sink that cannot take its events is logged as a warning that names it and the
+/// remedy; it never fails the caller: syncing succeeded, and the events stay queued.
 pub async fn deliver_sinks(config: &Config) -> anyhow::Result<()> {
-    if config.sinks.is_empty() {
-        return Ok(());
-    }
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut store = Store::open(&config.database)?;
-        for sink in &config.sinks {
-            let n = crate::events::deliver_jsonl(&mut store, sink)?;
-            tracing::debug!(sink = %sink.name, events = n, "events delivered");
+    for (name, result) in crate::sinks::deliver_all(config).await {
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sink = %name, events = n, "events delivered"),
+            Err(e) => tracing::warn!(sink = %name, "{e}"),
         }
-        Ok(())
-    })
-    .await
-    .context("event delivery stopped")?
+    }
+    Ok(())
+}
+
+/// One spinner per token, created on its first page.
+fn progress_bars() -> (indicatif::MultiProgress, crate::syncer::Progress) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let multi = indicatif::MultiProgress::new();
+    let bars: Mutex<HashMap<String, indicatif::ProgressBar>> = Mutex::default();
+    let m = multi.clone();
+    let progress: crate::syncer::Progress =
+        std::sync::Arc::new(move |token: &str, pages, devices| {
+            let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+            let bar = bars.entry(token.to_owned()).or_insert_with(|| {
+                let b = m.add(indicatif::ProgressBar::new_spinner());
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {prefix}: {msg} [{elapsed}]",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                b.set_prefix(token.to_owned());
+                b.enable_steady_tick(std::time::Duration::from_millis(120));
+                b
+            });
+            bar.set_message(format!("{pages} pages, {devices} devices"));
+        });
+    (multi, progress)
+}
+
+/// Events after `after` matching the filters, up to `limit`, and the last id scanned.
+fn filtered_events(
+    store: &Store,
+    after: i64,
+    token: Option<&str>,
+    kind: Option<&str>,
+    serial: Option<&str>,
+    limit: u64,
+) -> anyhow::Result<(Vec<crate::store::StoredEvent>, i64)> {
+    const BATCH: u64 = 5000;
+    let mut out = Vec::new();
+    let mut last = after;
+    loop {
+        let batch = store.events_after(last, token, BATCH)?;
+        let Some(end) = batch.last().map(|e| e.id) else {
+            return Ok((out, last));
+        };
+        for e in batch {
+            last = e.id;
+            if kind.is_none_or(|k| k == e.kind) && serial.is_none_or(|s| s == e.serial_number) {
+                out.push(e);
+                if out.len() as u64 >= limit {
+                    return Ok((out, last));
+                }
+            }
+        }
+        last = end;
+    }
 }
 
 fn open_existing(config_path: &Path) -> anyhow::Result<Store> {
@@ -352,7 +584,12 @@ fn print_devices(rows: &[crate::store::StoredDevice], format: Format) -> anyhow:
     Ok(())
 }
 
-fn print_events(events: &[crate::store::StoredEvent], format: Format) -> anyhow::Result<()> {
+/// Prints events; `header` is false for the later batches of `--follow`.
+fn print_events(
+    events: &[crate::store::StoredEvent],
+    format: Format,
+    header: bool,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -361,7 +598,9 @@ fn print_events(events: &[crate::store::StoredEvent], format: Format) -> anyhow:
             }
         }
         Format::Csv => {
-            writeln!(out, "id,token,serial_number,kind,changes,occurred_at")?;
+            if header {
+                writeln!(out, "id,token,serial_number,kind,changes,occurred_at")?;
+            }
             for e in events {
                 writeln!(
                     out,
@@ -389,18 +628,201 @@ fn print_events(events: &[crate::store::StoredEvent], format: Format) -> anyhow:
                     ]
                 })
                 .collect();
+            let head = [
+                "id",
+                "token",
+                "serial_number",
+                "kind",
+                "changes",
+                "occurred_at",
+            ];
+            write_table(&mut out, if header { &head[..] } else { &[] }, &body)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_device_detail(
+    devices: &[crate::store::StoredDevice],
+    events: &[crate::store::StoredEvent],
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if format == Format::Json {
+        for d in devices {
+            let mut m = crate::store::device_map(&d.device);
+            m.insert("token".into(), d.token_name.clone().into());
+            m.insert("first_seen_at".into(), d.first_seen_at.clone().into());
+            m.insert("updated_at".into(), d.updated_at.clone().into());
+            m.insert("deleted_at".into(), d.deleted_at.clone().into());
+            let evs: Vec<serde_json::Value> = events
+                .iter()
+                .filter(|e| e.token_name == d.token_name)
+                .map(crate::events::event_json)
+                .collect();
+            m.insert("events".into(), evs.into());
+            writeln!(out, "{}", serde_json::Value::Object(m))?;
+        }
+        return Ok(());
+    }
+    for d in devices {
+        writeln!(out, "{} (token {})", d.device.serial_number, d.token_name)?;
+        for (k, v) in crate::store::device_map(&d.device) {
+            if k != "serial_number" {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                writeln!(out, "  {k:<22} {v}")?;
+            }
+        }
+        writeln!(out, "  {:<22} {}", "first_seen_at", d.first_seen_at)?;
+        writeln!(out, "  {:<22} {}", "updated_at", d.updated_at)?;
+        writeln!(
+            out,
+            "  {:<22} {}",
+            "deleted_at",
+            d.deleted_at.as_deref().unwrap_or("(assigned)")
+        )?;
+        writeln!(out, "\nHistory:")?;
+        let body: Vec<Vec<String>> = events
+            .iter()
+            .filter(|e| e.token_name == d.token_name)
+            .map(|e| {
+                vec![
+                    e.id.to_string(),
+                    e.occurred_at.clone(),
+                    e.kind.clone(),
+                    summarize_changes(&e.kind, &e.changes),
+                ]
+            })
+            .collect();
+        write_table(&mut out, &["id", "occurred_at", "kind", "changes"], &body)?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// After the token status: the sinks, when any is configured.
+fn print_sink_attention(sinks: &[crate::sinks::SinkStatus], format: Format) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            for s in sinks {
+                let mut v = serde_json::to_value(s)?;
+                v["sink"] = serde_json::Value::String(s.name.clone());
+                writeln!(out, "{v}")?;
+            }
+        }
+        Format::Csv => {}
+        Format::Table if !sinks.is_empty() => {
+            writeln!(out)?;
+            let body: Vec<Vec<String>> = sinks
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.kind.to_owned(),
+                        s.state.to_owned(),
+                        s.pending.to_string(),
+                        s.oldest_pending_age_secs
+                            .map(|a| crate::report::short_age(a as i64))
+                            .unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            write_table(
+                &mut out,
+                &["sink", "type", "state", "pending", "oldest_pending"],
+                &body,
+            )?;
+            for s in sinks.iter().filter(|s| s.state != "ok") {
+                let why = s.last_error.as_deref().unwrap_or("see `adesync sinks`");
+                let todo = if s.state == "parked" {
+                    " — fix the receiver, then `adesync sinks resume NAME`"
+                } else {
+                    ""
+                };
+                writeln!(out, "sink {}: {}: {why}{todo}", s.name, s.state)?;
+            }
+        }
+        Format::Table => {}
+    }
+    Ok(())
+}
+
+fn print_status(statuses: &[crate::report::TokenStatus], format: Format) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            for s in statuses {
+                writeln!(out, "{}", serde_json::to_string(s)?)?;
+            }
+        }
+        Format::Csv => {
+            writeln!(out, "token,phase,cursor_age_seconds,last_success_at,last_error_kind,devices,deleted_devices,token_days_left,attention")?;
+            for s in statuses {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{}",
+                    csv_cell(&s.token),
+                    s.phase,
+                    s.cursor_age_seconds
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                    s.last_success_at.as_deref().unwrap_or(""),
+                    s.last_error_kind.as_deref().unwrap_or(""),
+                    s.devices,
+                    s.deleted_devices,
+                    s.token_days_left,
+                    csv_cell(&s.attention.join("; "))
+                )?;
+            }
+        }
+        Format::Table => {
+            let body: Vec<Vec<String>> = statuses
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.token.clone(),
+                        s.phase.clone(),
+                        s.cursor_age_seconds
+                            .map(crate::report::short_age)
+                            .unwrap_or_else(|| "-".into()),
+                        s.last_success_at.clone().unwrap_or_else(|| "never".into()),
+                        s.last_error_kind.clone().unwrap_or_else(|| "-".into()),
+                        s.devices.to_string(),
+                        s.deleted_devices.to_string(),
+                        s.token_days_left.to_string(),
+                        if s.attention.is_empty() {
+                            "ok".into()
+                        } else {
+                            "ATTENTION".into()
+                        },
+                    ]
+                })
+                .collect();
             write_table(
                 &mut out,
                 &[
-                    "id",
                     "token",
-                    "serial_number",
-                    "kind",
-                    "changes",
-                    "occurred_at",
+                    "phase",
+                    "cursor_age",
+                    "last_success",
+                    "last_error",
+                    "devices",
+                    "deleted",
+                    "token_days_left",
+                    "state",
                 ],
                 &body,
             )?;
+            for s in statuses {
+                for a in &s.attention {
+                    writeln!(out, "{}: {a}", s.token)?;
+                }
+            }
         }
     }
     Ok(())
@@ -437,8 +859,16 @@ pub fn summarize_changes(kind: &str, changes: &serde_json::Value) -> String {
     }
 }
 
-fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+/// Aligned columns, two spaces apart, header first.
+pub(crate) fn write_table(
+    out: &mut impl Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
+    let columns = header.len().max(rows.first().map_or(0, Vec::len));
+    let mut widths: Vec<usize> = (0..columns)
+        .map(|i| header.get(i).map_or(0, |h| h.chars().count()))
+        .collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
@@ -454,14 +884,17 @@ fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> s
             .trim_end()
             .to_owned()
     };
-    writeln!(out, "{}", line(header.to_vec()))?;
+    if !header.is_empty() {
+        writeln!(out, "{}", line(header.to_vec()))?;
+    }
     for r in rows {
         writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
     }
     Ok(())
 }
 
-fn csv_cell(s: &str) -> String {
+/// One CSV cell, quoted when it needs to be.
+pub(crate) fn csv_cell(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

@@ -14,10 +14,18 @@ use serde::Deserialize;
 
 use crate::token::ServerToken;
 
+mod sinks;
+pub use sinks::{
+    CommandConfig, JsonlTarget, SinkConfig, SinkKind, WebhookConfig, WebhookSecret,
+    DEFAULT_EVENT_RETENTION, MAX_BATCH_LIMIT,
+};
+
 /// Apple's production base URL.
 pub const DEFAULT_API_URL: &str = "https://mdmenrollment.apple.com";
 /// Where the config file is looked for when neither `--config` nor `ADESYNC_CONFIG` is set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/adesync/config.toml";
+/// The SQLite database used when the config names none.
+pub const DEFAULT_DATABASE: &str = "/var/lib/adesync/adesync.db";
 /// Apple's documented maximum `limit` for fetch/sync (doc §4.3).
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// `X-Server-Protocol-Version` sent unless configured (doc §1.1: 7 reports iPadOS).
@@ -64,10 +72,11 @@ struct RawConfig {
     schedule: Option<String>,
     retry: Option<RawRetry>,
     http: Option<RawHttp>,
+    event_retention: Option<String>,
     #[serde(default)]
     tokens: Vec<RawToken>,
     #[serde(default)]
-    sinks: Vec<RawSink>,
+    sinks: Vec<sinks::RawSink>,
 }
 
 #[derive(Deserialize)]
@@ -90,20 +99,12 @@ struct RawHttp {
 struct RawToken {
     name: String,
     token_file: PathBuf,
+    private_key_file: Option<PathBuf>,
     schedule: Option<String>,
     api_url: Option<String>,
     page_size: Option<i64>,
     user_agent: Option<String>,
     protocol_version: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSink {
-    name: String,
-    #[serde(rename = "type")]
-    kind: String,
-    path: Option<String>,
 }
 
 /// The validated configuration.
@@ -123,6 +124,8 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Where events are written besides the `events` table.
     pub sinks: Vec<SinkConfig>,
+    /// How long events are kept once every sink has them (`None`: forever).
+    pub event_retention: Option<Duration>,
     /// Address of the `/metrics` and `/healthz` listener; `None` when off.
     pub http_listen: Option<std::net::SocketAddr>,
 }
@@ -155,6 +158,9 @@ pub struct TokenConfig {
     pub name: String,
     /// The decrypted server token file.
     pub token_file: PathBuf,
+    /// The private key that decrypts `token_file` when it is Apple's S/MIME `.p7m`;
+    /// `None` for a decrypted JSON token.
+    pub private_key_file: Option<PathBuf>,
     /// The token, read at config load.
     pub token: ServerToken,
     /// Apple's base URL (or a simulator's).
@@ -174,6 +180,7 @@ impl fmt::Debug for TokenConfig {
         f.debug_struct("TokenConfig")
             .field("name", &self.name)
             .field("token_file", &self.token_file)
+            .field("private_key_file", &self.private_key_file)
             .field("token", &self.token)
             .field("api_url", &self.api_url.as_str())
             .field("page_size", &self.page_size)
@@ -182,24 +189,6 @@ impl fmt::Debug for TokenConfig {
             .field("schedule", &self.schedule)
             .finish()
     }
-}
-
-/// An event sink.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SinkConfig {
-    /// Unique name; keys the sink's delivery cursor.
-    pub name: String,
-    /// Where the JSON lines go.
-    pub target: JsonlTarget,
-}
-
-/// Destination of a `jsonl` sink.
-#[derive(Clone, Debug, PartialEq)]
-pub enum JsonlTarget {
-    /// Standard output (`path = "-"`).
-    Stdout,
-    /// Appended to a file.
-    File(PathBuf),
 }
 
 /// The default `User-Agent`: product and version (Apple requires one; doc §1).
@@ -233,7 +222,7 @@ impl Config {
         let database = resolve(
             base,
             raw.database
-                .unwrap_or_else(|| PathBuf::from("/var/lib/adesync/adesync.db")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
         );
         let user_agent = raw.user_agent.unwrap_or_else(default_user_agent);
         check_user_agent(&user_agent).map_err(|r| invalid("user_agent", r))?;
@@ -301,7 +290,8 @@ impl Config {
                 ));
             }
             let token_file = resolve(base, t.token_file);
-            let token = ServerToken::load(&token_file)
+            let private_key_file = t.private_key_file.map(|p| resolve(base, p));
+            let token = ServerToken::load_with_key(&token_file, private_key_file.as_deref())
                 .map_err(|e| invalid(&key("token_file"), e.to_string()))?;
             let api_url = parse_api_url(t.api_url.as_deref().unwrap_or(DEFAULT_API_URL))
                 .map_err(|r| invalid(&key("api_url"), r))?;
@@ -324,6 +314,7 @@ impl Config {
             tokens.push(TokenConfig {
                 name: t.name,
                 token_file,
+                private_key_file,
                 token,
                 api_url,
                 page_size,
@@ -344,23 +335,10 @@ impl Config {
                     format!("\"{}\" is used twice", s.name),
                 ));
             }
-            let target = match s.kind.as_str() {
-                "jsonl" => match s.path.as_deref() {
-                    None | Some("-") => JsonlTarget::Stdout,
-                    Some(p) => JsonlTarget::File(resolve(base, PathBuf::from(p))),
-                },
-                other => {
-                    return Err(invalid(
-                        &key("type"),
-                        format!("unknown sink type \"{other}\"; supported: jsonl"),
-                    ))
-                }
-            };
-            sinks.push(SinkConfig {
-                name: s.name,
-                target,
-            });
+            sinks.push(sinks::resolve_sink(i, s, base, path)?);
         }
+        let event_retention = sinks::parse_retention(raw.event_retention.as_deref())
+            .map_err(|r| invalid("event_retention", r))?;
 
         Ok(Config {
             source: path.to_owned(),
@@ -370,6 +348,7 @@ impl Config {
             retry,
             tokens,
             sinks,
+            event_retention,
             http_listen,
         })
     }
@@ -394,6 +373,11 @@ impl Config {
             "request_timeout = {:?}",
             humantime::format_duration(self.request_timeout).to_string()
         );
+        let _ = writeln!(
+            s,
+            "event_retention = {:?}",
+            sinks::format_retention(self.event_retention)
+        );
         let _ = writeln!(s, "\n[retry]");
         let _ = writeln!(s, "max_attempts = {}", self.retry.max_attempts);
         let _ = writeln!(
@@ -413,6 +397,9 @@ impl Config {
             let _ = writeln!(s, "\n[[tokens]]");
             let _ = writeln!(s, "name = {:?}", t.name);
             let _ = writeln!(s, "token_file = {:?}", t.token_file.display().to_string());
+            if let Some(k) = &t.private_key_file {
+                let _ = writeln!(s, "private_key_file = {:?}", k.display().to_string());
+            }
             let _ = writeln!(
                 s,
                 "api_url = {:?}",
@@ -434,17 +421,7 @@ impl Config {
             );
         }
         for k in &self.sinks {
-            let _ = writeln!(s, "\n[[sinks]]");
-            let _ = writeln!(s, "name = {:?}", k.name);
-            let _ = writeln!(s, "type = \"jsonl\"");
-            match &k.target {
-                JsonlTarget::Stdout => {
-                    let _ = writeln!(s, "path = \"-\"");
-                }
-                JsonlTarget::File(p) => {
-                    let _ = writeln!(s, "path = {:?}", p.display().to_string());
-                }
-            }
+            sinks::sink_to_toml(&mut s, k);
         }
         s
     }
@@ -491,7 +468,8 @@ fn check_schedule(text: Option<&str>, default: Duration) -> Result<Duration, Str
     Ok(d)
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Checks a token or sink name: 1-64 characters of a-z, 0-9, `_` and `-`.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty()
         || name.len() > 64
         || !name

@@ -388,6 +388,7 @@ mod tests {
         TokenConfig {
             name: name.into(),
             token_file: dir.join(format!("adesync-daemon-test-{name}.json")),
+            private_key_file: None,
             token: crate::token::ServerToken::parse(
                 r#"{"consumer_key":"CK_1","consumer_secret":"CS_1","access_token":"AT_1","access_secret":"AS_1","access_token_expiry":"2099-01-01T00:00:00Z"}"#,
             )

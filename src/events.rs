@@ -1,17 +1,14 @@
-//! Change events: the pure diff that decides them, their JSON form, and the `jsonl`
-//! sink that writes them out.
+//! Change events: the pure diff that decides them and their JSON form (format version
+//! [`EVENT_FORMAT_VERSION`], described by `schema/event.schema.json`).
 //!
-//! Events are born in the store's page transaction (see `store.rs`); delivery to a sink
-//! is a separate step with its own cursor per sink (`sink_cursors`), so a crash between
-//! commit and delivery delays an event but never loses it (at least once, in id order).
-
-use std::io::Write;
+//! Events are born in the store's page transaction (see `store.rs`) together with a
+//! snapshot of the device, so an event's JSON is the same whenever it is read: delivered
+//! late, replayed or listed. Delivery to sinks lives in `sinks/`.
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{JsonlTarget, SinkConfig};
 use crate::model::{Device, DEVICE_FIELDS};
-use crate::store::{Store, StoreError, StoredEvent};
+use crate::store::StoredEvent;
 
 /// Version of the event JSON; bumped on any incompatible change.
 pub const EVENT_FORMAT_VERSION: u32 = 1;
@@ -52,7 +49,10 @@ pub fn removal_changes(d: &Device) -> Value {
     diff(d, &Device::default()).into()
 }
 
-/// The event as one JSON object (format version [`EVENT_FORMAT_VERSION`]).
+/// The event as one JSON object (format version [`EVENT_FORMAT_VERSION`]): `version`,
+/// `id`, `type` (`device.added|modified|deleted`), `token`, `serial_number`,
+/// `occurred_at`, `changes` (`{"field": [old, new]}`) and `device` (the record as stored
+/// right after the change, Apple's field names).
 pub fn event_json(e: &StoredEvent) -> Value {
     let mut device = e
         .device
@@ -77,71 +77,22 @@ pub fn event_json(e: &StoredEvent) -> Value {
     })
 }
 
-/// A sink failure.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    /// Reading events or moving the cursor failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Writing failed.
-    #[error("sink \"{sink}\": cannot write to {target}: {source}")]
-    Write {
-        /// Sink name.
-        sink: String,
-        /// Where it writes.
-        target: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+/// `type` of the event `adesync sinks test` sends: never stored, always id 0.
+pub const TEST_EVENT_TYPE: &str = "sink.test";
 
-/// Writes every event the sink has not yet received, in id order, then moves its cursor.
-///
-/// The cursor moves only after the lines are written and flushed, so a crash repeats
-/// at most the last batch (receivers de-duplicate by `id`). A new sink starts at the
-/// first stored event. Returns how many were written.
-pub fn deliver_jsonl(store: &mut Store, sink: &SinkConfig) -> Result<u64, SinkError> {
-    const BATCH: u64 = 1000;
-    let key = format!("jsonl:{}", sink.name);
-    let mut cursor = store.sink_cursor(&key)?;
-    let mut written = 0;
-    let target_name = match &sink.target {
-        JsonlTarget::Stdout => "standard output".to_owned(),
-        JsonlTarget::File(p) => p.display().to_string(),
-    };
-    let werr = |source| SinkError::Write {
-        sink: sink.name.clone(),
-        target: target_name.clone(),
-        source,
-    };
-    let mut out: Box<dyn Write> = match &sink.target {
-        JsonlTarget::Stdout => Box::new(std::io::stdout().lock()),
-        JsonlTarget::File(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(werr)?,
-        ),
-    };
-    loop {
-        let batch = store.events_after(cursor, None, BATCH)?;
-        let Some(last) = batch.last().map(|e| e.id) else {
-            break;
-        };
-        let mut buf = Vec::with_capacity(batch.len() * 512);
-        for e in &batch {
-            serde_json::to_writer(&mut buf, &event_json(e)).map_err(|e| werr(e.into()))?;
-            buf.push(b'\n');
-        }
-        out.write_all(&buf)
-            .and_then(|_| out.flush())
-            .map_err(werr)?;
-        store.set_sink_cursor(&key, last)?;
-        cursor = last;
-        written += batch.len() as u64;
-    }
-    Ok(written)
+/// A test event for checking a receiver end to end: the shape of a real event, with
+/// id 0, type [`TEST_EVENT_TYPE`] and a made-up device, so receivers can tell it apart.
+pub fn test_event(token: &str, now: &str) -> Value {
+    json!({
+        "version": EVENT_FORMAT_VERSION,
+        "id": 0,
+        "type": TEST_EVENT_TYPE,
+        "token": token,
+        "serial_number": "ADESYNC-TEST",
+        "occurred_at": now,
+        "changes": {},
+        "device": {"serial_number": "ADESYNC-TEST"},
+    })
 }
 
 #[cfg(test)]

@@ -37,16 +37,18 @@ struct DbView {
     states: Vec<SyncState>,
     by_status: Vec<(String, String, u64)>,
     events: Vec<(String, u64)>,
+    sinks: Vec<crate::sinks::SinkStatus>,
 }
 
-async fn read_db(config: &Config) -> Result<DbView, String> {
-    let db = config.database.clone();
+async fn read_db(config: &Arc<Config>) -> Result<DbView, String> {
+    let config = config.clone();
     tokio::task::spawn_blocking(move || -> Result<DbView, String> {
-        let s = Store::open(&db).map_err(|e| e.to_string())?;
+        let s = Store::open(&config.database).map_err(|e| e.to_string())?;
         Ok(DbView {
             states: s.sync_states().map_err(|e| e.to_string())?,
             by_status: s.profile_status_counts().map_err(|e| e.to_string())?,
             events: s.event_counts_by_token().map_err(|e| e.to_string())?,
+            sinks: crate::sinks::sink_status(&s, &config).map_err(|e| e.to_string())?,
         })
     })
     .await
@@ -183,6 +185,35 @@ fn render_metrics(config: &Config, health: &Health, view: &DbView) -> String {
                 )
             })
             .collect(),
+    );
+    let sink = |f: &dyn Fn(&crate::sinks::SinkStatus) -> f64| -> Vec<(String, f64)> {
+        view.sinks
+            .iter()
+            .map(|s| {
+                (
+                    format!("sink=\"{}\",type=\"{}\"", label(&s.name), s.kind),
+                    f(s),
+                )
+            })
+            .collect()
+    };
+    family(
+        "adesync_sink_pending_events",
+        "gauge",
+        "Stored events the sink has not acknowledged yet.",
+        sink(&|s| s.pending as f64),
+    );
+    family(
+        "adesync_sink_oldest_pending_age_seconds",
+        "gauge",
+        "Age of the oldest event the sink has not acknowledged (0 when none).",
+        sink(&|s| s.oldest_pending_age_secs.unwrap_or(0) as f64),
+    );
+    family(
+        "adesync_sink_parked",
+        "gauge",
+        "1 while the sink is parked (a receiver refused an event; `adesync sinks resume`).",
+        sink(&|s| if s.state == "parked" { 1.0 } else { 0.0 }),
     );
     family(
         "adesync_events_total",

@@ -1,5 +1,5 @@
 //! All SQL: the SQLite mirror of Apple's devices, the change events and the per-token
-//! sync state.
+//! sync state. Event delivery's SQL (sink cursors, retention) is in `store/sinks.rs`.
 //!
 //! Key invariant: [`Store::apply_page`] writes one page's device rows, the events they
 //! cause and the cursor that follows the page in ONE transaction. The stored cursor
@@ -18,6 +18,12 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::{Map, Value};
 
 use crate::model::{is_older, Device, DeviceRecord, OpType, PageKind, DEVICE_FIELDS};
+
+mod sinks;
+pub use sinks::SinkState;
+
+mod accounts;
+pub use accounts::{StoredAccount, TokenFootprint};
 
 /// Schema migrations, applied in order against `PRAGMA user_version`.
 /// Never edit one that has shipped; append a new one.
@@ -59,9 +65,26 @@ const MIGRATIONS: &[&str] = &[
         serial_number TEXT NOT NULL,
         kind          TEXT NOT NULL CHECK (kind IN ('added', 'modified', 'deleted')),
         changes       TEXT NOT NULL,
-        occurred_at   TEXT NOT NULL
+        occurred_at   TEXT NOT NULL,
+        -- For `modified` events, the device as stored right after the change:
+        -- [serial_number, the named columns in order, extra_json], so an event delivered
+        -- or replayed days later carries the record it describes, not a later one.
+        -- `added`/`deleted` events need none: their `changes` list every field.
+        device_json   TEXT
     );
     CREATE INDEX events_device ON events (token_name, serial_number);
+    -- A trigger, because every write path stores the device row before its event, and
+    -- so the snapshot cannot be forgotten by a new one.
+    CREATE TRIGGER events_device_snapshot AFTER INSERT ON events WHEN NEW.kind = 'modified'
+    BEGIN
+        UPDATE events SET device_json = (
+            SELECT json_array(serial_number, model, description, color, asset_tag,
+                       profile_status, profile_uuid, profile_assign_time, profile_push_time,
+                       device_assigned_date, device_assigned_by, os, device_family, extra_json)
+            FROM devices
+            WHERE token_name = NEW.token_name AND serial_number = NEW.serial_number)
+        WHERE id = NEW.id;
+    END;
 
     CREATE TABLE sync_state (
         token_name      TEXT PRIMARY KEY,
@@ -77,9 +100,36 @@ const MIGRATIONS: &[&str] = &[
         last_error_at   TEXT
     );
 
+    -- Per token: the MDM server Apple's GET /account reports (the server_uuid guards
+    -- against mixing two servers' devices under one name), and which token-expiry
+    -- warning was last logged, so each threshold is logged once (see account.rs).
+    CREATE TABLE accounts (
+        token_name         TEXT PRIMARY KEY,
+        server_name        TEXT,
+        server_uuid        TEXT,
+        org_name           TEXT,
+        org_type           TEXT,    -- Apple's value: 'org' (ABM) or 'edu' (ASM)
+        org_id             TEXT,
+        admin_id           TEXT,
+        page_limit_max     INTEGER, -- smallest urls[].limit.maximum of fetch and sync
+        consumer_key       TEXT,    -- identifies the server's token; not a secret
+        checked_at         TEXT,    -- when GET /account last answered
+        token_expiry       TEXT,    -- expiry of the token the warning below is about
+        expiry_warned_days INTEGER  -- last threshold (30, 14, 7, 3, 1) warned about
+    );
+
     CREATE TABLE sink_cursors (
         sink_name     TEXT PRIMARY KEY,
-        last_event_id INTEGER NOT NULL DEFAULT 0
+        last_event_id INTEGER NOT NULL DEFAULT 0,
+        -- Delivery health, for `adesync sinks`, `status` and /metrics (see sinks/mod.rs).
+        last_delivered_at TEXT,
+        last_error        TEXT,
+        last_error_at     TEXT,
+        -- Set when the receiver refused a batch for good (a 4xx): the sink waits, so
+        -- nothing is skipped, until `adesync sinks resume` clears it.
+        parked_at         TEXT,
+        -- The receiver's Retry-After: no delivery to this sink before then.
+        retry_at          TEXT
     );
     "#,
 ];
@@ -268,6 +318,12 @@ pub struct DeviceFilter {
     pub serial: Option<String>,
     /// Include deleted devices (`Some(true)`: only deleted).
     pub deleted: Option<bool>,
+    /// Only this `profile_status`.
+    pub profile_status: Option<String>,
+    /// Only this model (case-insensitive).
+    pub model: Option<String>,
+    /// Only this `device_family` (case-insensitive).
+    pub family: Option<String>,
     /// At most this many.
     pub limit: Option<u64>,
 }
@@ -357,6 +413,18 @@ impl Store {
                     action: "migrate",
                     source,
                 })?;
+            // Another process opening the same new database (the daemon and a CLI
+            // command at once) may have applied it while this one waited for the lock.
+            let current: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    action: "migrate",
+                    source,
+                })?;
+            if current > i as i64 {
+                continue;
+            }
             tx.execute_batch(sql)
                 .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
                 .and_then(|_| tx.commit())
@@ -521,6 +589,21 @@ impl Store {
             args.push(s.clone().into());
             sql.push_str(&format!(" AND serial_number = ?{}", args.len()));
         }
+        if let Some(s) = &filter.profile_status {
+            args.push(s.clone().into());
+            sql.push_str(&format!(" AND profile_status = ?{}", args.len()));
+        }
+        if let Some(s) = &filter.model {
+            args.push(s.clone().into());
+            sql.push_str(&format!(" AND model = ?{} COLLATE NOCASE", args.len()));
+        }
+        if let Some(s) = &filter.family {
+            args.push(s.clone().into());
+            sql.push_str(&format!(
+                " AND device_family = ?{} COLLATE NOCASE",
+                args.len()
+            ));
+        }
         match filter.deleted {
             None => sql.push_str(" AND deleted_at IS NULL"),
             Some(true) => sql.push_str(" AND deleted_at IS NOT NULL"),
@@ -545,7 +628,8 @@ impl Store {
         rows.map_err(self.err("list devices"))
     }
 
-    /// Events with `id > after`, oldest first, with each device's current record.
+    /// Events with `id > after`, oldest first, each with the device as stored when the
+    /// event was written (its snapshot; the current row if there is none).
     pub fn events_after(
         &self,
         after: i64,
@@ -554,7 +638,7 @@ impl Store {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = format!(
             "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
-                    d.{cols}
+                    d.{cols}, e.device_json
              FROM events e LEFT JOIN devices d
                ON d.token_name = e.token_name AND d.serial_number = e.serial_number
              WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
@@ -569,16 +653,21 @@ impl Store {
             .query_map(params![after, token, limit as i64], |r| {
                 let changes: String = r.get(4)?;
                 let has_device: Option<String> = r.get(6)?;
+                let snapshot: Option<String> = r.get(20)?;
+                let (serial_number, kind): (String, String) = (r.get(2)?, r.get(3)?);
+                let changes = serde_json::from_str(&changes).unwrap_or(Value::Null);
+                let then = sinks::device_then(&kind, &serial_number, &changes, snapshot.as_deref());
                 Ok(StoredEvent {
                     id: r.get(0)?,
                     token_name: r.get(1)?,
-                    serial_number: r.get(2)?,
-                    kind: r.get(3)?,
-                    changes: serde_json::from_str(&changes).unwrap_or(Value::Null),
+                    serial_number,
+                    kind,
+                    changes,
                     occurred_at: r.get(5)?,
-                    device: match has_device {
-                        Some(_) => Some(device_from_row(r, 6)?),
-                        None => None,
+                    device: match (then, has_device) {
+                        (Some(d), _) => Some(d),
+                        (None, Some(_)) => Some(device_from_row(r, 6)?),
+                        (None, None) => None,
                     },
                 })
             })
@@ -636,31 +725,6 @@ impl Store {
                 |r| r.get::<_, i64>(0).map(|n| n as u64),
             )
             .map_err(self.err("count events"))
-    }
-
-    /// A sink's delivery cursor (0 when new).
-    pub fn sink_cursor(&self, sink: &str) -> Result<i64, StoreError> {
-        self.conn
-            .query_row(
-                "SELECT last_event_id FROM sink_cursors WHERE sink_name = ?1",
-                [sink],
-                |r| r.get(0),
-            )
-            .optional()
-            .map(|v| v.unwrap_or(0))
-            .map_err(self.err("read sink cursor"))
-    }
-
-    /// Moves a sink's delivery cursor.
-    pub fn set_sink_cursor(&mut self, sink: &str, last_event_id: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "INSERT INTO sink_cursors (sink_name, last_event_id) VALUES (?1, ?2)
-                 ON CONFLICT (sink_name) DO UPDATE SET last_event_id = excluded.last_event_id",
-                params![sink, last_event_id],
-            )
-            .map(drop)
-            .map_err(self.err("store sink cursor"))
     }
 
     /// The highest event id (0 when none).

@@ -152,6 +152,16 @@ pub enum SyncError {
     /// The daemon is shutting down; committed pages are kept.
     #[error("stopped by shutdown; the next run continues from the last committed page")]
     Cancelled,
+    /// The token now belongs to another MDM server than the stored devices came from.
+    #[error("token \"{token}\" now belongs to another MDM server: Apple reports {new_server}, but the devices stored for \"{token}\" came from {stored_server}; nothing was synced, so the two servers' devices are not mixed. If the token file was replaced by mistake, put back a token of {stored_server} (Apple Business/School Manager → Preferences → that server → Download Token, then `adesync token import --name {token} FILE`). If that server's stored devices are no longer wanted, run `adesync token forget {token} --purge` and sync again, or configure the new token under a new name")]
+    ServerChanged {
+        /// The token's configured name.
+        token: String,
+        /// The stored server, as "name (uuid)".
+        stored_server: String,
+        /// The server Apple reports now, as "name (uuid)".
+        new_server: String,
+    },
 }
 
 impl SyncError {
@@ -165,13 +175,14 @@ impl SyncError {
             SyncError::CursorLoop(_) => "cursor",
             SyncError::Writer(_) => "internal",
             SyncError::Cancelled => "cancelled",
+            SyncError::ServerChanged { .. } => "server_changed",
         }
     }
 
     /// Whether a person must act (token, terms, access) before a retry can succeed.
     pub fn needs_admin(&self) -> bool {
         match self {
-            SyncError::Token(_) => true,
+            SyncError::Token(_) | SyncError::ServerChanged { .. } => true,
             SyncError::Api(e) => e.needs_admin(),
             _ => false,
         }
@@ -197,8 +208,8 @@ pub struct RunSummary {
     pub duration: Duration,
 }
 
-/// Progress callback for a terminal: (pages, records) so far.
-pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+/// Progress callback for a terminal: (token, pages, records) so far in this run.
+pub type Progress = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
 enum WriterMsg {
     Page {
@@ -281,11 +292,17 @@ async fn run_inner(
     started: Instant,
     cancel: &CancellationToken,
 ) -> Result<RunSummary, SyncError> {
-    // Refuse an expired token before any call to Apple.
-    token
-        .token
-        .check_not_expired(&token.name, &token.token_file, chrono::Utc::now())?;
-    let client = AppleClient::new(token.token.clone(), client_settings(config, token))?;
+    // Re-read the token file every run, so a renewed token takes effect without a restart;
+    // refuse an expired token before any call to Apple.
+    let server_token = token.load_token()?;
+    server_token.check_not_expired(&token.name, &token.token_file, chrono::Utc::now())?;
+    let client = AppleClient::new(server_token.clone(), client_settings(config, token))?;
+    // Expiry warnings, GET /account, the same-server guard; caps the page size.
+    let page_size = crate::account::check(&client, &config.database, token, &server_token).await?;
+    let token = &TokenConfig {
+        page_size,
+        ..token.clone()
+    };
 
     let db = config.database.clone();
     let name = token.name.clone();
@@ -412,7 +429,7 @@ async fn drive(
         summary.pages += 1;
         summary.records += page.devices.len() as u64;
         if let Some(p) = progress {
-            p(summary.pages, summary.records);
+            p(&token.name, summary.pages, summary.records);
         }
         tracing::debug!(token = %token.name, ?kind, devices = page.devices.len(), more = page.more_to_follow, "page received");
         send(

@@ -1,8 +1,12 @@
 //! The server token: the OAuth 1.0a credentials Apple issues per device-management server.
 //!
-//! Owns reading a decrypted token file and checking its expiry. The secret values never
-//! leave this module in printable form: [`Secret`] redacts itself in `Debug` and
-//! `Display`, and no error carries the file's contents.
+//! Owns reading a token file — the decrypted JSON/text, or Apple's S/MIME `.p7m` decrypted
+//! with the configured private key (via [`crate::p7m`]) — and checking its expiry. The
+//! file is read again at every run
+//! ([`TokenConfig::load_token`](crate::config::TokenConfig::load_token)), so a renewed
+//! token takes effect without a restart. The secret values never leave this module in
+//! printable form: [`Secret`] redacts itself in `Debug` and `Display`, and no error
+//! carries the file's contents.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -86,8 +90,33 @@ pub enum TokenError {
         /// What is wrong, without any secret value.
         detail: String,
     },
+    /// The file is Apple's encrypted `.p7m` but no private key is configured.
+    #[error("server token file {path} is Apple's encrypted S/MIME file (.p7m); set private_key_file in this token's [[tokens]] entry to the private key made with `adesync token keygen` (the key whose certificate was uploaded to Apple Business/School Manager)")]
+    KeyRequired {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The private key cannot be used.
+    #[error(transparent)]
+    Key(#[from] crate::p7m::KeyError),
+    /// The `.p7m` does not decrypt with the key.
+    #[error("server token file {path}: {reason}")]
+    Decrypt {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong (wrong key, not CMS, truncated...).
+        reason: crate::p7m::P7mError,
+    },
+    /// The `.p7m` decrypts, but not to a server token.
+    #[error("server token file {path} decrypts, but not to a server token ({detail}); download the token again from Apple Business/School Manager")]
+    Content {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, without any secret value.
+        detail: String,
+    },
     /// The token's `access_token_expiry` has passed.
-    #[error("the server token for \"{name}\" expired at {expiry}; in Apple Business/School Manager open Preferences → your MDM server → Download Token, then replace {path}")]
+    #[error("the server token for \"{name}\" expired at {expiry}; in Apple Business/School Manager open Preferences → your MDM server → Download Token, then `adesync token import --name {name} FILE` (or replace {path})")]
     Expired {
         /// The token's configured name.
         name: String,
@@ -99,16 +128,60 @@ pub enum TokenError {
 }
 
 impl ServerToken {
-    /// Reads and validates a decrypted token file.
+    /// Reads and validates a token file that needs no key (the decrypted JSON or text);
+    /// a `.p7m` is refused with [`TokenError::KeyRequired`].
     pub fn load(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        Self::load_with_key(path, None)
+    }
+
+    /// Reads and validates a token file: the decrypted JSON or text as is, or Apple's
+    /// S/MIME `.p7m` decrypted with `private_key`. The format is told by the content, not
+    /// the file name.
+    pub fn load_with_key(path: &Path, private_key: Option<&Path>) -> Result<Self, TokenError> {
+        let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|detail| TokenError::Format {
+        if !crate::p7m::is_smime(&bytes) {
+            let text = String::from_utf8(bytes).map_err(|_| TokenError::Format {
+                path: path.to_owned(),
+                detail: "neither UTF-8 text nor an S/MIME .p7m".into(),
+            })?;
+            return Self::parse(&text).map_err(|detail| TokenError::Format {
+                path: path.to_owned(),
+                detail,
+            });
+        }
+        let key_path = private_key.ok_or_else(|| TokenError::KeyRequired {
+            path: path.to_owned(),
+        })?;
+        let key = crate::p7m::load_private_key(key_path)?;
+        let plain = crate::p7m::decrypt(&bytes, &key).map_err(|reason| TokenError::Decrypt {
+            path: path.to_owned(),
+            reason,
+        })?;
+        let text = String::from_utf8(plain).map_err(|_| TokenError::Content {
+            path: path.to_owned(),
+            detail: "the plaintext is not UTF-8 text".into(),
+        })?;
+        Self::parse(&text).map_err(|detail| TokenError::Content {
             path: path.to_owned(),
             detail,
         })
+    }
+
+    /// The decrypted token JSON, secrets included: only for writing a 0600 token file.
+    pub fn to_secret_json(&self) -> String {
+        serde_json::json!({
+            "consumer_key": self.consumer_key,
+            "consumer_secret": self.consumer_secret.expose(),
+            "access_token": self.access_token.expose(),
+            "access_secret": self.access_secret.expose(),
+            "access_token_expiry": self
+                .access_token_expiry
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        })
+        .to_string()
     }
 
     /// Parses the decrypted token: either bare JSON or the MIME-wrapped form Apple's
@@ -174,6 +247,14 @@ impl ServerToken {
     /// Whole days until expiry (negative once expired).
     pub fn days_left(&self, now: DateTime<Utc>) -> i64 {
         (self.access_token_expiry - now).num_days()
+    }
+}
+
+impl crate::config::TokenConfig {
+    /// Reads this token's file afresh (decrypting a `.p7m` with `private_key_file`). Each
+    /// run calls it, so a renewed token file takes effect at the next run, no restart.
+    pub fn load_token(&self) -> Result<ServerToken, TokenError> {
+        ServerToken::load_with_key(&self.token_file, self.private_key_file.as_deref())
     }
 }
 

@@ -3,8 +3,16 @@
 //! - `client`: the Apple client against wiremock (session, re-auth, rotation, errors, retries).
 //! - `sync`: whole sync passes against the bundled Apple simulator on 127.0.0.1.
 //! - `cli`: the built `adesync` binary, including a process killed mid-sync.
+//! - `sinks`: event delivery to a signed-webhook receiver, a program and a file: outages,
+//!   retries, parking, a process killed mid-delivery, replay, the event schema.
+//! - `daemon`: the service as a process: signals, /metrics, `status`, unit files.
+//! - `tokens`: `.p7m` tokens (made here with OpenSSL), `token` and `account` commands,
+//!   the same-server guard, expiry warnings, renewal without restart, purge.
 
 mod cli;
 mod client;
 mod common;
+mod daemon;
+mod sinks;
 mod sync;
+mod tokens;

@@ -408,7 +408,7 @@ fn authenticated(
         _ => None,
     };
 
-    let mut response = match endpoint {
+    let response = match endpoint {
         Endpoint::Account => {
             drop(state);
             json_ok(account(config, proto).to_string())
@@ -454,8 +454,7 @@ fn authenticated(
             }
         }
     };
-    response = with_session(response, rotated);
-    response
+    with_session(response, rotated)
 }
 
 fn cursor_error(config: &MockConfig, e: CursorError) -> Response {

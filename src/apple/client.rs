@@ -78,6 +78,37 @@ pub struct Account {
     /// Apple Account that downloaded the token.
     #[serde(default)]
     pub admin_id: Option<String>,
+    /// Apple's customer ID of the organisation (protocol 3+).
+    #[serde(default)]
+    pub org_id: Option<String>,
+    /// The endpoints this organisation may call, with page-size limits (protocol 3+).
+    #[serde(default)]
+    pub urls: Vec<AccountUrl>,
+}
+
+/// One entry of `/account`'s `urls` (doc §4.1).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct AccountUrl {
+    /// Path, e.g. `/server/devices`.
+    #[serde(default)]
+    pub uri: String,
+    /// Allowed methods.
+    #[serde(default)]
+    pub http_method: Vec<String>,
+    /// Page-size limits for paged endpoints.
+    #[serde(default)]
+    pub limit: Option<AccountLimit>,
+}
+
+/// `urls[].limit`: Apple's default and maximum `limit` for a paged endpoint.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+pub struct AccountLimit {
+    /// Used when a request names no `limit`.
+    #[serde(default)]
+    pub default: Option<u32>,
+    /// The largest `limit` accepted.
+    #[serde(default)]
+    pub maximum: Option<u32>,
 }
 
 #[derive(Serialize)]

@@ -6,5 +6,5 @@ pub mod client;
 pub mod error;
 pub mod oauth1;
 
-pub use client::{Account, AppleClient, ClientSettings, DevicePage};
+pub use client::{Account, AccountLimit, AccountUrl, AppleClient, ClientSettings, DevicePage};
 pub use error::{ApiError, CursorError, Endpoint};

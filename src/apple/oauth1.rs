@@ -114,11 +114,9 @@ mod tests {
         assert!(h.starts_with("OAuth realm=\"Photos\","), "{h}");
     }
 
-    /// RFC 5849 §1.2's request (without oauth_version). The RFC prints
-    /// "MdpQcU8iPSUjWoN/UDMsK2sui9I=", which does not match its own base string (a known
-    /// erratum); this is the HMAC-SHA1 of that base string, checked independently.
+    /// RFC 5849 §1.2's worked example (no oauth_version), verbatim.
     #[test]
-    fn rfc5849_section_1_2_request() {
+    fn rfc5849_section_1_2_example() {
         let t = token(
             "dpf43f3p2l4k3l03",
             "kd94hf93k423kf44",
@@ -132,15 +130,15 @@ mod tests {
             "GET",
             &url,
             &t,
-            None,
-            Some("chapoHaqsCN"),
+            Some("Photos"),
+            Some("chapoH"),
             Some(137131202),
             &params,
             false,
         );
         assert_eq!(
             param(&h, "oauth_signature"),
-            Some("UtJTDjVR07FXQfmFy7W37fgk3Gk%3D"),
+            Some("MdpQcU8iPSUjWoN%2FUDMsK2sui9I%3D"),
             "{h}"
         );
         assert!(param(&h, "oauth_version").is_none());

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""adesync benchmark: whole-process measurements of `adesync run --once` (release build)
+against the bundled Apple simulator running as a separate process on 127.0.0.1.
+
+For every scenario it reports the median, min and max of wall time, user+sys CPU and peak
+RSS of the adesync process, devices per second, and the simulator's CPU separately (so a
+slow simulator is visible, not hidden in adesync's figures). It also measures the floor:
+the same pages downloaded and parsed but not stored, and SQLite inserting the same number
+of rows with a prepared statement in one transaction.
+
+Usage:  bench/bench.py [--quick] [--runs N] [--sizes 10000,100000,1000000] [--markdown FILE]
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def build():
+    subprocess.run(
+        ["cargo", "build", "--release", "--workspace", "--bins", "--examples"],
+        cwd=ROOT,
+        check=True,
+    )
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def proc_cpu(pid):
+    """user+sys seconds a live process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Simulator:
+    def __init__(self, devices, workdir):
+        self.port = free_port()
+        self.token = os.path.join(workdir, "token.json")
+        self.proc = subprocess.Popen(
+            [
+                os.path.join(RELEASE, "adesync-mock"),
+                "--devices", str(devices),
+                "--port", str(self.port),
+                "--seed", "7",
+                "--write-token", self.token,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/_mock/stats", timeout=1).read()
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("simulator did not start")
+
+    def admin(self, path, body):
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        return urllib.request.urlopen(req, timeout=600).read()
+
+    def cpu(self):
+        return proc_cpu(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def write_config(workdir, sim, db="adesync.db"):
+    path = os.path.join(workdir, "config.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'database = "{db}"\n'
+            f'[[tokens]]\nname = "bench"\ntoken_file = "{sim.token}"\n'
+            f'api_url = "{sim.url}"\npage_size = 1000\n'
+        )
+    return path
+
+
+def run_measured(argv, env=None):
+    """Runs a command; returns (wall s, cpu s, peak RSS MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv} failed: {err[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def sync_once(config):
+    env = dict(os.environ, RUST_LOG="warn")
+    return run_measured([os.path.join(RELEASE, "adesync"), "--config", config, "run", "--once"], env)
+
+
+def summarize(name, devices, samples, sim_cpu):
+    walls = [s[0] for s in samples]
+    cpus = [s[1] for s in samples]
+    rss = [s[2] for s in samples]
+    med = statistics.median(walls)
+    return {
+        "scenario": name,
+        "devices": devices,
+        "runs": len(samples),
+        "wall_median": med,
+        "wall_min": min(walls),
+        "wall_max": max(walls),
+        "cpu_median": statistics.median(cpus),
+        "rss_median": statistics.median(rss),
+        "rss_max": max(rss),
+        "devices_per_s": devices / med if med > 0 else 0,
+        "cpu_us_per_device": statistics.median(cpus) / devices * 1e6 if devices else 0,
+        "sim_cpu_median": statistics.median(sim_cpu),
+    }
+
+
+def scenario_full_fetch(n, runs):
+    work = tempfile.mkdtemp(prefix="adesync-bench-")
+    sim = Simulator(n, work)
+    try:
+        config = write_config(work, sim)
+        samples, sim_cpu = [], []
+        for _ in range(runs):
+            for f in ("adesync.db", "adesync.db-wal", "adesync.db-shm"):
+                if os.path.exists(os.path.join(work, f)):
+                    os.remove(os.path.join(work, f))
+            c0 = sim.cpu()
+            samples.append(sync_once(config))
+            sim_cpu.append(sim.cpu() - c0)
+        return summarize(f"full fetch, fresh database", n, samples, sim_cpu), (sim, work, config)
+    except Exception:
+        sim.stop()
+        raise
+
+
+def scenario_incremental(sim, config, runs):
+    samples, sim_cpu = [], []
+    for _ in range(runs):
+        sim.admin("/_mock/devices", {"count": 60000})
+        sim.admin("/_mock/devices/modify", {"count": 30000})
+        sim.admin("/_mock/devices/delete", {"count": 10000})
+        c0 = sim.cpu()
+        samples.append(sync_once(config))
+        sim_cpu.append(sim.cpu() - c0)
+    return summarize("incremental: 60k added, 30k modified, 10k deleted", 100_000, samples, sim_cpu)
+
+
+def scenario_noop(sim, config, runs, store_size):
+    samples, sim_cpu = [], []
+    for _ in range(runs):
+        c0 = sim.cpu()
+        samples.append(sync_once(config))
+        sim_cpu.append(sim.cpu() - c0)
+    r = summarize(f"no-op sync, store of {store_size:,}", 0, samples, sim_cpu)
+    r["devices"] = store_size
+    r["devices_per_s"] = 0
+    return r
+
+
+def scenario_reconcile(sim, config, runs, store_size):
+    samples, sim_cpu = [], []
+    for _ in range(runs):
+        sim.admin("/_mock/clock/advance", {"seconds": 8 * 86400})
+        c0 = sim.cpu()
+        samples.append(sync_once(config))
+        sim_cpu.append(sim.cpu() - c0)
+    return summarize(f"expired cursor: full re-fetch + reconcile", store_size, samples, sim_cpu)
+
+
+def floor_parse(sim, n, runs):
+    samples, sim_cpu = [], []
+    exe = os.path.join(RELEASE, "examples", "fetch_floor")
+    for _ in range(runs):
+        c0 = sim.cpu()
+        samples.append(run_measured([exe, sim.url, sim.token, str(n)]))
+        sim_cpu.append(sim.cpu() - c0)
+    return summarize("floor: download + parse only, nothing stored", n, samples, sim_cpu)
+
+
+def floor_sqlite(n, runs):
+    samples = []
+    exe = os.path.join(RELEASE, "examples", "sqlite_floor")
+    for _ in range(runs):
+        work = tempfile.mkdtemp(prefix="adesync-floor-")
+        samples.append(run_measured([exe, os.path.join(work, "floor.db"), str(n)]))
+        shutil.rmtree(work)
+    return summarize("floor: SQLite prepared inserts, one transaction", n, samples, [0.0])
+
+
+def table(results):
+    lines = [
+        "| scenario | devices | wall median (min–max) | CPU user+sys | peak RSS | devices/s | CPU µs/device | simulator CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['scenario']} | {r['devices']:,} | {r['wall_median']:.3f} s ({r['wall_min']:.3f}–{r['wall_max']:.3f}) "
+            f"| {r['cpu_median']:.3f} s | {r['rss_median']:.1f} MiB (max {r['rss_max']:.1f}) "
+            f"| {r['devices_per_s']:,.0f} | {r['cpu_us_per_device']:.2f} | {r['sim_cpu_median']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--quick", action="store_true", help="1 run each, sizes 10k and 100k")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--markdown", help="also write the table to this file")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs, args.sizes = 1, "10000,100000"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if not args.no_build:
+        build()
+
+    results = []
+    largest = None
+    for n in sizes:
+        r, ctx = scenario_full_fetch(n, args.runs)
+        results.append(r)
+        print(table([r]).splitlines()[-1], flush=True)
+        if largest:
+            largest[0].stop()
+        largest = ctx + (n,)
+    sim, work, config, n = largest
+    try:
+        for r in (
+            floor_parse(sim, n, args.runs),
+            floor_sqlite(n, args.runs),
+            scenario_noop(sim, config, args.runs, n),
+            scenario_incremental(sim, config, args.runs),
+            scenario_reconcile(sim, config, args.runs, n),
+        ):
+            results.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
+    finally:
+        sim.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    out = table(results)
+    print("\n" + out)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(out + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

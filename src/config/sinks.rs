@@ -1,0 +1,513 @@
+//! The `[[sinks]]` tables and `event_retention`: raw TOML → typed [`SinkConfig`]s.
+//!
+//! Each sink type accepts only its own keys, and every value is checked here, so a
+//! delivery pass never meets a bad setting. A webhook's signing secret is read from its
+//! file at load time (the file must be private to its owner) and is never printed: its
+//! type's `Debug` redacts it and no error quotes it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{duration, parse_api_url, resolve, ConfigError};
+
+/// Most events one webhook request or command run may carry.
+pub const MAX_BATCH_LIMIT: usize = 1000;
+/// Events kept by default after every sink has them: 90 days.
+pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Shortest signing secret accepted, in bytes.
+const MIN_SECRET_LEN: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSink {
+    pub(super) name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    path: Option<String>,
+    url: Option<String>,
+    secret_file: Option<PathBuf>,
+    command: Option<Vec<String>>,
+    max_batch: Option<i64>,
+    timeout: Option<String>,
+}
+
+/// An event sink: a named destination with its own delivery cursor.
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    /// Unique name; keys the sink's delivery cursor in `sink_cursors`.
+    pub name: String,
+    /// What kind of sink, and its settings.
+    pub kind: SinkKind,
+}
+
+/// The sink types.
+#[derive(Clone, Debug)]
+pub enum SinkKind {
+    /// JSON lines appended to a file or written to standard output.
+    Jsonl(JsonlTarget),
+    /// Signed HTTPS POSTs.
+    Webhook(WebhookConfig),
+    /// A program that reads JSON lines on its standard input.
+    Command(CommandConfig),
+}
+
+impl SinkKind {
+    /// The `type` value in the config file.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkKind::Jsonl(_) => "jsonl",
+            SinkKind::Webhook(_) => "webhook",
+            SinkKind::Command(_) => "command",
+        }
+    }
+}
+
+/// Destination of a `jsonl` sink.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JsonlTarget {
+    /// Standard output (`path = "-"`).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// A `webhook` sink.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// Where events are POSTed (https; plain http only to loopback).
+    pub url: reqwest::Url,
+    /// The file the signing secret was read from (for messages; never its content).
+    pub secret_file: PathBuf,
+    /// The HMAC-SHA256 signing secret.
+    pub secret: WebhookSecret,
+    /// Events per request: 1 sends one event object, more sends a JSON array.
+    pub max_batch: usize,
+    /// Timeout of one request (connect + response).
+    pub timeout: Duration,
+}
+
+/// A `command` sink.
+#[derive(Clone, Debug)]
+pub struct CommandConfig {
+    /// The program and its arguments, run without a shell.
+    pub argv: Vec<String>,
+    /// Events per run, written as JSON lines to its standard input.
+    pub max_batch: usize,
+    /// How long one run may take before it is killed and retried later.
+    pub timeout: Duration,
+}
+
+/// A webhook signing secret. `Debug` and `Display` never show it.
+#[derive(Clone)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl WebhookSecret {
+    /// Wraps secret bytes (leading and trailing whitespace are the caller's business).
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+    /// The secret, for computing signatures only.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WebhookSecret(<redacted>)")
+    }
+}
+
+/// Reads `event_retention`: a duration of at least one hour, or `"forever"` (None).
+pub(super) fn parse_retention(text: Option<&str>) -> Result<Option<Duration>, String> {
+    match text.map(str::trim) {
+        None => Ok(Some(DEFAULT_EVENT_RETENTION)),
+        Some("forever") => Ok(None),
+        Some(t) => {
+            let d = duration(Some(t), DEFAULT_EVENT_RETENTION)?;
+            if d < Duration::from_secs(3600) {
+                return Err(format!(
+                    "{t:?} is shorter than 1h; keep events at least a day (e.g. \"90d\"), or write \"forever\""
+                ));
+            }
+            Ok(Some(d))
+        }
+    }
+}
+
+/// Formats a retention the way it is written in the file (`"90d"`), or `"forever"`.
+pub(super) fn format_retention(r: Option<Duration>) -> String {
+    match r {
+        None => "forever".into(),
+        Some(d) if d.as_secs() % 86_400 == 0 => format!("{}d", d.as_secs() / 86_400),
+        Some(d) => humantime::format_duration(d).to_string(),
+    }
+}
+
+/// Turns `sinks[i]` into a [`SinkConfig`]. The name was checked by the caller.
+pub(super) fn resolve_sink(
+    i: usize,
+    raw: RawSink,
+    base: &Path,
+    file: &Path,
+) -> Result<SinkConfig, ConfigError> {
+    let invalid = |k: &str, reason: String| ConfigError::Invalid {
+        path: file.to_owned(),
+        key: format!("sinks[{i}].{k}"),
+        reason,
+    };
+    // Keys a type does not take are refused by name, so a typo cannot pass silently.
+    let allowed: &[&str] = match raw.kind.as_str() {
+        "jsonl" => &["path"],
+        "webhook" => &["url", "secret_file", "max_batch", "timeout"],
+        "command" => &["command", "max_batch", "timeout"],
+        other => {
+            return Err(invalid(
+                "type",
+                format!("unknown sink type \"{other}\"; supported: jsonl, webhook, command"),
+            ))
+        }
+    };
+    let present = [
+        ("path", raw.path.is_some()),
+        ("url", raw.url.is_some()),
+        ("secret_file", raw.secret_file.is_some()),
+        ("command", raw.command.is_some()),
+        ("max_batch", raw.max_batch.is_some()),
+        ("timeout", raw.timeout.is_some()),
+    ];
+    for (k, set) in present {
+        if set && !allowed.contains(&k) {
+            return Err(invalid(
+                k,
+                format!(
+                    "not a setting of a {} sink (it takes: {})",
+                    raw.kind,
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    let max_batch = |default: usize| match raw.max_batch {
+        None => Ok(default),
+        Some(n) if (1..=MAX_BATCH_LIMIT as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(invalid(
+            "max_batch",
+            format!("{n} is out of range; use 1..={MAX_BATCH_LIMIT}"),
+        )),
+    };
+    let timeout = |default: Duration| {
+        let d = duration(raw.timeout.as_deref(), default).map_err(|r| invalid("timeout", r))?;
+        if d.is_zero() {
+            return Err(invalid("timeout", "must be more than 0s".into()));
+        }
+        Ok(d)
+    };
+    let kind = match raw.kind.as_str() {
+        "jsonl" => SinkKind::Jsonl(match raw.path.as_deref() {
+            None | Some("-") => JsonlTarget::Stdout,
+            Some(p) => JsonlTarget::File(resolve(base, PathBuf::from(p))),
+        }),
+        "webhook" => {
+            let text = raw
+                .url
+                .as_deref()
+                .ok_or_else(|| invalid("url", "a webhook sink needs url = \"https://…\"".into()))?;
+            let url = parse_api_url(text).map_err(|r| invalid("url", r))?;
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(invalid(
+                    "url",
+                    "must not carry a user name or password: it would show in logs; receivers authenticate requests by their signature".into(),
+                ));
+            }
+            let secret_file = resolve(
+                base,
+                raw.secret_file.clone().ok_or_else(|| {
+                    invalid(
+                        "secret_file",
+                        "a webhook sink needs secret_file, a file (mode 0600) holding the signing secret; create one with `openssl rand -hex 32 > FILE && chmod 600 FILE`".into(),
+                    )
+                })?,
+            );
+            let secret = read_secret(&secret_file).map_err(|r| invalid("secret_file", r))?;
+            SinkKind::Webhook(WebhookConfig {
+                url,
+                secret_file,
+                secret,
+                max_batch: max_batch(1)?,
+                timeout: timeout(Duration::from_secs(10))?,
+            })
+        }
+        _ => {
+            let argv = raw.command.clone().unwrap_or_default();
+            if argv.first().is_none_or(|p| p.trim().is_empty()) {
+                return Err(invalid(
+                    "command",
+                    "a command sink needs command = [\"/path/to/program\", \"arg\", …] (run without a shell)".into(),
+                ));
+            }
+            let mut argv = argv;
+            // A program named with a path is checked now (relative to the config file);
+            // a bare name is looked up in PATH when it runs.
+            if argv[0].contains('/') {
+                let p = resolve(base, PathBuf::from(&argv[0]));
+                if !p.is_file() {
+                    return Err(invalid(
+                        "command",
+                        format!("program {} does not exist", p.display()),
+                    ));
+                }
+                argv[0] = p.display().to_string();
+            }
+            SinkKind::Command(CommandConfig {
+                argv,
+                max_batch: max_batch(1000)?,
+                timeout: timeout(Duration::from_secs(60))?,
+            })
+        }
+    };
+    Ok(SinkConfig {
+        name: raw.name,
+        kind,
+    })
+}
+
+/// Reads a signing secret: the file must be private to its owner, and the secret (its
+/// content without surrounding whitespace) long enough. Messages never quote it.
+fn read_secret(path: &Path) -> Result<WebhookSecret, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "secret file {shown} has mode {mode:04o}, so others can read the signing secret; run `chmod 600 {shown}`"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
+    let secret = bytes.trim_ascii();
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "secret file {shown} holds {} bytes; a signing secret needs at least {MIN_SECRET_LEN}: `openssl rand -hex 32 > {shown}`",
+            secret.len()
+        ));
+    }
+    Ok(WebhookSecret::new(secret))
+}
+
+/// The sink as TOML for `check-config`; the secret stays in its file.
+pub(super) fn sink_to_toml(out: &mut String, k: &SinkConfig) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "\n[[sinks]]");
+    let _ = writeln!(out, "name = {:?}", k.name);
+    let _ = writeln!(out, "type = \"{}\"", k.kind.type_name());
+    let secs = |d: Duration| humantime::format_duration(d).to_string();
+    match &k.kind {
+        SinkKind::Jsonl(JsonlTarget::Stdout) => {
+            let _ = writeln!(out, "path = \"-\"");
+        }
+        SinkKind::Jsonl(JsonlTarget::File(p)) => {
+            let _ = writeln!(out, "path = {:?}", p.display().to_string());
+        }
+        SinkKind::Webhook(w) => {
+            let _ = writeln!(out, "url = {:?}", w.url.as_str());
+            let _ = writeln!(
+                out,
+                "secret_file = {:?}  # secret redacted",
+                w.secret_file.display().to_string()
+            );
+            let _ = writeln!(out, "max_batch = {}", w.max_batch);
+            let _ = writeln!(out, "timeout = {:?}", secs(w.timeout));
+        }
+        SinkKind::Command(c) => {
+            let _ = writeln!(out, "command = {:?}", c.argv);
+            let _ = writeln!(out, "max_batch = {}", c.max_batch);
+            let _ = writeln!(out, "timeout = {:?}", secs(c.timeout));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::super::Config;
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("acme.json"),
+            r#"{"consumer_key":"CK_1234567890","consumer_secret":"CS_s","access_token":"AT_s",
+               "access_secret":"AS_s","access_token_expiry":"2099-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        write_secret(&dir, "hook.secret", &format!("{SECRET}\n"), 0o600);
+        dir
+    }
+
+    fn write_secret(dir: &tempfile::TempDir, name: &str, text: &str, mode: u32) {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn parse(dir: &tempfile::TempDir, sinks: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "database = \"a.db\"\n[[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n{sinks}"
+        );
+        Config::parse(&text, &dir.path().join("config.toml"))
+    }
+
+    fn key_of(e: ConfigError) -> (String, String) {
+        match e {
+            ConfigError::Invalid { key, reason, .. } => (key, reason),
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn webhook_sinks_read_their_secret_and_never_show_it() {
+        let d = dir();
+        let c = parse(
+            &d,
+            "[[sinks]]\nname = \"cmdb\"\ntype = \"webhook\"\nurl = \"https://cmdb.example.com/hook\"\nsecret_file = \"hook.secret\"\nmax_batch = 50\n",
+        )
+        .unwrap();
+        let SinkKind::Webhook(w) = &c.sinks[0].kind else {
+            panic!("not a webhook")
+        };
+        assert_eq!(w.secret.expose(), SECRET.as_bytes(), "whitespace trimmed");
+        assert_eq!((w.max_batch, w.timeout), (50, Duration::from_secs(10)));
+        assert!(!format!("{c:?}").contains(SECRET));
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(shown.contains("type = \"webhook\""), "{shown}");
+        assert!(shown.contains("event_retention = \"90d\""), "{shown}");
+    }
+
+    #[test]
+    fn a_secret_file_others_can_read_is_refused_with_the_fix() {
+        let d = dir();
+        write_secret(&d, "open.secret", SECRET, 0o644);
+        let (key, reason) = key_of(
+            parse(
+                &d,
+                "[[sinks]]\nname = \"h\"\ntype = \"webhook\"\nurl = \"https://x.example\"\nsecret_file = \"open.secret\"\n",
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(key, "sinks[0].secret_file");
+        assert!(
+            reason.contains("0644") && reason.contains("chmod 600"),
+            "{reason}"
+        );
+        assert!(!reason.contains(SECRET));
+    }
+
+    #[test]
+    fn bad_sink_settings_name_their_key() {
+        let d = dir();
+        write_secret(&d, "short.secret", "abc", 0o600);
+        let hook = "[[sinks]]\nname = \"h\"\ntype = \"webhook\"\n";
+        let cases = [
+            (format!("{hook}url = \"http://10.0.0.1/x\"\nsecret_file = \"hook.secret\"\n"), "sinks[0].url"),
+            (format!("{hook}url = \"https://u:p@x.example/\"\nsecret_file = \"hook.secret\"\n"), "sinks[0].url"),
+            (format!("{hook}url = \"https://x.example/\"\n"), "sinks[0].secret_file"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"short.secret\"\n"), "sinks[0].secret_file"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\nmax_batch = 0\n"), "sinks[0].max_batch"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\npath = \"x\"\n"), "sinks[0].path"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\ntimeout = \"0s\"\n"), "sinks[0].timeout"),
+            ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = []\n".into(), "sinks[0].command"),
+            ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = [\"./missing.sh\"]\n".into(), "sinks[0].command"),
+            ("[[sinks]]\nname = \"q\"\ntype = \"kafka\"\n".into(), "sinks[0].type"),
+        ];
+        for (text, key) in cases {
+            let (k, reason) = key_of(parse(&d, &text).unwrap_err());
+            assert_eq!(k, key, "{reason}");
+        }
+        // A top-level key goes before the first table.
+        let text = "event_retention = \"10m\"\ndatabase = \"a.db\"\n[[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n";
+        let e = Config::parse(text, &d.path().join("config.toml")).unwrap_err();
+        assert_eq!(key_of(e).0, "event_retention");
+    }
+
+    #[test]
+    fn command_sinks_resolve_a_relative_program_and_keep_a_bare_name() {
+        let d = dir();
+        std::fs::write(d.path().join("hook.sh"), "#!/bin/sh\ncat\n").unwrap();
+        let c = parse(
+            &d,
+            "[[sinks]]\nname = \"a\"\ntype = \"command\"\ncommand = [\"./hook.sh\", \"--x\"]\n\
+             [[sinks]]\nname = \"b\"\ntype = \"command\"\ncommand = [\"logger\", \"-t\", \"adesync\"]\ntimeout = \"5s\"\nmax_batch = 10\n",
+        )
+        .unwrap();
+        let SinkKind::Command(a) = &c.sinks[0].kind else {
+            panic!()
+        };
+        assert_eq!(a.argv[0], d.path().join("./hook.sh").display().to_string());
+        assert_eq!((a.max_batch, a.timeout), (1000, Duration::from_secs(60)));
+        let SinkKind::Command(b) = &c.sinks[1].kind else {
+            panic!()
+        };
+        assert_eq!(b.argv, ["logger", "-t", "adesync"]);
+        assert_eq!((b.max_batch, b.timeout), (10, Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_example_sinks_are_valid_once_uncommented() {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
+        let d = dir();
+        std::fs::write(d.path().join("tickets"), "#!/bin/sh\ncat\n").unwrap();
+        let section = &example[example.find("# Event sinks").unwrap()..];
+        let sinks: String = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            // Keep tables, `key = value` lines and nested comments; drop the prose.
+            .filter(|l| {
+                let key = l.split(" = ").next().unwrap_or("");
+                l.starts_with("[[sinks]]")
+                    || l.starts_with('#')
+                    || (l.contains(" = ")
+                        && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace("/etc/adesync/cmdb.secret", "hook.secret")
+            .replace("/usr/local/bin/adesync-to-tickets", "./tickets");
+        let retention = example
+            .lines()
+            .find_map(|l| l.strip_prefix("# event_retention"))
+            .unwrap();
+        let text = format!(
+            "event_retention{retention}\ndatabase = \"a.db\"\n[[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n{sinks}"
+        );
+        let c = Config::parse(&text, &d.path().join("config.toml")).unwrap();
+        let types: Vec<&str> = c.sinks.iter().map(|s| s.kind.type_name()).collect();
+        assert_eq!(types, ["jsonl", "jsonl", "webhook", "command"]);
+        assert_eq!(c.event_retention, Some(DEFAULT_EVENT_RETENTION));
+    }
+
+    #[test]
+    fn retention_defaults_to_90_days_and_can_be_forever() {
+        assert_eq!(
+            parse_retention(None).unwrap(),
+            Some(DEFAULT_EVENT_RETENTION)
+        );
+        assert_eq!(parse_retention(Some("forever")).unwrap(), None);
+        assert_eq!(
+            parse_retention(Some("30d")).unwrap(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(format_retention(Some(DEFAULT_EVENT_RETENTION)), "90d");
+        assert_eq!(format_retention(None), "forever");
+    }
+}

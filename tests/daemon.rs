@@ -1,0 +1,431 @@
+//! The daemon as a process: signals, the metrics listener, `status`, and the unit files.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{assert_mirrors, event_counts, write_token, Env};
+
+fn adesync(env: &Env) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
+    c.arg("--config")
+        .arg(&env.config_path)
+        .env("RUST_LOG", "info");
+    c
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Polls `f` every 50 ms until it is true or `limit` passes.
+async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+async fn wait_exit(mut child: Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        None
+    })
+    .await
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_large_fetch_exits_0_and_loses_nothing() {
+    let env = Env::new(100_000, 1000).await;
+    let mut cmd = adesync(&env);
+    cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    // Wait until the fetch is under way (some pages committed), then stop it.
+    let db = env.path("adesync.db");
+    let started = wait_for(Duration::from_secs(30), || {
+        db.exists()
+            && adesync::store::Store::open(&db)
+                .and_then(|s| s.device_counts("acme"))
+                .is_ok_and(|(n, _)| n > 0)
+    })
+    .await;
+    assert!(started, "the daemon never committed a page");
+    signal(&child, "TERM");
+    let status = wait_exit(child, Duration::from_secs(10))
+        .await
+        .expect("exits within 10 s of SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    // A consistent prefix: every stored device has exactly one added event.
+    let store = env.store();
+    let stored = store.device_counts("acme").unwrap().0 as usize;
+    assert!(
+        stored < 100_000,
+        "the fetch finished before SIGTERM; nothing was interrupted"
+    );
+    assert_eq!(event_counts(&store), (stored, 0, 0));
+    // The next run completes the mirror without doubling anything.
+    let out = tokio::task::spawn_blocking({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        move || c.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    assert_mirrors(&env.store(), &env.mock);
+    assert_eq!(event_counts(&env.store()), (100_000, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_syncs_now_and_metrics_and_healthz_answer() {
+    let port = free_port();
+    let env = Env::with(
+        adesync_mock::MockConfig {
+            devices: 250,
+            ..Default::default()
+        },
+        100,
+        &format!(
+            "schedule = \"1h\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[sinks]]\nname = \"archive\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n"
+        ),
+    )
+    .await;
+    // `schedule` lands in the token's table (a per-token schedule), [http] is top-level.
+
+    let mut cmd = adesync(&env);
+    cmd.arg("run")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.path("daemon.log")).unwrap());
+    let child = cmd.spawn().unwrap();
+    let db = env.path("adesync.db");
+    let log = env.path("daemon.log");
+    let synced = |n: u64| {
+        let db = db.clone();
+        move || {
+            adesync::store::Store::open(&db)
+                .and_then(|s| s.device_counts("acme"))
+                .is_ok_and(|(c, _)| c == n)
+        }
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), synced(250)).await,
+        "first sync: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    // /metrics in Prometheus text format.
+    let base = format!("http://127.0.0.1:{port}");
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    let mut devices = 0.0;
+    let mut seen = std::collections::HashSet::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name_labels, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad sample {line}"));
+        let name = name_labels.split('{').next().unwrap();
+        seen.insert(name.to_owned());
+        if name == "adesync_devices" {
+            assert!(name_labels.contains("token=\"acme\""));
+            devices += value;
+        }
+    }
+    assert_eq!(devices, 250.0, "{text}");
+    for m in [
+        "adesync_last_success_timestamp_seconds",
+        "adesync_sync_duration_seconds",
+        "adesync_token_expiry_timestamp_seconds",
+        "adesync_events_total",
+        "adesync_token_parked",
+        "adesync_sink_pending_events",
+        "adesync_sink_oldest_pending_age_seconds",
+    ] {
+        assert!(seen.contains(m), "{m} missing from\n{text}");
+    }
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // SIGHUP: sync now, long before the 1h schedule.
+    env.mock.add_devices(7);
+    signal(&child, "HUP");
+    assert!(
+        wait_for(Duration::from_secs(20), synced(257)).await,
+        "SIGHUP did not sync"
+    );
+
+    signal(&child, "TERM");
+    let status = wait_exit(child, Duration::from_secs(10))
+        .await
+        .expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exit_code_says_whether_attention_is_needed() {
+    let env = Env::new(40, 100).await;
+    let status = |env: &Env| {
+        let mut c = adesync(env);
+        c.arg("status");
+        c
+    };
+    let run = |mut c: Command| tokio::task::spawn_blocking(move || c.output().unwrap());
+    // Never synced: attention.
+    let out = run(status(&env)).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("never synced"));
+    // Synced: all well.
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    assert!(run(once).await.unwrap().status.success());
+    let out = run(status(&env)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("acme") && text.contains(" 40 ") && text.contains("ok"),
+        "{text}"
+    );
+    // JSON for scripts.
+    let mut json = status(&env);
+    json.args(["--format", "json"]);
+    let out = run(json).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["devices"], 40);
+    assert_eq!(v["phase"], "sync");
+    // A token expiring in 10 days needs attention.
+    write_token(
+        &env.path("acme.json"),
+        &adesync_mock::Credentials::depsim(),
+        10,
+    );
+    let out = run(status(&env)).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("expires in"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A failed sync needs attention and says why.
+    write_token(
+        &env.path("acme.json"),
+        &adesync_mock::Credentials::depsim(),
+        365,
+    );
+    env.mock.expire_sessions();
+    env.mock.push_fault(
+        adesync_mock::Endpoint::Session,
+        adesync_mock::Fault {
+            times: 1,
+            kind: adesync_mock::FaultKind::Status {
+                status: 403,
+                body: "T_C_NOT_SIGNED".into(),
+                headers: vec![],
+            },
+        },
+    );
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    assert_eq!(run(once).await.unwrap().status.code(), Some(1));
+    let out = run(status(&env)).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("parked") && text.contains("accept"), "{text}");
+}
+
+#[tokio::test]
+async fn device_and_filtered_listings() {
+    let env = Env::new(60, 100).await;
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    assert!(tokio::task::spawn_blocking(move || once.output().unwrap())
+        .await
+        .unwrap()
+        .status
+        .success());
+    let serial = env.mock.serials()[3].clone();
+    env.mock.modify_devices(std::slice::from_ref(&serial));
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    assert!(tokio::task::spawn_blocking(move || once.output().unwrap())
+        .await
+        .unwrap()
+        .status
+        .success());
+
+    let run = |args: Vec<String>| {
+        let mut c = adesync(&env);
+        c.args(args);
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+    };
+    let out = run(vec![
+        "device".into(),
+        serial.clone(),
+        "--format".into(),
+        "json".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["serial_number"], serial.as_str());
+    let kinds: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["device.added", "device.modified"]);
+    let out = run(vec!["device".into(), "NOSUCHSERIAL".into()])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
+    // --family filters to exactly the simulator's devices of that family.
+    let truth = env.mock.devices();
+    let ipads = truth
+        .iter()
+        .filter(|d| d["device_family"] == "iPad")
+        .count();
+    let out = run(vec![
+        "devices".into(),
+        "--family".into(),
+        "ipad".into(),
+        "--format".into(),
+        "json".into(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), ipads);
+    let out = run(vec![
+        "events".into(),
+        "--kind".into(),
+        "modified".into(),
+        "--format".into(),
+        "json".into(),
+    ])
+    .await
+    .unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].contains(&serial));
+}
+
+#[test]
+fn completions_and_man_page_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_adesync"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("check-config"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_adesync"))
+        .arg("man")
+        .output()
+        .unwrap();
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH adesync"),
+        "{man}"
+    );
+}
+
+#[test]
+fn the_unit_file_has_the_required_directives_and_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/adesync.service"
+    ))
+    .unwrap();
+    for directive in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=78",
+        "User=adesync",
+        "StateDirectory=adesync",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "SystemCallFilter=@system-service",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
+        assert!(unit.contains(directive), "{directive} missing");
+    }
+    let timer = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/adesync-once.timer"
+    ))
+    .unwrap();
+    assert!(timer.contains("OnUnitActiveSec="));
+    // Where systemd is installed, let it check the units too.
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "adesync.service",
+            "adesync-once.service",
+            "adesync-once.timer",
+        ] {
+            let text =
+                std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR")))
+                    .unwrap()
+                    .replace("/usr/local/bin/adesync", env!("CARGO_BIN_EXE_adesync"));
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg("--man=no")
+            .arg(dir.path().join("adesync.service"))
+            .arg(dir.path().join("adesync-once.service"))
+            .arg(dir.path().join("adesync-once.timer"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Only complaints about the unit files matter (not about the host's own units).
+        let ours: Vec<&str> = err.lines().filter(|l| l.contains("adesync")).collect();
+        assert!(ours.is_empty(), "{err}");
+    }
+}

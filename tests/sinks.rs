@@ -1,0 +1,766 @@
+//! Event delivery end to end: syncs against the Apple simulator, then sinks that deliver
+//! to a real HTTP receiver on 127.0.0.1 (which checks every signature itself), to a
+//! program, and to a file — including receivers that are down, failing, refusing, slow,
+//! and a process killed while delivering.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adesync::sinks::{deliver_all, sink_status, SinkError, SinkStatus};
+use adesync::syncer::run_all_once;
+use adesync_mock::MockConfig;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::common::Env;
+
+const SECRET: &str = "receiver-shared-secret-0123456789";
+
+/// How the receiver answers one request.
+#[derive(Clone, Debug)]
+enum Reply {
+    /// This status, with an optional Retry-After and body.
+    Status(u16, Option<&'static str>, &'static str),
+    /// Wait until the test releases it, then 200.
+    Hold,
+}
+
+/// One request the receiver saw, in arrival order.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// The answer (0 while held).
+    status: u16,
+    /// The raw body.
+    body: Vec<u8>,
+    /// The events in it.
+    events: Vec<Value>,
+}
+
+struct Shared {
+    script: Mutex<VecDeque<Reply>>,
+    seen: Mutex<Vec<Seen>>,
+    bad_signatures: Mutex<u32>,
+    arrived: Notify,
+    gate: Semaphore,
+}
+
+/// A webhook receiver on 127.0.0.1 that verifies signatures as the README tells
+/// receivers to, and answers from a script (then 200).
+struct Receiver {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn hook(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, String) {
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (ts, sig) = (header("x-adesync-timestamp"), header("x-adesync-signature"));
+    // The README's recipe, done independently of adesync's own code.
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{ts}.").as_bytes());
+    mac.update(&body);
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let fresh = ts
+        .parse::<i64>()
+        .is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() <= 300);
+    if !fresh || sig != format!("v1={want}") {
+        *s.bad_signatures.lock().unwrap() += 1;
+        return (
+            StatusCode::UNAUTHORIZED,
+            HeaderMap::new(),
+            "bad signature".into(),
+        );
+    }
+    let events = match serde_json::from_slice::<Value>(&body).unwrap() {
+        Value::Array(items) => items,
+        one => vec![one],
+    };
+    let reply = s.script.lock().unwrap().pop_front();
+    let index = {
+        let mut seen = s.seen.lock().unwrap();
+        seen.push(Seen {
+            status: 0,
+            body: body.to_vec(),
+            events,
+        });
+        seen.len() - 1
+    };
+    let (status, retry_after, text) = match reply {
+        None => (200, None, "ok"),
+        Some(Reply::Status(code, ra, text)) => (code, ra, text),
+        Some(Reply::Hold) => {
+            s.arrived.notify_one();
+            s.gate.acquire().await.unwrap().forget();
+            (200, None, "ok")
+        }
+    };
+    s.seen.lock().unwrap()[index].status = status;
+    let mut h = HeaderMap::new();
+    if let Some(ra) = retry_after {
+        h.insert("retry-after", ra.parse().unwrap());
+    }
+    (StatusCode::from_u16(status).unwrap(), h, text.into())
+}
+
+impl Receiver {
+    async fn start(script: Vec<Reply>) -> Receiver {
+        Self::on(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            script,
+        )
+    }
+
+    async fn on_port(port: u16, script: Vec<Reply>) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        Self::on(listener, script)
+    }
+
+    fn on(listener: tokio::net::TcpListener, script: Vec<Reply>) -> Receiver {
+        let shared = Arc::new(Shared {
+            script: Mutex::new(script.into()),
+            seen: Mutex::default(),
+            bad_signatures: Mutex::default(),
+            arrived: Notify::new(),
+            gate: Semaphore::new(0),
+        });
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(shared.clone());
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver {
+            addr,
+            shared,
+            server,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn script(&self, replies: Vec<Reply>) {
+        self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        assert_eq!(
+            *self.shared.bad_signatures.lock().unwrap(),
+            0,
+            "a request had a bad signature"
+        );
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// Ids of the events it accepted (answered 2xx), in arrival order.
+    fn accepted_ids(&self) -> Vec<i64> {
+        self.seen()
+            .iter()
+            .filter(|s| (200..300).contains(&s.status))
+            .flat_map(|s| s.events.iter().map(|e| e["id"].as_i64().unwrap()))
+            .collect()
+    }
+
+    async fn wait_until_held(&self) {
+        tokio::time::timeout(Duration::from_secs(120), self.shared.arrived.notified())
+            .await
+            .expect("the receiver never got the request it should hold");
+    }
+
+    fn release(&self) {
+        self.shared.gate.add_permits(1000);
+    }
+}
+
+/// A port with nothing listening on it (yet).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn webhook_toml(name: &str, url: &str, max_batch: usize, timeout: &str) -> String {
+    format!(
+        "[[sinks]]\nname = \"{name}\"\ntype = \"webhook\"\nurl = \"{url}\"\nsecret_file = \"hook.secret\"\nmax_batch = {max_batch}\ntimeout = \"{timeout}\"\n"
+    )
+}
+
+/// A simulator with `devices` devices and the given sinks; the webhook secret file is in place.
+async fn env_with(devices: usize, sinks: &str) -> Env {
+    let env = Env::with(
+        MockConfig {
+            devices,
+            ..Default::default()
+        },
+        1000,
+        sinks,
+    )
+    .await;
+    let secret = env.path("hook.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    env
+}
+
+async fn sync(env: &Env) {
+    let report = run_all_once(&env.config(), None).await;
+    assert!(report.failed.is_empty(), "sync failed: {:?}", report.failed);
+}
+
+fn result_of<'a>(
+    results: &'a [(String, Result<u64, SinkError>)],
+    name: &str,
+) -> &'a Result<u64, SinkError> {
+    &results
+        .iter()
+        .find(|(n, _)| n == name)
+        .expect("a result per sink")
+        .1
+}
+
+fn status_of(env: &Env, name: &str) -> SinkStatus {
+    sink_status(&env.store(), &env.config())
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap()
+}
+
+fn all_ids(env: &Env) -> Vec<i64> {
+    env.store()
+        .events_after(0, None, 1 << 40)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+fn schema() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/event.schema.json"
+    ))
+    .unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&serde_json::from_str(&text).unwrap())
+        .expect("the schema itself is valid")
+}
+
+fn assert_valid(schema: &jsonschema::Validator, event: &Value) {
+    let errors: Vec<String> = schema.iter_errors(event).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{event} does not match the schema: {errors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_for_a_while_gets_every_event_once_in_order() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let env = env_with(40, &webhook_toml("hook", &url, 7, "5s")).await;
+    sync(&env).await;
+
+    // Down: nothing listens. The pass fails for this sink only, and says so.
+    let results = deliver_all(&env.config()).await;
+    let err = result_of(&results, "hook").as_ref().unwrap_err();
+    assert!(matches!(err, SinkError::Unavailable { .. }), "{err}");
+    assert!(
+        err.to_string().contains("retried on the next pass"),
+        "{err}"
+    );
+    let st = status_of(&env, "hook");
+    assert_eq!(
+        (st.state, st.cursor, st.pending, st.parked),
+        ("failing", 0, 40, false)
+    );
+    assert!(st.last_error.as_deref().unwrap().contains(&url), "{st:?}");
+    assert!(st.oldest_pending_at.is_some());
+
+    // More changes while it is down.
+    let serials = env.mock.serials();
+    env.mock.modify_devices(&serials[..5]);
+    env.mock.add_devices(3);
+    sync(&env).await;
+    assert!(deliver_all(&env.config()).await[0].1.is_err());
+
+    // Up again: everything arrives, once, in id order, in batches of at most 7.
+    let receiver = Receiver::on_port(port, vec![]).await;
+    let results = deliver_all(&env.config()).await;
+    let ids = all_ids(&env);
+    assert_eq!(ids.len(), 48);
+    assert_eq!(result_of(&results, "hook").as_ref().unwrap(), &48);
+    assert_eq!(receiver.accepted_ids(), ids);
+    let schema = schema();
+    for s in receiver.seen() {
+        assert!(s.body.starts_with(b"["), "max_batch > 1 sends arrays");
+        assert!((1..=7).contains(&s.events.len()));
+        for e in &s.events {
+            assert_valid(&schema, e);
+        }
+    }
+    let st = status_of(&env, "hook");
+    assert_eq!(
+        (st.state, st.cursor, st.pending, st.last_error),
+        ("ok", 48, 0, None)
+    );
+    assert!(st.last_delivered_at.is_some());
+
+    // Nothing new: a pass sends nothing.
+    let before = receiver.seen().len();
+    assert_eq!(
+        result_of(&deliver_all(&env.config()).await, "hook")
+            .as_ref()
+            .unwrap(),
+        &0
+    );
+    assert_eq!(receiver.seen().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_and_a_long_retry_after_is_respected() {
+    let receiver = Receiver::start(vec![
+        Reply::Status(500, None, "boom"),
+        Reply::Status(503, Some("0"), "busy"),
+    ])
+    .await;
+    let env = env_with(5, &webhook_toml("hook", &receiver.url(), 1, "5s")).await;
+    sync(&env).await;
+
+    // Two failures, then success: all within one pass ([retry] max_attempts = 3).
+    let results = deliver_all(&env.config()).await;
+    assert_eq!(result_of(&results, "hook").as_ref().unwrap(), &5);
+    let seen = receiver.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [500, 503, 200, 200, 200, 200, 200]
+    );
+    // A retry carries the very same body; max_batch = 1 sends single objects.
+    assert_eq!(seen[0].body, seen[2].body);
+    assert!(seen[0].body.starts_with(b"{"));
+    assert_eq!(receiver.accepted_ids(), [1, 2, 3, 4, 5]);
+
+    // 429 with a Retry-After longer than a pass waits: the sink pauses, even across passes.
+    receiver.script(vec![Reply::Status(429, Some("3600"), "slow down")]);
+    env.mock.add_devices(2);
+    sync(&env).await;
+    let err = result_of(&deliver_all(&env.config()).await, "hook")
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Retry-After"), "{err}");
+    let requests = receiver.seen().len();
+    assert!(result_of(&deliver_all(&env.config()).await, "hook").is_err());
+    assert_eq!(
+        receiver.seen().len(),
+        requests,
+        "no request before the receiver's time"
+    );
+    let st = status_of(&env, "hook");
+    assert_eq!((st.state, st.pending), ("waiting", 2));
+    assert!(st.retry_at.is_some());
+
+    // An operator can lift the pause.
+    adesync::sinks::resume(&env.config(), "hook").await.unwrap();
+    assert_eq!(
+        result_of(&deliver_all(&env.config()).await, "hook")
+            .as_ref()
+            .unwrap(),
+        &2
+    );
+    assert_eq!(receiver.accepted_ids(), all_ids(&env));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_parks_the_sink_and_other_sinks_carry_on() {
+    let receiver =
+        Receiver::start(vec![Reply::Status(400, None, "unknown field \"device\"")]).await;
+    let sinks = format!(
+        "{}[[sinks]]\nname = \"archive\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
+        webhook_toml("hook", &receiver.url(), 4, "5s")
+    );
+    let env = env_with(10, &sinks).await;
+    sync(&env).await;
+
+    let results = deliver_all(&env.config()).await;
+    let err = result_of(&results, "hook")
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parked") && err.contains("400 Bad Request"),
+        "{err}"
+    );
+    assert!(err.contains("adesync sinks resume hook"), "{err}");
+    // The jsonl sink was not held up by the parked webhook.
+    assert_eq!(result_of(&results, "archive").as_ref().unwrap(), &10);
+    let st = status_of(&env, "hook");
+    assert_eq!(
+        (st.state, st.parked, st.cursor, st.pending),
+        ("parked", true, 0, 10)
+    );
+    let why = st.last_error.unwrap();
+    assert!(
+        why.contains("events 1..=4") && why.contains("unknown field"),
+        "{why}"
+    );
+
+    // Parked stays parked: no more requests, nothing skipped.
+    let requests = receiver.seen().len();
+    assert!(matches!(
+        result_of(&deliver_all(&env.config()).await, "hook"),
+        Err(SinkError::Parked { .. })
+    ));
+    assert_eq!(receiver.seen().len(), requests);
+
+    // Fixed receiver + resume: delivery restarts with the refused batch, in order.
+    assert!(adesync::sinks::resume(&env.config(), "hook").await.unwrap());
+    assert_eq!(
+        result_of(&deliver_all(&env.config()).await, "hook")
+            .as_ref()
+            .unwrap(),
+        &10
+    );
+    assert_eq!(receiver.accepted_ids(), all_ids(&env));
+    assert_eq!(status_of(&env, "hook").state, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_does_not_delay_the_sync() {
+    let receiver = Receiver::start(vec![Reply::Hold]).await;
+    let env = env_with(10, &webhook_toml("hook", &receiver.url(), 100, "600s")).await;
+    sync(&env).await;
+    let config = env.config();
+    let delivery = tokio::spawn(async move { deliver_all(&config).await });
+    receiver.wait_until_held().await;
+
+    // The receiver holds the first batch; a sync meanwhile commits its pages and events.
+    env.mock.add_devices(5);
+    env.mock.modify_devices(&env.mock.serials()[..3]);
+    sync(&env).await;
+    assert!(
+        !delivery.is_finished(),
+        "delivery is still waiting for the receiver"
+    );
+    let ids = all_ids(&env);
+    assert_eq!(
+        ids.len(),
+        18,
+        "the sync committed while delivery was in flight"
+    );
+    assert_eq!(status_of(&env, "hook").cursor, 0);
+
+    // Released: the same pass goes on to deliver what the sync added, in order.
+    receiver.release();
+    let results = delivery.await.unwrap();
+    assert_eq!(result_of(&results, "hook").as_ref().unwrap(), &18);
+    assert_eq!(receiver.accepted_ids(), ids);
+}
+
+fn adesync(env: &Env) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
+    c.arg("--config")
+        .arg(&env.config_path)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// SIGKILL while the receiver holds a batch: the restarted process sends that batch
+/// again (same ids, same bytes) and then the rest; nothing is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_mid_delivery_resends_only_the_batch_in_flight() {
+    let receiver = Receiver::start(vec![Reply::Status(200, None, "ok"), Reply::Hold]).await;
+    let env = env_with(30, &webhook_toml("hook", &receiver.url(), 10, "600s")).await;
+    let mut child = adesync(&env).args(["run", "--once"]).spawn().unwrap();
+    receiver.wait_until_held().await;
+    child.kill().unwrap(); // SIGKILL
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+
+    // The sync had committed; the first batch's cursor too, not the held one's.
+    let ids = all_ids(&env);
+    assert_eq!(ids.len(), 30);
+    assert_eq!(status_of(&env, "hook").cursor, 10);
+
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    receiver.release();
+
+    let seen = receiver.seen();
+    let sent: Vec<i64> = seen
+        .iter()
+        .flat_map(|s| s.events.iter().map(|e| e["id"].as_i64().unwrap()))
+        .collect();
+    let mut want: Vec<i64> = (1..=10).chain(11..=20).chain(11..=30).collect();
+    want.sort();
+    let mut sorted = sent.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, want,
+        "each event once, the held batch twice: {sent:?}"
+    );
+    // Every repeat is the same event, byte for byte.
+    let mut by_id: BTreeMap<i64, Value> = BTreeMap::new();
+    for e in seen.iter().flat_map(|s| s.events.iter()) {
+        let id = e["id"].as_i64().unwrap();
+        if let Some(first) = by_id.insert(id, e.clone()) {
+            assert_eq!(&first, e, "a repeat of event {id} differs");
+        }
+    }
+    assert_eq!(
+        seen[1].body, seen[2].body,
+        "the held batch was sent again unchanged"
+    );
+    assert_eq!(status_of(&env, "hook").cursor, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sink_receives_the_exact_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("deliver.sh");
+    std::fs::write(&script, "#!/bin/sh\ncat >> \"$1\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.path().join("received.jsonl");
+    let sinks = format!(
+        "[[sinks]]\nname = \"script\"\ntype = \"command\"\ncommand = [{:?}, {:?}]\nmax_batch = 4\n\
+         [[sinks]]\nname = \"broken\"\ntype = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; echo cannot reach the CMDB >&2; exit 3\"]\n",
+        script.display().to_string(),
+        out.display().to_string()
+    );
+    let env = env_with(9, &sinks).await;
+    sync(&env).await;
+
+    let results = deliver_all(&env.config()).await;
+    assert_eq!(result_of(&results, "script").as_ref().unwrap(), &9);
+    let want: String = env
+        .store()
+        .events_after(0, None, 100)
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}\n", adesync::events::event_json(e)))
+        .collect();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+
+    // A failing program: retried later, its words quoted, the cursor unmoved.
+    let err = result_of(&results, "broken")
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exited with status 3") && err.contains("cannot reach the CMDB"),
+        "{err}"
+    );
+    let st = status_of(&env, "broken");
+    assert_eq!((st.state, st.cursor, st.pending), ("failing", 0, 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_resends_the_range_and_the_sinks_command_reports() {
+    let env = env_with(
+        12,
+        "[[sinks]]\nname = \"archive\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
+    )
+    .await;
+    let run = |args: &'static [&'static str]| {
+        let mut c = adesync(&env);
+        c.args(args);
+        output(c)
+    };
+    let out = run(&["run", "--once"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = || std::fs::read_to_string(env.path("events.jsonl")).unwrap();
+    let first: Vec<String> = read().lines().map(str::to_owned).collect();
+    assert_eq!(first.len(), 12);
+
+    let out = run(&["events", "replay", "--sink", "archive", "--from", "5"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sent 8 event(s) again"));
+    let after: Vec<String> = read().lines().map(str::to_owned).collect();
+    assert_eq!(after.len(), 20);
+    assert_eq!(
+        after[12..],
+        first[4..],
+        "events 5..=12 again, identical, in order"
+    );
+
+    // Events the sink has not received yet cannot be "replayed".
+    let out = run(&["events", "replay", "--sink", "archive", "--from", "99"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has not been delivered yet"));
+    let out = run(&["events", "replay", "--sink", "nope", "--from", "1"]).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("configured: archive"));
+
+    let out = run(&["sinks", "--format", "json"]).await;
+    assert!(out.status.success());
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            st["name"].as_str(),
+            st["type"].as_str(),
+            st["state"].as_str(),
+            st["cursor"].as_i64(),
+            st["pending"].as_u64()
+        ),
+        (
+            Some("archive"),
+            Some("jsonl"),
+            Some("ok"),
+            Some(12),
+            Some(0)
+        )
+    );
+    let out = run(&["sinks"]).await;
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.starts_with("name") && table.contains("archive"),
+        "{table}"
+    );
+
+    // The test event: delivered, not stored, and valid.
+    let out = run(&["sinks", "test", "archive"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_str(read().lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["id"].as_i64(), last["type"].as_str()),
+        (Some(0), Some("sink.test"))
+    );
+    assert_valid(&schema(), &last);
+    assert_eq!(all_ids(&env).len(), 12);
+
+    let out = run(&["sinks", "resume", "archive"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("was not parked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_type_validates_against_the_schema() {
+    let env = env_with(20, "").await;
+    sync(&env).await;
+    let serials = env.mock.serials();
+    env.mock.modify_devices(&serials[..4]);
+    env.mock.delete_devices(&serials[10..12]);
+    env.mock.add_devices(2);
+    sync(&env).await;
+    let schema = schema();
+    let events = env.store().events_after(0, None, 1000).unwrap();
+    for k in ["added", "modified", "deleted"] {
+        assert!(events.iter().any(|e| e.kind == k), "no {k} event");
+    }
+    for e in &events {
+        let json = adesync::events::event_json(e);
+        assert_valid(&schema, &json);
+        assert_eq!(json["device"]["serial_number"], json["serial_number"]);
+    }
+    assert_valid(
+        &schema,
+        &adesync::events::test_event("acme", "2026-01-01T00:00:00.000Z"),
+    );
+    // And the schema does reject what is not an event.
+    let mut bad = adesync::events::event_json(&events[0]);
+    bad["type"] = "device.renamed".into();
+    assert!(!schema.is_valid(&bad));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_past_retention_are_pruned_and_undelivered_ones_kept() {
+    let port = free_port();
+    let sinks = format!(
+        "{}[[sinks]]\nname = \"archive\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
+        webhook_toml("hook", &format!("http://127.0.0.1:{port}/hook"), 50, "5s")
+    );
+    let env = env_with(10, &sinks).await;
+    // A top-level key goes before the tables.
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::write(
+        &env.config_path,
+        format!("event_retention = \"30d\"\n{text}"),
+    )
+    .unwrap();
+    sync(&env).await;
+    // Make every event 40 days old.
+    let db = rusqlite::Connection::open(env.path("adesync.db")).unwrap();
+    db.execute(
+        "UPDATE events SET occurred_at = '2000-01-01T00:00:00.000Z'",
+        [],
+    )
+    .unwrap();
+
+    // The webhook is down: old as they are, its undelivered events stay.
+    let results = deliver_all(&env.config()).await;
+    assert!(result_of(&results, "archive").is_ok() && result_of(&results, "hook").is_err());
+    assert_eq!(all_ids(&env).len(), 10);
+
+    // Once every sink has them, they go; newer events stay.
+    let receiver = Receiver::on_port(port, vec![]).await;
+    env.mock.add_devices(1);
+    sync(&env).await;
+    let results = deliver_all(&env.config()).await;
+    assert_eq!(result_of(&results, "hook").as_ref().unwrap(), &11);
+    assert_eq!(receiver.accepted_ids().len(), 11);
+    assert_eq!(all_ids(&env), [11]);
+}
