@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
@@ -256,6 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { once } => {
             let config = Config::load(&cli.config)?;
+            let _lock = lock_database(&config.database)?;
             if once {
                 run_once(&config).await
             } else {
@@ -501,6 +503,38 @@ fn filtered_events(
             }
         }
         last = end;
+    }
+}
+
+/// Only one process syncs a database at a time: two would move the same cursors and
+/// could write older pages over newer rows. The lock is released when the process exits.
+pub fn lock_database(database: &Path) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = database.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the folder for database {}",
+                database.display()
+            )
+        })?;
+    }
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another adesync process is already syncing {} (e.g. the service and a cron job or timer); run only one of them",
+            database.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())))
+        }
     }
 }
 

@@ -446,6 +446,13 @@ impl Store {
         Ok(())
     }
 
+    /// Forces committed transactions to disk (a WAL checkpoint syncs the log first).
+    pub fn make_durable(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(self.err("flush to disk"))
+    }
+
     /// The schema version (number of migrations applied).
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         self.conn

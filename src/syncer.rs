@@ -60,6 +60,8 @@ pub enum Next {
     },
     /// A second restart in one run: give up this run rather than loop.
     GiveUp(CursorError),
+    /// The pass is complete; nothing to store.
+    Finish,
 }
 
 /// What follows a stored page.
@@ -79,6 +81,7 @@ pub fn next_step(
     kind: PageKind,
     outcome: Outcome<'_>,
     restarted: bool,
+    fetch_done: bool,
 ) -> Next {
     match outcome {
         Outcome::Page { sent, cursor, more } => {
@@ -108,16 +111,23 @@ pub fn next_step(
                 then,
             }
         }
+        // The fetch had already returned every device (e.g. a pass that stopped on the
+        // same-cursor bug before its last page): it is complete, so reconcile and sync
+        // with the same cursor.
         Outcome::CursorError(CursorError::Exhausted) if kind == PageKind::Fetch => {
-            Next::Transition {
+            Next::StorePage {
                 state: CursorState {
                     phase: Phase::Sync,
                     cursor: current.cursor.clone(),
                     fetch_run: current.fetch_run,
                 },
-                restart: false,
+                completes_fetch: true,
+                then: Then::Continue,
             }
         }
+        // Documented for sync but not seen in practice: right after a completed fetch it
+        // can only mean "nothing more"; re-fetching again would loop.
+        Outcome::CursorError(CursorError::Exhausted) if fetch_done => Next::Finish,
         Outcome::CursorError(e) if restarted => Next::GiveUp(e),
         // Expired, invalid, required, or exhausted on sync: start a new full fetch.
         Outcome::CursorError(_) => Next::Transition {
@@ -353,6 +363,9 @@ async fn drive(
 ) -> Result<(), SyncError> {
     let limit = token.page_size;
     let mut restarted = false;
+    // A full fetch completed in this pass (a sync's EXHAUSTED_CURSOR then means "done").
+    let mut fetch_done = false;
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     summary.fetched = state.phase == Phase::Fetch;
     loop {
         if cancel.is_cancelled() {
@@ -383,62 +396,78 @@ async fn drive(
                     }),
                 ),
             };
-        let page = match result {
-            Ok(p) => Some(p),
+        let (next, page) = match result {
+            Ok(page) => {
+                // A cursor seen earlier in this pass with more_to_follow is a loop (the
+                // known same-cursor bug, or a longer cycle): stop like the same-cursor case.
+                let repeated = page.more_to_follow && !seen.insert(page.cursor.clone());
+                let sent = if repeated {
+                    Some(page.cursor.as_str())
+                } else {
+                    state.cursor.as_deref()
+                };
+                let outcome = Outcome::Page {
+                    sent,
+                    cursor: &page.cursor,
+                    more: page.more_to_follow,
+                };
+                (
+                    next_step(&state, kind, outcome, restarted, fetch_done),
+                    Some(page),
+                )
+            }
             Err(ApiError::Cursor { kind: e, .. }) => {
-                let next = next_step(&state, kind, Outcome::CursorError(e), restarted);
-                match next {
-                    Next::Transition { state: s, restart } => {
-                        if restart {
-                            tracing::warn!(token = %token.name, cursor_error = ?e,
-                                "Apple rejected the stored cursor; starting a full re-fetch (devices it does not return will be marked deleted)");
-                            restarted = true;
-                            summary.fetched = true;
-                        } else {
-                            tracing::debug!(token = %token.name, "fetch cursor exhausted; switching to sync");
-                        }
-                        send(tx, WriterMsg::Cursor(s.clone())).await?;
-                        state = s;
-                        continue;
-                    }
-                    Next::GiveUp(e) => return Err(SyncError::CursorLoop(e)),
-                    Next::StorePage { .. } => unreachable_store(),
+                if e == CursorError::Exhausted && kind == PageKind::Fetch {
+                    tracing::debug!(token = %token.name, "fetch cursor exhausted; the fetch is complete, switching to sync");
                 }
+                let outcome = Outcome::CursorError(e);
+                (
+                    next_step(&state, kind, outcome, restarted, fetch_done),
+                    None,
+                )
             }
             Err(e) => return Err(e.into()),
         };
-        let Some(page) = page else { continue };
-        let next = next_step(
-            &state,
-            kind,
-            Outcome::Page {
-                sent: state.cursor.as_deref(),
-                cursor: &page.cursor,
-                more: page.more_to_follow,
-            },
-            restarted,
-        );
-        let Next::StorePage {
-            state: s,
-            completes_fetch,
-            then,
-        } = next
-        else {
-            unreachable_store()
+        let (s, completes_fetch, then) = match next {
+            Next::StorePage {
+                state: s,
+                completes_fetch,
+                then,
+            } => (s, completes_fetch, then),
+            Next::Transition { state: s, restart } => {
+                if restart {
+                    tracing::warn!(token = %token.name,
+                        "Apple rejected the stored cursor; starting a full re-fetch (devices it does not return will be marked deleted)");
+                    restarted = true;
+                    summary.fetched = true;
+                }
+                send(tx, WriterMsg::Cursor(s.clone())).await?;
+                state = s;
+                continue;
+            }
+            Next::GiveUp(e) => return Err(SyncError::CursorLoop(e)),
+            Next::Finish => return Ok(()),
         };
-        summary.pages += 1;
-        summary.records += page.devices.len() as u64;
-        if let Some(p) = progress {
-            p(&token.name, summary.pages, summary.records);
-        }
-        tracing::debug!(token = %token.name, ?kind, devices = page.devices.len(), more = page.more_to_follow, "page received");
+        let (records, fetched_until) = match page {
+            Some(page) => {
+                summary.pages += 1;
+                summary.records += page.devices.len() as u64;
+                if let Some(p) = progress {
+                    p(&token.name, summary.pages, summary.records);
+                }
+                tracing::debug!(token = %token.name, ?kind, devices = page.devices.len(), more = page.more_to_follow, "page received");
+                (dedupe_latest(page.devices), page.fetched_until)
+            }
+            None => (Vec::new(), None),
+        };
+        fetch_done |= completes_fetch;
         send(
             tx,
             WriterMsg::Page {
                 kind,
-                records: dedupe_latest(page.devices),
+                records,
                 state: s.clone(),
-                fetched_until: page.fetched_until,
+                fetched_until,
                 completes_fetch,
             },
         )
@@ -449,17 +478,12 @@ async fn drive(
             Then::Done => return Ok(()),
             Then::StopSameCursor => {
                 tracing::warn!(token = %token.name,
-                    "Apple returned the same cursor with more_to_follow=true (a known Apple bug); stopping this pass, the next run continues from the stored cursor");
+                    "Apple returned a cursor it had already returned, with more_to_follow=true (a known Apple bug); stopping this pass, the next run continues from the stored cursor");
                 summary.stopped_on_same_cursor = true;
                 return Ok(());
             }
         }
     }
-}
-
-fn unreachable_store() -> ! {
-    // next_step returns StorePage exactly for Outcome::Page.
-    panic!("next_step returned a page decision for a cursor error")
 }
 
 async fn send(tx: &mpsc::Sender<WriterMsg>, msg: WriterMsg) -> Result<(), SyncError> {
@@ -673,14 +697,15 @@ mod tests {
                 },
             ),
             (
-                "exhausted fetch cursor switches to sync",
+                "exhausted fetch cursor: the fetch is complete, reconcile and sync",
                 fetch1.clone(),
                 PageKind::Fetch,
                 Outcome::CursorError(CursorError::Exhausted),
                 false,
-                Next::Transition {
+                Next::StorePage {
                     state: st(Sync, Some("f1"), 1),
-                    restart: false,
+                    completes_fetch: true,
+                    then: Continue,
                 },
             ),
             (
@@ -737,7 +762,32 @@ mod tests {
             ),
         ];
         for (name, state, kind, outcome, restarted, want) in cases {
-            assert_eq!(next_step(&state, kind, outcome, restarted), want, "{name}");
+            assert_eq!(
+                next_step(&state, kind, outcome, restarted, false),
+                want,
+                "{name}"
+            );
         }
+        // Right after a completed fetch, EXHAUSTED_CURSOR on sync means "nothing more".
+        assert_eq!(
+            next_step(
+                &sync1,
+                PageKind::Sync,
+                Outcome::CursorError(CursorError::Exhausted),
+                false,
+                true
+            ),
+            Next::Finish
+        );
+        assert_eq!(
+            next_step(
+                &sync1,
+                PageKind::Sync,
+                Outcome::CursorError(CursorError::Exhausted),
+                true,
+                true
+            ),
+            Next::Finish
+        );
     }
 }

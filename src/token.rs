@@ -71,11 +71,19 @@ struct RawToken {
     access_token_expiry: Option<String>,
 }
 
+fn read_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "; make it readable by the account adesync runs as, and by no one else (e.g. chgrp adesync FILE && chmod 0640 FILE)",
+        std::io::ErrorKind::NotFound => "; check `token_file` in the config, or install the token with `adesync token import`",
+        _ => "",
+    }
+}
+
 /// Why a token file could not be used. Never contains the file's contents.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The file could not be read.
-    #[error("cannot read server token file {path}: {source}")]
+    #[error("cannot read server token file {path}: {source}{}", read_hint(.source))]
     Read {
         /// The file.
         path: PathBuf,
@@ -192,8 +200,15 @@ impl ServerToken {
     pub fn parse(text: &str) -> Result<Self, String> {
         let json = extract_json(text);
         let raw: RawToken = serde_json::from_str(&json).map_err(|e| {
-            // serde_json's message names the position, never the value.
-            format!("not valid JSON: {e}")
+            // Only the category and position: serde_json's full message can quote a value,
+            // and every value here is a secret.
+            let what = match e.classify() {
+                serde_json::error::Category::Io => "unreadable",
+                serde_json::error::Category::Syntax => "not valid JSON",
+                serde_json::error::Category::Data => "JSON of the wrong shape",
+                serde_json::error::Category::Eof => "truncated JSON",
+            };
+            format!("{what} at line {} column {}", e.line(), e.column())
         })?;
         let mut missing = Vec::new();
         if raw.consumer_key.as_deref().is_none_or(str::is_empty) {

@@ -174,6 +174,15 @@ async fn sighup_syncs_now_and_metrics_and_healthz_answer() {
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
 
+    // A second process on the same database is refused while the daemon runs.
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    let out = tokio::task::spawn_blocking(move || once.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another adesync process"));
+
     // SIGHUP: sync now, long before the 1h schedule.
     env.mock.add_devices(7);
     signal(&child, "HUP");

@@ -282,6 +282,15 @@ impl AppleClient {
             if expired_session && resp.status == 401 {
                 return Err(ApiError::SessionRejected(endpoint));
             }
+            if expired_session {
+                // 403 FORBIDDEN even with a brand-new session: the token was revoked or
+                // replaced (doc §3.1, §6.2).
+                return Err(ApiError::TokenRejected {
+                    status: 403,
+                    body: "FORBIDDEN".into(),
+                    hint: "",
+                });
+            }
             return Err(classify(
                 endpoint,
                 resp.status,

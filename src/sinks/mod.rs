@@ -240,6 +240,20 @@ impl Drop for Claim {
 /// events it took or why it stopped. Never panics and never fails as a whole: one
 /// sink's trouble is only that sink's result.
 pub async fn deliver_all(config: &Config) -> Vec<(String, Result<u64, SinkError>)> {
+    if config.sinks.is_empty() {
+        return Vec::new();
+    }
+    // Make every committed event durable before any leaves the machine: with
+    // synchronous=NORMAL a power loss could otherwise roll back events a receiver already
+    // has, and their ids would be given to different events (receivers de-duplicate by id).
+    let db = config.database.clone();
+    let synced = tokio::task::spawn_blocking(move || {
+        crate::store::Store::open(&db).and_then(|s| s.make_durable())
+    })
+    .await;
+    if let Ok(Err(e)) = synced {
+        tracing::warn!(error = %e, "could not flush the database before delivering events");
+    }
     let tasks: Vec<_> = config
         .sinks
         .iter()

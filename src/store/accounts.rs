@@ -117,7 +117,7 @@ impl Store {
                      org_id, admin_id, page_limit_max, consumer_key, checked_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (token_name) DO UPDATE SET
-                     server_name = excluded.server_name, server_uuid = excluded.server_uuid,
+                     server_name = excluded.server_name, server_uuid = COALESCE(excluded.server_uuid, accounts.server_uuid),
                      org_name = excluded.org_name, org_type = excluded.org_type,
                      org_id = excluded.org_id, admin_id = excluded.admin_id,
                      page_limit_max = excluded.page_limit_max,
