@@ -421,7 +421,7 @@ pub fn decrypt_enveloped(env: &Enveloped, key: &PKey<Private>) -> Result<Vec<u8>
             cipher.iv_len().unwrap_or(0)
         )));
     }
-    if env.ciphertext.is_empty() || env.ciphertext.len() % cipher.block_size() != 0 {
+    if env.ciphertext.is_empty() || !env.ciphertext.len().is_multiple_of(cipher.block_size()) {
         return Err(P7mError::Truncated(format!(
             "the encrypted content is {} bytes, not whole {}-byte blocks",
             env.ciphertext.len(),

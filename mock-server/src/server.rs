@@ -400,7 +400,7 @@ fn authenticated(
     // Apple "periodically issues a new X-ADM-Auth-Session in its response" (doc §3.2).
     state.authenticated_calls += 1;
     let rotated = match config.rotate_session_every {
-        Some(n) if n > 0 && state.authenticated_calls % u64::from(n) == 0 => {
+        Some(n) if n > 0 && state.authenticated_calls.is_multiple_of(u64::from(n)) => {
             let fresh = new_session_token();
             state.sessions.insert(fresh.clone(), now);
             Some(fresh)
