@@ -391,7 +391,7 @@ impl Store {
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
                  PRAGMA cache_size = -32768;
-                 PRAGMA wal_autocheckpoint = 16384;
+                 PRAGMA wal_autocheckpoint = 65536;
                  PRAGMA temp_store = MEMORY;
                  PRAGMA foreign_keys = ON;
                  PRAGMA busy_timeout = 30000;",

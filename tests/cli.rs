@@ -3,22 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{assert_mirrors, event_counts, Env};
-
-fn adesync(env: &Env) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
-    c.arg("--config")
-        .arg(&env.config_path)
-        .env("RUST_LOG", "warn");
-    c
-}
-
-/// Runs the binary off the async runtime (the simulator lives on it).
-async fn output(mut cmd: Command) -> std::process::Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
+use crate::common::{adesync, assert_mirrors, event_counts, output, Env};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_then_query_devices_and_events() {

@@ -101,3 +101,28 @@ pub fn event_counts(store: &Store) -> (usize, usize, usize) {
     let n = |k: &str| evs.iter().filter(|e| e.kind == k).count();
     (n("added"), n("modified"), n("deleted"))
 }
+
+/// The built `adesync` binary with `--config` pointing at `env`'s config.
+pub fn adesync(env: &Env) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"));
+    c.arg("--config")
+        .arg(&env.config_path)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs a command off the async runtime (the simulator lives on it) and waits for it.
+pub async fn output(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// A loopback port with nothing listening on it (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

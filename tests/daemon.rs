@@ -3,15 +3,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{assert_mirrors, event_counts, write_token, Env};
-
-fn adesync(env: &Env) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
-    c.arg("--config")
-        .arg(&env.config_path)
-        .env("RUST_LOG", "info");
-    c
-}
+use crate::common::{adesync, assert_mirrors, event_counts, free_port, write_token, Env};
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -47,14 +39,6 @@ async fn wait_exit(mut child: Child, limit: Duration) -> Option<std::process::Ex
     })
     .await
     .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

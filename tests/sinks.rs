@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::common::Env;
+use crate::common::{adesync, free_port, output, Env};
 
 const SECRET: &str = "receiver-shared-secret-0123456789";
 
@@ -203,15 +202,6 @@ impl Receiver {
     fn release(&self) {
         self.shared.gate.add_permits(1000);
     }
-}
-
-/// A port with nothing listening on it (yet).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn webhook_toml(name: &str, url: &str, max_batch: usize, timeout: &str) -> String {
@@ -492,20 +482,6 @@ async fn a_slow_receiver_does_not_delay_the_sync() {
     let results = delivery.await.unwrap();
     assert_eq!(result_of(&results, "hook").as_ref().unwrap(), &18);
     assert_eq!(receiver.accepted_ids(), ids);
-}
-
-fn adesync(env: &Env) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
-    c.arg("--config")
-        .arg(&env.config_path)
-        .env("RUST_LOG", "warn");
-    c
-}
-
-async fn output(mut cmd: Command) -> std::process::Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
 }
 
 /// SIGKILL while the receiver holds a batch: the restarted process sends that batch
