@@ -151,6 +151,7 @@ impl ServerToken {
             source,
         })?;
         if !crate::p7m::is_smime(&bytes) {
+            warn_if_others_can_read(path);
             let text = String::from_utf8(bytes).map_err(|_| TokenError::Format {
                 path: path.to_owned(),
                 detail: "neither UTF-8 text nor an S/MIME .p7m".into(),
@@ -270,6 +271,19 @@ impl crate::config::TokenConfig {
     /// run calls it, so a renewed token file takes effect at the next run, no restart.
     pub fn load_token(&self) -> Result<ServerToken, TokenError> {
         ServerToken::load_with_key(&self.token_file, self.private_key_file.as_deref())
+    }
+}
+
+/// A decrypted token holds every secret in clear: say so when any user may read it.
+fn warn_if_others_can_read(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                "the decrypted server token is readable by every user on this machine; restrict it: chmod 0600 (or chgrp adesync && chmod 0640)"
+            );
+        }
     }
 }
 

@@ -56,8 +56,14 @@ fn write(target: &JsonlTarget, buf: &[u8]) -> std::io::Result<()> {
                 .create(true)
                 .append(true)
                 .open(p)?;
-            f.write_all(buf)?;
-            f.sync_data()
+            let len = f.metadata()?.len();
+            let written = f.write_all(buf).and_then(|_| f.sync_data());
+            if written.is_err() {
+                // Cut a partly written batch off again (e.g. a full disk), so the retry
+                // does not append whole lines after a torn one.
+                let _ = f.set_len(len);
+            }
+            written
         }
     }
 }
