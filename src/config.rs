@@ -533,10 +533,11 @@ pub fn parse_api_url(text: &str) -> Result<reqwest::Url, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn dir_with_token() -> tempfile::TempDir {
+    /// A temp folder holding a valid decrypted token `acme.json`.
+    pub(crate) fn dir_with_token() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("acme.json"),

@@ -341,13 +341,7 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn dir() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("acme.json"),
-            r#"{"consumer_key":"CK_1234567890","consumer_secret":"CS_s","access_token":"AT_s",
-               "access_secret":"AS_s","access_token_expiry":"2099-01-01T00:00:00Z"}"#,
-        )
-        .unwrap();
+        let dir = crate::config::tests::dir_with_token();
         write_secret(&dir, "hook.secret", &format!("{SECRET}\n"), 0o600);
         dir
     }
