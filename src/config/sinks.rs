@@ -209,6 +209,14 @@ pub(super) fn resolve_sink(
     let kind = match raw.kind.as_str() {
         "jsonl" => SinkKind::Jsonl(match raw.path.as_deref() {
             None | Some("-") => JsonlTarget::Stdout,
+            Some(p) if p.trim().is_empty() || p.ends_with('/') => {
+                return Err(invalid(
+                    "path",
+                    format!(
+                    "{p:?} is not a file; give a file to append to, or \"-\" for standard output"
+                ),
+                ))
+            }
             Some(p) => JsonlTarget::File(resolve(base, PathBuf::from(p))),
         }),
         "webhook" => {
@@ -258,6 +266,16 @@ pub(super) fn resolve_sink(
                     return Err(invalid(
                         "command",
                         format!("program {} does not exist", p.display()),
+                    ));
+                }
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&p)
+                    .map(|m| m.permissions().mode())
+                    .unwrap_or(0);
+                if mode & 0o111 == 0 {
+                    return Err(invalid(
+                        "command",
+                        format!("program {} is not executable; chmod +x it", p.display()),
                     ));
                 }
                 argv[0] = p.display().to_string();
@@ -409,6 +427,7 @@ mod tests {
     fn bad_sink_settings_name_their_key() {
         let d = dir();
         write_secret(&d, "short.secret", "abc", 0o600);
+        write_secret(&d, "plain.txt", "not a program", 0o644);
         let hook = "[[sinks]]\nname = \"h\"\ntype = \"webhook\"\n";
         let cases = [
             (format!("{hook}url = \"http://10.0.0.1/x\"\nsecret_file = \"hook.secret\"\n"), "sinks[0].url"),
@@ -421,6 +440,8 @@ mod tests {
             ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = []\n".into(), "sinks[0].command"),
             ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = [\"./missing.sh\"]\n".into(), "sinks[0].command"),
             ("[[sinks]]\nname = \"q\"\ntype = \"kafka\"\n".into(), "sinks[0].type"),
+            ("[[sinks]]\nname = \"j\"\ntype = \"jsonl\"\npath = \"\"\n".into(), "sinks[0].path"),
+            ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = [\"./plain.txt\"]\n".into(), "sinks[0].command"),
         ];
         for (text, key) in cases {
             let (k, reason) = key_of(parse(&d, &text).unwrap_err());
@@ -435,7 +456,7 @@ mod tests {
     #[test]
     fn command_sinks_resolve_a_relative_program_and_keep_a_bare_name() {
         let d = dir();
-        std::fs::write(d.path().join("hook.sh"), "#!/bin/sh\ncat\n").unwrap();
+        write_secret(&d, "hook.sh", "#!/bin/sh\ncat\n", 0o755);
         let c = parse(
             &d,
             "[[sinks]]\nname = \"a\"\ntype = \"command\"\ncommand = [\"./hook.sh\", \"--x\"]\n\
@@ -460,7 +481,7 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
                 .unwrap();
         let d = dir();
-        std::fs::write(d.path().join("tickets"), "#!/bin/sh\ncat\n").unwrap();
+        write_secret(&d, "tickets", "#!/bin/sh\ncat\n", 0o755);
         let section = &example[example.find("# Event sinks").unwrap()..];
         let sinks: String = section
             .lines()
