@@ -32,8 +32,6 @@ pub const PARKED_RETRY: Duration = Duration::from_secs(3600);
 pub const FAILURE_RETRY_BASE: Duration = Duration::from_secs(30);
 /// How often a parked token's file is checked for a replacement.
 const TOKEN_FILE_POLL: Duration = Duration::from_secs(15);
-/// How many tokens sync at the same time.
-pub const MAX_CONCURRENT_TOKENS: usize = 4;
 /// How often pending events are pushed to sinks between syncs.
 const SINK_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -114,7 +112,7 @@ pub async fn schedule(
     shutdown: CancellationToken,
     on_run: OnRun,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_TOKENS));
+    let permits = Arc::new(Semaphore::new(crate::syncer::MAX_CONCURRENT_TOKENS));
     let mut loops = tokio::task::JoinSet::new();
     for token in tokens {
         health.lock().unwrap_or_else(|e| e.into_inner()).insert(

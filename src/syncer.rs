@@ -543,16 +543,18 @@ pub struct OnceReport {
     pub failed: Vec<(String, SyncError)>,
 }
 
+/// How many tokens sync at the same time, in `run --once` and in the daemon.
+pub const MAX_CONCURRENT_TOKENS: usize = 4;
+
 /// Syncs every token once, concurrently (bounded); one failing token never stops the others.
 pub async fn run_all_once(config: &Config, progress: Option<Progress>) -> OnceReport {
     use futures_util::stream::{self, StreamExt};
-    const CONCURRENCY: usize = 4;
     let results: Vec<(String, Result<RunSummary, SyncError>)> = stream::iter(config.tokens.iter())
         .map(|t| {
             let progress = progress.clone();
             async move { (t.name.clone(), run_token(config, t, progress).await) }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(MAX_CONCURRENT_TOKENS)
         .collect()
         .await;
     let mut report = OnceReport::default();

@@ -100,29 +100,40 @@ async fn every_call_carries_user_agent_protocol_version_and_session() {
     );
 }
 
-#[tokio::test]
-async fn an_expired_session_is_renewed_and_the_request_replayed() {
-    let server = MockServer::start().await;
-    // The first session token is refused by the API, the second accepted.
+/// `/session` answers "OLD" first and "NEW" after; `api_path` refuses OLD with
+/// `status`/`body` and serves a page with cursor `cursor` to NEW.
+async fn stale_then_fresh_session(
+    server: &MockServer,
+    api_path: &str,
+    status: u16,
+    body: &str,
+    cursor: &str,
+) {
     Mock::given(method("GET"))
         .and(path("/session"))
         .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"auth_session_token":"OLD"}"#))
         .up_to_n_times(1)
-        .mount(&server)
+        .mount(server)
         .await;
-    session_ok("NEW").mount(&server).await;
+    session_ok("NEW").mount(server).await;
     Mock::given(method("POST"))
-        .and(path("/server/devices"))
+        .and(path(api_path))
         .and(header("x-adm-auth-session", "OLD"))
-        .respond_with(ResponseTemplate::new(401).set_body_string("UNAUTHORIZED"))
-        .mount(&server)
+        .respond_with(ResponseTemplate::new(status).set_body_string(body))
+        .mount(server)
         .await;
     Mock::given(method("POST"))
-        .and(path("/server/devices"))
+        .and(path(api_path))
         .and(header("x-adm-auth-session", "NEW"))
-        .respond_with(page("C1", false))
-        .mount(&server)
+        .respond_with(page(cursor, false))
+        .mount(server)
         .await;
+}
+
+#[tokio::test]
+async fn an_expired_session_is_renewed_and_the_request_replayed() {
+    let server = MockServer::start().await;
+    stale_then_fresh_session(&server, "/server/devices", 401, "UNAUTHORIZED", "C1").await;
     let c = client(&server, 1);
     let p = c.fetch_devices(None, 10).await.unwrap();
     assert_eq!(p.cursor, "C1");
@@ -134,27 +145,31 @@ async fn an_expired_session_is_renewed_and_the_request_replayed() {
 #[tokio::test]
 async fn a_403_forbidden_session_is_renewed_too() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/session"))
-        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"auth_session_token":"OLD"}"#))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    session_ok("NEW").mount(&server).await;
-    Mock::given(method("POST"))
-        .and(path("/devices/sync"))
-        .and(header("x-adm-auth-session", "OLD"))
-        .respond_with(ResponseTemplate::new(403).set_body_string("\"FORBIDDEN\""))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/devices/sync"))
-        .and(header("x-adm-auth-session", "NEW"))
-        .respond_with(page("C9", false))
-        .mount(&server)
-        .await;
+    stale_then_fresh_session(&server, "/devices/sync", 403, "\"FORBIDDEN\"", "C9").await;
     let p = client(&server, 1).sync_devices("C8", 10).await.unwrap();
     assert_eq!(p.cursor, "C9");
+}
+
+#[tokio::test]
+async fn a_403_forbidden_that_survives_a_fresh_session_means_a_revoked_token() {
+    let server = MockServer::start().await;
+    session_ok("S").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/devices/sync"))
+        .respond_with(ResponseTemplate::new(403).set_body_string("FORBIDDEN"))
+        .mount(&server)
+        .await;
+    let err = client(&server, 3).sync_devices("C", 10).await.unwrap_err();
+    assert!(
+        matches!(err, ApiError::TokenRejected { status: 403, .. }),
+        "{err}"
+    );
+    assert!(err.needs_admin());
+    assert!(err.to_string().contains("Download Token"), "{err}");
+    assert_eq!(
+        count(&server.received_requests().await.unwrap(), "/session"),
+        2
+    );
 }
 
 #[tokio::test]
