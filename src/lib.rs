@@ -13,7 +13,7 @@
 //! - [`apple`]: everything that speaks Apple's HTTP — OAuth 1.0a, the session, one method
 //!   per endpoint, Apple's errors parsed once.
 //! - [`model`]: devices and records with Apple's field names; de-duplication by `op_date`.
-//! - [`store`]: all SQL. One transaction per page: rows, events and the cursor together.
+//! - [`store`]: all SQL. A page's rows, events and cursor in one transaction (group commit).
 //! - [`events`]: the diff that makes events, and their JSON (`schema/event.schema.json`).
 //! - [`sinks`]: delivery of events to other systems (jsonl, signed webhooks, commands),
 //!   at least once and in order, each sink with its own cursor; retention.

@@ -1,8 +1,8 @@
 //! All SQL: the SQLite mirror of Apple's devices, the change events and the per-token
 //! sync state. Event delivery's SQL (sink cursors, retention) is in `store/sinks.rs`.
 //!
-//! Key invariant: [`Store::apply_page`] writes one page's device rows, the events they
-//! cause and the cursor that follows the page in ONE transaction. The stored cursor
+//! Key invariant: [`Store::apply_page`] (and [`Batch`]) write one page's device rows, the
+//! events they cause and the cursor that follows the page in ONE transaction. The stored cursor
 //! therefore never runs ahead of stored data: a crash at any instant leaves the store
 //! equal to a prefix of Apple's truth, and the next run resumes from the last committed
 //! page. Events are derived by comparing the stored row with the incoming record, so a
@@ -346,6 +346,50 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// An open write transaction holding whole pages, in cursor order.
+///
+/// Each page's rows, events and the cursor that follows it are written together, so
+/// whatever commits is a prefix of Apple's answer that ends on a page boundary with its
+/// cursor. Several consecutive pages may share one commit (group commit): Apple's serials
+/// arrive in random order, so each commit rewrites hundreds of index pages, and sharing
+/// them between pages is the largest saving on a large fetch (BENCHMARKS.md). A crash
+/// loses at most the uncommitted pages, and their cursor with them; the next run fetches
+/// them again.
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: &'a Path,
+}
+
+impl Batch<'_> {
+    fn wrap(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite {
+            path: self.path.to_owned(),
+            action,
+            source,
+        }
+    }
+
+    /// Writes one page: device rows, their events and the next cursor.
+    pub fn apply_page(&self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
+        write_page(&self.tx, page).map_err(self.wrap("write page"))
+    }
+
+    /// Stores a cursor transition that comes with no page (see [`Store::set_cursor`]).
+    pub fn set_cursor(&self, token: &str, next: &CursorState, now: &str) -> Result<(), StoreError> {
+        upsert_state(&self.tx, token, next, None, now).map_err(self.wrap("store cursor"))
+    }
+
+    /// Commits every page written to this batch.
+    pub fn commit(self) -> Result<(), StoreError> {
+        let path = self.path.to_owned();
+        self.tx.commit().map_err(|source| StoreError::Sqlite {
+            path,
+            action: "commit pages",
+            source,
+        })
+    }
+}
+
 const DEVICE_COLUMNS: &str =
     "serial_number, model, description, color, asset_tag, profile_status, \
     profile_uuid, profile_assign_time, profile_push_time, device_assigned_date, \
@@ -576,19 +620,27 @@ impl Store {
 
     /// Writes one page: device rows, their events and the next cursor, atomically.
     pub fn apply_page(&mut self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            action: "write page",
-            source,
-        };
+        let batch = self.batch()?;
+        let stats = batch.apply_page(page)?;
+        batch.commit()?;
+        Ok(stats)
+    }
+
+    /// Opens a write transaction that takes one or more consecutive pages (group commit,
+    /// see [`Batch`]). Dropping it uncommitted rolls every page in it back.
+    pub fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        let stats = write_page(&tx, page).map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        Ok(stats)
+            .map_err(|source| StoreError::Sqlite {
+                path: self.path.clone(),
+                action: "begin a write",
+                source,
+            })?;
+        Ok(Batch {
+            tx,
+            path: &self.path,
+        })
     }
 
     /// Stored devices matching `filter`, by token then serial.
@@ -1045,6 +1097,43 @@ mod tests {
             completes_fetch: completes,
             now: "2026-01-01T00:00:00.000Z",
         }
+    }
+
+    #[test]
+    fn a_batch_commits_its_pages_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let p1 = [rec("A", None, None, "BLACK")];
+        let p2 = [rec("B", None, None, "BLUE")];
+        let alive = |s: &Store| s.devices(&DeviceFilter::default()).unwrap().len();
+
+        // Dropped uncommitted (a crash): neither page, nor its cursor, nor its events.
+        let b = s.batch().unwrap();
+        b.apply_page(&page(&p1, PageKind::Fetch, "c1", 1, false))
+            .unwrap();
+        b.apply_page(&page(&p2, PageKind::Fetch, "c2", 1, false))
+            .unwrap();
+        drop(b);
+        assert_eq!(alive(&s), 0);
+        assert_eq!(s.event_count(None).unwrap(), 0);
+        assert_eq!(s.sync_state("acme").unwrap().cursor.cursor, None);
+
+        // Committed: both pages, in order, and the cursor after the last one.
+        let b = s.batch().unwrap();
+        let a = b
+            .apply_page(&page(&p1, PageKind::Fetch, "c1", 1, false))
+            .unwrap();
+        let c = b
+            .apply_page(&page(&p2, PageKind::Fetch, "c2", 1, false))
+            .unwrap();
+        b.commit().unwrap();
+        assert_eq!((a.added, c.added), (1, 1));
+        assert_eq!(alive(&s), 2);
+        assert_eq!(s.event_count(None).unwrap(), 2);
+        assert_eq!(
+            s.sync_state("acme").unwrap().cursor.cursor.as_deref(),
+            Some("c2")
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! One sync pass for one token: Apple's fetch/sync cursor protocol as a state machine.
 //!
 //! [`next_step`] is the pure decision (tested as a table); [`run_token`] drives it: it
-//! downloads pages on the async side while a blocking writer thread commits each page —
-//! rows, events and the following cursor in one transaction — in order. The download of
-//! page N+1 overlaps the commit of page N, and the cursor stored never runs ahead of the
-//! rows stored, because it is part of the same commit.
+//! downloads pages on the async side while a blocking writer thread commits them in order —
+//! each page's rows, events and the following cursor in the same transaction, several
+//! consecutive pages per commit when they are ready (group commit). The download of page
+//! N+1 overlaps the writing of page N, and the cursor stored never runs ahead of the rows
+//! stored, because it is part of the same commit.
 //!
 //! Protocol rules (doc §5): fetch pages until `more_to_follow` is false, then sync from the
 //! cursor; `EXHAUSTED_CURSOR` on fetch → sync with the same cursor; `EXPIRED_CURSOR`,
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apple::{ApiError, AppleClient, ClientSettings, CursorError, DevicePage};
 use crate::config::{Config, TokenConfig};
 use crate::model::{dedupe_latest, format_time, DeviceRecord, PageKind};
-use crate::store::{CursorState, PageStats, PageWrite, Phase, Store, StoreError};
+use crate::store::{Batch, CursorState, PageStats, PageWrite, Phase, Store, StoreError};
 use crate::token::TokenError;
 
 /// What Apple answered to one fetch/sync request, as far as the state machine cares.
@@ -493,37 +494,79 @@ async fn send(tx: &mpsc::Sender<WriterMsg>, msg: WriterMsg) -> Result<(), SyncEr
         .map_err(|_| SyncError::Writer("the database writer stopped early".into()))
 }
 
+/// Group commit limits (see [`crate::store::Batch`]): a commit takes every page already
+/// downloaded, up to this many pages...
+const GROUP_MAX_PAGES: usize = 32;
+/// ...or this much writing, whichever comes first, so another token's writer never waits
+/// long for the database...
+const GROUP_MAX_AGE: Duration = Duration::from_millis(500);
+/// ...and waits at most this long for the next page before committing what it has.
+const GROUP_WAIT: Duration = Duration::from_millis(20);
+
+/// The blocking writer: applies pages in the order they were sent, several consecutive
+/// pages per commit when they are ready (never waiting on Apple with a write open).
 fn writer_loop(
     mut store: Store,
     token: &str,
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> Result<PageStats, SyncError> {
+    let runtime = tokio::runtime::Handle::current();
     let mut stats = PageStats::default();
-    while let Some(msg) = rx.blocking_recv() {
-        let now = format_time(chrono::Utc::now());
-        match msg {
-            WriterMsg::Page {
-                kind,
-                records,
-                state,
-                fetched_until,
-                completes_fetch,
-            } => {
-                let s = store.apply_page(&PageWrite {
-                    token,
-                    kind,
-                    records: &records,
-                    next: state,
-                    fetched_until: fetched_until.as_deref(),
-                    completes_fetch,
-                    now: &now,
-                })?;
-                stats.add(s);
+    while let Some(first) = rx.blocking_recv() {
+        let batch = store.batch()?;
+        let opened = Instant::now();
+        let mut group = PageStats::default();
+        let mut pages = 0;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            apply(&batch, token, msg, &mut group)?;
+            pages += 1;
+            if pages >= GROUP_MAX_PAGES || opened.elapsed() >= GROUP_MAX_AGE {
+                break;
             }
-            WriterMsg::Cursor(state) => store.set_cursor(token, &state, &now)?,
+            next = match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => runtime
+                    .block_on(tokio::time::timeout(GROUP_WAIT, rx.recv()))
+                    .ok()
+                    .flatten(),
+            };
         }
+        batch.commit()?;
+        stats.add(group);
     }
     Ok(stats)
+}
+
+fn apply(
+    batch: &Batch<'_>,
+    token: &str,
+    msg: WriterMsg,
+    stats: &mut PageStats,
+) -> Result<(), StoreError> {
+    let now = format_time(chrono::Utc::now());
+    match msg {
+        WriterMsg::Page {
+            kind,
+            records,
+            state,
+            fetched_until,
+            completes_fetch,
+        } => {
+            stats.add(batch.apply_page(&PageWrite {
+                token,
+                kind,
+                records: &records,
+                next: state,
+                fetched_until: fetched_until.as_deref(),
+                completes_fetch,
+                now: &now,
+            })?);
+        }
+        WriterMsg::Cursor(state) => batch.set_cursor(token, &state, &now)?,
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
