@@ -67,30 +67,22 @@ const MIGRATIONS: &[&str] = &[
         token_name    TEXT NOT NULL,
         serial_number TEXT NOT NULL,
         kind          TEXT NOT NULL CHECK (kind IN ('added', 'modified', 'deleted')),
-        changes       TEXT NOT NULL,
+        -- `modified` events: {"field": [old, new]} for the changed fields. NULL for
+        -- `added`/`deleted`, whose changes are every field of device_json ([null, value]
+        -- and [value, null]) and are derived from it when read: storing them twice
+        -- doubled the size of a first fetch's events (BENCHMARKS.md).
+        changes       TEXT,
         occurred_at   TEXT NOT NULL,
-        -- For `modified` events, the device as stored right after the change:
-        -- [serial_number, the named columns in order, extra_json], so an event delivered
-        -- or replayed days later carries the record it describes, not a later one.
-        -- `added`/`deleted` events need none: their `changes` list every field.
-        device_json   TEXT
+        -- The device the event describes, as stored right after it (for `deleted`, the
+        -- last record before it left): [serial_number, the named columns in order,
+        -- extra_json], so an event delivered or replayed days later carries the record it
+        -- describes, not a later one.
+        device_json   TEXT NOT NULL
     );
     -- By token only: per-token inserts land at the end of the index. An index on the serial
     -- number would take a random insert per event (the events of a page touch hundreds of
     -- index pages); a device's history scans its token's events instead.
     CREATE INDEX events_token ON events (token_name);
-    -- A trigger, because every write path stores the device row before its event, and
-    -- so the snapshot cannot be forgotten by a new one.
-    CREATE TRIGGER events_device_snapshot AFTER INSERT ON events WHEN NEW.kind = 'modified'
-    BEGIN
-        UPDATE events SET device_json = (
-            SELECT json_array(serial_number, model, description, color, asset_tag,
-                       profile_status, profile_uuid, profile_assign_time, profile_push_time,
-                       device_assigned_date, device_assigned_by, os, device_family, extra_json)
-            FROM devices
-            WHERE token_name = NEW.token_name AND serial_number = NEW.serial_number)
-        WHERE id = NEW.id;
-    END;
 
     CREATE TABLE sync_state (
         token_name      TEXT PRIMARY KEY,
@@ -704,39 +696,32 @@ impl Store {
         token: Option<&str>,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = format!(
-            "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
-                    d.{cols}, e.device_json
-             FROM events e LEFT JOIN devices d
-               ON d.token_name = e.token_name AND d.serial_number = e.serial_number
-             WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
-             ORDER BY e.id LIMIT ?3",
-            cols = DEVICE_COLUMNS.replace(", ", ", d.")
-        );
+        let sql = "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json
+             FROM events WHERE id > ?1 AND (?2 IS NULL OR token_name = ?2)
+             ORDER BY id LIMIT ?3";
         let mut stmt = self
             .conn
-            .prepare_cached(&sql)
+            .prepare_cached(sql)
             .map_err(self.err("read events"))?;
         let rows = stmt
             .query_map(params![after, token, limit as i64], |r| {
-                let changes: String = r.get(4)?;
-                let has_device: Option<String> = r.get(6)?;
-                let snapshot: Option<String> = r.get(20)?;
-                let (serial_number, kind): (String, String) = (r.get(2)?, r.get(3)?);
-                let changes = serde_json::from_str(&changes).unwrap_or(Value::Null);
-                let then = sinks::device_then(&kind, &serial_number, &changes, snapshot.as_deref());
+                let kind: String = r.get(3)?;
+                let changes: Option<String> = r.get(4)?;
+                let device = sinks::decode_snapshot(&r.get::<_, String>(6)?);
+                let changes = match (changes, &device, kind.as_str()) {
+                    (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                    (None, Some(d), "added") => crate::events::addition_changes(d),
+                    (None, Some(d), "deleted") => crate::events::removal_changes(d),
+                    (None, _, _) => Value::Null,
+                };
                 Ok(StoredEvent {
                     id: r.get(0)?,
                     token_name: r.get(1)?,
-                    serial_number,
+                    serial_number: r.get(2)?,
                     kind,
                     changes,
                     occurred_at: r.get(5)?,
-                    device: match (then, has_device) {
-                        (Some(d), _) => Some(d),
-                        (None, Some(_)) => Some(device_from_row(r, 6)?),
-                        (None, None) => None,
-                    },
+                    device,
                 })
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());
@@ -887,7 +872,8 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
          WHERE token_name = ?1 AND serial_number = ?2",
     )?;
     let mut event = tx.prepare_cached(
-        "INSERT INTO events (token_name, serial_number, kind, changes, occurred_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
 
     for rec in page.records {
@@ -904,13 +890,13 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             match old {
                 Some(o) if !o.deleted => {
                     mark_deleted.execute(params![page.token, serial, page.now, rec.op_date])?;
-                    let changes = crate::events::removal_changes(&o.device);
                     event.execute(params![
                         page.token,
                         serial,
                         "deleted",
-                        changes.to_string(),
-                        page.now
+                        Option::<String>::None,
+                        page.now,
+                        sinks::encode_snapshot(&o.device, extra_json(&o.device).as_deref())
                     ])?;
                     stats.deleted += 1;
                 }
@@ -923,9 +909,10 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             }
             continue;
         }
+        // `added` events store no changes: they are every field of the snapshot.
         let (kind, changes) = match old {
-            None => ("added", crate::events::addition_changes(&rec.device)),
-            Some(o) if o.deleted => ("added", crate::events::addition_changes(&rec.device)),
+            None => ("added", None),
+            Some(o) if o.deleted => ("added", None),
             Some(o) => {
                 let diff = crate::events::diff(&o.device, &rec.device);
                 if diff.is_empty() {
@@ -933,16 +920,12 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
                     stats.unchanged += 1;
                     continue;
                 }
-                ("modified", Value::Object(diff))
+                ("modified", Some(Value::Object(diff).to_string()))
             }
         };
         let d = &rec.device;
         let f = d.fields();
-        let extra = if d.extra.is_empty() {
-            None
-        } else {
-            Some(Value::Object(d.extra.clone()).to_string())
-        };
+        let extra = extra_json(d);
         upsert.execute(params![
             page.token,
             serial,
@@ -967,8 +950,9 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             page.token,
             serial,
             kind,
-            changes.to_string(),
-            page.now
+            changes,
+            page.now,
+            sinks::encode_snapshot(d, extra.as_deref())
         ])?;
         match kind {
             "added" => stats.added += 1,
@@ -995,13 +979,13 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
                 page.now,
                 Option::<String>::None
             ])?;
-            let changes = crate::events::removal_changes(&d);
             event.execute(params![
                 page.token,
                 d.serial_number,
                 "deleted",
-                changes.to_string(),
-                page.now
+                Option::<String>::None,
+                page.now,
+                sinks::encode_snapshot(&d, extra_json(&d).as_deref())
             ])?;
             stats.deleted += 1;
         }
@@ -1009,6 +993,11 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
 
     upsert_state(tx, page.token, &page.next, page.fetched_until, page.now)?;
     Ok(stats)
+}
+
+/// `extra_json` for a device: its extra fields as a JSON object, None when it has none.
+fn extra_json(d: &Device) -> Option<String> {
+    (!d.extra.is_empty()).then(|| Value::Object(d.extra.clone()).to_string())
 }
 
 /// Reads the stored rows for a page's serials in one statement.

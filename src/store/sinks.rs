@@ -30,32 +30,18 @@ pub struct SinkState {
     pub retry_at: Option<String>,
 }
 
-/// The device as it stood right after an event. `added` and `deleted` events list every
-/// field of it in `changes` (as `[null, value]` and `[value, null]`), so it is read from
-/// there; `modified` events carry a snapshot (`events.device_json`). None when neither is
-/// readable, and the caller falls back to the current row.
-pub(super) fn device_then(
-    kind: &str,
-    serial: &str,
-    changes: &Value,
-    snapshot: Option<&str>,
-) -> Option<Device> {
-    let side = match kind {
-        "added" => 1,
-        "deleted" => 0,
-        _ => return snapshot.and_then(device_from_snapshot),
-    };
-    let mut fields = serde_json::Map::new();
-    for (k, pair) in changes.as_object()? {
-        fields.insert(k.clone(), pair.get(side)?.clone());
-    }
-    fields.insert("serial_number".into(), Value::String(serial.to_owned()));
-    serde_json::from_value(Value::Object(fields)).ok()
+/// Encodes a device for `events.device_json`: `[serial_number, the named fields in
+/// column order, extra_json]`, positional to keep every event small.
+pub(super) fn encode_snapshot(d: &Device, extra_json: Option<&str>) -> String {
+    let mut cells: Vec<Option<&str>> = Vec::with_capacity(14);
+    cells.push(Some(&d.serial_number));
+    cells.extend(d.fields().into_iter().map(Option::as_deref));
+    cells.push(extra_json);
+    serde_json::to_string(&cells).expect("strings always serialise")
 }
 
-/// Decodes `events.device_json` (written by the `events_device_snapshot` trigger):
-/// `[serial_number, the named fields in column order, extra_json]`.
-fn device_from_snapshot(text: &str) -> Option<Device> {
+/// Decodes `events.device_json` (see [`encode_snapshot`]); None if it is not one.
+pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
     let Ok(Value::Array(cells)) = serde_json::from_str::<Value>(text) else {
         return None;
     };
@@ -320,12 +306,22 @@ mod tests {
         // device is blue now; the deleted one shows the last known record.
         let devices: Vec<&Device> = evs.iter().map(|e| e.device.as_ref().unwrap()).collect();
         assert_eq!(devices, [&red.device, &blue.device, &blue.device]);
-        // Only the modified event needed a stored snapshot.
-        let snapshots: i64 = s
+        // Only the modified event stores its changes; the added and deleted events derive
+        // theirs from the snapshot: every field, extras included.
+        let stored: i64 = s
             .conn
-            .query_row("SELECT COUNT(device_json) FROM events", [], |r| r.get(0))
+            .query_row("SELECT COUNT(changes) FROM events", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(snapshots, 1);
+        assert_eq!(stored, 1);
+        assert_eq!(evs[0].changes["color"], serde_json::json!([null, "red"]));
+        assert_eq!(evs[0].changes["imei"], serde_json::json!([null, ["1"]]));
+        assert_eq!(evs[0].changes["note"], serde_json::json!([null, null]));
+        assert_eq!(
+            evs[1].changes,
+            serde_json::json!({"color": ["red", "blue"], "note": [null, null]})
+        );
+        assert_eq!(evs[2].changes["model"], serde_json::json!(["iPad", null]));
+        assert_eq!(evs[2].changes["imei"], serde_json::json!([["1"], null]));
     }
 
     #[test]
