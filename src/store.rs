@@ -31,6 +31,8 @@ const MIGRATIONS: &[&str] = &[
     // 1: devices, events, per-token sync state, sink cursors.
     r#"
     CREATE TABLE devices (
+        -- Stable (an alias of the rowid survives VACUUM): fetch_seen refers to it.
+        id                   INTEGER PRIMARY KEY,
         token_name           TEXT NOT NULL,
         serial_number        TEXT NOT NULL,
         model                TEXT,
@@ -50,17 +52,28 @@ const MIGRATIONS: &[&str] = &[
         extra_json           TEXT,
         -- op_date of the newest sync record applied; older records are ignored.
         last_op_date         TEXT,
-        -- Which full fetch last saw the device; a completed fetch marks the rest deleted.
-        fetch_run            INTEGER,
         first_seen_at        TEXT NOT NULL,
         updated_at           TEXT NOT NULL,
         deleted_at           TEXT,
         -- A rowid table with the key in its own index: Apple's serials arrive in random
         -- order, and random inserts into a small index are far cheaper than into a
         -- WITHOUT ROWID table whose B-tree holds whole rows (measured: 2.4x, BENCHMARKS.md).
-        PRIMARY KEY (token_name, serial_number)
+        UNIQUE (token_name, serial_number)
     );
     CREATE INDEX devices_alive ON devices (token_name, deleted_at);
+
+    -- Which devices the current full fetch of a token has returned so far: a bitmap of
+    -- device ids, 16,384 per chunk. A completed fetch marks every other device of the
+    -- token deleted (reconciliation) and clears the token's chunks. A bitmap rather than a
+    -- mark on each device row: a re-fetch of a million unchanged devices then rewrites
+    -- about 60 small rows per page instead of a thousand random device rows (BENCHMARKS.md).
+    CREATE TABLE fetch_seen (
+        token_name TEXT NOT NULL,
+        fetch_run  INTEGER NOT NULL,
+        chunk      INTEGER NOT NULL,
+        bits       BLOB NOT NULL,
+        UNIQUE (token_name, fetch_run, chunk)
+    );
 
     CREATE TABLE events (
         id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -815,6 +828,7 @@ fn upsert_state(
 
 /// The stored state of one device, as needed to diff against an incoming record.
 struct Existing {
+    id: i64,
     device: Device,
     last_op_date: Option<String>,
     deleted: bool,
@@ -840,36 +854,31 @@ fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::Result<Devi
 fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite::Result<PageStats> {
     let mut stats = PageStats::default();
     let existing = load_existing(tx, page.token, page.records)?;
-    let fetch_run = match page.kind {
-        PageKind::Fetch => Some(page.next.fetch_run),
-        PageKind::Sync => None,
-    };
-    let mut upsert = tx.prepare_cached(
+    // Ids of the devices this page shows to be on the server, for reconciliation.
+    let mut seen: Vec<i64> = Vec::new();
+    let mut insert = tx.prepare_cached(
         "INSERT INTO devices (token_name, serial_number, model, description, color, asset_tag,
              profile_status, profile_uuid, profile_assign_time, profile_push_time,
              device_assigned_date, device_assigned_by, os, device_family, extra_json,
-             last_op_date, fetch_run, first_seen_at, updated_at, deleted_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?18, NULL)
-         ON CONFLICT (token_name, serial_number) DO UPDATE SET
-             model = excluded.model, description = excluded.description, color = excluded.color,
-             asset_tag = excluded.asset_tag, profile_status = excluded.profile_status,
-             profile_uuid = excluded.profile_uuid, profile_assign_time = excluded.profile_assign_time,
-             profile_push_time = excluded.profile_push_time,
-             device_assigned_date = excluded.device_assigned_date,
-             device_assigned_by = excluded.device_assigned_by, os = excluded.os,
-             device_family = excluded.device_family, extra_json = excluded.extra_json,
-             last_op_date = COALESCE(excluded.last_op_date, devices.last_op_date),
-             fetch_run = COALESCE(excluded.fetch_run, devices.fetch_run),
-             updated_at = excluded.updated_at, deleted_at = NULL",
+             last_op_date, first_seen_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?17)",
     )?;
-    let mut touch = tx.prepare_cached(
-        "UPDATE devices SET fetch_run = COALESCE(?3, fetch_run),
-             last_op_date = COALESCE(?4, last_op_date)
-         WHERE token_name = ?1 AND serial_number = ?2",
-    )?;
+    // By id (read with the stored row): no second index lookup. Two statements so that a
+    // change to an assigned device does not rewrite its `devices_alive` entry.
+    const SET_FIELDS: &str = "model = ?2, description = ?3, color = ?4, asset_tag = ?5,
+             profile_status = ?6, profile_uuid = ?7, profile_assign_time = ?8,
+             profile_push_time = ?9, device_assigned_date = ?10, device_assigned_by = ?11,
+             os = ?12, device_family = ?13, extra_json = ?14,
+             last_op_date = COALESCE(?15, last_op_date), updated_at = ?16";
+    let mut update =
+        tx.prepare_cached(&format!("UPDATE devices SET {SET_FIELDS} WHERE id = ?1"))?;
+    let mut revive = tx.prepare_cached(&format!(
+        "UPDATE devices SET {SET_FIELDS}, deleted_at = NULL WHERE id = ?1"
+    ))?;
+    let mut touch = tx.prepare_cached("UPDATE devices SET last_op_date = ?2 WHERE id = ?1")?;
     let mut mark_deleted = tx.prepare_cached(
-        "UPDATE devices SET deleted_at = ?3, updated_at = ?3, last_op_date = COALESCE(?4, last_op_date)
-         WHERE token_name = ?1 AND serial_number = ?2",
+        "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date)
+         WHERE id = ?1",
     )?;
     let mut event = tx.prepare_cached(
         "INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
@@ -889,7 +898,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         if rec.op_type == Some(OpType::Deleted) {
             match old {
                 Some(o) if !o.deleted => {
-                    mark_deleted.execute(params![page.token, serial, page.now, rec.op_date])?;
+                    mark_deleted.execute(params![o.id, page.now, rec.op_date])?;
                     event.execute(params![
                         page.token,
                         serial,
@@ -900,8 +909,10 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
                     ])?;
                     stats.deleted += 1;
                 }
-                Some(_) => {
-                    touch.execute(params![page.token, serial, fetch_run, rec.op_date])?;
+                Some(o) => {
+                    if rec.op_date.is_some() && rec.op_date != o.last_op_date {
+                        touch.execute(params![o.id, rec.op_date])?;
+                    }
                     stats.unchanged += 1;
                 }
                 // Never stored: nothing to delete, and no row for a device we never had.
@@ -916,7 +927,10 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             Some(o) => {
                 let diff = crate::events::diff(&o.device, &rec.device);
                 if diff.is_empty() {
-                    touch.execute(params![page.token, serial, fetch_run, rec.op_date])?;
+                    if rec.op_date.is_some() && rec.op_date != o.last_op_date {
+                        touch.execute(params![o.id, rec.op_date])?;
+                    }
+                    seen.push(o.id);
                     stats.unchanged += 1;
                     continue;
                 }
@@ -926,26 +940,26 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         let d = &rec.device;
         let f = d.fields();
         let extra = extra_json(d);
-        upsert.execute(params![
-            page.token,
-            serial,
-            f[0],
-            f[1],
-            f[2],
-            f[3],
-            f[4],
-            f[5],
-            f[6],
-            f[7],
-            f[8],
-            f[9],
-            f[10],
-            f[11],
-            extra,
-            rec.op_date,
-            fetch_run,
-            page.now
-        ])?;
+        // The named fields, extra_json, op_date and the time: the tail of both statements.
+        let values: Vec<&dyn rusqlite::ToSql> = f
+            .iter()
+            .map(|v| *v as &dyn rusqlite::ToSql)
+            .chain([&extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
+            .collect();
+        let id = match old {
+            None => {
+                let key: [&dyn rusqlite::ToSql; 2] = [&page.token, &serial];
+                insert.execute(rusqlite::params_from_iter(key.into_iter().chain(values)))?;
+                tx.last_insert_rowid()
+            }
+            Some(o) => {
+                let stmt = if o.deleted { &mut revive } else { &mut update };
+                let key: [&dyn rusqlite::ToSql; 1] = [&o.id];
+                stmt.execute(rusqlite::params_from_iter(key.into_iter().chain(values)))?;
+                o.id
+            }
+        };
+        seen.push(id);
         event.execute(params![
             page.token,
             serial,
@@ -960,25 +974,24 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         }
     }
 
+    if page.kind == PageKind::Fetch {
+        mark_seen(tx, page.token, page.next.fetch_run, seen)?;
+    }
     if page.completes_fetch {
         // Reconcile: the completed full fetch is Apple's whole membership; a device it did
         // not return left while we were not looking (e.g. during an expired cursor).
-        let mut gone = tx.prepare_cached(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices
-             WHERE token_name = ?1 AND deleted_at IS NULL AND (fetch_run IS NULL OR fetch_run <> ?2)"
-        ))?;
-        let removed: Vec<Device> = gone
-            .query_map(params![page.token, page.next.fetch_run], |r| {
-                device_from_row(r, 0)
-            })?
+        let returned = load_seen(tx, page.token, page.next.fetch_run)?;
+        let gone: Vec<i64> = tx
+            .prepare_cached("SELECT id FROM devices WHERE token_name = ?1 AND deleted_at IS NULL")?
+            .query_map([page.token], |r| r.get::<_, i64>(0))?
+            .filter(|id| id.as_ref().map_or(true, |id| !returned.contains(*id)))
             .collect::<Result<_, _>>()?;
-        for d in removed {
-            mark_deleted.execute(params![
-                page.token,
-                d.serial_number,
-                page.now,
-                Option::<String>::None
-            ])?;
+        let mut read = tx.prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+        ))?;
+        for id in gone {
+            let d = read.query_row([id], |r| device_from_row(r, 0))?;
+            mark_deleted.execute(params![id, page.now, Option::<String>::None])?;
             event.execute(params![
                 page.token,
                 d.serial_number,
@@ -989,10 +1002,68 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             ])?;
             stats.deleted += 1;
         }
+        tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [page.token])?;
     }
 
     upsert_state(tx, page.token, &page.next, page.fetched_until, page.now)?;
     Ok(stats)
+}
+
+/// Device ids per `fetch_seen` chunk (2 KiB of bits).
+const SEEN_CHUNK_IDS: i64 = 16_384;
+
+/// Records `ids` as returned by full fetch `run` of `token`.
+fn mark_seen(
+    tx: &rusqlite::Transaction<'_>,
+    token: &str,
+    run: i64,
+    mut ids: Vec<i64>,
+) -> rusqlite::Result<()> {
+    ids.sort_unstable();
+    let mut read = tx.prepare_cached(
+        "SELECT bits FROM fetch_seen WHERE token_name = ?1 AND fetch_run = ?2 AND chunk = ?3",
+    )?;
+    let mut write = tx.prepare_cached(
+        "INSERT INTO fetch_seen (token_name, fetch_run, chunk, bits) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (token_name, fetch_run, chunk) DO UPDATE SET bits = excluded.bits",
+    )?;
+    for group in ids.chunk_by(|a, b| a / SEEN_CHUNK_IDS == b / SEEN_CHUNK_IDS) {
+        let chunk = group[0] / SEEN_CHUNK_IDS;
+        let mut bits: Vec<u8> = read
+            .query_row(params![token, run, chunk], |r| r.get(0))
+            .optional()?
+            .unwrap_or_default();
+        bits.resize((SEEN_CHUNK_IDS / 8) as usize, 0);
+        for id in group {
+            let bit = (id % SEEN_CHUNK_IDS) as usize;
+            bits[bit / 8] |= 1 << (bit % 8);
+        }
+        write.execute(params![token, run, chunk, bits])?;
+    }
+    Ok(())
+}
+
+/// The device ids full fetch `run` of `token` has returned (bounded: one bit per id).
+struct SeenIds(HashMap<i64, Vec<u8>>);
+
+impl SeenIds {
+    fn contains(&self, id: i64) -> bool {
+        let bit = (id % SEEN_CHUNK_IDS) as usize;
+        self.0
+            .get(&(id / SEEN_CHUNK_IDS))
+            .and_then(|bits| bits.get(bit / 8))
+            .is_some_and(|byte| byte & (1 << (bit % 8)) != 0)
+    }
+}
+
+fn load_seen(tx: &rusqlite::Transaction<'_>, token: &str, run: i64) -> rusqlite::Result<SeenIds> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT chunk, bits FROM fetch_seen WHERE token_name = ?1 AND fetch_run = ?2",
+    )?;
+    let chunks = stmt
+        .query_map(params![token, run], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(SeenIds(chunks))
 }
 
 /// `extra_json` for a device: its extra fields as a JSON object, None when it has none.
@@ -1014,7 +1085,7 @@ fn load_existing(
     )
     .to_string();
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {DEVICE_COLUMNS}, last_op_date, deleted_at FROM devices
+        "SELECT {DEVICE_COLUMNS}, last_op_date, deleted_at, id FROM devices
          WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
     ))?;
     let mut map = HashMap::with_capacity(records.len());
@@ -1023,6 +1094,7 @@ fn load_existing(
             device: device_from_row(r, 0)?,
             last_op_date: r.get(14)?,
             deleted: r.get::<_, Option<String>>(15)?.is_some(),
+            id: r.get(16)?,
         })
     })?;
     for row in rows {
@@ -1250,6 +1322,61 @@ mod tests {
             .unwrap();
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].device.serial_number, "B");
+    }
+
+    #[test]
+    fn reconciliation_spans_bitmap_chunks_commits_and_abandoned_fetches() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        // More devices than one fetch_seen chunk holds, so ids span two chunks.
+        let n = SEEN_CHUNK_IDS as usize + 4_000;
+        let all: Vec<DeviceRecord> = (0..n)
+            .map(|i| rec(&format!("S{i:06}"), None, None, "r"))
+            .collect();
+        let (first, second) = all.split_at(n / 2);
+        s.apply_page(&page(first, PageKind::Fetch, "a1", 1, false))
+            .unwrap();
+        let st = s
+            .apply_page(&page(second, PageKind::Fetch, "a2", 1, true))
+            .unwrap();
+        assert_eq!((st.added, st.deleted), (second.len() as u64, 0));
+        assert_eq!(s.event_count(None).unwrap(), n as u64);
+
+        // Run 2 is abandoned after one page; its marks must not count for run 3.
+        s.apply_page(&page(first, PageKind::Fetch, "b1", 2, false))
+            .unwrap();
+        // Run 3, in two commits, returns everything but two devices, one per chunk.
+        let keep = |r: &&DeviceRecord| {
+            r.device.serial_number != "S000005"
+                && r.device.serial_number != format!("S{:06}", n - 3)
+        };
+        let p1: Vec<DeviceRecord> = first.iter().filter(keep).cloned().collect();
+        let p2: Vec<DeviceRecord> = second.iter().filter(keep).cloned().collect();
+        let st = s
+            .apply_page(&page(&p2, PageKind::Fetch, "c1", 3, false))
+            .unwrap();
+        assert_eq!(st.events(), 0);
+        let st = s
+            .apply_page(&page(&p1, PageKind::Fetch, "c2", 3, true))
+            .unwrap();
+        assert_eq!((st.deleted, st.added, st.modified), (2, 0, 0));
+        let mut gone: Vec<String> = s
+            .devices(&DeviceFilter {
+                deleted: Some(true),
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|d| d.device.serial_number)
+            .collect();
+        gone.sort();
+        assert_eq!(gone, ["S000005".to_owned(), format!("S{:06}", n - 3)]);
+        // A completed fetch leaves no marks behind.
+        let marks: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM fetch_seen", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(marks, 0);
     }
 
     #[test]

@@ -201,6 +201,9 @@ impl Store {
                 )
                 .map_err(wrap)? as u64;
         }
+        // A full fetch in progress: which devices it has returned so far.
+        tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [token])
+            .map_err(wrap)?;
         tx.commit().map_err(wrap)?;
         Ok(TokenFootprint {
             events: deleted[0],
