@@ -432,6 +432,9 @@ impl Store {
     }
 
     fn configure(&mut self) -> Result<(), StoreError> {
+        // Room for every statement a page write prepares (see write_page), so none is
+        // re-prepared per page.
+        self.conn.set_prepared_statement_cache_capacity(32);
         // WAL lets readers (the CLI) run beside the writer. synchronous=NORMAL in WAL mode
         // keeps the database consistent on power loss; the last commits may be lost, and
         // they are re-fetched from Apple because the cursor commits with them.
@@ -856,13 +859,10 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
     let existing = load_existing(tx, page.token, page.records)?;
     // Ids of the devices this page shows to be on the server, for reconciliation.
     let mut seen: Vec<i64> = Vec::new();
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO devices (token_name, serial_number, model, description, color, asset_tag,
-             profile_status, profile_uuid, profile_assign_time, profile_push_time,
-             device_assigned_date, device_assigned_by, os, device_family, extra_json,
-             last_op_date, first_seen_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?17)",
-    )?;
+    // New devices: inserted together at the end of the page (see insert_many), with ids
+    // given here so the page can record them as seen.
+    let mut new_devices: Vec<(i64, &DeviceRecord, Option<String>)> = Vec::new();
+    let mut next_id: Option<i64> = None;
     // By id (read with the stored row): no second index lookup. Two statements so that a
     // change to an assigned device does not rewrite its `devices_alive` entry.
     const SET_FIELDS: &str = "model = ?2, description = ?3, color = ?4, asset_tag = ?5,
@@ -880,10 +880,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date)
          WHERE id = ?1",
     )?;
-    let mut event = tx.prepare_cached(
-        "INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
+    let mut events = PageEvents::default();
 
     for rec in page.records {
         let serial = rec.device.serial_number.as_str();
@@ -899,14 +896,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             match old {
                 Some(o) if !o.deleted => {
                     mark_deleted.execute(params![o.id, page.now, rec.op_date])?;
-                    event.execute(params![
-                        page.token,
-                        serial,
-                        "deleted",
-                        Option::<String>::None,
-                        page.now,
-                        sinks::encode_snapshot(&o.device, extra_json(&o.device).as_deref())
-                    ])?;
+                    events.push(serial, "deleted", None, &o.device);
                     stats.deleted += 1;
                 }
                 Some(o) => {
@@ -940,40 +930,63 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         let d = &rec.device;
         let f = d.fields();
         let extra = extra_json(d);
-        // The named fields, extra_json, op_date and the time: the tail of both statements.
-        let values: Vec<&dyn rusqlite::ToSql> = f
-            .iter()
-            .map(|v| *v as &dyn rusqlite::ToSql)
-            .chain([&extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
-            .collect();
+        events.push(serial, kind, changes, d);
         let id = match old {
             None => {
-                let key: [&dyn rusqlite::ToSql; 2] = [&page.token, &serial];
-                insert.execute(rusqlite::params_from_iter(key.into_iter().chain(values)))?;
-                tx.last_insert_rowid()
+                let id = match next_id {
+                    Some(id) => id,
+                    None => {
+                        tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM devices", [], |r| {
+                            r.get(0)
+                        })?
+                    }
+                };
+                next_id = Some(id + 1);
+                new_devices.push((id, rec, extra));
+                id
             }
             Some(o) => {
                 let stmt = if o.deleted { &mut revive } else { &mut update };
-                let key: [&dyn rusqlite::ToSql; 1] = [&o.id];
-                stmt.execute(rusqlite::params_from_iter(key.into_iter().chain(values)))?;
+                let values: Vec<&dyn rusqlite::ToSql> = [&o.id as &dyn rusqlite::ToSql]
+                    .into_iter()
+                    .chain(f.iter().map(|v| *v as &dyn rusqlite::ToSql))
+                    .chain([&extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
+                    .collect();
+                stmt.execute(rusqlite::params_from_iter(values))?;
                 o.id
             }
         };
         seen.push(id);
-        event.execute(params![
-            page.token,
-            serial,
-            kind,
-            changes,
-            page.now,
-            sinks::encode_snapshot(d, extra.as_deref())
-        ])?;
         match kind {
             "added" => stats.added += 1,
             _ => stats.modified += 1,
         }
     }
 
+    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(new_devices.len() * 19);
+    for (id, rec, extra) in &new_devices {
+        values.extend([
+            id as &dyn rusqlite::ToSql,
+            &page.token,
+            &rec.device.serial_number,
+        ]);
+        values.extend(rec.device.fields().map(|v| v as &dyn rusqlite::ToSql));
+        values.extend([
+            extra as &dyn rusqlite::ToSql,
+            &rec.op_date,
+            &page.now,
+            &page.now,
+        ]);
+    }
+    insert_many(
+        tx,
+        "devices (id, token_name, serial_number, model, description, color, asset_tag,
+             profile_status, profile_uuid, profile_assign_time, profile_push_time,
+             device_assigned_date, device_assigned_by, os, device_family, extra_json,
+             last_op_date, first_seen_at, updated_at)",
+        19,
+        &values,
+    )?;
     if page.kind == PageKind::Fetch {
         mark_seen(tx, page.token, page.next.fetch_run, seen)?;
     }
@@ -992,21 +1005,78 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         for id in gone {
             let d = read.query_row([id], |r| device_from_row(r, 0))?;
             mark_deleted.execute(params![id, page.now, Option::<String>::None])?;
-            event.execute(params![
-                page.token,
-                d.serial_number,
-                "deleted",
-                Option::<String>::None,
-                page.now,
-                sinks::encode_snapshot(&d, extra_json(&d).as_deref())
-            ])?;
+            events.push(&d.serial_number, "deleted", None, &d);
             stats.deleted += 1;
         }
         tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [page.token])?;
     }
 
+    events.insert(tx, page.token, page.now)?;
     upsert_state(tx, page.token, &page.next, page.fetched_until, page.now)?;
     Ok(stats)
+}
+
+/// A page's events, in record order; inserted together at the end of the page (see
+/// [`insert_many`]), so ids follow record order.
+#[derive(Default)]
+struct PageEvents {
+    /// (serial_number, kind, changes, device_json)
+    rows: Vec<(String, &'static str, Option<String>, String)>,
+}
+
+impl PageEvents {
+    fn push(&mut self, serial: &str, kind: &'static str, changes: Option<String>, d: &Device) {
+        let snapshot = sinks::encode_snapshot(d, extra_json(d).as_deref());
+        self.rows.push((serial.to_owned(), kind, changes, snapshot));
+    }
+
+    fn insert(
+        self,
+        tx: &rusqlite::Transaction<'_>,
+        token: &str,
+        now: &str,
+    ) -> rusqlite::Result<()> {
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 6);
+        for (serial, kind, changes, snapshot) in &self.rows {
+            values.extend([
+                &token as &dyn rusqlite::ToSql,
+                serial,
+                kind,
+                changes,
+                &now,
+                snapshot,
+            ]);
+        }
+        insert_many(
+            tx,
+            "events (token_name, serial_number, kind, changes, occurred_at, device_json)",
+            6,
+            &values,
+        )
+    }
+}
+
+/// Bound values per multi-row INSERT (SQLite allows 32,766).
+const VALUES_PER_INSERT: usize = 1_200;
+
+/// `INSERT INTO {into} VALUES (..), (..), ..`: `values` holds whole rows of `width` values
+/// each, many rows per statement. A page's rows inserted this way cost far less than one
+/// statement per row (and an AUTOINCREMENT table updates its counter once per statement).
+/// `OR ROLLBACK`: a failure undoes the whole transaction (the caller returns the error and
+/// drops it anyway), so SQLite keeps no statement journal for a multi-row statement.
+fn insert_many(
+    tx: &rusqlite::Transaction<'_>,
+    into: &str,
+    width: usize,
+    values: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<()> {
+    let row = format!("({})", vec!["?"; width].join(", "));
+    for chunk in values.chunks(VALUES_PER_INSERT / width * width) {
+        let rows = vec![row.as_str(); chunk.len() / width].join(", ");
+        tx.prepare_cached(&format!("INSERT OR ROLLBACK INTO {into} VALUES {rows}"))?
+            .execute(rusqlite::params_from_iter(chunk))?;
+    }
+    Ok(())
 }
 
 /// Device ids per `fetch_seen` chunk (2 KiB of bits).
