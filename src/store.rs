@@ -832,9 +832,19 @@ fn upsert_state(
 /// The stored state of one device, as needed to diff against an incoming record.
 struct Existing {
     id: i64,
-    device: Device,
+    /// The stored device; None when it equals the incoming record's device (compared in
+    /// place while reading, so an unchanged device — most of a re-fetch — is never
+    /// decoded).
+    device: Option<Device>,
     last_op_date: Option<String>,
     deleted: bool,
+}
+
+impl Existing {
+    /// The stored device (`incoming` when they are equal).
+    fn device<'a>(&'a self, incoming: &'a Device) -> &'a Device {
+        self.device.as_ref().unwrap_or(incoming)
+    }
 }
 
 fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::Result<Device> {
@@ -896,7 +906,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             match old {
                 Some(o) if !o.deleted => {
                     mark_deleted.execute(params![o.id, page.now, rec.op_date])?;
-                    events.push(serial, "deleted", None, &o.device);
+                    events.push(serial, "deleted", None, o.device(&rec.device));
                     stats.deleted += 1;
                 }
                 Some(o) => {
@@ -915,7 +925,10 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             None => ("added", None),
             Some(o) if o.deleted => ("added", None),
             Some(o) => {
-                let diff = crate::events::diff(&o.device, &rec.device);
+                let diff = match &o.device {
+                    Some(stored) => crate::events::diff(stored, &rec.device),
+                    None => Map::new(),
+                };
                 if diff.is_empty() {
                     if rec.op_date.is_some() && rec.op_date != o.last_op_date {
                         touch.execute(params![o.id, rec.op_date])?;
@@ -1147,31 +1160,53 @@ fn load_existing(
     token: &str,
     records: &[DeviceRecord],
 ) -> rusqlite::Result<HashMap<String, Existing>> {
-    let serials = Value::Array(
-        records
-            .iter()
-            .map(|r| Value::String(r.device.serial_number.clone()))
-            .collect(),
-    )
-    .to_string();
+    let incoming: HashMap<&str, &Device> = records
+        .iter()
+        .map(|r| (r.device.serial_number.as_str(), &r.device))
+        .collect();
+    let serials = serde_json::to_string(&incoming.keys().collect::<Vec<_>>())
+        .expect("strings always serialise");
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {DEVICE_COLUMNS}, last_op_date, deleted_at, id FROM devices
          WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
     ))?;
     let mut map = HashMap::with_capacity(records.len());
-    let rows = stmt.query_map(params![token, serials], |r| {
-        Ok(Existing {
-            device: device_from_row(r, 0)?,
+    let mut rows = stmt.query(params![token, serials])?;
+    while let Some(r) = rows.next()? {
+        let serial = r.get_ref(0)?.as_str()?;
+        let same = match incoming.get(serial) {
+            Some(d) => stored_equals(r, d)?,
+            None => false,
+        };
+        let e = Existing {
+            device: if same {
+                None
+            } else {
+                Some(device_from_row(r, 0)?)
+            },
             last_op_date: r.get(14)?,
-            deleted: r.get::<_, Option<String>>(15)?.is_some(),
+            deleted: r.get_ref(15)? != rusqlite::types::ValueRef::Null,
             id: r.get(16)?,
-        })
-    })?;
-    for row in rows {
-        let e = row?;
-        map.insert(e.device.serial_number.clone(), e);
+        };
+        map.insert(serial.to_owned(), e);
     }
     Ok(map)
+}
+
+/// Whether a stored row (serial, the named columns, extra_json) holds exactly `d`,
+/// compared in place.
+fn stored_equals(r: &rusqlite::Row<'_>, d: &Device) -> rusqlite::Result<bool> {
+    for (i, field) in d.fields().into_iter().enumerate() {
+        if r.get_ref(1 + i)?.as_str_or_null()? != field.as_deref() {
+            return Ok(false);
+        }
+    }
+    // extra_json is written by `extra_json`, so equal extras have equal text.
+    let stored = r.get_ref(13)?.as_str_or_null()?;
+    Ok(match stored {
+        None => d.extra.is_empty(),
+        Some(text) => extra_json(d).as_deref() == Some(text),
+    })
 }
 
 /// The device fields as a JSON object map, named columns and extras together.
