@@ -10,6 +10,7 @@
 //! - [`tokens`]: token management for admins: key pair, import, expiry list, forget.
 //! - [`account`]: Apple's `GET /account` per token; start-of-run checks (expiry warnings,
 //!   same-server guard, page-size cap) and `adesync account`.
+//! - [`http_client`]: the HTTP client setup (one TLS configuration per process).
 //! - [`apple`]: everything that speaks Apple's HTTP — OAuth 1.0a, the session, one method
 //!   per endpoint, Apple's errors parsed once.
 //! - [`model`]: devices and records with Apple's field names; de-duplication by `op_date`.
@@ -34,6 +35,7 @@ pub mod daemon;
 pub mod demo;
 pub mod events;
 pub mod http;
+pub mod http_client;
 pub mod model;
 pub mod p7m;
 pub mod report;

@@ -145,7 +145,7 @@ struct Response {
 impl AppleClient {
     /// A client for one token. Builds its own connection pool.
     pub fn new(token: ServerToken, settings: ClientSettings) -> Result<Self, ApiError> {
-        let http = reqwest::Client::builder()
+        let http = crate::http_client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout.min(Duration::from_secs(30)))
             .pool_idle_timeout(Duration::from_secs(60))

@@ -123,7 +123,7 @@ pub(super) struct WebhookClient {
 
 impl WebhookClient {
     pub(super) fn new(cfg: &WebhookConfig) -> Result<Self, Failure> {
-        let http = reqwest::Client::builder()
+        let http = crate::http_client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .user_agent(crate::config::default_user_agent())
