@@ -90,6 +90,23 @@ async fn run_once_then_query_devices_and_events() {
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.starts_with("token  serial_number"), "{table}");
     assert_eq!(table.lines().count(), 4);
+
+    // A reader that goes away (`adesync events | head -1`) is not an error: 120 events are
+    // more than a pipe buffers, so the writes hit the closed pipe.
+    let mut c = adesync(&env);
+    c.args(["events", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = c.spawn().unwrap();
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }
 
 #[tokio::test]
