@@ -168,6 +168,12 @@ pub enum StoreError {
         /// Ours.
         known: i64,
     },
+    /// The database was created by a pre-release build whose first schema differed.
+    #[error("database {path} was created by a pre-release adesync with an older layout that this version cannot upgrade; deliver any pending events with that build (adesync run --once), then move the file aside: the next run rebuilds the mirror with a full fetch from Apple")]
+    PreRelease {
+        /// The database file.
+        path: PathBuf,
+    },
     /// The parent folder could not be created.
     #[error("cannot create the folder for database {path}: {source}")]
     CreateDir {
@@ -210,7 +216,8 @@ pub struct CursorState {
     pub phase: Phase,
     /// The cursor to send next (`None`: start a fetch from the beginning).
     pub cursor: Option<String>,
-    /// Number of the current/last full fetch; devices seen by it carry the number.
+    /// Number of the current/last full fetch; the devices it returns are recorded under
+    /// it in `fetch_seen`.
     pub fetch_run: i64,
 }
 
@@ -464,6 +471,21 @@ impl Store {
                 found: version,
                 known,
             });
+        }
+        // Migration 1 changed before the first release (devices.id, fetch_seen, events'
+        // snapshots); a database made by an earlier build says version 1 but lacks them.
+        if version >= 1 {
+            let current: bool = self
+                .conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'fetch_seen')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(self.err("read schema"))?;
+            if !current {
+                return Err(StoreError::PreRelease { path });
+            }
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = self
@@ -895,6 +917,13 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
     for rec in page.records {
         let serial = rec.device.serial_number.as_str();
         let old = existing.get(serial);
+        // A record that changes nothing still brings a newer op_date to remember.
+        let mut note_op_date = |o: &Existing| match &rec.op_date {
+            Some(date) if Some(date) != o.last_op_date.as_ref() => {
+                touch.execute(params![o.id, date]).map(drop)
+            }
+            _ => Ok(()),
+        };
         // Apple may deliver an older record after a newer one (doc §4.4); the newest wins.
         if let Some(old) = old {
             if is_older(rec.op_date.as_deref(), old.last_op_date.as_deref()) {
@@ -906,13 +935,18 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             match old {
                 Some(o) if !o.deleted => {
                     mark_deleted.execute(params![o.id, page.now, rec.op_date])?;
-                    events.push(serial, "deleted", None, o.device(&rec.device));
+                    let stored = o.device(&rec.device);
+                    events.push(
+                        serial,
+                        "deleted",
+                        None,
+                        stored,
+                        extra_json(stored).as_deref(),
+                    );
                     stats.deleted += 1;
                 }
                 Some(o) => {
-                    if rec.op_date.is_some() && rec.op_date != o.last_op_date {
-                        touch.execute(params![o.id, rec.op_date])?;
-                    }
+                    note_op_date(o)?;
                     stats.unchanged += 1;
                 }
                 // Never stored: nothing to delete, and no row for a device we never had.
@@ -930,9 +964,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
                     None => Map::new(),
                 };
                 if diff.is_empty() {
-                    if rec.op_date.is_some() && rec.op_date != o.last_op_date {
-                        touch.execute(params![o.id, rec.op_date])?;
-                    }
+                    note_op_date(o)?;
                     seen.push(o.id);
                     stats.unchanged += 1;
                     continue;
@@ -943,7 +975,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         let d = &rec.device;
         let f = d.fields();
         let extra = extra_json(d);
-        events.push(serial, kind, changes, d);
+        events.push(serial, kind, changes, d, extra.as_deref());
         let id = match old {
             None => {
                 let id = match next_id {
@@ -1018,7 +1050,13 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         for id in gone {
             let d = read.query_row([id], |r| device_from_row(r, 0))?;
             mark_deleted.execute(params![id, page.now, Option::<String>::None])?;
-            events.push(&d.serial_number, "deleted", None, &d);
+            events.push(
+                &d.serial_number,
+                "deleted",
+                None,
+                &d,
+                extra_json(&d).as_deref(),
+            );
             stats.deleted += 1;
         }
         tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [page.token])?;
@@ -1038,8 +1076,16 @@ struct PageEvents {
 }
 
 impl PageEvents {
-    fn push(&mut self, serial: &str, kind: &'static str, changes: Option<String>, d: &Device) {
-        let snapshot = sinks::encode_snapshot(d, extra_json(d).as_deref());
+    /// `extra` is `d`'s `extra_json`, which the caller has already made.
+    fn push(
+        &mut self,
+        serial: &str,
+        kind: &'static str,
+        changes: Option<String>,
+        d: &Device,
+        extra: Option<&str>,
+    ) {
+        let snapshot = sinks::encode_snapshot(d, extra);
         self.rows.push((serial.to_owned(), kind, changes, snapshot));
     }
 
@@ -1325,6 +1371,27 @@ mod tests {
             Store::open(&p),
             Err(StoreError::TooNew { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_database_from_a_pre_release_layout_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch(
+            "CREATE TABLE devices (token_name TEXT, serial_number TEXT, fetch_run INTEGER,
+                 PRIMARY KEY (token_name, serial_number));
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(c);
+        let err = Store::open(&p).unwrap_err();
+        assert!(matches!(err, StoreError::PreRelease { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("pre-release") && text.contains("move the file aside"),
+            "{text}"
+        );
     }
 
     #[test]

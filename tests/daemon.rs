@@ -3,7 +3,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{adesync, assert_mirrors, event_counts, free_port, write_token, Env};
+use crate::common::{adesync, assert_mirrors, event_counts, free_port, output, write_token, Env};
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -256,22 +256,15 @@ async fn status_exit_code_says_whether_attention_is_needed() {
 #[tokio::test]
 async fn device_and_filtered_listings() {
     let env = Env::new(60, 100).await;
-    let mut once = adesync(&env);
-    once.args(["run", "--once"]);
-    assert!(tokio::task::spawn_blocking(move || once.output().unwrap())
-        .await
-        .unwrap()
-        .status
-        .success());
+    let once = || {
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        output(c)
+    };
+    assert!(once().await.status.success());
     let serial = env.mock.serials()[3].clone();
     env.mock.modify_devices(std::slice::from_ref(&serial));
-    let mut once = adesync(&env);
-    once.args(["run", "--once"]);
-    assert!(tokio::task::spawn_blocking(move || once.output().unwrap())
-        .await
-        .unwrap()
-        .status
-        .success());
+    assert!(once().await.status.success());
 
     let run = |args: Vec<String>| {
         let mut c = adesync(&env);
