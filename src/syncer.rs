@@ -524,14 +524,12 @@ fn writer_loop(
             if pages >= GROUP_MAX_PAGES || opened.elapsed() >= GROUP_MAX_AGE {
                 break;
             }
-            next = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => runtime
-                    .block_on(tokio::time::timeout(GROUP_WAIT, rx.recv()))
-                    .ok()
-                    .flatten(),
-            };
+            // A page already queued is taken at once; none within GROUP_WAIT, or the
+            // driver finished: commit.
+            next = runtime
+                .block_on(tokio::time::timeout(GROUP_WAIT, rx.recv()))
+                .ok()
+                .flatten();
         }
         batch.commit()?;
         stats.add(group);
