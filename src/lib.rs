@@ -4,43 +4,44 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML file → a validated [`config::Config`]; errors name the key.
-//! - [`token`]: the server token (OAuth credentials), expiry, secret redaction; a `.p7m`
-//!   token file is decrypted through [`p7m`] (CMS EnvelopedData, BER, RSA + AES/3DES).
-//! - [`tokens`]: token management for admins: key pair, import, expiry list, forget.
-//! - [`account`]: Apple's `GET /account` per token; start-of-run checks (expiry warnings,
-//!   same-server guard, page-size cap) and `adesync account`.
-//! - [`http_client`]: the HTTP client setup (one TLS configuration per process).
-//! - [`apple`]: everything that speaks Apple's HTTP — OAuth 1.0a, the session, one method
-//!   per endpoint, Apple's errors parsed once.
-//! - [`model`]: devices and records with Apple's field names; de-duplication by `op_date`.
-//! - [`store`]: all SQL. A page's rows, events and cursor in one transaction (group commit).
-//! - [`events`]: the diff that makes events, and their JSON (`schema/event.schema.json`).
+//! Each module imports only modules listed below it (a test checks this), so there are no
+//! import cycles, and nothing in the library reaches the command line (`src/cli/`, part
+//! of the binary only: every word for people and every exit code).
+//!
+//! - [`daemon`]: the long-running service: per-token schedules, failure policy, signals,
+//!   systemd, the `/metrics` and `/healthz` listener.
+//! - [`syncer`]: one pass for one token: the cursor state machine, the writer thread, the
+//!   start-of-run checks.
 //! - [`sinks`]: delivery of events to other systems (jsonl, signed webhooks, commands),
 //!   at least once and in order, each sink with its own cursor; retention.
-//! - [`syncer`]: one pass for one token — the cursor state machine and the page pipeline.
-//! - [`daemon`]: the long-running service: per-token schedules, failure policy, signals, systemd.
-//! - [`http`]: the optional `/metrics` and `/healthz` listener.
-//! - [`cli`]: the command line; words for people.
-//! - [`demo`]: the one-command demo against the bundled Apple simulator.
+//! - [`status`]: the rules shared by every surface that reports on tokens: attention,
+//!   expiry, overdue, durations for people.
+//! - [`store`]: all SQL, one file per table family; a page's rows, events and cursor in one
+//!   transaction (group commit).
+//! - [`events`]: the pure decision (stored row, incoming record) → event, and event JSON
+//!   (`schema/event.schema.json`).
+//! - [`apple`]: everything that speaks Apple's HTTP: OAuth 1.0a, the session, one method
+//!   per endpoint, Apple's errors parsed once.
+//! - [`token`]: the server token (JSON or `.p7m` + key), its expiry, key/cert
+//!   administration that returns data.
+//! - [`config`]: the TOML file → a validated [`config::Config`] of paths and values (never
+//!   decrypted secrets); errors name the key.
+//! - [`model`]: devices and records with Apple's field names; the enums every layer shares
+//!   (phase, event kind, sink state, error kind).
+//! - `http_client`: the outbound HTTP client setup (one TLS configuration per process).
 //!
-//! Rule of thumb: HTTP bytes → `apple`; meaning → `model`; SQL → `store`; decisions →
-//! `syncer` / `events`; time and loops → `daemon`; words for people → `cli`.
+//! Rule of thumb: HTTP bytes → `apple`; meaning → `model`/`events`; SQL → `store`;
+//! decisions → `syncer`/`events`/`status`; time and loops → `daemon`; words for people →
+//! the binary's `cli`.
 
-pub mod account;
 pub mod apple;
-pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod events;
-pub mod http;
-pub mod http_client;
+pub(crate) mod http_client;
 pub mod model;
-pub mod p7m;
-pub mod report;
 pub mod sinks;
+pub mod status;
 pub mod store;
 pub mod syncer;
 pub mod token;
-pub mod tokens;

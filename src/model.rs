@@ -148,13 +148,216 @@ pub struct DeviceRecord {
     pub device: Device,
 }
 
-/// Which of Apple's two device-list endpoints a page came from.
+/// The two phases of Apple's cursor protocol, and so which of Apple's two device-list
+/// endpoints a page came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PageKind {
-    /// `POST /server/devices`: the full current membership, paged.
+pub enum Phase {
+    /// Paging `POST /server/devices`: the full current membership.
     Fetch,
-    /// `POST /devices/sync`: changes since the cursor.
+    /// Paging `POST /devices/sync`: changes since the cursor.
     Sync,
+}
+
+impl Phase {
+    /// The stored name: `fetch` or `sync`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Fetch => "fetch",
+            Phase::Sync => "sync",
+        }
+    }
+
+    /// The stored name back; anything but `sync` restarts safely with a full fetch.
+    pub fn parse(s: &str) -> Phase {
+        if s == "sync" {
+            Phase::Sync
+        } else {
+            Phase::Fetch
+        }
+    }
+}
+
+/// What an event says happened to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// New to the mirror, or back after a deletion.
+    Added,
+    /// Fields changed.
+    Modified,
+    /// Left the server.
+    Deleted,
+}
+
+impl EventKind {
+    /// Every kind, in the order people read them.
+    pub const ALL: [EventKind; 3] = [EventKind::Added, EventKind::Modified, EventKind::Deleted];
+
+    /// The stored and JSON name (Apple's op_type words).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Added => "added",
+            EventKind::Modified => "modified",
+            EventKind::Deleted => "deleted",
+        }
+    }
+
+    /// The stored name back.
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a sink stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkState {
+    /// Delivering (or nothing to deliver).
+    Ok,
+    /// Its last delivery failed; retried on the next pass.
+    Failing,
+    /// Stopped until a person resumes it.
+    Parked,
+}
+
+impl SinkState {
+    /// The name shown and exported.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkState::Ok => "ok",
+            SinkState::Failing => "failing",
+            SinkState::Parked => "parked",
+        }
+    }
+}
+
+impl std::fmt::Display for SinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stable name for why a sync failed: stored as the token's last error kind, counted
+/// in `/metrics`, and the one place that says which failures need a person.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The server token expired.
+    TokenExpired,
+    /// The token file (or its key) cannot be read, decrypted or parsed.
+    TokenFile,
+    /// Apple refuses the token's credentials.
+    TokenRejected,
+    /// New terms and conditions wait in ABM/ASM.
+    TermsNotSigned,
+    /// Apple denies access.
+    AccessDenied,
+    /// Apple refuses the User-Agent.
+    UserAgent,
+    /// The token now belongs to another MDM server than the stored devices.
+    ServerChanged,
+    /// A cursor error Apple kept returning.
+    Cursor,
+    /// Apple refused the session.
+    SessionRejected,
+    /// Apple asked to slow down.
+    Throttled,
+    /// Apple's server failed (5xx).
+    Server,
+    /// Another HTTP status.
+    Http,
+    /// Apple's answer could not be read.
+    MalformedBody,
+    /// A request timed out.
+    Timeout,
+    /// The connection failed.
+    Transport,
+    /// The local database failed.
+    Database,
+    /// An internal failure.
+    Internal,
+    /// Stopped by shutdown.
+    Cancelled,
+}
+
+impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 18] = [
+        ErrorKind::TokenExpired,
+        ErrorKind::TokenFile,
+        ErrorKind::TokenRejected,
+        ErrorKind::TermsNotSigned,
+        ErrorKind::AccessDenied,
+        ErrorKind::UserAgent,
+        ErrorKind::ServerChanged,
+        ErrorKind::Cursor,
+        ErrorKind::SessionRejected,
+        ErrorKind::Throttled,
+        ErrorKind::Server,
+        ErrorKind::Http,
+        ErrorKind::MalformedBody,
+        ErrorKind::Timeout,
+        ErrorKind::Transport,
+        ErrorKind::Database,
+        ErrorKind::Internal,
+        ErrorKind::Cancelled,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::TokenExpired => "token_expired",
+            ErrorKind::TokenFile => "token_file",
+            ErrorKind::TokenRejected => "token_rejected",
+            ErrorKind::TermsNotSigned => "terms_not_signed",
+            ErrorKind::AccessDenied => "access_denied",
+            ErrorKind::UserAgent => "user_agent",
+            ErrorKind::ServerChanged => "server_changed",
+            ErrorKind::Cursor => "cursor",
+            ErrorKind::SessionRejected => "session_rejected",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Server => "server",
+            ErrorKind::Http => "http",
+            ErrorKind::MalformedBody => "malformed_body",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Transport => "transport",
+            ErrorKind::Database => "database",
+            ErrorKind::Internal => "internal",
+            ErrorKind::Cancelled => "cancelled",
+        }
+    }
+
+    /// The stored name back.
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether only a person can fix it (a new token, accepted terms, restored access,
+    /// the right server): the daemon parks such a token instead of retrying, and
+    /// `status` says an administrator must act. Local resource trouble (the database,
+    /// the network) is never here: time or an operator's fix of the machine heals it.
+    pub fn needs_admin(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::TokenExpired
+                | ErrorKind::TokenFile
+                | ErrorKind::TokenRejected
+                | ErrorKind::TermsNotSigned
+                | ErrorKind::AccessDenied
+                | ErrorKind::UserAgent
+                | ErrorKind::ServerChanged
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Keeps, for each serial number, only the record that describes its latest state.

@@ -1,6 +1,6 @@
 //! Whole sync passes against the bundled Apple simulator.
 
-use adesync::store::Phase;
+use adesync::model::Phase;
 use adesync::syncer::{run_all_once, run_token, SyncError};
 use adesync_mock::{Credentials, Endpoint, Fault, FaultKind, MockConfig};
 
@@ -208,7 +208,7 @@ async fn an_expired_token_is_refused_before_any_call_to_apple() {
     let err = run_token(&config, &config.tokens[0], None)
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "token_expired");
+    assert_eq!(err.kind().as_str(), "token_expired");
     assert!(err.to_string().contains("\"acme\""), "{err}");
     assert!(env.mock.requests().is_empty());
 }
@@ -234,7 +234,7 @@ async fn terms_not_signed_fails_the_run_with_the_remedy_and_keeps_the_cursor() {
     let err = run_token(&config, &config.tokens[0], None)
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "terms_not_signed");
+    assert_eq!(err.kind().as_str(), "terms_not_signed");
     assert!(err.to_string().contains("accept"), "{err}");
     assert_eq!(env.store().sync_state("acme").unwrap().cursor, cursor);
     // Once accepted, the next run succeeds.

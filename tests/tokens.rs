@@ -8,10 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use adesync::p7m::P7mError;
 use adesync::syncer::{run_token, SyncError};
+use adesync::token::admin::{keygen, KeyPair};
+use adesync::token::p7m::P7mError;
 use adesync::token::{ServerToken, TokenError};
-use adesync::tokens::{keygen, KeyPair};
 use adesync_mock::{Credentials, Endpoint, MockConfig};
 use base64::Engine as _;
 use openssl::cms::{CMSOptions, CmsContentInfo};
@@ -21,7 +21,7 @@ use openssl::x509::X509;
 
 use crate::common::{write_token, Env};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/apple/");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/apple/");
 
 /// Secret values that must never be printed; the consumer key is not secret.
 const SECRETS: [&str; 3] = [
@@ -323,7 +323,7 @@ fn truncated_files_non_cms_files_and_missing_fields_are_told_apart() {
     // Signed, not encrypted.
     let signed = {
         use openssl::cms::CmsContentInfo;
-        let key = adesync::p7m::load_private_key(&keys.key).unwrap();
+        let key = adesync::token::p7m::load_private_key(&keys.key).unwrap();
         let cert = X509::from_pem(&std::fs::read(&keys.cert).unwrap()).unwrap();
         CmsContentInfo::sign(
             Some(&cert),
@@ -965,11 +965,11 @@ async fn token_list_shows_expiry_and_days_left_and_fails_on_an_expired_token() {
     );
 
     // The boundary, with a fixed clock.
-    let cfg = adesync::tokens::LenientConfig::read(&env.config_path, true).unwrap();
+    let cfg = adesync::config::LenientConfig::read(&env.config_path, true).unwrap();
     let exp = ServerToken::load(&env.path("acme.json"))
         .unwrap()
         .access_token_expiry;
-    let at = |now| adesync::tokens::token_statuses(&cfg, now).unwrap()[0].status;
+    let at = |now| adesync::token::admin::token_statuses(&cfg, now).unwrap()[0].status;
     assert_eq!(
         at(exp - chrono::Duration::days(30) - chrono::Duration::seconds(1)),
         "ok"

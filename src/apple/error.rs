@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::model::ErrorKind;
+
 /// Which call failed, for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -148,13 +150,7 @@ impl ApiError {
 
     /// Whether this error needs a person (token, terms, access) rather than time.
     pub fn needs_admin(&self) -> bool {
-        matches!(
-            self,
-            ApiError::TermsNotSigned(_)
-                | ApiError::AccessDenied(_)
-                | ApiError::TokenRejected { .. }
-                | ApiError::UserAgent { .. }
-        )
+        self.kind().needs_admin()
     }
 
     /// The server's requested wait, if any.
@@ -166,20 +162,20 @@ impl ApiError {
     }
 
     /// A short stable name for metrics and the stored last error.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ApiError::Cursor { .. } => "cursor",
-            ApiError::TermsNotSigned(_) => "terms_not_signed",
-            ApiError::AccessDenied(_) => "access_denied",
-            ApiError::TokenRejected { .. } => "token_rejected",
-            ApiError::SessionRejected(_) => "session_rejected",
-            ApiError::UserAgent { .. } => "user_agent",
-            ApiError::Throttled { .. } => "throttled",
-            ApiError::Server { .. } => "server",
-            ApiError::Http { .. } => "http",
-            ApiError::MalformedBody { .. } => "malformed_body",
-            ApiError::Transport { timeout: true, .. } => "timeout",
-            ApiError::Transport { .. } => "transport",
+            ApiError::Cursor { .. } => ErrorKind::Cursor,
+            ApiError::TermsNotSigned(_) => ErrorKind::TermsNotSigned,
+            ApiError::AccessDenied(_) => ErrorKind::AccessDenied,
+            ApiError::TokenRejected { .. } => ErrorKind::TokenRejected,
+            ApiError::SessionRejected(_) => ErrorKind::SessionRejected,
+            ApiError::UserAgent { .. } => ErrorKind::UserAgent,
+            ApiError::Throttled { .. } => ErrorKind::Throttled,
+            ApiError::Server { .. } => ErrorKind::Server,
+            ApiError::Http { .. } => ErrorKind::Http,
+            ApiError::MalformedBody { .. } => ErrorKind::MalformedBody,
+            ApiError::Transport { timeout: true, .. } => ErrorKind::Timeout,
+            ApiError::Transport { .. } => ErrorKind::Transport,
         }
     }
 }
@@ -301,7 +297,7 @@ mod tests {
         ];
         for (status, body, kind) in table {
             let e = classify(Endpoint::SyncDevices, *status, body, None);
-            assert_eq!(e.kind(), *kind, "{status} {body}");
+            assert_eq!(e.kind().as_str(), *kind, "{status} {body}");
         }
         assert!(matches!(
             classify(Endpoint::SyncDevices, 400, "\"EXPIRED_CURSOR\"", None),
@@ -327,7 +323,7 @@ mod tests {
             (401, "token_rejected"),
         ] {
             let e = classify(Endpoint::Session, status, body, None);
-            assert_eq!(e.kind(), "token_rejected");
+            assert_eq!(e.kind().as_str(), "token_rejected");
             assert!(e.to_string().contains("Download Token"), "{e}");
             assert!(e.needs_admin());
         }

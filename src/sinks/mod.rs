@@ -232,6 +232,20 @@ impl Drop for Claim {
     }
 }
 
+/// One delivery pass over every configured sink ([`deliver_all`]), each outcome logged.
+///
+/// A sink that cannot take its events is logged as a warning that names it and the
+/// remedy; it never fails the caller: syncing succeeded, and the events stay queued.
+pub async fn deliver_all_logged(config: &Config) {
+    for (name, result) in deliver_all(config).await {
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sink = %name, events = n, "events delivered"),
+            Err(e) => tracing::warn!(sink = %name, "{e}"),
+        }
+    }
+}
+
 /// One delivery pass over every configured sink, concurrently; then events that every
 /// sink has and that are older than `event_retention` are deleted.
 ///

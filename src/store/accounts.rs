@@ -235,8 +235,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceRecord, PageKind};
-    use crate::store::{CursorState, PageWrite, Phase};
+    use crate::model::{DeviceRecord, Phase};
+    use crate::store::{CursorState, PageWrite};
 
     fn store_with(tokens: &[(&str, usize)]) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -253,7 +253,7 @@ mod tests {
             store
                 .apply_page(&PageWrite {
                     token,
-                    kind: PageKind::Fetch,
+                    kind: Phase::Fetch,
                     records: &records,
                     next: CursorState {
                         phase: Phase::Sync,

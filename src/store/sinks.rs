@@ -244,8 +244,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceRecord, OpType, PageKind};
-    use crate::store::{CursorState, PageWrite, Phase};
+    use crate::model::{DeviceRecord, OpType, Phase};
+    use crate::store::{CursorState, PageWrite};
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -256,7 +256,7 @@ mod tests {
     fn write(s: &mut Store, records: &[DeviceRecord], now: &str) {
         s.apply_page(&PageWrite {
             token: "acme",
-            kind: PageKind::Sync,
+            kind: Phase::Sync,
             records,
             next: CursorState {
                 phase: Phase::Sync,

@@ -5,8 +5,10 @@
 //! running daemon knows (durations, errors by kind, parked tokens). Reads go through
 //! `spawn_blocking`; nothing here writes.
 
+use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -15,14 +17,45 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::config::Config;
-use crate::daemon::Health;
+use super::health::Health;
+use crate::config::{Config, TokenConfig};
 use crate::store::{Store, SyncState};
 
 #[derive(Clone)]
 struct AppState {
     config: Arc<Config>,
     health: Health,
+    expiries: Arc<ExpiryCache>,
+}
+
+/// Each token's expiry as its file says now: re-read when the file changes (a renewal
+/// needs no restart), otherwise served from memory so a scrape never decrypts.
+#[derive(Default)]
+struct ExpiryCache(Mutex<HashMap<PathBuf, CachedExpiry>>);
+
+/// The file stamp (mtime, size) an expiry was read at, and the expiry.
+type CachedExpiry = (Option<(SystemTime, u64)>, Option<i64>);
+
+impl ExpiryCache {
+    /// The expiry (Unix seconds) of `token`'s file, `None` when it cannot be read.
+    fn get(&self, token: &TokenConfig) -> Option<i64> {
+        let stamp = std::fs::metadata(&token.token_file)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()));
+        let key = token.token_file.clone();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, expiry)) = map.get(&key) {
+            if *seen == stamp && stamp.is_some() {
+                return *expiry;
+            }
+        }
+        let expiry = token
+            .load_token()
+            .ok()
+            .map(|t| t.access_token_expiry.timestamp());
+        map.insert(key, (stamp, expiry));
+        expiry
+    }
 }
 
 /// The listener's routes.
@@ -30,21 +63,29 @@ pub fn router(config: Arc<Config>, health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(AppState { config, health })
+        .with_state(AppState {
+            config,
+            health,
+            expiries: Arc::default(),
+        })
 }
 
 struct DbView {
     states: Vec<SyncState>,
+    /// Each token's expiry (Unix seconds), in config order.
+    expiries: Vec<Option<i64>>,
     by_status: Vec<(String, String, u64)>,
     events: Vec<(String, u64)>,
     sinks: Vec<crate::sinks::SinkStatus>,
 }
 
-async fn read_db(config: &Arc<Config>) -> Result<DbView, String> {
-    let config = config.clone();
+async fn read_db(app: &AppState) -> Result<DbView, String> {
+    let config = app.config.clone();
+    let cache = app.expiries.clone();
     tokio::task::spawn_blocking(move || -> Result<DbView, String> {
         let s = Store::open(&config.database).map_err(|e| e.to_string())?;
         Ok(DbView {
+            expiries: config.tokens.iter().map(|t| cache.get(t)).collect(),
             states: s.sync_states().map_err(|e| e.to_string())?,
             by_status: s.profile_status_counts().map_err(|e| e.to_string())?,
             events: s.event_counts_by_token().map_err(|e| e.to_string())?,
@@ -56,7 +97,7 @@ async fn read_db(config: &Arc<Config>) -> Result<DbView, String> {
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    match read_db(&app.config).await {
+    match read_db(&app).await {
         Ok(view) => (
             StatusCode::OK,
             [(
@@ -178,12 +219,8 @@ fn render_metrics(config: &Config, health: &Health, view: &DbView) -> String {
         config
             .tokens
             .iter()
-            .map(|t| {
-                (
-                    format!("token=\"{}\"", label(&t.name)),
-                    t.token.access_token_expiry.timestamp() as f64,
-                )
-            })
+            .zip(&view.expiries)
+            .filter_map(|(t, e)| Some((format!("token=\"{}\"", label(&t.name)), (*e)? as f64)))
             .collect(),
     );
     let sink = |f: &dyn Fn(&crate::sinks::SinkStatus) -> f64| -> Vec<(String, f64)> {
@@ -260,7 +297,7 @@ pub fn token_problem(
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
-    let view = match read_db(&app.config).await {
+    let view = match read_db(&app).await {
         Ok(v) => v,
         Err(e) => {
             return (

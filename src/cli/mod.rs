@@ -8,10 +8,17 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use crate::store::{DeviceFilter, Store};
+use adesync::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use adesync::status::TokenExpiry;
+use adesync::store::{DeviceFilter, Store};
 
-mod sink_commands;
+mod account;
+mod demo;
+mod render;
+mod sinks;
+mod token;
+
+use render::{csv_cell, write_table, Format};
 
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd does not restart on it.
 pub const EXIT_CONFIG: u8 = 78;
@@ -39,17 +46,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// Output format of listing commands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Aligned columns for people.
-    Table,
-    /// JSON: one object per line.
-    Json,
-    /// CSV with a header row.
-    Csv,
 }
 
 /// The subcommands.
@@ -133,7 +129,7 @@ pub enum Command {
     Events {
         /// Send events to a sink again (without it: list events).
         #[command(subcommand)]
-        action: Option<sink_commands::EventsAction>,
+        action: Option<sinks::EventsAction>,
         /// Only events with a larger id.
         #[arg(long, default_value_t = 0)]
         after: i64,
@@ -159,7 +155,7 @@ pub enum Command {
     Sinks {
         /// What to do (without it: list the sinks).
         #[command(subcommand)]
-        action: Option<sink_commands::SinksAction>,
+        action: Option<sinks::SinksAction>,
         /// Output format of the list.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -182,7 +178,7 @@ pub enum Command {
     Token {
         /// What to do with tokens.
         #[command(subcommand)]
-        cmd: crate::tokens::TokenCommand,
+        cmd: token::TokenCommand,
     },
     /// Show the MDM server behind each token, as Apple's GET /account last reported it:
     /// server name and UUID, organisation, ABM or ASM, the admin who downloaded the token,
@@ -270,20 +266,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if once {
                 run_once(&config).await
             } else {
-                crate::daemon::run(config).await?;
+                adesync::daemon::run(config).await?;
                 Ok(ExitCode::SUCCESS)
             }
         }
+        Command::Events {
+            action: Some(action),
+            ..
+        } => sinks::events(&cli.config, action).await,
+        Command::Sinks { action, format } => sinks::sinks(&cli.config, action, format).await,
+        Command::Demo { devices, dir } => demo::run(devices, &dir).await.map(|_| ExitCode::SUCCESS),
+        // Everything else reads SQLite or decrypts token files: off the async runtime.
+        command => {
+            let config = cli.config;
+            tokio::task::spawn_blocking(move || run_blocking(&config, command)).await?
+        }
+    }
+}
+
+/// The commands that only read files and the database, run on a blocking thread.
+fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { .. }
+        | Command::Sinks { .. }
+        | Command::Demo { .. }
+        | Command::Events {
+            action: Some(_), ..
+        } => {
+            anyhow::bail!("internal error: an async command reached the blocking dispatcher")
+        }
         Command::CheckConfig => {
-            let config = Config::load(&cli.config)?;
+            let config = Config::load(config_path)?;
             print!("{}", config.to_redacted_toml());
             let now = chrono::Utc::now();
-            for t in &config.tokens {
-                let days = t.token.days_left(now);
-                if days < 0 {
-                    eprintln!("warning: token \"{}\" has expired; download a new one from Apple Business/School Manager", t.name);
-                } else if days < 30 {
-                    eprintln!("warning: token \"{}\" expires in {days} days; download a new one from Apple Business/School Manager soon", t.name);
+            for (i, t) in config.tokens.iter().enumerate() {
+                // The file was found at load; check-config also proves it decrypts.
+                let token = t.load_token().map_err(|e| ConfigError::Invalid {
+                    path: config.source.clone(),
+                    key: format!("tokens[{i}].token_file"),
+                    reason: e.to_string(),
+                })?;
+                println!(
+                    "# token {:?}: consumer_key {:?}, secrets redacted, expires {}",
+                    t.name,
+                    adesync::config::redact_key(&token.consumer_key),
+                    token.access_token_expiry.format("%Y-%m-%dT%H:%M:%SZ")
+                );
+                let days = token.days_left(now);
+                match TokenExpiry::of(token.access_token_expiry, now) {
+                    TokenExpiry::Ok => {}
+                    TokenExpiry::Expired => eprintln!("warning: token \"{}\" has expired; download a new one from Apple Business/School Manager", t.name),
+                    TokenExpiry::ExpiresSoon => eprintln!("warning: token \"{}\" expires in {days} days; download a new one from Apple Business/School Manager soon", t.name),
                 }
             }
             eprintln!("configuration OK: {} token(s)", config.tokens.len());
@@ -300,7 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             format,
         } => {
-            let store = open_existing(&cli.config)?;
+            let store = open_existing(config_path)?;
             let filter = DeviceFilter {
                 token,
                 serial,
@@ -321,13 +354,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Events {
-            action: Some(action),
-            ..
-        } => sink_commands::events(&cli.config, action).await,
-        Command::Sinks { action, format } => {
-            sink_commands::sinks(&cli.config, action, format).await
-        }
-        Command::Events {
             action: None,
             after,
             token,
@@ -336,7 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
             format,
         } => {
-            let store = open_existing(&cli.config)?;
+            let store = open_existing(config_path)?;
             let mut last = after;
             let mut header = format != Format::Json;
             loop {
@@ -350,7 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if !follow {
                     return Ok(ExitCode::SUCCESS);
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
         Command::Device {
@@ -358,7 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             token,
             format,
         } => {
-            let store = open_existing(&cli.config)?;
+            let store = open_existing(config_path)?;
             let devices = store.devices(&DeviceFilter {
                 serial: Some(serial.clone()),
                 token: token.clone(),
@@ -375,10 +401,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { format } => {
-            let config = Config::load(&cli.config)?;
+            let config = Config::load_for_reports(config_path)?;
             let store = Store::open(&config.database)?;
-            let statuses = crate::report::token_statuses(&config, &store, chrono::Utc::now())?;
-            let sinks = crate::sinks::sink_status(&store, &config)?;
+            let statuses = adesync::status::token_statuses(&config, &store, chrono::Utc::now())?;
+            let sinks = adesync::sinks::sink_status(&store, &config)?;
             print_status(&statuses, format)?;
             print_sink_attention(&sinks, format)?;
             let sink_trouble = sinks.iter().any(|s| s.state != "ok");
@@ -405,16 +431,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { devices, dir } => crate::demo::run(devices, &dir)
-            .await
-            .map(|_| ExitCode::SUCCESS),
         Command::Token { cmd } => {
-            let cfg = crate::tokens::LenientConfig::read(&cli.config, cmd.needs_config())?;
-            Ok(crate::tokens::run(&cfg, cmd)?)
+            let cfg = adesync::config::LenientConfig::read(config_path, cmd.needs_config())?;
+            Ok(token::run(&cfg, cmd)?)
         }
         Command::Account { token, format } => {
-            let cfg = crate::tokens::LenientConfig::read(&cli.config, true)?;
-            Ok(crate::account::show(&cfg, token.as_deref(), format)?)
+            let cfg = adesync::config::LenientConfig::read(config_path, true)?;
+            Ok(account::show(&cfg, token.as_deref(), format)?)
         }
     }
 }
@@ -424,11 +447,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let bars = std::io::stderr().is_terminal().then(progress_bars);
-    let report = crate::syncer::run_all_once(config, bars.as_ref().map(|(_, p)| p.clone())).await;
+    let report = adesync::syncer::run_all_once(config, bars.as_ref().map(|(_, p)| p.clone())).await;
     if let Some((multi, _)) = bars {
         let _ = multi.clear();
     }
-    deliver_sinks(config).await?;
+    adesync::sinks::deliver_all_logged(config).await;
     if report.failed.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -443,29 +466,14 @@ pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::FAILURE)
 }
 
-/// One delivery pass over every configured sink (see [`crate::sinks::deliver_all`]).
-///
-/// A sink that cannot take its events is logged as a warning that names it and the
-/// remedy; it never fails the caller: syncing succeeded, and the events stay queued.
-pub async fn deliver_sinks(config: &Config) -> anyhow::Result<()> {
-    for (name, result) in crate::sinks::deliver_all(config).await {
-        match result {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(sink = %name, events = n, "events delivered"),
-            Err(e) => tracing::warn!(sink = %name, "{e}"),
-        }
-    }
-    Ok(())
-}
-
 /// One spinner per token, created on its first page.
-fn progress_bars() -> (indicatif::MultiProgress, crate::syncer::Progress) {
+fn progress_bars() -> (indicatif::MultiProgress, adesync::syncer::Progress) {
     use std::collections::HashMap;
     use std::sync::Mutex;
     let multi = indicatif::MultiProgress::new();
     let bars: Mutex<HashMap<String, indicatif::ProgressBar>> = Mutex::default();
     let m = multi.clone();
-    let progress: crate::syncer::Progress =
+    let progress: adesync::syncer::Progress =
         std::sync::Arc::new(move |token: &str, pages, devices| {
             let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
             let bar = bars.entry(token.to_owned()).or_insert_with(|| {
@@ -493,7 +501,7 @@ fn filtered_events(
     kind: Option<&str>,
     serial: Option<&str>,
     limit: u64,
-) -> anyhow::Result<(Vec<crate::store::StoredEvent>, i64)> {
+) -> anyhow::Result<(Vec<adesync::store::StoredEvent>, i64)> {
     const BATCH: u64 = 5000;
     let mut out = Vec::new();
     let mut last = after;
@@ -548,7 +556,7 @@ pub fn lock_database(database: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 fn open_existing(config_path: &Path) -> anyhow::Result<Store> {
-    let config = Config::load(config_path)?;
+    let config = Config::load_for_reports(config_path)?;
     if !config.database.exists() {
         anyhow::bail!(
             "database {} does not exist yet; run `adesync run --once` first",
@@ -570,12 +578,12 @@ const DEVICE_HEADER: [&str; 9] = [
     "deleted_at",
 ];
 
-fn print_devices(rows: &[crate::store::StoredDevice], format: Format) -> anyhow::Result<()> {
+fn print_devices(rows: &[adesync::store::StoredDevice], format: Format) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
             for r in rows {
-                let mut m = crate::store::device_map(&r.device);
+                let mut m = adesync::store::device_map(&r.device);
                 m.insert("token".into(), r.token_name.clone().into());
                 m.insert("first_seen_at".into(), r.first_seen_at.clone().into());
                 m.insert("updated_at".into(), r.updated_at.clone().into());
@@ -585,7 +593,7 @@ fn print_devices(rows: &[crate::store::StoredDevice], format: Format) -> anyhow:
         }
         Format::Csv => {
             let mut header: Vec<&str> = vec!["token"];
-            header.extend(crate::store::apple_columns());
+            header.extend(adesync::store::apple_columns());
             header.extend(["first_seen_at", "updated_at", "deleted_at"]);
             writeln!(out, "{}", header.join(","))?;
             for r in rows {
@@ -629,7 +637,7 @@ fn print_devices(rows: &[crate::store::StoredDevice], format: Format) -> anyhow:
 
 /// Prints events; `header` is false for the later batches of `--follow`.
 fn print_events(
-    events: &[crate::store::StoredEvent],
+    events: &[adesync::store::StoredEvent],
     format: Format,
     header: bool,
 ) -> anyhow::Result<()> {
@@ -637,7 +645,7 @@ fn print_events(
     match format {
         Format::Json => {
             for e in events {
-                writeln!(out, "{}", crate::events::event_json(e))?;
+                writeln!(out, "{}", adesync::events::event_json(e))?;
             }
         }
         Format::Csv => {
@@ -687,14 +695,14 @@ fn print_events(
 }
 
 fn print_device_detail(
-    devices: &[crate::store::StoredDevice],
-    events: &[crate::store::StoredEvent],
+    devices: &[adesync::store::StoredDevice],
+    events: &[adesync::store::StoredEvent],
     format: Format,
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if format == Format::Json {
         for d in devices {
-            let mut m = crate::store::device_map(&d.device);
+            let mut m = adesync::store::device_map(&d.device);
             m.insert("token".into(), d.token_name.clone().into());
             m.insert("first_seen_at".into(), d.first_seen_at.clone().into());
             m.insert("updated_at".into(), d.updated_at.clone().into());
@@ -702,7 +710,7 @@ fn print_device_detail(
             let evs: Vec<serde_json::Value> = events
                 .iter()
                 .filter(|e| e.token_name == d.token_name)
-                .map(crate::events::event_json)
+                .map(adesync::events::event_json)
                 .collect();
             m.insert("events".into(), evs.into());
             writeln!(out, "{}", serde_json::Value::Object(m))?;
@@ -711,7 +719,7 @@ fn print_device_detail(
     }
     for d in devices {
         writeln!(out, "{} (token {})", d.device.serial_number, d.token_name)?;
-        for (k, v) in crate::store::device_map(&d.device) {
+        for (k, v) in adesync::store::device_map(&d.device) {
             if k != "serial_number" {
                 let v = match v {
                     serde_json::Value::String(s) => s,
@@ -748,7 +756,10 @@ fn print_device_detail(
 }
 
 /// After the token status: the sinks, when any is configured.
-fn print_sink_attention(sinks: &[crate::sinks::SinkStatus], format: Format) -> anyhow::Result<()> {
+fn print_sink_attention(
+    sinks: &[adesync::sinks::SinkStatus],
+    format: Format,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -770,7 +781,7 @@ fn print_sink_attention(sinks: &[crate::sinks::SinkStatus], format: Format) -> a
                         s.state.to_owned(),
                         s.pending.to_string(),
                         s.oldest_pending_age_secs
-                            .map(|a| crate::report::short_age(a as i64))
+                            .map(|a| adesync::status::human_secs(a as i64))
                             .unwrap_or_else(|| "-".into()),
                     ]
                 })
@@ -795,7 +806,7 @@ fn print_sink_attention(sinks: &[crate::sinks::SinkStatus], format: Format) -> a
     Ok(())
 }
 
-fn print_status(statuses: &[crate::report::TokenStatus], format: Format) -> anyhow::Result<()> {
+fn print_status(statuses: &[adesync::status::TokenStatus], format: Format) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -818,7 +829,7 @@ fn print_status(statuses: &[crate::report::TokenStatus], format: Format) -> anyh
                     s.last_error_kind.as_deref().unwrap_or(""),
                     s.devices,
                     s.deleted_devices,
-                    s.token_days_left,
+                    s.token_days_left.map(|d| d.to_string()).unwrap_or_default(),
                     csv_cell(&s.attention.join("; "))
                 )?;
             }
@@ -831,13 +842,15 @@ fn print_status(statuses: &[crate::report::TokenStatus], format: Format) -> anyh
                         s.token.clone(),
                         s.phase.clone(),
                         s.cursor_age_seconds
-                            .map(crate::report::short_age)
+                            .map(adesync::status::human_secs)
                             .unwrap_or_else(|| "-".into()),
                         s.last_success_at.clone().unwrap_or_else(|| "never".into()),
                         s.last_error_kind.clone().unwrap_or_else(|| "-".into()),
                         s.devices.to_string(),
                         s.deleted_devices.to_string(),
-                        s.token_days_left.to_string(),
+                        s.token_days_left
+                            .map(|d| d.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         if s.attention.is_empty() {
                             "ok".into()
                         } else {
@@ -902,59 +915,9 @@ pub fn summarize_changes(kind: &str, changes: &serde_json::Value) -> String {
     }
 }
 
-/// Aligned columns, two spaces apart, header first.
-pub(crate) fn write_table(
-    out: &mut impl Write,
-    header: &[&str],
-    rows: &[Vec<String>],
-) -> std::io::Result<()> {
-    let columns = header.len().max(rows.first().map_or(0, Vec::len));
-    let mut widths: Vec<usize> = (0..columns)
-        .map(|i| header.get(i).map_or(0, |h| h.chars().count()))
-        .collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    if !header.is_empty() {
-        writeln!(out, "{}", line(header.to_vec()))?;
-    }
-    for r in rows {
-        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
-    }
-    Ok(())
-}
-
-/// One CSV cell, quoted when it needs to be.
-pub(crate) fn csv_cell(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn csv_cells_are_quoted_when_needed() {
-        assert_eq!(csv_cell("plain"), "plain");
-        assert_eq!(csv_cell("a,b"), "\"a,b\"");
-        assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
-    }
 
     #[test]
     fn cli_definition_is_consistent() {

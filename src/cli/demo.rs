@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::config::Config;
-use crate::store::Store;
+use adesync::config::Config;
+use adesync::store::Store;
 
 /// Runs the demo in `dir` (its database is recreated) with `devices` simulated devices.
 pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
@@ -111,7 +111,7 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
                 e.id,
                 e.kind,
                 e.serial_number,
-                crate::cli::summarize_changes(&e.kind, &e.changes)
+                super::summarize_changes(&e.kind, &e.changes)
             )?;
         }
     }
@@ -138,11 +138,11 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
 }
 
 async fn sync(config: &Config) -> anyhow::Result<String> {
-    let report = crate::syncer::run_all_once(config, None).await;
+    let report = adesync::syncer::run_all_once(config, None).await;
     if let Some((name, e)) = report.failed.first() {
         anyhow::bail!("sync of \"{name}\" failed: {e}");
     }
-    crate::cli::deliver_sinks(config).await?;
+    adesync::sinks::deliver_all_logged(config).await;
     let s = report.ok.first().context("no token was synced")?;
     Ok(format!(
         "{} pages, {} device records in {:.2?}: {} added, {} modified, {} deleted",

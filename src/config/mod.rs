@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::token::ServerToken;
-
+mod lenient;
 mod sinks;
+pub use lenient::{LenientConfig, TokenFiles};
 pub use sinks::{
     CommandConfig, JsonlTarget, SinkConfig, SinkKind, WebhookConfig, WebhookSecret,
     DEFAULT_EVENT_RETENTION, MAX_BATCH_LIMIT,
@@ -161,8 +161,6 @@ pub struct TokenConfig {
     /// The private key that decrypts `token_file` when it is Apple's S/MIME `.p7m`;
     /// `None` for a decrypted JSON token.
     pub private_key_file: Option<PathBuf>,
-    /// The token, read at config load.
-    pub token: ServerToken,
     /// Apple's base URL (or a simulator's).
     pub api_url: reqwest::Url,
     /// `limit` sent with fetch and sync.
@@ -181,7 +179,6 @@ impl fmt::Debug for TokenConfig {
             .field("name", &self.name)
             .field("token_file", &self.token_file)
             .field("private_key_file", &self.private_key_file)
-            .field("token", &self.token)
             .field("api_url", &self.api_url.as_str())
             .field("page_size", &self.page_size)
             .field("user_agent", &self.user_agent)
@@ -199,15 +196,31 @@ pub fn default_user_agent() -> String {
 impl Config {
     /// Reads and validates the config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_checking(path, true)
+    }
+
+    /// Reads and validates the config file without looking at token and key files: for
+    /// commands that only read the database (`status`, `devices`, `events`), which must
+    /// keep working — and report on each token — when one token file is missing or
+    /// unreadable.
+    pub fn load_for_reports(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_checking(path, false)
+    }
+
+    fn load_checking(path: &Path, check_files: bool) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        Self::parse_checking(&text, path, check_files)
     }
 
     /// Validates config text; `path` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_checking(text, path, true)
+    }
+
+    fn parse_checking(text: &str, path: &Path, check_files: bool) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
@@ -291,8 +304,13 @@ impl Config {
             }
             let token_file = resolve(base, t.token_file);
             let private_key_file = t.private_key_file.map(|p| resolve(base, p));
-            let token = ServerToken::load_with_key(&token_file, private_key_file.as_deref())
-                .map_err(|e| invalid(&key("token_file"), e.to_string()))?;
+            if check_files {
+                check_secret_file(&token_file, false)
+                    .map_err(|r| invalid(&key("token_file"), r))?;
+                if let Some(k) = &private_key_file {
+                    check_secret_file(k, true).map_err(|r| invalid(&key("private_key_file"), r))?;
+                }
+            }
             let api_url = parse_api_url(t.api_url.as_deref().unwrap_or(DEFAULT_API_URL))
                 .map_err(|r| invalid(&key("api_url"), r))?;
             let page_size = match t.page_size {
@@ -315,7 +333,6 @@ impl Config {
                 name: t.name,
                 token_file,
                 private_key_file,
-                token,
                 api_url,
                 page_size,
                 user_agent: ua,
@@ -413,12 +430,6 @@ impl Config {
                 "schedule = {:?}",
                 humantime::format_duration(t.schedule).to_string()
             );
-            let _ = writeln!(
-                s,
-                "# consumer_key = {:?}, secrets redacted, expires {}",
-                redact_key(&t.token.consumer_key),
-                t.token.access_token_expiry.format("%Y-%m-%dT%H:%M:%SZ")
-            );
         }
         for k in &self.sinks {
             sinks::sink_to_toml(&mut s, k);
@@ -431,6 +442,42 @@ impl Config {
 pub fn redact_key(key: &str) -> String {
     let head: String = key.chars().take(9).collect();
     format!("{head}…")
+}
+
+/// Checks at load that a token or key file exists, is a readable file and, for a private
+/// key, that not every user on the machine may read it. Its content is read at each run
+/// (a renewed token needs no restart), so a broken token is that token's problem then,
+/// not the whole config's.
+fn check_secret_file(path: &Path, private_key: bool) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "{} does not exist; put the file there or correct the path",
+            path.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{} cannot be reached by this user; give the service user access to its folder",
+            path.display()
+        ),
+        _ => format!("cannot read {}: {e}", path.display()),
+    })?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{} is not readable by this user; chgrp adesync {0} && chmod 0640 {0}",
+            path.display()
+        ),
+        _ => format!("cannot read {}: {e}", path.display()),
+    })?;
+    if private_key && meta.permissions().mode() & 0o004 != 0 {
+        return Err(format!(
+            "the private key {0} is readable by every user on this machine; restrict it: chmod 0600 {0} (or chgrp adesync {0} && chmod 0640 {0})",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {

@@ -1,6 +1,6 @@
 //! `adesync sinks [test NAME | resume NAME]` and `adesync events replay`: the operator's
 //! view of event delivery and its tools, in words for people. The work itself is done
-//! by [`crate::sinks`].
+//! by [`adesync::sinks`].
 
 use std::io::Write;
 use std::path::Path;
@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::{csv_cell, write_table, Format};
-use crate::config::Config;
-use crate::sinks::{SinkError, SinkStatus};
-use crate::store::Store;
+use super::render::{csv_cell, write_table, Format};
+use adesync::config::Config;
+use adesync::sinks::{SinkError, SinkStatus};
+use adesync::store::Store;
 
 /// What to do with sinks (without one: list them).
 #[derive(Debug, Subcommand)]
@@ -57,16 +57,16 @@ pub async fn sinks(
     match action {
         None => {
             let store = open_store(&config)?;
-            let statuses = crate::sinks::sink_status(&store, &config)?;
+            let statuses = adesync::sinks::sink_status(&store, &config)?;
             print_statuses(&statuses, format)?;
         }
         Some(SinksAction::Test { name }) => {
-            crate::sinks::send_test(&config, &name).await?;
+            adesync::sinks::send_test(&config, &name).await?;
             println!("sink \"{name}\": the test event was accepted");
         }
         Some(SinksAction::Resume { name }) => {
             open_store(&config)?;
-            let was_parked = crate::sinks::resume(&config, &name).await?;
+            let was_parked = adesync::sinks::resume(&config, &name).await?;
             if was_parked {
                 println!(
                     "sink \"{name}\" resumed: the next delivery pass (the daemon's within 30 s, or the next `adesync run --once`) sends again from where it stopped"
@@ -85,7 +85,7 @@ pub async fn events(config_path: &Path, action: EventsAction) -> anyhow::Result<
     match action {
         EventsAction::Replay { sink, from } => {
             open_store(&config)?;
-            match crate::sinks::replay(&config, &sink, from).await {
+            match adesync::sinks::replay(&config, &sink, from).await {
                 Ok(n) => {
                     println!("sink \"{sink}\": sent {n} event(s) again, from id {from}");
                     Ok(ExitCode::SUCCESS)

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::{Map, Value};
 
-use crate::model::{is_older, Device, DeviceRecord, OpType, PageKind, DEVICE_FIELDS};
+use crate::model::{is_older, Device, DeviceRecord, OpType, Phase, DEVICE_FIELDS};
 
 mod sinks;
 pub use sinks::SinkState;
@@ -184,31 +184,6 @@ pub enum StoreError {
     },
 }
 
-/// The two phases of Apple's cursor protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Paging `POST /server/devices` (the full list).
-    Fetch,
-    /// Paging `POST /devices/sync` (changes).
-    Sync,
-}
-
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Fetch => "fetch",
-            Phase::Sync => "sync",
-        }
-    }
-    fn parse(s: &str) -> Phase {
-        if s == "sync" {
-            Phase::Sync
-        } else {
-            Phase::Fetch
-        }
-    }
-}
-
 /// Where a token stands in Apple's cursor protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CursorState {
@@ -250,7 +225,7 @@ pub struct PageWrite<'a> {
     /// Token the page belongs to.
     pub token: &'a str,
     /// Fetch or sync page.
-    pub kind: PageKind,
+    pub kind: Phase,
     /// Records, already de-duplicated by serial (see `model::dedupe_latest`).
     pub records: &'a [DeviceRecord],
     /// The cursor state to store with the page.
@@ -408,6 +383,14 @@ const DEVICE_COLUMNS: &str =
     device_assigned_by, os, device_family, extra_json";
 
 impl Store {
+    /// Opens the database when it exists; `None` when there is none yet (nothing synced).
+    pub fn open_if_exists(path: &Path) -> Result<Option<Self>, StoreError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        Self::open(path).map(Some)
+    }
+
     /// Opens (creating if missing) and migrates the database.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -1032,7 +1015,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         19,
         &values,
     )?;
-    if page.kind == PageKind::Fetch {
+    if page.kind == Phase::Fetch {
         mark_seen(tx, page.token, page.next.fetch_run, seen)?;
     }
     if page.completes_fetch {
@@ -1287,7 +1270,7 @@ mod tests {
 
     fn page<'a>(
         records: &'a [DeviceRecord],
-        kind: PageKind,
+        kind: Phase,
         cursor: &str,
         run: i64,
         completes: bool,
@@ -1297,7 +1280,7 @@ mod tests {
             kind,
             records,
             next: CursorState {
-                phase: if completes || kind == PageKind::Sync {
+                phase: if completes || kind == Phase::Sync {
                     Phase::Sync
                 } else {
                     Phase::Fetch
@@ -1321,9 +1304,9 @@ mod tests {
 
         // Dropped uncommitted (a crash): neither page, nor its cursor, nor its events.
         let b = s.batch().unwrap();
-        b.apply_page(&page(&p1, PageKind::Fetch, "c1", 1, false))
+        b.apply_page(&page(&p1, Phase::Fetch, "c1", 1, false))
             .unwrap();
-        b.apply_page(&page(&p2, PageKind::Fetch, "c2", 1, false))
+        b.apply_page(&page(&p2, Phase::Fetch, "c2", 1, false))
             .unwrap();
         drop(b);
         assert_eq!(alive(&s), 0);
@@ -1333,10 +1316,10 @@ mod tests {
         // Committed: both pages, in order, and the cursor after the last one.
         let b = s.batch().unwrap();
         let a = b
-            .apply_page(&page(&p1, PageKind::Fetch, "c1", 1, false))
+            .apply_page(&page(&p1, Phase::Fetch, "c1", 1, false))
             .unwrap();
         let c = b
-            .apply_page(&page(&p2, PageKind::Fetch, "c2", 1, false))
+            .apply_page(&page(&p2, Phase::Fetch, "c2", 1, false))
             .unwrap();
         b.commit().unwrap();
         assert_eq!((a.added, c.added), (1, 1));
@@ -1400,12 +1383,12 @@ mod tests {
         let mut s = Store::open(&dir.path().join("x.db")).unwrap();
         let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
         let st = s
-            .apply_page(&page(&p1, PageKind::Fetch, "c1", 1, true))
+            .apply_page(&page(&p1, Phase::Fetch, "c1", 1, true))
             .unwrap();
         assert_eq!((st.added, st.modified, st.deleted), (2, 0, 0));
         // Same data again: nothing.
         let st = s
-            .apply_page(&page(&p1, PageKind::Fetch, "c2", 2, true))
+            .apply_page(&page(&p1, Phase::Fetch, "c2", 2, true))
             .unwrap();
         assert_eq!(st.events(), 0);
         // One modified, one deleted, one new.
@@ -1430,7 +1413,7 @@ mod tests {
             ),
         ];
         let st = s
-            .apply_page(&page(&p3, PageKind::Sync, "c3", 2, false))
+            .apply_page(&page(&p3, Phase::Sync, "c3", 2, false))
             .unwrap();
         assert_eq!((st.added, st.modified, st.deleted), (1, 1, 1));
         let evs = s.events_after(0, None, 100).unwrap();
@@ -1444,7 +1427,7 @@ mod tests {
             "red",
         )];
         let st = s
-            .apply_page(&page(&stale, PageKind::Sync, "c4", 2, false))
+            .apply_page(&page(&stale, Phase::Sync, "c4", 2, false))
             .unwrap();
         assert_eq!((st.stale, st.events()), (1, 0));
         assert_eq!(
@@ -1459,7 +1442,7 @@ mod tests {
             "blue",
         )];
         let st = s
-            .apply_page(&page(&back, PageKind::Sync, "c5", 2, false))
+            .apply_page(&page(&back, Phase::Sync, "c5", 2, false))
             .unwrap();
         assert_eq!(st.added, 1);
     }
@@ -1473,17 +1456,17 @@ mod tests {
             rec("B", None, None, "r"),
             rec("C", None, None, "r"),
         ];
-        s.apply_page(&page(&all, PageKind::Fetch, "c1", 1, true))
+        s.apply_page(&page(&all, Phase::Fetch, "c1", 1, true))
             .unwrap();
         // Re-fetch (run 2) over two pages that no longer contain B.
         let p1 = [rec("A", None, None, "r")];
         let st = s
-            .apply_page(&page(&p1, PageKind::Fetch, "f1", 2, false))
+            .apply_page(&page(&p1, Phase::Fetch, "f1", 2, false))
             .unwrap();
         assert_eq!(st.events(), 0);
         let p2 = [rec("C", None, None, "r")];
         let st = s
-            .apply_page(&page(&p2, PageKind::Fetch, "f2", 2, true))
+            .apply_page(&page(&p2, Phase::Fetch, "f2", 2, true))
             .unwrap();
         assert_eq!((st.deleted, st.added, st.modified), (1, 0, 0));
         let gone = s
@@ -1506,16 +1489,16 @@ mod tests {
             .map(|i| rec(&format!("S{i:06}"), None, None, "r"))
             .collect();
         let (first, second) = all.split_at(n / 2);
-        s.apply_page(&page(first, PageKind::Fetch, "a1", 1, false))
+        s.apply_page(&page(first, Phase::Fetch, "a1", 1, false))
             .unwrap();
         let st = s
-            .apply_page(&page(second, PageKind::Fetch, "a2", 1, true))
+            .apply_page(&page(second, Phase::Fetch, "a2", 1, true))
             .unwrap();
         assert_eq!((st.added, st.deleted), (second.len() as u64, 0));
         assert_eq!(s.event_count(None).unwrap(), n as u64);
 
         // Run 2 is abandoned after one page; its marks must not count for run 3.
-        s.apply_page(&page(first, PageKind::Fetch, "b1", 2, false))
+        s.apply_page(&page(first, Phase::Fetch, "b1", 2, false))
             .unwrap();
         // Run 3, in two commits, returns everything but two devices, one per chunk.
         let keep = |r: &&DeviceRecord| {
@@ -1525,11 +1508,11 @@ mod tests {
         let p1: Vec<DeviceRecord> = first.iter().filter(keep).cloned().collect();
         let p2: Vec<DeviceRecord> = second.iter().filter(keep).cloned().collect();
         let st = s
-            .apply_page(&page(&p2, PageKind::Fetch, "c1", 3, false))
+            .apply_page(&page(&p2, Phase::Fetch, "c1", 3, false))
             .unwrap();
         assert_eq!(st.events(), 0);
         let st = s
-            .apply_page(&page(&p1, PageKind::Fetch, "c2", 3, true))
+            .apply_page(&page(&p1, Phase::Fetch, "c2", 3, true))
             .unwrap();
         assert_eq!((st.deleted, st.added, st.modified), (2, 0, 0));
         let mut gone: Vec<String> = s
@@ -1559,27 +1542,15 @@ mod tests {
         r.device
             .extra
             .insert("imei".into(), serde_json::json!(["1"]));
-        s.apply_page(&page(
-            std::slice::from_ref(&r),
-            PageKind::Fetch,
-            "c1",
-            1,
-            true,
-        ))
-        .unwrap();
+        s.apply_page(&page(std::slice::from_ref(&r), Phase::Fetch, "c1", 1, true))
+            .unwrap();
         let stored = s.devices(&DeviceFilter::default()).unwrap();
         assert_eq!(stored[0].device, r.device);
         r.device
             .extra
             .insert("imei".into(), serde_json::json!(["2"]));
         let st = s
-            .apply_page(&page(
-                std::slice::from_ref(&r),
-                PageKind::Fetch,
-                "c2",
-                2,
-                true,
-            ))
+            .apply_page(&page(std::slice::from_ref(&r), Phase::Fetch, "c2", 2, true))
             .unwrap();
         assert_eq!(st.modified, 1);
         let ev = s.events_after(1, None, 10).unwrap();

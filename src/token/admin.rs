@@ -1,121 +1,31 @@
-//! Server-token management for administrators: `adesync token keygen | import | list |
-//! forget`.
+//! Server-token administration, as data: make the key pair Apple encrypts a token to
+//! ([`keygen`]), check and install a downloaded token ([`import`]), and read every
+//! configured token's expiry ([`token_statuses`]). Nothing here prints; `adesync token …`
+//! turns the results into words.
 //!
-//! The life of a token (doc §2): adesync makes an RSA key pair and a self-signed
-//! certificate ([`keygen`]); the admin uploads the certificate to ABM/ASM and downloads the
+//! The life of a token (docs/apple-dep-api.md §2): adesync makes an RSA key pair and a
+//! self-signed certificate; the admin uploads the certificate to ABM/ASM and downloads the
 //! S/MIME `.p7m` token Apple encrypts to it; [`import`] checks that the file decrypts to a
-//! valid, unexpired token of the same server and installs it where the config expects it;
-//! `list` shows every token's expiry; `forget --purge` deletes a token's stored data.
+//! valid, unexpired token of the same server and installs it where the config expects it.
 //!
-//! These commands read the config leniently ([`LenientConfig`]) because they are needed
-//! exactly when full validation fails: before the token file exists, or when it is expired
-//! or broken. Files that hold secrets (private keys, token files) are created mode 0600 and
-//! replaced atomically (temporary file, then rename), so a running daemon never reads half
-//! a file and picks the new one up at its next run.
+//! These functions take the config read leniently ([`LenientConfig`]) because they are
+//! needed exactly when full validation fails: before the token file exists, or when it is
+//! expired or broken. Files that hold secrets (private keys, token files) are created mode
+//! 0600 and replaced atomically (temporary file, then rename), so a running daemon never
+//! reads half a file and picks the new one up at its next run.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use clap::Subcommand;
-use serde::Deserialize;
-
-use crate::cli::Format;
-use crate::config::{check_name, redact_key, ConfigError, DEFAULT_DATABASE};
-use crate::store::{Store, StoreError, TokenFootprint};
+use crate::config::{check_name, redact_key, LenientConfig};
+use crate::status::TokenExpiry;
+use crate::store::{Store, StoreError};
 use crate::token::{ServerToken, TokenError};
 
 /// Default validity of the certificate keygen writes. Apple needs the certificate only to
 /// encrypt the token at download time, and a renewal a year later reuses it, so it
 /// outlives one renewal with margin.
 pub const DEFAULT_CERT_DAYS: u32 = 730;
-
-/// `adesync token …`.
-#[derive(Debug, Subcommand)]
-pub enum TokenCommand {
-    /// Make the key pair Apple encrypts your server token to.
-    ///
-    /// Writes DIR/NAME.key, the RSA 2048 private key (mode 0600; keep it, every token
-    /// downloaded for this server is encrypted to it), and DIR/NAME.cert.pem, a self-signed
-    /// certificate holding the public key, to upload to Apple Business Manager or Apple
-    /// School Manager. DIR is --dir, else the config file's folder. Then it prints where to
-    /// upload the certificate and what to do with the token you download.
-    ///
-    /// An existing key is never replaced without --force: tokens already downloaded for
-    /// its certificate can only be decrypted with it.
-    Keygen {
-        /// The token's name, as in the config's `[[tokens]]` entry (a-z, 0-9, _ and -).
-        #[arg(long)]
-        name: String,
-        /// Folder for the key and certificate (default: the config file's folder).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Days the certificate is valid.
-        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
-        days: u32,
-        /// Replace an existing key and certificate (tokens made for the old certificate
-        /// will no longer decrypt: upload the new one and download a new token).
-        #[arg(long)]
-        force: bool,
-    },
-    /// Check a downloaded server token and install it where the config expects it.
-    ///
-    /// FILE is the *_smime.p7m you downloaded from Apple Business/School Manager (a
-    /// decrypted token JSON works too). It is decrypted with --key, else the token's
-    /// private_key_file, else DIR/NAME.key next to the config; its five fields and its
-    /// expiry are checked; then it is written (mode 0600, atomically) to the token's
-    /// token_file, or DIR/NAME.p7m when NAME is not configured yet. A token_file ending in
-    /// .json receives the decrypted JSON; any other name receives the encrypted file as is.
-    ///
-    /// A token of another MDM server (another consumer key than the installed one) or an
-    /// older download is refused unless --force. A running daemon needs no restart.
-    Import {
-        /// The token's name, as in the config's `[[tokens]]` entry.
-        #[arg(long)]
-        name: String,
-        /// The downloaded token file.
-        file: PathBuf,
-        /// The private key to decrypt it with (default: the token's private_key_file).
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Install even if it belongs to another server or is older than the installed one.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Show each configured token's expiry and days left.
-    ///
-    /// Exits 1 when any token is expired or cannot be read, so it works as a cron check.
-    /// Tokens expire one year after download; renew with Download Token in ABM/ASM, then
-    /// `adesync token import`.
-    List {
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-    },
-    /// Delete everything stored for a token: devices, events, sync state, account.
-    ///
-    /// Without --purge it only says what would be deleted. Nothing of other tokens is
-    /// touched. Files (token, key) and the config entry are left for you to remove; also
-    /// remove the MDM server in Apple Business/School Manager if it is no longer used.
-    Forget {
-        /// The token's name.
-        name: String,
-        /// Really delete.
-        #[arg(long)]
-        purge: bool,
-    },
-}
-
-impl TokenCommand {
-    /// Whether the command needs an existing config file (keygen and import work before
-    /// there is one).
-    pub fn needs_config(&self) -> bool {
-        matches!(
-            self,
-            TokenCommand::List { .. } | TokenCommand::Forget { .. }
-        )
-    }
-}
 
 /// Why a token command failed. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
@@ -199,148 +109,6 @@ fn io_err<'a>(
         action,
         path: path.to_owned(),
         source,
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The config, read leniently.
-
-/// What the token commands need from the config file: the database and each token's
-/// files. Unlike [`crate::config::Config`] it neither opens the token files nor checks
-/// other keys, so it works before a token is installed or when one is broken.
-#[derive(Clone, Debug)]
-pub struct LenientConfig {
-    /// The config file.
-    pub source: PathBuf,
-    /// Whether it exists (keygen and import work without one).
-    pub exists: bool,
-    /// Its folder: default place for keys and tokens; anchors relative paths.
-    pub dir: PathBuf,
-    /// The SQLite database.
-    pub database: PathBuf,
-    /// The configured tokens' files.
-    pub tokens: Vec<TokenFiles>,
-}
-
-/// One `[[tokens]]` entry's files.
-#[derive(Clone, Debug)]
-pub struct TokenFiles {
-    /// The token's name.
-    pub name: String,
-    /// Its token file.
-    pub token_file: PathBuf,
-    /// Its private key, for a `.p7m` token file.
-    pub private_key_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct LooseRaw {
-    database: Option<PathBuf>,
-    #[serde(default)]
-    tokens: Vec<LooseToken>,
-}
-
-#[derive(Deserialize)]
-struct LooseToken {
-    name: String,
-    token_file: PathBuf,
-    private_key_file: Option<PathBuf>,
-}
-
-impl LenientConfig {
-    /// Reads `path`. A missing file is an error only when `required`.
-    pub fn read(path: &Path, required: bool) -> Result<Self, ConfigError> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        // Absolute, because these paths are printed for people to copy into the config.
-        let dir = std::path::absolute(&dir).unwrap_or(dir);
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-                return Ok(Self {
-                    source: path.to_owned(),
-                    exists: false,
-                    database: PathBuf::from(DEFAULT_DATABASE),
-                    dir,
-                    tokens: Vec::new(),
-                })
-            }
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        };
-        let raw: LooseRaw = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-        let tokens = raw
-            .tokens
-            .into_iter()
-            .map(|t| TokenFiles {
-                name: t.name,
-                token_file: resolve(t.token_file),
-                private_key_file: t.private_key_file.map(resolve),
-            })
-            .collect();
-        Ok(Self {
-            source: path.to_owned(),
-            exists: true,
-            database: resolve(
-                raw.database
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
-            ),
-            dir: dir.clone(),
-            tokens,
-        })
-    }
-
-    /// The entry named `name`.
-    pub fn token(&self, name: &str) -> Option<&TokenFiles> {
-        self.tokens.iter().find(|t| t.name == name)
-    }
-
-    fn open_store(&self) -> Result<Option<Store>, TokensError> {
-        if !self.database.exists() {
-            return Ok(None);
-        }
-        Ok(Some(Store::open(&self.database)?))
-    }
-}
-
-/// Runs a token command.
-pub fn run(cfg: &LenientConfig, cmd: TokenCommand) -> Result<ExitCode, TokensError> {
-    match cmd {
-        TokenCommand::Keygen {
-            name,
-            dir,
-            days,
-            force,
-        } => {
-            let dir = dir
-                .map(|d| std::path::absolute(&d).unwrap_or(d))
-                .unwrap_or_else(|| cfg.dir.clone());
-            let made = keygen(&name, &dir, days, force)?;
-            print_keygen(cfg, &name, &made)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        TokenCommand::Import {
-            name,
-            file,
-            key,
-            force,
-        } => {
-            let done = import(cfg, &name, &file, key.as_deref(), force)?;
-            print_import(cfg, &name, &done)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        TokenCommand::List { format } => list(cfg, format),
-        TokenCommand::Forget { name, purge } => forget(cfg, &name, purge),
     }
 }
 
@@ -431,56 +199,6 @@ fn make_key_and_cert(
     Ok((key.private_key_to_pem_pkcs8()?, b.build().to_pem()?))
 }
 
-fn print_keygen(cfg: &LenientConfig, name: &str, made: &KeyPair) -> Result<(), TokensError> {
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "Wrote the private key  {}  (mode 0600; keep it: every token for this server is encrypted to it)",
-        made.key.display()
-    )?;
-    writeln!(
-        out,
-        "Wrote the certificate  {}  (public; this is what you upload)",
-        made.cert.display()
-    )?;
-    writeln!(out)?;
-    writeln!(out, "Next:")?;
-    writeln!(out, "  1. Sign in to Apple Business Manager (https://business.apple.com) or Apple School Manager")?;
-    writeln!(
-        out,
-        "     (https://school.apple.com) as an Administrator or Device Enrollment Manager."
-    )?;
-    writeln!(out, "  2. Preferences → Your MDM Servers → Add (or select the server and Edit). Name it, upload")?;
-    writeln!(
-        out,
-        "     {} as its public key, and save.",
-        made.cert.display()
-    )?;
-    writeln!(
-        out,
-        "  3. Select the server and click Download Token. Apple's file is named"
-    )?;
-    writeln!(out, "     <server>_Token_<date>_smime.p7m.")?;
-    writeln!(out, "  4. Check and install it:")?;
-    writeln!(
-        out,
-        "       adesync --config {} token import --name {name} <server>_Token_<date>_smime.p7m",
-        cfg.source.display()
-    )?;
-    if let Some(t) = cfg.token(name) {
-        if t.private_key_file.as_deref() != Some(made.key.as_path()) {
-            writeln!(out)?;
-            writeln!(
-                out,
-                "Token \"{name}\" in {} needs private_key_file = {:?} in its [[tokens]] entry.",
-                cfg.source.display(),
-                made.key.display().to_string()
-            )?;
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // import
 
@@ -499,7 +217,7 @@ pub struct Imported {
     pub configured: bool,
 }
 
-/// Checks `file` and installs it for token `name` (see [`TokenCommand::Import`]).
+/// Checks `file` and installs it for token `name` (`adesync token import`).
 pub fn import(
     cfg: &LenientConfig,
     name: &str,
@@ -510,7 +228,7 @@ pub fn import(
     check_name(name).map_err(TokensError::Name)?;
     let entry = cfg.token(name);
     let bytes = std::fs::read(file).map_err(io_err("read", file))?;
-    let encrypted = crate::p7m::is_smime(&bytes);
+    let encrypted = crate::token::p7m::is_smime(&bytes);
     let default_key = key_pair_paths(&cfg.dir, name).key;
     let key: Option<PathBuf> = key
         .map(Path::to_owned)
@@ -575,8 +293,7 @@ pub fn import(
     let installed = installed.flatten();
     let installed_key = match &installed {
         Some(t) => Some(t.consumer_key.clone()),
-        None => cfg
-            .open_store()?
+        None => Store::open_if_exists(&cfg.database)?
             .map(|s| s.account(name))
             .transpose()?
             .flatten()
@@ -621,64 +338,12 @@ pub fn import(
     })
 }
 
-fn print_import(cfg: &LenientConfig, name: &str, done: &Imported) -> Result<(), TokensError> {
-    let mut out = std::io::stdout().lock();
-    let days = done.token.days_left(chrono::Utc::now());
-    writeln!(
-        out,
-        "Token for \"{name}\" is valid: consumer key {}, expires {} ({days} days).",
-        redact_key(&done.token.consumer_key),
-        done.token
-            .access_token_expiry
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    )?;
-    writeln!(
-        out,
-        "Installed {} (mode 0600{}).",
-        done.target.display(),
-        if done.wrote_plaintext {
-            ", decrypted: it holds the secrets in clear"
-        } else {
-            ", encrypted as downloaded"
-        }
-    )?;
-    if done.configured {
-        writeln!(
-            out,
-            "The next sync uses it; a running daemon needs no restart."
-        )?;
-    } else {
-        writeln!(out)?;
-        if cfg.exists {
-            writeln!(
-                out,
-                "\"{name}\" is not in {} yet; add:",
-                cfg.source.display()
-            )?;
-        } else {
-            writeln!(
-                out,
-                "There is no config file at {} yet; start it with (see config.example.toml):",
-                cfg.source.display()
-            )?;
-        }
-        writeln!(out)?;
-        writeln!(out, "[[tokens]]")?;
-        writeln!(out, "name = {name:?}")?;
-        writeln!(out, "token_file = {:?}", done.target.display().to_string())?;
-        if let Some(k) = &done.key {
-            writeln!(out, "private_key_file = {:?}", k.display().to_string())?;
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // list
 
 /// One token's expiry, for `token list`.
 #[derive(Clone, Debug)]
-pub struct TokenStatus {
+pub struct TokenFileStatus {
     /// Name.
     pub name: String,
     /// Token file.
@@ -701,8 +366,8 @@ pub struct TokenStatus {
 pub fn token_statuses(
     cfg: &LenientConfig,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<TokenStatus>, TokensError> {
-    let accounts = match cfg.open_store()? {
+) -> Result<Vec<TokenFileStatus>, TokensError> {
+    let accounts = match Store::open_if_exists(&cfg.database)? {
         Some(s) => s.accounts()?,
         None => Vec::new(),
     };
@@ -714,7 +379,7 @@ pub fn token_statuses(
                 .iter()
                 .find(|a| a.token_name == t.name)
                 .and_then(|a| a.server_name.clone());
-            let base = TokenStatus {
+            let base = TokenFileStatus {
                 name: t.name.clone(),
                 token_file: t.token_file.clone(),
                 expires: None,
@@ -727,178 +392,21 @@ pub fn token_statuses(
             match ServerToken::load_with_key(&t.token_file, t.private_key_file.as_deref()) {
                 Ok(tok) => {
                     let days = tok.days_left(now);
-                    TokenStatus {
+                    TokenFileStatus {
                         expires: Some(tok.access_token_expiry),
                         days_left: Some(days),
-                        status: if now >= tok.access_token_expiry {
-                            "expired"
-                        } else if tok.access_token_expiry - now <= chrono::Duration::days(30) {
-                            "expires soon"
-                        } else {
-                            "ok"
-                        },
+                        status: TokenExpiry::of(tok.access_token_expiry, now).as_str(),
                         consumer_key: Some(redact_key(&tok.consumer_key)),
                         ..base
                     }
                 }
-                Err(e) => TokenStatus {
+                Err(e) => TokenFileStatus {
                     error: Some(e.to_string()),
                     ..base
                 },
             }
         })
         .collect())
-}
-
-fn list(cfg: &LenientConfig, format: Format) -> Result<ExitCode, TokensError> {
-    let statuses = token_statuses(cfg, chrono::Utc::now())?;
-    let mut out = std::io::stdout().lock();
-    let expiry = |s: &TokenStatus| {
-        s.expires
-            .map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-            .unwrap_or_default()
-    };
-    match format {
-        Format::Json => {
-            for s in &statuses {
-                let v = serde_json::json!({
-                    "token": s.name,
-                    "token_file": s.token_file.display().to_string(),
-                    "expires": s.expires.map(|_| expiry(s)),
-                    "days_left": s.days_left,
-                    "status": s.status,
-                    "error": s.error,
-                    "consumer_key": s.consumer_key,
-                    "server_name": s.server_name,
-                });
-                writeln!(out, "{v}")?;
-            }
-        }
-        Format::Csv | Format::Table => {
-            let header = [
-                "token",
-                "expires",
-                "days_left",
-                "status",
-                "server_name",
-                "consumer_key",
-                "token_file",
-            ];
-            let rows: Vec<Vec<String>> = statuses
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.name.clone(),
-                        expiry(s),
-                        s.days_left.map(|d| d.to_string()).unwrap_or_default(),
-                        s.status.to_owned(),
-                        s.server_name.clone().unwrap_or_default(),
-                        s.consumer_key.clone().unwrap_or_default(),
-                        s.token_file.display().to_string(),
-                    ]
-                })
-                .collect();
-            if format == Format::Csv {
-                writeln!(out, "{}", header.join(","))?;
-                for r in &rows {
-                    let cells: Vec<String> = r.iter().map(|c| crate::cli::csv_cell(c)).collect();
-                    writeln!(out, "{}", cells.join(","))?;
-                }
-            } else {
-                crate::cli::write_table(&mut out, &header, &rows)?;
-            }
-        }
-    }
-    drop(out);
-    let mut failed = false;
-    for s in &statuses {
-        if let Some(e) = &s.error {
-            eprintln!("error: token \"{}\": {e}", s.name);
-            failed = true;
-        } else if s.status == "expired" {
-            eprintln!("error: token \"{}\" has expired; in Apple Business/School Manager open Preferences → your MDM server → Download Token, then `adesync token import --name {} FILE`", s.name, s.name);
-            failed = true;
-        } else if s.status == "expires soon" {
-            eprintln!("warning: token \"{}\" expires in {} days; renew it soon (Download Token in Apple Business/School Manager, then `adesync token import --name {} FILE`)", s.name, s.days_left.unwrap_or(0), s.name);
-        }
-    }
-    if statuses.is_empty() {
-        eprintln!("no [[tokens]] in {}", cfg.source.display());
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// forget
-
-fn describe(f: &TokenFootprint) -> String {
-    let n = |count: u64, one: &str, many: &str| {
-        format!("{count} {}", if count == 1 { one } else { many })
-    };
-    format!(
-        "{}, {}, {}, {}",
-        n(f.devices, "device", "devices"),
-        n(f.events, "event", "events"),
-        n(f.sync_state, "sync state row", "sync state rows"),
-        n(f.account, "account row", "account rows"),
-    )
-}
-
-fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> Result<ExitCode, TokensError> {
-    let Some(mut store) = cfg.open_store()? else {
-        println!(
-            "Nothing is stored for \"{name}\": database {} does not exist.",
-            cfg.database.display()
-        );
-        return Ok(ExitCode::SUCCESS);
-    };
-    let found = store.token_footprint(name)?;
-    if found.is_empty() {
-        let others = store.stored_token_names()?;
-        println!(
-            "Nothing is stored for \"{name}\" in {}{}.",
-            cfg.database.display(),
-            if others.is_empty() {
-                String::new()
-            } else {
-                format!(" (stored tokens: {})", others.join(", "))
-            }
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let configured = cfg.token(name).is_some();
-    if !purge {
-        println!("Stored for \"{name}\": {}.", describe(&found));
-        println!("Nothing was deleted; run again with --purge to delete them.");
-        if configured {
-            println!(
-                "Note: \"{name}\" is still in {}; unless you remove its [[tokens]] entry, the next sync fetches everything again.",
-                cfg.source.display()
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let deleted = store.purge_token(name)?;
-    println!("Deleted for \"{name}\": {}.", describe(&deleted));
-    println!("Other tokens were not touched.");
-    println!();
-    println!("Also:");
-    println!("  - remove the MDM server in Apple Business/School Manager (Preferences → Your MDM Servers)");
-    println!("    if it is no longer used, so Apple stops assigning devices to it;");
-    if configured {
-        println!(
-            "  - remove the [[tokens]] entry \"{name}\" from {} (else the next sync fetches everything again),",
-            cfg.source.display()
-        );
-        println!("    and delete its token file and private key.");
-    } else {
-        println!("  - delete its token file and private key if they are still around.");
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1014,7 +522,7 @@ mod tests {
         let made = keygen("acme", dir.path(), 2, false).unwrap();
         let mode = std::fs::metadata(&made.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let key = crate::p7m::load_private_key(&made.key).unwrap();
+        let key = crate::token::p7m::load_private_key(&made.key).unwrap();
         assert_eq!(key.rsa().unwrap().size(), 256);
         let cert = openssl::x509::X509::from_pem(&std::fs::read(&made.cert).unwrap()).unwrap();
         assert!(cert.public_key().unwrap().public_eq(&key));

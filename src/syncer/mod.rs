@@ -20,9 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apple::{ApiError, AppleClient, ClientSettings, CursorError, DevicePage};
 use crate::config::{Config, TokenConfig};
-use crate::model::{dedupe_latest, format_time, DeviceRecord, PageKind};
-use crate::store::{Batch, CursorState, PageStats, PageWrite, Phase, Store, StoreError};
+use crate::model::{dedupe_latest, format_time, DeviceRecord, ErrorKind, Phase};
+use crate::store::{Batch, CursorState, PageStats, PageWrite, Store, StoreError};
 use crate::token::TokenError;
+
+mod checks;
 
 /// What Apple answered to one fetch/sync request, as far as the state machine cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,7 +81,7 @@ pub enum Then {
 /// The pure state transition. `restarted`: a full re-fetch already began in this run.
 pub fn next_step(
     current: &CursorState,
-    kind: PageKind,
+    kind: Phase,
     outcome: Outcome<'_>,
     restarted: bool,
     fetch_done: bool,
@@ -87,8 +89,8 @@ pub fn next_step(
     match outcome {
         Outcome::Page { sent, cursor, more } => {
             let same = more && sent == Some(cursor);
-            let completes_fetch = kind == PageKind::Fetch && !more;
-            let phase = if kind == PageKind::Sync || completes_fetch {
+            let completes_fetch = kind == Phase::Fetch && !more;
+            let phase = if kind == Phase::Sync || completes_fetch {
                 Phase::Sync
             } else {
                 Phase::Fetch
@@ -115,17 +117,15 @@ pub fn next_step(
         // The fetch had already returned every device (e.g. a pass that stopped on the
         // same-cursor bug before its last page): it is complete, so reconcile and sync
         // with the same cursor.
-        Outcome::CursorError(CursorError::Exhausted) if kind == PageKind::Fetch => {
-            Next::StorePage {
-                state: CursorState {
-                    phase: Phase::Sync,
-                    cursor: current.cursor.clone(),
-                    fetch_run: current.fetch_run,
-                },
-                completes_fetch: true,
-                then: Then::Continue,
-            }
-        }
+        Outcome::CursorError(CursorError::Exhausted) if kind == Phase::Fetch => Next::StorePage {
+            state: CursorState {
+                phase: Phase::Sync,
+                cursor: current.cursor.clone(),
+                fetch_run: current.fetch_run,
+            },
+            completes_fetch: true,
+            then: Then::Continue,
+        },
         // Documented for sync but not seen in practice: right after a completed fetch it
         // can only mean "nothing more"; re-fetching again would loop.
         Outcome::CursorError(CursorError::Exhausted) if fetch_done => Next::Finish,
@@ -177,26 +177,23 @@ pub enum SyncError {
 
 impl SyncError {
     /// A short stable name for the stored last error.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            SyncError::Token(TokenError::Expired { .. }) => "token_expired",
-            SyncError::Token(_) => "token_file",
+            SyncError::Token(TokenError::Expired { .. }) => ErrorKind::TokenExpired,
+            SyncError::Token(_) => ErrorKind::TokenFile,
             SyncError::Api(e) => e.kind(),
-            SyncError::Store(_) => "database",
-            SyncError::CursorLoop(_) => "cursor",
-            SyncError::Writer(_) => "internal",
-            SyncError::Cancelled => "cancelled",
-            SyncError::ServerChanged { .. } => "server_changed",
+            SyncError::Store(_) => ErrorKind::Database,
+            SyncError::CursorLoop(_) => ErrorKind::Cursor,
+            SyncError::Writer(_) => ErrorKind::Internal,
+            SyncError::Cancelled => ErrorKind::Cancelled,
+            SyncError::ServerChanged { .. } => ErrorKind::ServerChanged,
         }
     }
 
-    /// Whether a person must act (token, terms, access) before a retry can succeed.
+    /// Whether a person must act (token, terms, access, server) before a retry can
+    /// succeed: the one rule, [`ErrorKind::needs_admin`].
     pub fn needs_admin(&self) -> bool {
-        match self {
-            SyncError::Token(_) | SyncError::ServerChanged { .. } => true,
-            SyncError::Api(e) => e.needs_admin(),
-            _ => false,
-        }
+        self.kind().needs_admin()
     }
 }
 
@@ -224,7 +221,7 @@ pub type Progress = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
 enum WriterMsg {
     Page {
-        kind: PageKind,
+        kind: Phase,
         records: Vec<DeviceRecord>,
         state: CursorState,
         fetched_until: Option<String>,
@@ -273,7 +270,7 @@ pub async fn run_token_cancellable(
     let outcome = result
         .as_ref()
         .err()
-        .map(|e| (e.kind().to_owned(), e.to_string()));
+        .map(|e| (e.kind().as_str().to_owned(), e.to_string()));
     let recorded = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
         let mut store = Store::open(&db)?;
         let now = format_time(chrono::Utc::now());
@@ -309,7 +306,7 @@ async fn run_inner(
     server_token.check_not_expired(&token.name, &token.token_file, chrono::Utc::now())?;
     let client = AppleClient::new(server_token.clone(), client_settings(config, token))?;
     // Expiry warnings, GET /account, the same-server guard; caps the page size.
-    let page_size = crate::account::check(&client, &config.database, token, &server_token).await?;
+    let page_size = checks::check(&client, &config.database, token, &server_token).await?;
     let token = &TokenConfig {
         page_size,
         ..token.clone()
@@ -372,17 +369,17 @@ async fn drive(
         if cancel.is_cancelled() {
             return Err(SyncError::Cancelled);
         }
-        let (kind, result): (PageKind, Result<DevicePage, ApiError>) =
+        let (kind, result): (Phase, Result<DevicePage, ApiError>) =
             match (&state.phase, &state.cursor) {
                 (Phase::Fetch, c) => (
-                    PageKind::Fetch,
+                    Phase::Fetch,
                     tokio::select! {
                         r = client.fetch_devices(c.as_deref(), limit) => r,
                         _ = cancel.cancelled() => return Err(SyncError::Cancelled),
                     },
                 ),
                 (Phase::Sync, Some(c)) => (
-                    PageKind::Sync,
+                    Phase::Sync,
                     tokio::select! {
                         r = client.sync_devices(c, limit) => r,
                         _ = cancel.cancelled() => return Err(SyncError::Cancelled),
@@ -390,7 +387,7 @@ async fn drive(
                 ),
                 // A sync state without a cursor cannot be resumed: fetch.
                 (Phase::Sync, None) => (
-                    PageKind::Sync,
+                    Phase::Sync,
                     Err(ApiError::Cursor {
                         endpoint: crate::apple::Endpoint::SyncDevices,
                         kind: CursorError::Required,
@@ -418,7 +415,7 @@ async fn drive(
                 )
             }
             Err(ApiError::Cursor { kind: e, .. }) => {
-                if e == CursorError::Exhausted && kind == PageKind::Fetch {
+                if e == CursorError::Exhausted && kind == Phase::Fetch {
                     tracing::debug!(token = %token.name, "fetch cursor exhausted; the fetch is complete, switching to sync");
                 }
                 let outcome = Outcome::CursorError(e);
@@ -654,11 +651,11 @@ mod tests {
         let fetch0 = st(Fetch, None, 1);
         let fetch1 = st(Fetch, Some("f1"), 1);
         let sync1 = st(Sync, Some("s1"), 1);
-        let cases: Vec<(&str, CursorState, PageKind, Outcome<'static>, bool, Next)> = vec![
+        let cases: Vec<(&str, CursorState, Phase, Outcome<'static>, bool, Next)> = vec![
             (
                 "first fetch page, more follow",
                 fetch0.clone(),
-                PageKind::Fetch,
+                Phase::Fetch,
                 page(None, "f1", true),
                 false,
                 Next::StorePage {
@@ -670,7 +667,7 @@ mod tests {
             (
                 "last fetch page completes the fetch and a sync follows",
                 fetch1.clone(),
-                PageKind::Fetch,
+                Phase::Fetch,
                 page(Some("f1"), "f2", false),
                 false,
                 Next::StorePage {
@@ -682,7 +679,7 @@ mod tests {
             (
                 "single-page fetch with the same cursor and no more is fine",
                 fetch1.clone(),
-                PageKind::Fetch,
+                Phase::Fetch,
                 page(Some("f1"), "f1", false),
                 false,
                 Next::StorePage {
@@ -694,7 +691,7 @@ mod tests {
             (
                 "fetch repeats the cursor with more: stop",
                 fetch1.clone(),
-                PageKind::Fetch,
+                Phase::Fetch,
                 page(Some("f1"), "f1", true),
                 false,
                 Next::StorePage {
@@ -706,7 +703,7 @@ mod tests {
             (
                 "sync page, more follow",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 page(Some("s1"), "s2", true),
                 false,
                 Next::StorePage {
@@ -718,7 +715,7 @@ mod tests {
             (
                 "last sync page",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 page(Some("s1"), "s2", false),
                 false,
                 Next::StorePage {
@@ -730,7 +727,7 @@ mod tests {
             (
                 "sync repeats the cursor with more: stop",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 page(Some("s1"), "s1", true),
                 false,
                 Next::StorePage {
@@ -742,7 +739,7 @@ mod tests {
             (
                 "exhausted fetch cursor: the fetch is complete, reconcile and sync",
                 fetch1.clone(),
-                PageKind::Fetch,
+                Phase::Fetch,
                 Outcome::CursorError(CursorError::Exhausted),
                 false,
                 Next::StorePage {
@@ -754,7 +751,7 @@ mod tests {
             (
                 "expired sync cursor: full re-fetch, new run",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 Outcome::CursorError(CursorError::Expired),
                 false,
                 Next::Transition {
@@ -765,7 +762,7 @@ mod tests {
             (
                 "invalid cursor: full re-fetch",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 Outcome::CursorError(CursorError::Invalid),
                 false,
                 Next::Transition {
@@ -776,7 +773,7 @@ mod tests {
             (
                 "cursor required: fetch",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 Outcome::CursorError(CursorError::Required),
                 false,
                 Next::Transition {
@@ -787,7 +784,7 @@ mod tests {
             (
                 "exhausted on sync: full re-fetch",
                 sync1.clone(),
-                PageKind::Sync,
+                Phase::Sync,
                 Outcome::CursorError(CursorError::Exhausted),
                 false,
                 Next::Transition {
@@ -798,7 +795,7 @@ mod tests {
             (
                 "a second restart in one run gives up",
                 fetch0.clone(),
-                PageKind::Fetch,
+                Phase::Fetch,
                 Outcome::CursorError(CursorError::Invalid),
                 true,
                 Next::GiveUp(CursorError::Invalid),
@@ -815,7 +812,7 @@ mod tests {
         assert_eq!(
             next_step(
                 &sync1,
-                PageKind::Sync,
+                Phase::Sync,
                 Outcome::CursorError(CursorError::Exhausted),
                 false,
                 true
@@ -825,7 +822,7 @@ mod tests {
         assert_eq!(
             next_step(
                 &sync1,
-                PageKind::Sync,
+                Phase::Sync,
                 Outcome::CursorError(CursorError::Exhausted),
                 true,
                 true

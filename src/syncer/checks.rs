@@ -1,7 +1,5 @@
-//! The MDM server behind each token, as Apple's `GET /account` reports it (doc §4.1), and
-//! the checks made at the start of every run before any device is fetched.
-//!
-//! [`check`] (called by the syncer right after the client is built):
+//! The checks made at the start of every run, before any device is fetched, using
+//! Apple's `GET /account` (docs/apple-dep-api.md §4.1):
 //! - logs a warning when the token's expiry crosses 30, 14, 7, 3 or 1 days — once per
 //!   threshold, remembered in the database so a cron job every 15 minutes does not repeat
 //!   it; a renewed token (another expiry) starts afresh;
@@ -9,26 +7,22 @@
 //! - refuses to go on when the token now reports another `server_uuid` than the one the
 //!   stored devices came from, because that would mix two servers' devices under one name;
 //! - caps the page size at the `urls[].limit.maximum` Apple reports for fetch/sync.
-//!
-//! [`show`] is `adesync account`: what is stored, per token.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 
+use super::SyncError;
 use crate::apple::{Account, AppleClient};
-use crate::cli::Format;
 use crate::config::TokenConfig;
 use crate::model::format_time;
 use crate::store::{Store, StoredAccount};
-use crate::syncer::SyncError;
 use crate::token::ServerToken;
-use crate::tokens::{LenientConfig, TokensError};
 
-/// Days before expiry at which a warning is logged (doc §2.3: Fleet warns from 30 days).
-pub const EXPIRY_THRESHOLDS: [i64; 5] = [30, 14, 7, 3, 1];
+/// Days before expiry at which a warning is logged: the first is the expiry rule's
+/// "expires soon" boundary ([`crate::status::EXPIRY_WARNING_DAYS`]; docs/apple-dep-api.md
+/// §2.3: Fleet warns from 30 days).
+pub(crate) const EXPIRY_THRESHOLDS: [i64; 5] = [crate::status::EXPIRY_WARNING_DAYS, 14, 7, 3, 1];
 
 /// The endpoints whose `limit` adesync sends.
 const PAGED_URIS: [&str; 2] = ["/server/devices", "/devices/sync"];
@@ -190,132 +184,6 @@ fn describe_server(name: Option<&str>, uuid: &str) -> String {
     }
 }
 
-/// `org_type` in words: `org` is Apple Business Manager, `edu` Apple School Manager.
-pub fn program(org_type: Option<&str>) -> &str {
-    match org_type {
-        Some("org") => "Apple Business Manager",
-        Some("edu") => "Apple School Manager",
-        Some(other) => other,
-        None => "",
-    }
-}
-
-/// `adesync account`: the stored account details of every token, or of one.
-pub fn show(
-    cfg: &LenientConfig,
-    token: Option<&str>,
-    format: Format,
-) -> Result<ExitCode, TokensError> {
-    let rows: Vec<StoredAccount> = if cfg.database.exists() {
-        Store::open(&cfg.database)?
-            .accounts()?
-            .into_iter()
-            .filter(|a| a.checked_at.is_some())
-            .filter(|a| token.is_none_or(|t| a.token_name == t))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if rows.is_empty() {
-        let whom = token.map_or("any token".to_owned(), |t| format!("token \"{t}\""));
-        eprintln!(
-            "no account details are stored for {whom} yet; adesync asks Apple for them at the start of every sync (run `adesync run --once`)"
-        );
-        return Ok(if token.is_some() {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        });
-    }
-    let mut out = std::io::stdout().lock();
-    let cells = |a: &StoredAccount| -> Vec<String> {
-        let s = |v: &Option<String>| v.clone().unwrap_or_default();
-        vec![
-            a.token_name.clone(),
-            s(&a.server_name),
-            s(&a.server_uuid),
-            s(&a.org_name),
-            s(&a.org_type),
-            program(a.org_type.as_deref()).to_owned(),
-            s(&a.org_id),
-            s(&a.admin_id),
-            a.page_limit_max.map(|n| n.to_string()).unwrap_or_default(),
-            s(&a.checked_at),
-        ]
-    };
-    const HEADER: [&str; 10] = [
-        "token",
-        "server_name",
-        "server_uuid",
-        "org_name",
-        "org_type",
-        "program",
-        "org_id",
-        "admin_id",
-        "page_limit_max",
-        "checked_at",
-    ];
-    match format {
-        Format::Json => {
-            for a in &rows {
-                let obj: serde_json::Map<String, serde_json::Value> = HEADER
-                    .iter()
-                    .zip(cells(a))
-                    .map(|(k, v)| {
-                        let v = if v.is_empty() {
-                            serde_json::Value::Null
-                        } else if *k == "page_limit_max" {
-                            v.parse::<u64>().map_or(serde_json::Value::Null, Into::into)
-                        } else {
-                            v.into()
-                        };
-                        ((*k).to_owned(), v)
-                    })
-                    .collect();
-                writeln!(out, "{}", serde_json::Value::Object(obj))?;
-            }
-        }
-        Format::Csv => {
-            writeln!(out, "{}", HEADER.join(","))?;
-            for a in &rows {
-                let line: Vec<String> = cells(a).iter().map(|c| crate::cli::csv_cell(c)).collect();
-                writeln!(out, "{}", line.join(","))?;
-            }
-        }
-        Format::Table => {
-            // The table leaves out org_type (program says it) and org_id to stay readable.
-            let header = [
-                "token",
-                "server_name",
-                "server_uuid",
-                "org_name",
-                "program",
-                "admin_id",
-                "page_limit_max",
-                "checked_at",
-            ];
-            let body: Vec<Vec<String>> = rows
-                .iter()
-                .map(|a| {
-                    let c = cells(a);
-                    vec![
-                        c[0].clone(),
-                        c[1].clone(),
-                        c[2].clone(),
-                        c[3].clone(),
-                        c[5].clone(),
-                        c[7].clone(),
-                        c[8].clone(),
-                        c[9].clone(),
-                    ]
-                })
-                .collect();
-            crate::cli::write_table(&mut out, &header, &body)?;
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +215,7 @@ mod tests {
     fn page_size_is_capped_at_the_accounts_maximum() {
         let micromdm = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/apple/micromdm-account_response.json"
+            "/tests/fixtures/apple/micromdm-account_response.json"
         ))
         .unwrap();
         // MicroMDM's real (sanitised) response allows 5000: the configured 1000 stands.
@@ -377,11 +245,5 @@ mod tests {
             "6666ED66666666666666666666666666",
             "5D1A0E3C9B7F4A2E8C6D0B1F3A5E7C92"
         ));
-    }
-
-    #[test]
-    fn org_type_names_the_program() {
-        assert_eq!(program(Some("edu")), "Apple School Manager");
-        assert_eq!(program(Some("org")), "Apple Business Manager");
     }
 }

@@ -13,10 +13,9 @@
 //!   so nothing committed is lost and nothing half-written is kept.
 //! - systemd: READY=1 once the database is open, WATCHDOG=1 pings, STATUS= after each run.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
@@ -26,6 +25,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, TokenConfig};
 use crate::syncer::{RunSummary, SyncError};
 
+mod health;
+mod listener;
+
+pub use health::{Health, TokenHealth};
+pub use listener::token_problem;
+
 /// How often a parked token is retried.
 pub const PARKED_RETRY: Duration = Duration::from_secs(3600);
 /// First retry delay after a failed run; doubles while failures repeat.
@@ -34,36 +39,6 @@ pub const FAILURE_RETRY_BASE: Duration = Duration::from_secs(30);
 const TOKEN_FILE_POLL: Duration = Duration::from_secs(15);
 /// How often pending events are pushed to sinks between syncs.
 const SINK_INTERVAL: Duration = Duration::from_secs(30);
-
-/// What the daemon knows about one token, for `/healthz`, `/metrics` and STATUS=.
-#[derive(Clone, Debug, Default)]
-pub struct TokenHealth {
-    /// Token name.
-    pub name: String,
-    /// The token's schedule.
-    pub schedule: Duration,
-    /// A run is in progress.
-    pub running: bool,
-    /// Failed runs in a row.
-    pub consecutive_failures: u32,
-    /// Set while parked: the error that needs a person.
-    pub parked: Option<String>,
-    /// The last run's error, if it failed.
-    pub last_error: Option<String>,
-    /// When the last run succeeded.
-    pub last_success: Option<SystemTime>,
-    /// The last successful run's summary.
-    pub last_summary: Option<RunSummary>,
-    /// Errors by kind since start.
-    pub errors_by_kind: HashMap<String, u64>,
-    /// Events written since start.
-    pub events_written: u64,
-    /// Runs since start, successful or not.
-    pub runs: u64,
-}
-
-/// Shared health of all tokens.
-pub type Health = Arc<Mutex<HashMap<String, TokenHealth>>>;
 
 /// A sync of one token; the real one is [`crate::syncer::run_token_cancellable`]. Tests
 /// substitute their own to drive the scheduler with paused time.
@@ -174,7 +149,9 @@ async fn token_loop(
                     h.parked = None;
                 }
                 Err(e) => {
-                    *h.errors_by_kind.entry(e.kind().to_owned()).or_default() += 1;
+                    *h.errors_by_kind
+                        .entry(e.kind().as_str().to_owned())
+                        .or_default() += 1;
                     h.last_error = Some(e.to_string());
                     h.parked = parked.then(|| e.to_string());
                 }
@@ -246,7 +223,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (config `http.listen`): {e}"))?;
         tracing::info!(%addr, "serving /metrics and /healthz");
-        let app = crate::http::router(config.clone(), health.clone());
+        let app = listener::router(config.clone(), health.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -287,9 +264,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let sink_stop = shutdown.clone();
     let sinks = tokio::spawn(async move {
         loop {
-            if let Err(e) = crate::cli::deliver_sinks(&sink_config).await {
-                tracing::error!(error = %e, "event delivery failed");
-            }
+            crate::sinks::deliver_all_logged(&sink_config).await;
             tokio::select! {
                 _ = deliver_rx.changed() => {}
                 _ = tokio::time::sleep(SINK_INTERVAL) => {}
@@ -379,6 +354,7 @@ fn spawn_watchdog(shutdown: CancellationToken) {
 mod tests {
     use super::*;
     use crate::apple::{ApiError, Endpoint};
+    use std::sync::Mutex;
     use tokio::time::Instant;
 
     fn token(name: &str, schedule_secs: u64) -> TokenConfig {
@@ -387,10 +363,6 @@ mod tests {
             name: name.into(),
             token_file: dir.join(format!("adesync-daemon-test-{name}.json")),
             private_key_file: None,
-            token: crate::token::ServerToken::parse(
-                r#"{"consumer_key":"CK_1","consumer_secret":"CS_1","access_token":"AT_1","access_secret":"AS_1","access_token_expiry":"2099-01-01T00:00:00Z"}"#,
-            )
-            .unwrap(),
             api_url: reqwest::Url::parse("http://127.0.0.1:9").unwrap(),
             page_size: 100,
             user_agent: "t".into(),

@@ -726,7 +726,7 @@ fn oid(t: Tlv<'_>) -> Result<String, P7mError> {
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/apple/");
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/apple/");
 
     fn apple_sample() -> Vec<u8> {
         std::fs::read(format!("{FIXTURES}apple-doc-token-smime-sample.p7m")).unwrap()
@@ -802,7 +802,7 @@ mod tests {
     fn a_key_everyone_can_read_or_a_passphrase_key_is_refused_with_the_fix() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let made = crate::tokens::keygen("acme", dir.path(), 1, false).unwrap();
+        let made = crate::token::admin::keygen("acme", dir.path(), 1, false).unwrap();
         std::fs::set_permissions(&made.key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_private_key(&made.key).unwrap_err().to_string();
         assert!(

@@ -1,7 +1,7 @@
 //! The server token: the OAuth 1.0a credentials Apple issues per device-management server.
 //!
 //! Owns reading a token file — the decrypted JSON/text, or Apple's S/MIME `.p7m` decrypted
-//! with the configured private key (via [`crate::p7m`]) — and checking its expiry. The
+//! with the configured private key (via [`p7m`]) — and checking its expiry. The
 //! file is read again at every run
 //! ([`TokenConfig::load_token`](crate::config::TokenConfig::load_token)), so a renewed
 //! token takes effect without a restart. The secret values never leave this module in
@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+
+pub mod admin;
+pub mod p7m;
 
 /// A secret string that never prints its value.
 #[derive(Clone, PartialEq, Eq)]
@@ -106,14 +109,14 @@ pub enum TokenError {
     },
     /// The private key cannot be used.
     #[error(transparent)]
-    Key(#[from] crate::p7m::KeyError),
+    Key(#[from] p7m::KeyError),
     /// The `.p7m` does not decrypt with the key.
     #[error("server token file {path}: {reason}")]
     Decrypt {
         /// The file.
         path: PathBuf,
         /// What went wrong (wrong key, not CMS, truncated...).
-        reason: crate::p7m::P7mError,
+        reason: p7m::P7mError,
     },
     /// The `.p7m` decrypts, but not to a server token.
     #[error("server token file {path} decrypts, but not to a server token ({detail}); download the token again from Apple Business/School Manager")]
@@ -150,7 +153,7 @@ impl ServerToken {
             path: path.to_owned(),
             source,
         })?;
-        if !crate::p7m::is_smime(&bytes) {
+        if !p7m::is_smime(&bytes) {
             warn_if_others_can_read(path);
             let text = String::from_utf8(bytes).map_err(|_| TokenError::Format {
                 path: path.to_owned(),
@@ -164,8 +167,8 @@ impl ServerToken {
         let key_path = private_key.ok_or_else(|| TokenError::KeyRequired {
             path: path.to_owned(),
         })?;
-        let key = crate::p7m::load_private_key(key_path)?;
-        let plain = crate::p7m::decrypt(&bytes, &key).map_err(|reason| TokenError::Decrypt {
+        let key = p7m::load_private_key(key_path)?;
+        let plain = p7m::decrypt(&bytes, &key).map_err(|reason| TokenError::Decrypt {
             path: path.to_owned(),
             reason,
         })?;
@@ -326,7 +329,7 @@ fn looks_like_header(line: &str) -> bool {
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/apple/");
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/apple/");
 
     #[test]
     fn parses_plain_json_token() {
