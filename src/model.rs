@@ -29,7 +29,7 @@ pub const DEVICE_FIELDS: [&str; 12] = [
 /// What Apple says happened to a device in a sync record (`op_type`).
 ///
 /// Fetch records carry no `op_type`; they describe current membership and are
-/// treated like `added`/`modified` (doc §4.2).
+/// treated like `added`/`modified` (docs/apple-dep-api.md §4.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpType {
@@ -363,7 +363,7 @@ impl std::fmt::Display for ErrorKind {
 /// Keeps, for each serial number, only the record that describes its latest state.
 ///
 /// Apple: "This service may return the same device more than once ... The record with
-/// the latest op_date indicates the last known state of the device" (doc §4.4, §7.2).
+/// the latest op_date indicates the last known state of the device" (docs/apple-dep-api.md §4.4, §7.2).
 /// Ties, and fetch records without `op_date`, resolve in array order: the later wins.
 /// The result keeps the order of each serial's first appearance.
 pub fn dedupe_latest(records: Vec<DeviceRecord>) -> Vec<DeviceRecord> {

@@ -39,7 +39,7 @@ fn token_json(consumer_key: &str, days: i64) -> String {
     )
 }
 
-/// The decrypted text forms Apple's file may hold (doc §2.3).
+/// The decrypted text forms Apple's file may hold (docs/apple-dep-api.md §2.3).
 #[derive(Clone, Copy, Debug)]
 enum Payload {
     /// The JSON alone.

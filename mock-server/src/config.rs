@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-/// The four OAuth 1.0a values of a decrypted ADE server token (doc §2.3, §3.1).
+/// The four OAuth 1.0a values of a decrypted ADE server token (docs/apple-dep-api.md §2.3, §3.1).
 ///
 /// `Debug` shows only the consumer key: the other three are secrets.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,7 +44,7 @@ impl Credentials {
         }
     }
 
-    /// The decrypted server-token JSON a client loads (doc §2.3): the four values plus
+    /// The decrypted server-token JSON a client loads (docs/apple-dep-api.md §2.3): the four values plus
     /// `access_token_expiry` as RFC 3339 UTC with second precision and a `Z`.
     pub fn token_json(&self, expiry: DateTime<Utc>) -> String {
         let token = TokenJson {
@@ -94,19 +94,19 @@ pub struct MockConfig {
     /// How long a session token lives, on the simulated clock. `None`: forever.
     pub session_ttl: Option<Duration>,
     /// `Some(n)`: every n-th authenticated call answers with a new token in the
-    /// `X-ADM-Auth-Session` response header (doc §3.2). Earlier tokens stay valid.
+    /// `X-ADM-Auth-Session` response header (docs/apple-dep-api.md §3.2). Earlier tokens stay valid.
     pub rotate_session_every: Option<u32>,
     /// Error bodies as JSON strings (`"EXPIRED_CURSOR"`, as depsim sends them) instead of the
-    /// bare tokens production Apple sends (`EXPIRED_CURSOR`), doc §6.1.
+    /// bare tokens production Apple sends (`EXPIRED_CURSOR`), docs/apple-dep-api.md §6.1.
     pub quoted_errors: bool,
     /// User-Agent substrings (case-insensitive) answered with `400 USER_AGENT_INVALID`, the way
-    /// Apple rejected `nanodep-godep/0` (doc §1).
+    /// Apple rejected `nanodep-godep/0` (docs/apple-dep-api.md §1).
     pub user_agent_denylist: Vec<String>,
     /// Accepted distance between `oauth_timestamp` and the real wall clock (not the simulated
     /// one: the client signs with its own real clock).
     pub oauth_timestamp_window: Duration,
     /// Age from issue, on the simulated clock, after which a cursor is `EXPIRED_CURSOR`
-    /// (Apple: 7 days, doc §5.1).
+    /// (Apple: 7 days, docs/apple-dep-api.md §5.1).
     pub cursor_ttl: chrono::Duration,
     /// `server_name` in `GET /account`.
     pub server_name: String,

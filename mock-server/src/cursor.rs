@@ -1,4 +1,4 @@
-//! The opaque cursor strings of fetch and sync (doc §5.1) and what they stand for.
+//! The opaque cursor strings of fetch and sync (docs/apple-dep-api.md §5.1) and what they stand for.
 //!
 //! A cursor is unpadded standard base64 of a colon-separated text, as Apple's are:
 //! - fetch in progress: `F:<last seq returned>:<log position when the fetch began>:<issued ms>:<instance>`

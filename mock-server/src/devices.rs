@@ -1,4 +1,4 @@
-//! Realistic device records in Apple's fetch form (doc §4.2): a catalogue of consistent
+//! Realistic device records in Apple's fetch form (docs/apple-dep-api.md §4.2): a catalogue of consistent
 //! (model, description, color, os, device_family) tuples, unique 12-character serials from a
 //! seeded ChaCha generator, profile fields that only appear when the profile status implies
 //! them, and the changes a device goes through in real life (profile assigned, pushed,
@@ -75,7 +75,7 @@ enum Family {
 }
 
 impl Family {
-    /// `os` at protocol version 7 and later (doc §1.1).
+    /// `os` at protocol version 7 and later (docs/apple-dep-api.md §1.1).
     fn os(self) -> &'static str {
         match self {
             Family::Mac => "OSX",
@@ -183,7 +183,7 @@ impl Family {
     }
 }
 
-/// Where a device's enrollment profile stands (doc §4.2 `profile_status`).
+/// Where a device's enrollment profile stands (docs/apple-dep-api.md §4.2 `profile_status`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ProfileState {
     Empty,
@@ -277,7 +277,7 @@ pub(crate) const LATEST_PROTOCOL: u32 = u32::MAX;
 
 impl Device {
     /// Appends the device's JSON object as a client speaking protocol version `proto` sees
-    /// it (doc §1.1): before 2 no `os` / `device_family`; before 7 iPads say `iOS`.
+    /// it (docs/apple-dep-api.md §1.1): before 2 no `os` / `device_family`; before 7 iPads say `iOS`.
     /// `profiles` are the organisation's profile UUIDs.
     pub fn render(&self, out: &mut String, proto: u32, profiles: &[String]) {
         match self {
@@ -469,7 +469,7 @@ impl Generator {
 }
 
 /// Assignment slot of initial device `i` of `n`: dates rise with insertion order, as Apple
-/// sorts fetch results chronologically (doc §4.3).
+/// sorts fetch results chronologically (docs/apple-dep-api.md §4.3).
 pub(crate) fn history_slot(i: usize, n: usize) -> (i64, i64) {
     let span = i128::from(HISTORY_END - HISTORY_START);
     let start = HISTORY_START + (span * i as i128 / n.max(1) as i128) as i64;
@@ -481,7 +481,7 @@ fn profile_uuid(rng: &mut ChaCha8Rng) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
-/// Applies the next step of a device's life, as ABM shows it to the MDM (doc §7.5): an empty
+/// Applies the next step of a device's life, as ABM shows it to the MDM (docs/apple-dep-api.md §7.5): an empty
 /// or removed profile gets assigned, an assigned one gets pushed, a pushed one is either
 /// removed or the device gets a new asset tag.
 pub(crate) fn realistic_change(

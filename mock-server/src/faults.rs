@@ -1,5 +1,5 @@
 //! Scripted misbehaviour and the request journal: which Apple endpoint a request hit, the
-//! faults queued per endpoint (modelled on depsim's per-endpoint response lists, doc §10.7),
+//! faults queued per endpoint (modelled on depsim's per-endpoint response lists, docs/apple-dep-api.md §10.7),
 //! and what was received.
 
 use std::collections::VecDeque;
@@ -95,7 +95,7 @@ pub enum FaultKind {
     /// Sleep this long (real time), then answer normally.
     Delay(Duration),
     /// Fetch/sync only: answer `200` with the normal page but the cursor the request sent and
-    /// `more_to_follow: true`, Apple's 2024 bug (doc §5.1).
+    /// `more_to_follow: true`, Apple's 2024 bug (docs/apple-dep-api.md §5.1).
     SameCursor,
     /// Fetch/sync only: the page repeats one serial. Sync: an older-op_date record of the
     /// page's newest device placed after it, so array order is not op_date order; fetch: the

@@ -134,7 +134,7 @@ impl MockHandle {
     }
 
     /// Unassigns without any sync record, as releasing a device from the organisation in ABM
-    /// does (doc §7.3): only a full fetch reveals it. Returns how many were assigned.
+    /// does (docs/apple-dep-api.md §7.3): only a full fetch reveals it. Returns how many were assigned.
     pub fn remove_silently(&self, serials: &[String]) -> usize {
         self.shared.remove_silently(serials)
     }

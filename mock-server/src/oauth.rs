@@ -1,4 +1,4 @@
-//! Verification of the OAuth 1.0a HMAC-SHA1 signature on `GET /session` (RFC 5849, doc §3.1),
+//! Verification of the OAuth 1.0a HMAC-SHA1 signature on `GET /session` (RFC 5849, docs/apple-dep-api.md §3.1),
 //! with the status codes Apple documents: malformed, missing, duplicated or unsupported
 //! parameters are `400`; wrong credentials, a bad signature, a stale timestamp or a reused
 //! nonce are `401`. The signature check is pure; [`Verifier`] adds the nonce memory.

@@ -1,5 +1,5 @@
 //! RFC 3339 UTC timestamps with second precision and a `Z` (`2017-10-16T01:55:30Z`), the only
-//! form Apple's device records use (doc §4.2). Hand-written because generating a million
+//! form Apple's device records use (docs/apple-dep-api.md §4.2). Hand-written because generating a million
 //! devices formats three million of them and chrono's general formatter is the slow part.
 
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) (H. Hinnant's

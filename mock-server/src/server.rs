@@ -26,7 +26,7 @@ use crate::oauth::{self, OAuthError, SignedRequest, Verifier};
 use crate::rfc3339;
 use crate::store::{CursorContext, CursorError, PageFault, Store};
 
-/// Content type of Apple's 2xx bodies, spelled as Apple spells it (doc §1).
+/// Content type of Apple's 2xx bodies, spelled as Apple spells it (docs/apple-dep-api.md §1).
 const JSON_UTF8: &str = "application/json;charset=UTF8";
 
 /// Larger request bodies are refused; Apple's largest (a cursor and a limit) is tiny.
@@ -207,7 +207,7 @@ fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&s
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Apple's error body: a bare token, or a JSON string when configured like depsim (doc §6.1).
+/// Apple's error body: a bare token, or a JSON string when configured like depsim (docs/apple-dep-api.md §6.1).
 fn apple_error(config: &MockConfig, status: StatusCode, token: &str) -> Response {
     if config.quoted_errors {
         (
@@ -283,7 +283,7 @@ async fn respond(
         None => None,
     };
 
-    // Doc §1.1: absent → 2 (what Apple assumes is unconfirmed); garbage is treated alike.
+    // docs/apple-dep-api.md §1.1: absent → 2 (what Apple assumes is unconfirmed); garbage is treated alike.
     let proto = header_str(headers, "x-server-protocol-version")
         .and_then(|v| v.trim().parse::<u32>().ok())
         .unwrap_or(2);
@@ -311,7 +311,7 @@ fn status_fault(status: u16, body: String, headers: &[(String, String)]) -> Resp
     response
 }
 
-/// `GET /session` (doc §3.1).
+/// `GET /session` (docs/apple-dep-api.md §3.1).
 fn session(
     shared: &Shared,
     method: &Method,
@@ -372,7 +372,7 @@ struct PageRequest {
     limit: Option<i64>,
 }
 
-/// Endpoints behind `X-ADM-Auth-Session` (doc §3.2).
+/// Endpoints behind `X-ADM-Auth-Session` (docs/apple-dep-api.md §3.2).
 fn authenticated(
     shared: &Shared,
     endpoint: Endpoint,
@@ -397,7 +397,7 @@ fn authenticated(
         drop(state);
         return apple_error(config, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     }
-    // Apple "periodically issues a new X-ADM-Auth-Session in its response" (doc §3.2).
+    // Apple "periodically issues a new X-ADM-Auth-Session in its response" (docs/apple-dep-api.md §3.2).
     state.authenticated_calls += 1;
     let rotated = match config.rotate_session_every {
         Some(n) if n > 0 && state.authenticated_calls.is_multiple_of(u64::from(n)) => {
@@ -470,7 +470,7 @@ fn with_session(mut response: Response, token: Option<String>) -> Response {
     response
 }
 
-/// `GET /account` (doc §4.1); the v3 fields only from protocol version 3 on.
+/// `GET /account` (docs/apple-dep-api.md §4.1); the v3 fields only from protocol version 3 on.
 fn account(config: &MockConfig, proto: u32) -> Value {
     let mut v = Map::new();
     let mut put = |k: &str, val: Value| {

@@ -1,5 +1,5 @@
 //! The simulated organisation's truth: the devices currently assigned to the MDM server and
-//! the append-only change log, plus Apple's fetch/sync paging over them (doc §4.3, §4.4, §5).
+//! the append-only change log, plus Apple's fetch/sync paging over them (docs/apple-dep-api.md §4.3, §4.4, §5).
 //!
 //! Devices live in insertion order (`BTreeMap<seq, Device>` plus a serial → seq index), so a
 //! fetch page is a range query: O(page), never O(devices). The change log holds
@@ -20,7 +20,7 @@ use crate::cursor::{Cursor, Position};
 use crate::devices::{self, serial_key, serial_str, Device, Generator, Serial};
 use crate::rfc3339;
 
-/// Sync record kinds (doc §4.2 `op_type`).
+/// Sync record kinds (docs/apple-dep-api.md §4.2 `op_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum OpType {
     Added,
@@ -71,13 +71,13 @@ pub(crate) struct Page {
 /// Page-shaping faults (the others never reach the store).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PageFault {
-    /// Apple's 2024 bug (doc §5.1): the cursor sent comes back with `more_to_follow: true`.
+    /// Apple's 2024 bug (docs/apple-dep-api.md §5.1): the cursor sent comes back with `more_to_follow: true`.
     SameCursor,
-    /// One serial appears twice on the page (doc §7.2).
+    /// One serial appears twice on the page (docs/apple-dep-api.md §7.2).
     DuplicateSerial,
 }
 
-/// Apple's cursor errors, all `400` (doc §6.2).
+/// Apple's cursor errors, all `400` (docs/apple-dep-api.md §6.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CursorError {
     Required,
@@ -244,7 +244,7 @@ impl Store {
         true
     }
 
-    /// A realistic change (doc §7.5) to each listed device; returns how many were assigned.
+    /// A realistic change (docs/apple-dep-api.md §7.5) to each listed device; returns how many were assigned.
     pub fn modify(&mut self, serials: &[String], now: i64) -> usize {
         serials
             .iter()
@@ -280,7 +280,7 @@ impl Store {
     }
 
     /// Unassigns without a log entry, as releasing a device from the organisation in ABM
-    /// does (doc §7.3); returns how many were assigned.
+    /// does (docs/apple-dep-api.md §7.3); returns how many were assigned.
     pub fn remove_silently(&mut self, serials: &[String]) -> usize {
         serials.iter().filter(|s| self.remove(s).is_some()).count()
     }
@@ -386,7 +386,7 @@ impl Store {
                     start_pos,
                 } => (last_seq, start_pos),
                 // A finished fetch's cursor is a sync position: "the cursor had returned all
-                // devices in previous calls" (doc §4.3).
+                // devices in previous calls" (docs/apple-dep-api.md §4.3).
                 Position::Sync { .. } => return Err(CursorError::Exhausted),
             },
         };
@@ -489,7 +489,7 @@ impl Store {
 }
 
 /// An older record of the same device than `newest`, to be placed after it so that array
-/// order and op_date order disagree (doc §4.4: "the record with the latest op_date indicates
+/// order and op_date order disagree (docs/apple-dep-api.md §4.4: "the record with the latest op_date indicates
 /// the last known state"). A client that trusts array order ends in a visibly wrong state:
 /// a re-added device deleted, a deleted one resurrected, a modification undone.
 fn stale_twin(newest: &LogEntry) -> Record {

@@ -1,7 +1,7 @@
 //! The HTTP client for Apple's device-assignment service: session handling and one
 //! method per endpoint.
 //!
-//! Session rules (doc §3.2, NanoDEP's transport as the model): authenticate on first use
+//! Session rules (docs/apple-dep-api.md §3.2, NanoDEP's transport as the model): authenticate on first use
 //! and cache the session token; on `401`, or `403` whose body is `FORBIDDEN`, authenticate
 //! once and replay the request once; adopt any `X-ADM-Auth-Session` a response carries.
 //! Transient failures (connect errors, timeouts, 5xx, 429/503 with `Retry-After`) are
@@ -22,7 +22,7 @@ use crate::config::RetryPolicy;
 use crate::model::DeviceRecord;
 use crate::token::ServerToken;
 
-/// Apple's media type, spelled as Apple and every client spell it (doc §1).
+/// Apple's media type, spelled as Apple and every client spell it (docs/apple-dep-api.md §1).
 const JSON_UTF8: &str = "application/json;charset=UTF8";
 /// Header carrying the session token, both ways.
 const SESSION_HEADER: &str = "x-adm-auth-session";
@@ -60,7 +60,7 @@ pub struct DevicePage {
     pub more_to_follow: bool,
 }
 
-/// `GET /account` (doc §4.1), the fields adesync uses; everything else is ignored.
+/// `GET /account` (docs/apple-dep-api.md §4.1), the fields adesync uses; everything else is ignored.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Account {
     /// MDM server name in ABM/ASM.
@@ -86,7 +86,7 @@ pub struct Account {
     pub urls: Vec<AccountUrl>,
 }
 
-/// One entry of `/account`'s `urls` (doc §4.1).
+/// One entry of `/account`'s `urls` (docs/apple-dep-api.md §4.1).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct AccountUrl {
     /// Path, e.g. `/server/devices`.
@@ -284,7 +284,7 @@ impl AppleClient {
             }
             if expired_session {
                 // 403 FORBIDDEN even with a brand-new session: the token was revoked or
-                // replaced (doc §3.1, §6.2).
+                // replaced (docs/apple-dep-api.md §3.1, §6.2).
                 return Err(ApiError::TokenRejected {
                     status: 403,
                     body: "FORBIDDEN".into(),
@@ -307,7 +307,7 @@ impl AppleClient {
             .clone()
     }
 
-    /// Takes a rotated session token from a response (doc §3.2).
+    /// Takes a rotated session token from a response (docs/apple-dep-api.md §3.2).
     fn adopt_session(&self, headers: &HeaderMap, current: &str) {
         if let Some(new) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
             if !new.is_empty() && new != current {
@@ -331,7 +331,7 @@ impl AppleClient {
         let resp = self
             .send_raw(Endpoint::Session, reqwest::Method::GET, url, None, |b| {
                 b.header(AUTHORIZATION, auth.clone())
-                    // Apple's own simulator requires it on /session (doc §3.1).
+                    // Apple's own simulator requires it on /session (docs/apple-dep-api.md §3.1).
                     .header(CONTENT_TYPE, JSON_UTF8)
             })
             .await?;

@@ -1,7 +1,7 @@
 //! Apple's error responses, parsed once into [`ApiError`].
 //!
 //! Apple answers errors with a bare token in the body (`EXPIRED_CURSOR`); Apple's own
-//! simulator quotes it (`"EXPIRED_CURSOR"`) (doc §6.1). [`classify`] is the only place
+//! simulator quotes it (`"EXPIRED_CURSOR"`) (docs/apple-dep-api.md §6.1). [`classify`] is the only place
 //! that looks at status codes and bodies; everything else matches on the enum.
 
 use std::time::Duration;
@@ -33,7 +33,7 @@ impl Endpoint {
     }
 }
 
-/// A cursor Apple would not accept (doc §5.2).
+/// A cursor Apple would not accept (docs/apple-dep-api.md §5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CursorError {
     /// The fetch already returned every device: switch to sync with the same cursor.
@@ -190,7 +190,7 @@ pub fn body_token(body: &str) -> String {
     s
 }
 
-/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (doc §6.3).
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (docs/apple-dep-api.md §6.3).
 pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {

@@ -1,6 +1,6 @@
 //! Everything that speaks Apple's HTTP: OAuth signing, the session, one method per
-//! endpoint, and the parsing of Apple's errors. See `docs/apple-dep-api.md` in the
-//! project's shared docs for the protocol facts each part relies on.
+//! endpoint, and the parsing of Apple's errors. The protocol facts each part relies on are
+//! in `docs/apple-dep-api.md`, with their sources.
 
 pub mod client;
 pub mod error;

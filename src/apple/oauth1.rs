@@ -1,4 +1,4 @@
-//! OAuth 1.0a HMAC-SHA1 `Authorization` header for `GET /session` (doc §3.1).
+//! OAuth 1.0a HMAC-SHA1 `Authorization` header for `GET /session` (docs/apple-dep-api.md §3.1).
 //!
 //! Signing is delegated to `oauth1-request`; this module adds what it lacks for Apple:
 //! the `realm="ADM"` parameter (not part of the signature base string per RFC 5849 §3.4.1.3,
@@ -7,7 +7,7 @@
 
 use crate::token::ServerToken;
 
-/// The realm Apple's documentation and most clients send (doc §3.1). Optional for Apple.
+/// The realm Apple's documentation and most clients send (docs/apple-dep-api.md §3.1). Optional for Apple.
 pub const APPLE_REALM: &str = "ADM";
 
 /// Builds the `Authorization` header value for a request without parameters.

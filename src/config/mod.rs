@@ -26,9 +26,9 @@ pub const DEFAULT_API_URL: &str = "https://mdmenrollment.apple.com";
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/adesync/config.toml";
 /// The SQLite database used when the config names none.
 pub const DEFAULT_DATABASE: &str = "/var/lib/adesync/adesync.db";
-/// Apple's documented maximum `limit` for fetch/sync (doc §4.3).
+/// Apple's documented maximum `limit` for fetch/sync (docs/apple-dep-api.md §4.3).
 pub const MAX_PAGE_SIZE: u32 = 1000;
-/// `X-Server-Protocol-Version` sent unless configured (doc §1.1: 7 reports iPadOS).
+/// `X-Server-Protocol-Version` sent unless configured (docs/apple-dep-api.md §1.1: 7 reports iPadOS).
 pub const DEFAULT_PROTOCOL_VERSION: u32 = 7;
 
 /// A configuration problem: which key, and why. Never contains a secret.
@@ -188,7 +188,7 @@ impl fmt::Debug for TokenConfig {
     }
 }
 
-/// The default `User-Agent`: product and version (Apple requires one; doc §1).
+/// The default `User-Agent`: product and version (Apple requires one; docs/apple-dep-api.md §1).
 pub fn default_user_agent() -> String {
     format!("adesync/{}", env!("CARGO_PKG_VERSION"))
 }

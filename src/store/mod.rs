@@ -907,7 +907,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             }
             _ => Ok(()),
         };
-        // Apple may deliver an older record after a newer one (doc §4.4); the newest wins.
+        // Apple may deliver an older record after a newer one (docs/apple-dep-api.md §4.4); the newest wins.
         if let Some(old) = old {
             if is_older(rec.op_date.as_deref(), old.last_op_date.as_deref()) {
                 stats.stale += 1;

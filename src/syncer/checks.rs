@@ -152,7 +152,7 @@ pub fn expiry_warning(remaining: chrono::Duration, last_warned: Option<i64>) -> 
 }
 
 /// The page size to send: `configured`, capped at the smallest `limit.maximum` Apple
-/// lists for fetch and sync (doc §4.1: the documented maximum and the one `/account`
+/// lists for fetch and sync (docs/apple-dep-api.md §4.1: the documented maximum and the one `/account`
 /// reports disagree, so the account wins). Also returns that maximum.
 pub fn effective_page_size(configured: u32, account: &Account) -> (u32, Option<u32>) {
     let maximum = account
@@ -165,7 +165,7 @@ pub fn effective_page_size(configured: u32, account: &Account) -> (u32, Option<u
     (maximum.map_or(configured, |m| configured.min(m)), maximum)
 }
 
-/// Apple shows a server's UUID both as 32 hex digits and dashed (doc §4.1); compare the
+/// Apple shows a server's UUID both as 32 hex digits and dashed (docs/apple-dep-api.md §4.1); compare the
 /// digits only.
 fn same_server(a: &str, b: &str) -> bool {
     let norm = |s: &str| -> String {

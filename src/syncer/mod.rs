@@ -7,7 +7,7 @@
 //! N+1 overlaps the writing of page N, and the cursor stored never runs ahead of the rows
 //! stored, because it is part of the same commit.
 //!
-//! Protocol rules (doc §5): fetch pages until `more_to_follow` is false, then sync from the
+//! Protocol rules (docs/apple-dep-api.md §5): fetch pages until `more_to_follow` is false, then sync from the
 //! cursor; `EXHAUSTED_CURSOR` on fetch → sync with the same cursor; `EXPIRED_CURSOR`,
 //! `INVALID_CURSOR`, `CURSOR_REQUIRED` → a new full fetch whose completion reconciles
 //! (devices it did not return are deleted); Apple returning the cursor it was sent with

@@ -132,7 +132,7 @@ pub fn key_pair_paths(dir: &Path, name: &str) -> KeyPair {
     }
 }
 
-/// Makes an RSA 2048 key and a self-signed certificate for it (doc §2.4: what NanoDEP and
+/// Makes an RSA 2048 key and a self-signed certificate for it (docs/apple-dep-api.md §2.4: what NanoDEP and
 /// zentral make), valid `days` days, and writes them to `dir`.
 pub fn keygen(name: &str, dir: &Path, days: u32, force: bool) -> Result<KeyPair, TokensError> {
     check_name(name).map_err(TokensError::Name)?;
@@ -179,7 +179,7 @@ fn make_key_and_cert(
     b.set_subject_name(&subject)?;
     b.set_issuer_name(&subject)?;
     b.set_pubkey(&key)?;
-    // Ten minutes back, for clocks that are slightly off (doc §2.4).
+    // Ten minutes back, for clocks that are slightly off (docs/apple-dep-api.md §2.4).
     let now = chrono::Utc::now().timestamp();
     let not_before = Asn1Time::from_unix(now - 600)?;
     let not_after = Asn1Time::days_from_now(days)?;

@@ -50,7 +50,7 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// The decrypted server token (doc §2.3).
+/// The decrypted server token (docs/apple-dep-api.md §2.3).
 #[derive(Clone, Debug)]
 pub struct ServerToken {
     /// `CK_...`: identifies the server; not secret, but kept whole only here.
@@ -199,7 +199,7 @@ impl ServerToken {
     /// Parses the decrypted token: either bare JSON or the MIME-wrapped form Apple's
     /// S/MIME payload decrypts to (headers, blank line, optional
     /// `-----BEGIN MESSAGE-----` / `-----END MESSAGE-----` lines, JSON possibly
-    /// hard-wrapped). Robust rule from doc §2.3: drop the header block and marker lines,
+    /// hard-wrapped). Robust rule from docs/apple-dep-api.md §2.3: drop the header block and marker lines,
     /// join the rest with no separator.
     pub fn parse(text: &str) -> Result<Self, String> {
         let json = extract_json(text);

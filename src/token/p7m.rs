@@ -1,4 +1,4 @@
-//! Apple's S/MIME server-token file (`*_smime.p7m`, doc §2.2): recognising it, unwrapping
+//! Apple's S/MIME server-token file (`*_smime.p7m`, docs/apple-dep-api.md §2.2): recognising it, unwrapping
 //! its MIME/base64 armour, and decrypting the CMS `EnvelopedData` inside with the private
 //! key whose certificate was uploaded to ABM/ASM.
 //!
@@ -737,7 +737,7 @@ mod tests {
         let file = apple_sample();
         assert!(is_smime(&file));
         let cms = unarmor(&file).unwrap();
-        // Indefinite length at the top, as doc §2.2 says.
+        // Indefinite length at the top, as docs/apple-dep-api.md §2.2 says.
         assert_eq!(&cms[..2], &[0x30, 0x80]);
         let env = parse_enveloped(&cms).unwrap();
         assert_eq!(env.cipher_oid, OID_AES128_CBC);
