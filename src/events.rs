@@ -1,14 +1,113 @@
-//! Change events: the pure diff that decides them and their JSON form (format version
+//! Change events: the pure decision "what the mirror holds + Apple's record → event"
+//! ([`decide`]), the field diff behind it, and the event's JSON form (format version
 //! [`EVENT_FORMAT_VERSION`], described by `schema/event.schema.json`).
 //!
-//! Events are born in the store's page transaction (see `store.rs`) together with a
-//! snapshot of the device, so an event's JSON is the same whenever it is read: delivered
-//! late, replayed or listed. Delivery to sinks lives in `sinks/`.
+//! Events are born in the store's page transaction (`store/devices.rs` applies
+//! [`decide`] to every record) together with a snapshot of the device, so an event's JSON
+//! is the same whenever it is read: delivered late, replayed or listed. Delivery to sinks
+//! lives in `sinks/`.
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{Device, DEVICE_FIELDS};
-use crate::store::StoredEvent;
+use crate::model::{is_older, Device, DeviceRecord, EventKind, OpType, DEVICE_FIELDS};
+
+/// A stored change event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEvent {
+    /// Monotonic id.
+    pub id: i64,
+    /// Token.
+    pub token_name: String,
+    /// Device.
+    pub serial_number: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// `{"field": [old, new]}`.
+    pub changes: Value,
+    /// When adesync recorded it.
+    pub occurred_at: String,
+    /// The device's record as stored right after the change.
+    pub device: Option<Device>,
+}
+
+/// What the mirror holds for a device when one of Apple's records for it arrives.
+#[derive(Clone, Copy, Debug)]
+pub struct Known<'a> {
+    /// The stored fields; `None` when they are known to equal the incoming record's (the
+    /// store compares in place and skips decoding an unchanged row).
+    pub device: Option<&'a Device>,
+    /// The newest `op_date` applied to it.
+    pub last_op_date: Option<&'a str>,
+    /// It left the server (a deleted row is kept).
+    pub deleted: bool,
+}
+
+/// What one incoming record does to the mirror.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// New to the mirror (`revived`: it had left and is back): insert, `added` event.
+    Added {
+        /// The row exists, marked deleted: bring it back.
+        revived: bool,
+    },
+    /// Fields changed: update, `modified` event with these changes.
+    Modified(Map<String, Value>),
+    /// Apple says it left and the mirror had it: mark deleted, `deleted` event.
+    Deleted,
+    /// Present and identical: no write but a newer `op_date`; still counts as seen.
+    Unchanged,
+    /// A deletion of a device the mirror never had or already marked deleted: nothing.
+    AlreadyGone,
+    /// Older than what the mirror already applied (Apple may repeat a device across
+    /// pages, docs/apple-dep-api.md §4.4): ignored, the newest wins.
+    Stale,
+}
+
+impl Decision {
+    /// The event this decision records, if any.
+    pub fn event_kind(&self) -> Option<EventKind> {
+        match self {
+            Decision::Added { .. } => Some(EventKind::Added),
+            Decision::Modified(_) => Some(EventKind::Modified),
+            Decision::Deleted => Some(EventKind::Deleted),
+            Decision::Unchanged | Decision::AlreadyGone | Decision::Stale => None,
+        }
+    }
+}
+
+/// The one rule for what a record does: stale records lose to what is stored; Apple's
+/// `deleted` removes a device the mirror holds; anything else adds a device the mirror
+/// does not hold (or holds as deleted), or modifies it when a field differs. Comparing
+/// with the stored row — not trusting `op_type` alone — is what lets a full re-fetch
+/// emit no duplicates.
+pub fn decide(known: Option<Known<'_>>, record: &DeviceRecord) -> Decision {
+    if let Some(k) = known {
+        if is_older(record.op_date.as_deref(), k.last_op_date) {
+            return Decision::Stale;
+        }
+    }
+    if record.op_type == Some(OpType::Deleted) {
+        return match known {
+            Some(k) if !k.deleted => Decision::Deleted,
+            _ => Decision::AlreadyGone,
+        };
+    }
+    match known {
+        None => Decision::Added { revived: false },
+        Some(k) if k.deleted => Decision::Added { revived: true },
+        Some(k) => {
+            let changes = k
+                .device
+                .map(|d| diff(d, &record.device))
+                .unwrap_or_default();
+            if changes.is_empty() {
+                Decision::Unchanged
+            } else {
+                Decision::Modified(changes)
+            }
+        }
+    }
+}
 
 /// Version of the event JSON; bumped on any incompatible change.
 pub const EVENT_FORMAT_VERSION: u32 = 1;
@@ -137,5 +236,128 @@ mod tests {
             r,
             json!({"model": ["iPhone 15", null], "color": ["BLACK", null]})
         );
+    }
+
+    #[test]
+    fn each_stored_row_and_record_pair_decides_one_thing() {
+        let black = dev(Some("BLACK"), None);
+        let blue = dev(Some("BLUE"), None);
+        let rec = |d: &Device, op: Option<OpType>, date: Option<&str>| DeviceRecord {
+            op_type: op,
+            op_date: date.map(str::to_owned),
+            device: d.clone(),
+        };
+        let known = |d: Option<&'static Device>, date: Option<&'static str>, deleted| Known {
+            device: d,
+            last_op_date: date,
+            deleted,
+        };
+        static BLACK: std::sync::LazyLock<Device> =
+            std::sync::LazyLock::new(|| dev(Some("BLACK"), None));
+        let (added, modified, deleted) = (
+            Some(OpType::Added),
+            Some(OpType::Modified),
+            Some(OpType::Deleted),
+        );
+        let t1 = Some("2026-01-01T00:00:00Z");
+        let t2 = Some("2026-01-02T00:00:00Z");
+        let live = |d| Some(known(d, t1, false));
+        let gone = Some(known(Some(&*BLACK), t1, true));
+        let color = {
+            let mut m = Map::new();
+            m.insert("color".into(), json!(["BLACK", "BLUE"]));
+            m
+        };
+        let table: Vec<(&str, Option<Known<'_>>, DeviceRecord, Decision)> = vec![
+            (
+                "new device, fetch record",
+                None,
+                rec(&black, None, None),
+                Decision::Added { revived: false },
+            ),
+            (
+                "new device, sync added",
+                None,
+                rec(&black, added, t1),
+                Decision::Added { revived: false },
+            ),
+            (
+                "new device arriving as modified",
+                None,
+                rec(&black, modified, t1),
+                Decision::Added { revived: false },
+            ),
+            (
+                "back after leaving",
+                gone,
+                rec(&black, added, t2),
+                Decision::Added { revived: true },
+            ),
+            (
+                "same fields (compared in place)",
+                live(None),
+                rec(&black, None, None),
+                Decision::Unchanged,
+            ),
+            (
+                "same fields (decoded)",
+                live(Some(&*BLACK)),
+                rec(&black, modified, t2),
+                Decision::Unchanged,
+            ),
+            (
+                "Apple says added, nothing differs",
+                live(Some(&*BLACK)),
+                rec(&black, added, t2),
+                Decision::Unchanged,
+            ),
+            (
+                "a field changed",
+                live(Some(&*BLACK)),
+                rec(&blue, modified, t2),
+                Decision::Modified(color.clone()),
+            ),
+            (
+                "a field changed in a re-fetch",
+                live(Some(&*BLACK)),
+                rec(&blue, None, None),
+                Decision::Modified(color),
+            ),
+            (
+                "deleted while held",
+                live(Some(&*BLACK)),
+                rec(&black, deleted, t2),
+                Decision::Deleted,
+            ),
+            (
+                "deleted twice",
+                gone,
+                rec(&black, deleted, t2),
+                Decision::AlreadyGone,
+            ),
+            (
+                "deleted, never held",
+                None,
+                rec(&black, deleted, t2),
+                Decision::AlreadyGone,
+            ),
+            (
+                "older than applied",
+                Some(known(Some(&*BLACK), t2, false)),
+                rec(&blue, modified, t1),
+                Decision::Stale,
+            ),
+            (
+                "older deletion than applied",
+                Some(known(Some(&*BLACK), t2, false)),
+                rec(&black, deleted, t1),
+                Decision::Stale,
+            ),
+        ];
+        for (case, k, r, want) in table {
+            assert_eq!(decide(k, &r), want, "{case}");
+        }
+        assert_eq!(Decision::Deleted.event_kind(), Some(EventKind::Deleted));
+        assert_eq!(Decision::Stale.event_kind(), None);
     }
 }

@@ -98,7 +98,7 @@ pub fn assert_mirrors(store: &Store, mock: &MockHandle) {
 /// Counts of events by kind for a token.
 pub fn event_counts(store: &Store) -> (usize, usize, usize) {
     let evs = store.events_after(0, None, u64::MAX >> 1).unwrap();
-    let n = |k: &str| evs.iter().filter(|e| e.kind == k).count();
+    let n = |k: &str| evs.iter().filter(|e| e.kind.as_str() == k).count();
     (n("added"), n("modified"), n("deleted"))
 }
 

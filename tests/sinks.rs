@@ -685,7 +685,7 @@ async fn every_event_type_validates_against_the_schema() {
     let schema = schema();
     let events = env.store().events_after(0, None, 1000).unwrap();
     for k in ["added", "modified", "deleted"] {
-        assert!(events.iter().any(|e| e.kind == k), "no {k} event");
+        assert!(events.iter().any(|e| e.kind.as_str() == k), "no {k} event");
     }
     for e in &events {
         let json = adesync::events::event_json(e);

@@ -103,7 +103,7 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
         "\n4. Events from the second sync ({} in all; a few of each kind):",
         events.len()
     )?;
-    for kind in ["added", "modified", "deleted"] {
+    for kind in adesync::model::EventKind::ALL {
         for e in events.iter().filter(|e| e.kind == kind).take(3) {
             writeln!(
                 out,
@@ -111,7 +111,7 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
                 e.id,
                 e.kind,
                 e.serial_number,
-                super::summarize_changes(&e.kind, &e.changes)
+                super::summarize_changes(e.kind, &e.changes)
             )?;
         }
     }

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use adesync::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use adesync::model::EventKind;
 use adesync::status::TokenExpiry;
 use adesync::store::{DeviceFilter, Store};
 
@@ -366,8 +367,14 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let mut last = after;
             let mut header = format != Format::Json;
             loop {
-                let (events, scanned_to) =
-                    filtered_events(&store, last, token.as_deref(), kind.as_deref(), None, limit)?;
+                let (events, scanned_to) = filtered_events(
+                    &store,
+                    last,
+                    token.as_deref(),
+                    kind.as_deref().and_then(EventKind::parse),
+                    None,
+                    limit,
+                )?;
                 if !events.is_empty() || header {
                     print_events(&events, format, header)?;
                     header = false;
@@ -498,7 +505,7 @@ fn filtered_events(
     store: &Store,
     after: i64,
     token: Option<&str>,
-    kind: Option<&str>,
+    kind: Option<EventKind>,
     serial: Option<&str>,
     limit: u64,
 ) -> anyhow::Result<(Vec<adesync::store::StoredEvent>, i64)> {
@@ -673,8 +680,8 @@ fn print_events(
                         e.id.to_string(),
                         e.token_name.clone(),
                         e.serial_number.clone(),
-                        e.kind.clone(),
-                        summarize_changes(&e.kind, &e.changes),
+                        e.kind.to_string(),
+                        summarize_changes(e.kind, &e.changes),
                         e.occurred_at.clone(),
                     ]
                 })
@@ -744,8 +751,8 @@ fn print_device_detail(
                 vec![
                     e.id.to_string(),
                     e.occurred_at.clone(),
-                    e.kind.clone(),
-                    summarize_changes(&e.kind, &e.changes),
+                    e.kind.to_string(),
+                    summarize_changes(e.kind, &e.changes),
                 ]
             })
             .collect();
@@ -885,11 +892,11 @@ fn print_status(statuses: &[adesync::status::TokenStatus], format: Format) -> an
 }
 
 /// One short line for a table: the changed fields for `modified`, the model otherwise.
-pub fn summarize_changes(kind: &str, changes: &serde_json::Value) -> String {
+pub fn summarize_changes(kind: EventKind, changes: &serde_json::Value) -> String {
     let Some(map) = changes.as_object() else {
         return String::new();
     };
-    if kind == "modified" {
+    if kind == EventKind::Modified {
         map.iter()
             .map(|(k, v)| {
                 let show = |x: &serde_json::Value| match x {
@@ -902,7 +909,7 @@ pub fn summarize_changes(kind: &str, changes: &serde_json::Value) -> String {
             .collect::<Vec<_>>()
             .join("; ")
     } else {
-        let idx = if kind == "added" { 1 } else { 0 };
+        let idx = if kind == EventKind::Added { 1 } else { 0 };
         let get = |f: &str| {
             map.get(f)
                 .and_then(|v| v[idx].as_str())

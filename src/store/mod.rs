@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::{Map, Value};
 
-use crate::model::{is_older, Device, DeviceRecord, OpType, Phase, DEVICE_FIELDS};
+pub use crate::events::StoredEvent;
+use crate::events::{decide, Decision, Known};
+use crate::model::{Device, DeviceRecord, EventKind, Phase, DEVICE_FIELDS};
 
 mod sinks;
 pub use sinks::SinkState;
@@ -281,25 +283,6 @@ pub struct StoredDevice {
     pub updated_at: String,
     /// When it was removed from the server (None while assigned).
     pub deleted_at: Option<String>,
-}
-
-/// A stored change event.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredEvent {
-    /// Monotonic id.
-    pub id: i64,
-    /// Token.
-    pub token_name: String,
-    /// Device.
-    pub serial_number: String,
-    /// `added`, `modified` or `deleted`.
-    pub kind: String,
-    /// `{"field": [old, new]}`.
-    pub changes: Value,
-    /// When adesync recorded it.
-    pub occurred_at: String,
-    /// The device's current record, if stored.
-    pub device: Option<Device>,
 }
 
 /// Filters for [`Store::devices`].
@@ -726,13 +709,20 @@ impl Store {
             .map_err(self.err("read events"))?;
         let rows = stmt
             .query_map(params![after, token, limit as i64], |r| {
-                let kind: String = r.get(3)?;
+                let kind_text: String = r.get(3)?;
+                let kind = EventKind::parse(&kind_text).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        3,
+                        rusqlite::types::Type::Text,
+                        format!("unknown event kind {kind_text:?}").into(),
+                    )
+                })?;
                 let changes: Option<String> = r.get(4)?;
                 let device = sinks::decode_snapshot(&r.get::<_, String>(6)?);
-                let changes = match (changes, &device, kind.as_str()) {
+                let changes = match (changes, &device, kind) {
                     (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),
-                    (None, Some(d), "added") => crate::events::addition_changes(d),
-                    (None, Some(d), "deleted") => crate::events::removal_changes(d),
+                    (None, Some(d), EventKind::Added) => crate::events::addition_changes(d),
+                    (None, Some(d), EventKind::Deleted) => crate::events::removal_changes(d),
                     (None, _, _) => Value::Null,
                 };
                 Ok(StoredEvent {
@@ -900,6 +890,11 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
     for rec in page.records {
         let serial = rec.device.serial_number.as_str();
         let old = existing.get(serial);
+        let known = old.map(|o| Known {
+            device: o.device.as_ref(),
+            last_op_date: o.last_op_date.as_deref(),
+            deleted: o.deleted,
+        });
         // A record that changes nothing still brings a newer op_date to remember.
         let mut note_op_date = |o: &Existing| match &rec.op_date {
             Some(date) if Some(date) != o.last_op_date.as_ref() => {
@@ -907,53 +902,49 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             }
             _ => Ok(()),
         };
-        // Apple may deliver an older record after a newer one (docs/apple-dep-api.md §4.4); the newest wins.
-        if let Some(old) = old {
-            if is_older(rec.op_date.as_deref(), old.last_op_date.as_deref()) {
+        let changes = match decide(known, rec) {
+            Decision::Stale => {
                 stats.stale += 1;
                 continue;
             }
-        }
-        if rec.op_type == Some(OpType::Deleted) {
-            match old {
-                Some(o) if !o.deleted => {
+            Decision::AlreadyGone => {
+                if let Some(o) = old {
+                    note_op_date(o)?;
+                }
+                stats.unchanged += 1;
+                continue;
+            }
+            Decision::Unchanged => {
+                if let Some(o) = old {
+                    note_op_date(o)?;
+                    seen.push(o.id);
+                }
+                stats.unchanged += 1;
+                continue;
+            }
+            Decision::Deleted => {
+                if let Some(o) = old {
                     mark_deleted.execute(params![o.id, page.now, rec.op_date])?;
                     let stored = o.device(&rec.device);
                     events.push(
                         serial,
-                        "deleted",
+                        EventKind::Deleted,
                         None,
                         stored,
                         extra_json(stored).as_deref(),
                     );
                     stats.deleted += 1;
                 }
-                Some(o) => {
-                    note_op_date(o)?;
-                    stats.unchanged += 1;
-                }
-                // Never stored: nothing to delete, and no row for a device we never had.
-                None => stats.unchanged += 1,
+                continue;
             }
-            continue;
-        }
-        // `added` events store no changes: they are every field of the snapshot.
-        let (kind, changes) = match old {
-            None => ("added", None),
-            Some(o) if o.deleted => ("added", None),
-            Some(o) => {
-                let diff = match &o.device {
-                    Some(stored) => crate::events::diff(stored, &rec.device),
-                    None => Map::new(),
-                };
-                if diff.is_empty() {
-                    note_op_date(o)?;
-                    seen.push(o.id);
-                    stats.unchanged += 1;
-                    continue;
-                }
-                ("modified", Some(Value::Object(diff).to_string()))
-            }
+            // `added` events store no changes: they are every field of the snapshot.
+            Decision::Added { .. } => None,
+            Decision::Modified(diff) => Some(Value::Object(diff).to_string()),
+        };
+        let kind = if changes.is_some() {
+            EventKind::Modified
+        } else {
+            EventKind::Added
         };
         let d = &rec.device;
         let f = d.fields();
@@ -986,7 +977,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
         };
         seen.push(id);
         match kind {
-            "added" => stats.added += 1,
+            EventKind::Added => stats.added += 1,
             _ => stats.modified += 1,
         }
     }
@@ -1035,7 +1026,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
             mark_deleted.execute(params![id, page.now, Option::<String>::None])?;
             events.push(
                 &d.serial_number,
-                "deleted",
+                EventKind::Deleted,
                 None,
                 &d,
                 extra_json(&d).as_deref(),
@@ -1055,7 +1046,7 @@ fn write_page(tx: &rusqlite::Transaction<'_>, page: &PageWrite<'_>) -> rusqlite:
 #[derive(Default)]
 struct PageEvents {
     /// (serial_number, kind, changes, device_json)
-    rows: Vec<(String, &'static str, Option<String>, String)>,
+    rows: Vec<(String, EventKind, Option<String>, String)>,
 }
 
 impl PageEvents {
@@ -1063,7 +1054,7 @@ impl PageEvents {
     fn push(
         &mut self,
         serial: &str,
-        kind: &'static str,
+        kind: EventKind,
         changes: Option<String>,
         d: &Device,
         extra: Option<&str>,
@@ -1079,7 +1070,8 @@ impl PageEvents {
         now: &str,
     ) -> rusqlite::Result<()> {
         let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 6);
-        for (serial, kind, changes, snapshot) in &self.rows {
+        let kinds: Vec<&str> = self.rows.iter().map(|r| r.1.as_str()).collect();
+        for ((serial, _, changes, snapshot), kind) in self.rows.iter().zip(&kinds) {
             values.extend([
                 &token as &dyn rusqlite::ToSql,
                 serial,
@@ -1254,6 +1246,7 @@ pub fn apple_columns() -> impl Iterator<Item = &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::OpType;
 
     fn rec(serial: &str, op: Option<OpType>, date: Option<&str>, color: &str) -> DeviceRecord {
         DeviceRecord {
@@ -1417,7 +1410,7 @@ mod tests {
             .unwrap();
         assert_eq!((st.added, st.modified, st.deleted), (1, 1, 1));
         let evs = s.events_after(0, None, 100).unwrap();
-        let m = evs.iter().find(|e| e.kind == "modified").unwrap();
+        let m = evs.iter().find(|e| e.kind == EventKind::Modified).unwrap();
         assert_eq!(m.changes, serde_json::json!({"color": ["red", "green"]}));
         // An older record for A is ignored.
         let stale = [rec(
