@@ -1,0 +1,137 @@
+//! The `events` table: a page's events inserted together (ids follow record order), and
+//! the event queries.
+
+use rusqlite::params;
+use serde_json::Value;
+
+use super::{insert_many, sinks, Store, StoreError};
+use crate::events::StoredEvent;
+use crate::model::{Device, EventKind};
+
+/// A page's events, in record order; inserted together at the end of the page (see
+/// [`insert_many`]), so ids follow record order.
+#[derive(Default)]
+pub(super) struct PageEvents {
+    /// (serial_number, kind, changes, device_json)
+    rows: Vec<(String, EventKind, Option<String>, String)>,
+}
+
+impl PageEvents {
+    /// `extra` is `d`'s `extra_json`, which the caller has already made.
+    pub(super) fn push(
+        &mut self,
+        serial: &str,
+        kind: EventKind,
+        changes: Option<String>,
+        d: &Device,
+        extra: Option<&str>,
+    ) {
+        let snapshot = sinks::encode_snapshot(d, extra);
+        self.rows.push((serial.to_owned(), kind, changes, snapshot));
+    }
+
+    pub(super) fn insert(
+        self,
+        tx: &rusqlite::Transaction<'_>,
+        token: &str,
+        now: &str,
+    ) -> rusqlite::Result<()> {
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 6);
+        let kinds: Vec<&str> = self.rows.iter().map(|r| r.1.as_str()).collect();
+        for ((serial, _, changes, snapshot), kind) in self.rows.iter().zip(&kinds) {
+            values.extend([
+                &token as &dyn rusqlite::ToSql,
+                serial,
+                kind,
+                changes,
+                &now,
+                snapshot,
+            ]);
+        }
+        insert_many(
+            tx,
+            "events (token_name, serial_number, kind, changes, occurred_at, device_json)",
+            6,
+            &values,
+        )
+    }
+}
+
+impl Store {
+    /// Events with `id > after`, oldest first, each with the device as stored when the
+    /// event was written (its snapshot; the current row if there is none).
+    pub fn events_after(
+        &self,
+        after: i64,
+        token: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json
+             FROM events WHERE id > ?1 AND (?2 IS NULL OR token_name = ?2)
+             ORDER BY id LIMIT ?3";
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql)
+            .map_err(self.err("read events"))?;
+        let rows = stmt
+            .query_map(params![after, token, limit as i64], |r| {
+                let kind_text: String = r.get(3)?;
+                let kind = EventKind::parse(&kind_text).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        3,
+                        rusqlite::types::Type::Text,
+                        format!("unknown event kind {kind_text:?}").into(),
+                    )
+                })?;
+                let changes: Option<String> = r.get(4)?;
+                let device = sinks::decode_snapshot(&r.get::<_, String>(6)?);
+                let changes = match (changes, &device, kind) {
+                    (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                    (None, Some(d), EventKind::Added) => crate::events::addition_changes(d),
+                    (None, Some(d), EventKind::Deleted) => crate::events::removal_changes(d),
+                    (None, _, _) => Value::Null,
+                };
+                Ok(StoredEvent {
+                    id: r.get(0)?,
+                    token_name: r.get(1)?,
+                    serial_number: r.get(2)?,
+                    kind,
+                    changes,
+                    occurred_at: r.get(5)?,
+                    device,
+                })
+            })
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("read events"))
+    }
+
+    /// Events per token.
+    pub fn event_counts_by_token(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT token_name, COUNT(*) FROM events GROUP BY 1 ORDER BY 1")
+            .map_err(self.err("count events"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("count events"))
+    }
+
+    /// Number of events, optionally per kind, for a token.
+    pub fn event_count(&self, token: Option<&str>) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE (?1 IS NULL OR token_name = ?1)",
+                [token],
+                |r| r.get::<_, i64>(0).map(|n| n as u64),
+            )
+            .map_err(self.err("count events"))
+    }
+
+    /// The highest event id (0 when none).
+    pub fn max_event_id(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))
+            .map_err(self.err("read events"))
+    }
+}

@@ -1,0 +1,190 @@
+//! The schema: migrations applied in order against `PRAGMA user_version`, never edited
+//! once shipped (append a new one).
+
+use rusqlite::TransactionBehavior;
+
+use super::{Store, StoreError};
+
+/// Schema migrations, applied in order against `PRAGMA user_version`.
+/// Never edit one that has shipped; append a new one.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: devices, events, per-token sync state, sink cursors.
+    r#"
+    CREATE TABLE devices (
+        -- Stable (an alias of the rowid survives VACUUM): fetch_seen refers to it.
+        id                   INTEGER PRIMARY KEY,
+        token_name           TEXT NOT NULL,
+        serial_number        TEXT NOT NULL,
+        model                TEXT,
+        description          TEXT,
+        color                TEXT,
+        asset_tag            TEXT,
+        profile_status       TEXT,
+        profile_uuid         TEXT,
+        profile_assign_time  TEXT,
+        profile_push_time    TEXT,
+        device_assigned_date TEXT,
+        device_assigned_by   TEXT,
+        os                   TEXT,
+        device_family        TEXT,
+        -- Apple fields beyond the named columns, as sent (NULL when none). Together with
+        -- the columns this is the device's raw JSON.
+        extra_json           TEXT,
+        -- op_date of the newest sync record applied; older records are ignored.
+        last_op_date         TEXT,
+        first_seen_at        TEXT NOT NULL,
+        updated_at           TEXT NOT NULL,
+        deleted_at           TEXT,
+        -- A rowid table with the key in its own index: Apple's serials arrive in random
+        -- order, and random inserts into a small index are far cheaper than into a
+        -- WITHOUT ROWID table whose B-tree holds whole rows (measured: 2.4x, BENCHMARKS.md).
+        UNIQUE (token_name, serial_number)
+    );
+    CREATE INDEX devices_alive ON devices (token_name, deleted_at);
+
+    -- Which devices the current full fetch of a token has returned so far: a bitmap of
+    -- device ids, 16,384 per chunk. A completed fetch marks every other device of the
+    -- token deleted (reconciliation) and clears the token's chunks. A bitmap rather than a
+    -- mark on each device row: a re-fetch of a million unchanged devices then rewrites
+    -- about 60 small rows per page instead of a thousand random device rows (BENCHMARKS.md).
+    CREATE TABLE fetch_seen (
+        token_name TEXT NOT NULL,
+        fetch_run  INTEGER NOT NULL,
+        chunk      INTEGER NOT NULL,
+        bits       BLOB NOT NULL,
+        UNIQUE (token_name, fetch_run, chunk)
+    );
+
+    CREATE TABLE events (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        token_name    TEXT NOT NULL,
+        serial_number TEXT NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('added', 'modified', 'deleted')),
+        -- `modified` events: {"field": [old, new]} for the changed fields. NULL for
+        -- `added`/`deleted`, whose changes are every field of device_json ([null, value]
+        -- and [value, null]) and are derived from it when read: storing them twice
+        -- doubled the size of a first fetch's events (BENCHMARKS.md).
+        changes       TEXT,
+        occurred_at   TEXT NOT NULL,
+        -- The device the event describes, as stored right after it (for `deleted`, the
+        -- last record before it left): [serial_number, the named columns in order,
+        -- extra_json], so an event delivered or replayed days later carries the record it
+        -- describes, not a later one.
+        device_json   TEXT NOT NULL
+    );
+    -- By token only: per-token inserts land at the end of the index. An index on the serial
+    -- number would take a random insert per event (the events of a page touch hundreds of
+    -- index pages); a device's history scans its token's events instead.
+    CREATE INDEX events_token ON events (token_name);
+
+    CREATE TABLE sync_state (
+        token_name      TEXT PRIMARY KEY,
+        phase           TEXT NOT NULL DEFAULT 'fetch' CHECK (phase IN ('fetch', 'sync')),
+        cursor          TEXT,
+        cursor_at       TEXT,
+        fetch_run       INTEGER NOT NULL DEFAULT 1,
+        fetched_until   TEXT,
+        last_run_at     TEXT,
+        last_success_at TEXT,
+        last_error      TEXT,
+        last_error_kind TEXT,
+        last_error_at   TEXT
+    );
+
+    -- Per token: the MDM server Apple's GET /account reports (the server_uuid guards
+    -- against mixing two servers' devices under one name), and which token-expiry
+    -- warning was last logged, so each threshold is logged once (see account.rs).
+    CREATE TABLE accounts (
+        token_name         TEXT PRIMARY KEY,
+        server_name        TEXT,
+        server_uuid        TEXT,
+        org_name           TEXT,
+        org_type           TEXT,    -- Apple's value: 'org' (ABM) or 'edu' (ASM)
+        org_id             TEXT,
+        admin_id           TEXT,
+        page_limit_max     INTEGER, -- smallest urls[].limit.maximum of fetch and sync
+        consumer_key       TEXT,    -- identifies the server's token; not a secret
+        checked_at         TEXT,    -- when GET /account last answered
+        token_expiry       TEXT,    -- expiry of the token the warning below is about
+        expiry_warned_days INTEGER  -- last threshold (30, 14, 7, 3, 1) warned about
+    );
+
+    CREATE TABLE sink_cursors (
+        sink_name     TEXT PRIMARY KEY,
+        last_event_id INTEGER NOT NULL DEFAULT 0,
+        -- Delivery health, for `adesync sinks`, `status` and /metrics (see sinks/mod.rs).
+        last_delivered_at TEXT,
+        last_error        TEXT,
+        last_error_at     TEXT,
+        -- Set when the receiver refused a batch for good (a 4xx): the sink waits, so
+        -- nothing is skipped, until `adesync sinks resume` clears it.
+        parked_at         TEXT,
+        -- The receiver's Retry-After: no delivery to this sink before then.
+        retry_at          TEXT
+    );
+    "#,
+];
+
+impl Store {
+    pub(super) fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err("read schema version"))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                known,
+            });
+        }
+        // Migration 1 changed before the first release (devices.id, fetch_seen, events'
+        // snapshots); a database made by an earlier build says version 1 but lacks them.
+        if version >= 1 {
+            let current: bool = self
+                .conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'fetch_seen')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(self.err("read schema"))?;
+            if !current {
+                return Err(StoreError::PreRelease { path });
+            }
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    action: "migrate",
+                    source,
+                })?;
+            // Another process opening the same new database (the daemon and a CLI
+            // command at once) may have applied it while this one waited for the lock.
+            let current: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    action: "migrate",
+                    source,
+                })?;
+            if current > i as i64 {
+                continue;
+            }
+            tx.execute_batch(sql)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|_| tx.commit())
+                .map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    action: "migrate",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
