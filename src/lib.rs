@@ -34,14 +34,25 @@
 //! decisions → `syncer`/`events`/`status`; time and loops → `daemon`; words for people →
 //! the binary's `cli`.
 
-pub mod apple;
-pub mod config;
+// Top to bottom: each module imports only modules below it (tests/layout.rs).
 pub mod daemon;
-pub mod events;
-pub(crate) mod http_client;
-pub mod model;
-pub mod sinks;
-pub mod status;
-pub mod store;
+
 pub mod syncer;
+
+pub mod sinks;
+
+pub mod status;
+
+pub mod store;
+
+pub mod events;
+
+pub mod apple;
+
 pub mod token;
+
+pub mod config;
+
+pub mod model;
+
+pub(crate) mod http_client;

@@ -221,6 +221,8 @@ pub enum SinkState {
     Ok,
     /// Its last delivery failed; retried on the next pass.
     Failing,
+    /// The receiver asked to wait (`Retry-After`); delivery resumes after it.
+    Waiting,
     /// Stopped until a person resumes it.
     Parked,
 }
@@ -231,6 +233,7 @@ impl SinkState {
         match self {
             SinkState::Ok => "ok",
             SinkState::Failing => "failing",
+            SinkState::Waiting => "waiting",
             SinkState::Parked => "parked",
         }
     }

@@ -3,7 +3,8 @@
 //! `adesync check-config`, the daemon's `/healthz` and `/metrics`, and the start-of-run
 //! expiry warning.
 //!
-//! - [`TokenExpiry`]: ok, expires soon (within [`EXPIRY_WARNING_DAYS`]), expired.
+//! - [`TokenExpiry`]: ok, expires soon (within [`EXPIRY_WARNING_DAYS`]), expired —
+//!   defined with the token (`token/`), re-exported here.
 //! - [`overdue`]: no successful sync within twice the schedule plus five minutes.
 //! - [`ErrorKind::needs_admin`](crate::model::ErrorKind::needs_admin): a failure only a
 //!   person can fix (the daemon parks such a token).
@@ -23,43 +24,7 @@ use crate::config::{Config, TokenConfig};
 use crate::model::{parse_time, ErrorKind, Phase};
 use crate::store::{Store, StoreError, SyncState};
 use crate::token::ServerToken;
-
-/// Days before expiry from which a token "expires soon" and needs attention.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
-
-/// Where a token stands against its expiry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenExpiry {
-    /// More than [`EXPIRY_WARNING_DAYS`] left.
-    Ok,
-    /// [`EXPIRY_WARNING_DAYS`] days or less left.
-    ExpiresSoon,
-    /// Expired: Apple refuses it.
-    Expired,
-}
-
-impl TokenExpiry {
-    /// The rule: expired at or after `expiry`; soon within [`EXPIRY_WARNING_DAYS`] days.
-    pub fn of(expiry: DateTime<Utc>, now: DateTime<Utc>) -> Self {
-        if now >= expiry {
-            TokenExpiry::Expired
-        } else if expiry - now <= chrono::Duration::days(EXPIRY_WARNING_DAYS) {
-            TokenExpiry::ExpiresSoon
-        } else {
-            TokenExpiry::Ok
-        }
-    }
-
-    /// Words for tables and JSON: `ok`, `expires soon`, `expired`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenExpiry::Ok => "ok",
-            TokenExpiry::ExpiresSoon => "expires soon",
-            TokenExpiry::Expired => "expired",
-        }
-    }
-}
+pub use crate::token::{TokenExpiry, EXPIRY_WARNING_DAYS};
 
 /// How long after the last success a token counts as overdue: twice its schedule (one
 /// missed run, jitter included) plus five minutes for the sync itself.
@@ -264,20 +229,6 @@ pub fn token_statuses(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_expiry_rule_has_one_boundary() {
-        let now = Utc::now();
-        let d = chrono::Duration::days;
-        assert_eq!(TokenExpiry::of(now + d(31), now), TokenExpiry::Ok);
-        assert_eq!(TokenExpiry::of(now + d(30), now), TokenExpiry::ExpiresSoon);
-        assert_eq!(
-            TokenExpiry::of(now + chrono::Duration::seconds(1), now),
-            TokenExpiry::ExpiresSoon
-        );
-        assert_eq!(TokenExpiry::of(now, now), TokenExpiry::Expired);
-        assert_eq!(TokenExpiry::of(now - d(1), now), TokenExpiry::Expired);
-    }
 
     #[test]
     fn overdue_means_more_than_two_schedules_and_five_minutes() {

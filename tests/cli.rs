@@ -275,3 +275,21 @@ async fn demo_runs_end_to_end() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[tokio::test]
+async fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let env = Env::new(20, 100).await;
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]).env("RUST_LOG", "debug");
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("INFO"), "logs were written: {stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no escape sequences in a log written to a pipe: {stderr:?}"
+    );
+}

@@ -415,3 +415,114 @@ fn the_unit_file_has_the_required_directives_and_verifies() {
         assert!(ours.is_empty(), "{err}");
     }
 }
+
+/// The `adesync_token_expiry_timestamp_seconds` sample of token `acme`, if any.
+async fn expiry_metric(base: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with("adesync_token_expiry_timestamp_seconds{token=\"acme\"}"))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_a_renewed_tokens_expiry_without_a_restart() {
+    let port = free_port();
+    let env = Env::with(
+        adesync_mock::MockConfig {
+            devices: 20,
+            ..Default::default()
+        },
+        100,
+        &format!("schedule = \"1h\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let mut cmd = adesync(&env);
+    cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut first = None;
+    for _ in 0..200 {
+        first = expiry_metric(&base).await;
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = first.expect("the listener reports the token's expiry");
+    let in_days = |v: f64| ((v - chrono::Utc::now().timestamp() as f64) / 86_400.0).round();
+    assert_eq!(in_days(first), 365.0);
+
+    // Renewed in place, as `adesync token import` does: no restart, no sync needed.
+    write_token(
+        &env.path("acme.json"),
+        &adesync_mock::Credentials::depsim(),
+        700,
+    );
+    let renewed = expiry_metric(&base).await.expect("still reported");
+    assert_eq!(in_days(renewed), 700.0, "the renewed expiry, read afresh");
+
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(10)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_an_unusable_token_file_as_that_tokens_problem_and_shows_the_others() {
+    let env = Env::new(30, 100).await;
+    // A second token of the same simulator.
+    write_token(
+        &env.path("beta.json"),
+        &adesync_mock::Credentials::depsim(),
+        365,
+    );
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let beta = format!(
+        "\n[[tokens]]\nname = \"beta\"\ntoken_file = \"beta.json\"\napi_url = \"{}\"\n",
+        env.mock.base_url()
+    );
+    std::fs::write(&env.config_path, text + &beta).unwrap();
+    let run = |mut c: Command| tokio::task::spawn_blocking(move || c.output().unwrap());
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    assert!(run(once).await.unwrap().status.success());
+
+    for (case, damage) in [("garbage", Some("{ not a token")), ("missing", None)] {
+        match damage {
+            Some(bytes) => std::fs::write(env.path("beta.json"), bytes).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(env.path("beta.json"));
+            }
+        }
+        let mut status = adesync(&env);
+        status.arg("status");
+        let out = run(status).await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{case}: {stdout}{stderr}");
+        assert!(
+            stdout.contains("acme") && stdout.contains(" 30 "),
+            "{case}: the other token is still shown: {stdout}"
+        );
+        assert!(
+            stdout.contains("beta: the token file cannot be used"),
+            "{case}: {stdout}"
+        );
+        let mut json = adesync(&env);
+        json.args(["status", "--format", "json"]);
+        let out = run(json).await.unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let beta = lines.iter().find(|v| v["token"] == "beta").unwrap();
+        assert!(beta["token_expires_at"].is_null(), "{case}: {beta}");
+        let acme = lines.iter().find(|v| v["token"] == "acme").unwrap();
+        assert!(acme["attention"].as_array().unwrap().is_empty(), "{acme}");
+    }
+}

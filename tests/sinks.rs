@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use adesync::model::SinkState;
 use adesync::sinks::{deliver_all, sink_status, SinkError, SinkStatus};
 use adesync::syncer::run_all_once;
 use adesync_mock::MockConfig;
@@ -299,7 +300,7 @@ async fn a_receiver_down_for_a_while_gets_every_event_once_in_order() {
     let st = status_of(&env, "hook");
     assert_eq!(
         (st.state, st.cursor, st.pending, st.parked),
-        ("failing", 0, 40, false)
+        (SinkState::Failing, 0, 40, false)
     );
     assert!(st.last_error.as_deref().unwrap().contains(&url), "{st:?}");
     assert!(st.oldest_pending_at.is_some());
@@ -329,7 +330,7 @@ async fn a_receiver_down_for_a_while_gets_every_event_once_in_order() {
     let st = status_of(&env, "hook");
     assert_eq!(
         (st.state, st.cursor, st.pending, st.last_error),
-        ("ok", 48, 0, None)
+        (SinkState::Ok, 48, 0, None)
     );
     assert!(st.last_delivered_at.is_some());
 
@@ -384,7 +385,7 @@ async fn server_errors_are_retried_and_a_long_retry_after_is_respected() {
         "no request before the receiver's time"
     );
     let st = status_of(&env, "hook");
-    assert_eq!((st.state, st.pending), ("waiting", 2));
+    assert_eq!((st.state, st.pending), (SinkState::Waiting, 2));
     assert!(st.retry_at.is_some());
 
     // An operator can lift the pause.
@@ -424,7 +425,7 @@ async fn a_refused_batch_parks_the_sink_and_other_sinks_carry_on() {
     let st = status_of(&env, "hook");
     assert_eq!(
         (st.state, st.parked, st.cursor, st.pending),
-        ("parked", true, 0, 10)
+        (SinkState::Parked, true, 0, 10)
     );
     let why = st.last_error.unwrap();
     assert!(
@@ -449,7 +450,7 @@ async fn a_refused_batch_parks_the_sink_and_other_sinks_carry_on() {
         &10
     );
     assert_eq!(receiver.accepted_ids(), all_ids(&env));
-    assert_eq!(status_of(&env, "hook").state, "ok");
+    assert_eq!(status_of(&env, "hook").state, SinkState::Ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +582,10 @@ async fn a_command_sink_receives_the_exact_json_lines() {
         "{err}"
     );
     let st = status_of(&env, "broken");
-    assert_eq!((st.state, st.cursor, st.pending), ("failing", 0, 9));
+    assert_eq!(
+        (st.state, st.cursor, st.pending),
+        (SinkState::Failing, 0, 9)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

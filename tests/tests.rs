@@ -6,6 +6,7 @@
 //! - `sinks`: event delivery to a signed-webhook receiver, a program and a file: outages,
 //!   retries, parking, a process killed mid-delivery, replay, the event schema.
 //! - `daemon`: the service as a process: signals, /metrics, `status`, unit files.
+//! - `layout`: the module layering, read from the source (no cycles, no CLI in the library).
 //! - `tokens`: `.p7m` tokens (made here with OpenSSL), `token` and `account` commands,
 //!   the same-server guard, expiry warnings, renewal without restart, purge.
 
@@ -13,6 +14,7 @@ mod cli;
 mod client;
 mod common;
 mod daemon;
+mod layout;
 mod sinks;
 mod sync;
 mod tokens;

@@ -782,6 +782,21 @@ async fn a_token_of_another_server_stops_the_sync_until_the_old_data_is_forgotte
         Some("adesync-mock"),
         "the stored server is kept"
     );
+    // `status` says a person must act (the daemon parks this token), not that it is
+    // retried automatically.
+    let out = output({
+        let mut c = adesync(&env.config_path);
+        c.arg("status");
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("parked until an administrator acts")
+            && !stdout.contains("retried automatically"),
+        "{stdout}"
+    );
 
     // The admin forgets the old server's data; the next run mirrors the new one.
     let out = output({
@@ -969,7 +984,7 @@ async fn token_list_shows_expiry_and_days_left_and_fails_on_an_expired_token() {
     let exp = ServerToken::load(&env.path("acme.json"))
         .unwrap()
         .access_token_expiry;
-    let at = |now| adesync::token::admin::token_statuses(&cfg, now).unwrap()[0].status;
+    let at = |now| adesync::token::admin::token_statuses(&cfg, now)[0].status;
     assert_eq!(
         at(exp - chrono::Duration::days(30) - chrono::Duration::seconds(1)),
         "ok"

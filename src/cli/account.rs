@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use super::render::{csv_cell, write_table, Format};
 use adesync::config::LenientConfig;
 use adesync::store::{Store, StoredAccount};
-use adesync::token::admin::TokensError;
 
 /// `org_type` in words: `org` is Apple Business Manager, `edu` Apple School Manager.
 pub fn program(org_type: Option<&str>) -> &str {
@@ -19,11 +18,7 @@ pub fn program(org_type: Option<&str>) -> &str {
 }
 
 /// `adesync account`: the stored account details of every token, or of one.
-pub fn show(
-    cfg: &LenientConfig,
-    token: Option<&str>,
-    format: Format,
-) -> Result<ExitCode, TokensError> {
+pub fn show(cfg: &LenientConfig, token: Option<&str>, format: Format) -> anyhow::Result<ExitCode> {
     let rows: Vec<StoredAccount> = match Store::open_if_exists(&cfg.database)? {
         Some(store) => store
             .accounts()?

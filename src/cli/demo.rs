@@ -111,7 +111,7 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
                 e.id,
                 e.kind,
                 e.serial_number,
-                super::summarize_changes(e.kind, &e.changes)
+                super::query::summarize_changes(e.kind, &e.changes)
             )?;
         }
     }

@@ -1,25 +1,30 @@
 //! The command line: argument types, one function per subcommand, and output for people
 //! (tables) and scripts (JSON, CSV). Exit codes: 0 ok, 1 failure, 2 usage, 78 bad config.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use adesync::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use adesync::model::EventKind;
+use adesync::model::{EventKind, SinkState};
 use adesync::status::TokenExpiry;
 use adesync::store::{DeviceFilter, Store};
 
 mod account;
 mod demo;
+mod query;
 mod render;
+mod run;
 mod sinks;
+mod status;
 mod token;
 
-use render::{csv_cell, write_table, Format};
+use query::{filtered_events, open_existing, print_device_detail, print_devices, print_events};
+use run::{lock_database, run_once};
+use status::{print_sink_attention, print_status};
+
+use render::Format;
 
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd does not restart on it.
 pub const EXIT_CONFIG: u8 = 78;
@@ -243,18 +248,22 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// Logs go to standard error. Under journald (JOURNAL_STREAM set) the timestamp is left
-/// out because the journal adds its own. `RUST_LOG` filters (default `info`).
+/// out because the journal adds its own. Colour only on a terminal: a log file written by
+/// cron, a pipe or `2>file` gets plain text. `RUST_LOG` filters (default `info`).
 fn init_logging(format: LogFormat, quiet: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" }));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     let _ = match (format, under_journald) {
         (LogFormat::Json, _) => builder.json().try_init(),
-        (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Text, true) => builder.without_time().try_init(),
         (LogFormat::Text, false) => builder.try_init(),
     };
 }
@@ -414,7 +423,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let sinks = adesync::sinks::sink_status(&store, &config)?;
             print_status(&statuses, format)?;
             print_sink_attention(&sinks, format)?;
-            let sink_trouble = sinks.iter().any(|s| s.state != "ok");
+            let sink_trouble = sinks.iter().any(|s| s.state != SinkState::Ok);
             Ok(
                 if sink_trouble || statuses.iter().any(|s| !s.attention.is_empty()) {
                     ExitCode::FAILURE
@@ -446,479 +455,6 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let cfg = adesync::config::LenientConfig::read(config_path, true)?;
             Ok(account::show(&cfg, token.as_deref(), format)?)
         }
-    }
-}
-
-/// `run --once`: every token once, then deliver events to the sinks. On a terminal a
-/// progress line per token shows pages and devices; elsewhere nothing extra is printed.
-pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
-    let bars = std::io::stderr().is_terminal().then(progress_bars);
-    let report = adesync::syncer::run_all_once(config, bars.as_ref().map(|(_, p)| p.clone())).await;
-    if let Some((multi, _)) = bars {
-        let _ = multi.clear();
-    }
-    adesync::sinks::deliver_all_logged(config).await;
-    if report.failed.is_empty() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    for (name, e) in &report.failed {
-        eprintln!("error: token \"{name}\": {e}");
-    }
-    eprintln!(
-        "{} of {} token(s) failed; the others synced",
-        report.failed.len(),
-        config.tokens.len()
-    );
-    Ok(ExitCode::FAILURE)
-}
-
-/// One spinner per token, created on its first page.
-fn progress_bars() -> (indicatif::MultiProgress, adesync::syncer::Progress) {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    let multi = indicatif::MultiProgress::new();
-    let bars: Mutex<HashMap<String, indicatif::ProgressBar>> = Mutex::default();
-    let m = multi.clone();
-    let progress: adesync::syncer::Progress =
-        std::sync::Arc::new(move |token: &str, pages, devices| {
-            let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
-            let bar = bars.entry(token.to_owned()).or_insert_with(|| {
-                let b = m.add(indicatif::ProgressBar::new_spinner());
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{spinner} {prefix}: {msg} [{elapsed}]",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-                );
-                b.set_prefix(token.to_owned());
-                b.enable_steady_tick(std::time::Duration::from_millis(120));
-                b
-            });
-            bar.set_message(format!("{pages} pages, {devices} devices"));
-        });
-    (multi, progress)
-}
-
-/// Events after `after` matching the filters, up to `limit`, and the last id scanned.
-fn filtered_events(
-    store: &Store,
-    after: i64,
-    token: Option<&str>,
-    kind: Option<EventKind>,
-    serial: Option<&str>,
-    limit: u64,
-) -> anyhow::Result<(Vec<adesync::store::StoredEvent>, i64)> {
-    const BATCH: u64 = 5000;
-    let mut out = Vec::new();
-    let mut last = after;
-    loop {
-        let batch = store.events_after(last, token, BATCH)?;
-        let Some(end) = batch.last().map(|e| e.id) else {
-            return Ok((out, last));
-        };
-        for e in batch {
-            last = e.id;
-            if kind.is_none_or(|k| k == e.kind) && serial.is_none_or(|s| s == e.serial_number) {
-                out.push(e);
-                if out.len() as u64 >= limit {
-                    return Ok((out, last));
-                }
-            }
-        }
-        last = end;
-    }
-}
-
-/// Only one process syncs a database at a time: two would move the same cursors and
-/// could write older pages over newer rows. The lock is released when the process exits.
-pub fn lock_database(database: &Path) -> anyhow::Result<std::fs::File> {
-    if let Some(dir) = database.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "cannot create the folder for database {}",
-                database.display()
-            )
-        })?;
-    }
-    let mut name = database.as_os_str().to_owned();
-    name.push(".lock");
-    let path = PathBuf::from(name);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open lock file {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another adesync process is already syncing {} (e.g. the service and a cron job or timer); run only one of them",
-            database.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())))
-        }
-    }
-}
-
-fn open_existing(config_path: &Path) -> anyhow::Result<Store> {
-    let config = Config::load_for_reports(config_path)?;
-    if !config.database.exists() {
-        anyhow::bail!(
-            "database {} does not exist yet; run `adesync run --once` first",
-            config.database.display()
-        );
-    }
-    Ok(Store::open(&config.database)?)
-}
-
-const DEVICE_HEADER: [&str; 9] = [
-    "token",
-    "serial_number",
-    "model",
-    "os",
-    "device_family",
-    "color",
-    "profile_status",
-    "asset_tag",
-    "deleted_at",
-];
-
-fn print_devices(rows: &[adesync::store::StoredDevice], format: Format) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Json => {
-            for r in rows {
-                let mut m = adesync::store::device_map(&r.device);
-                m.insert("token".into(), r.token_name.clone().into());
-                m.insert("first_seen_at".into(), r.first_seen_at.clone().into());
-                m.insert("updated_at".into(), r.updated_at.clone().into());
-                m.insert("deleted_at".into(), r.deleted_at.clone().into());
-                writeln!(out, "{}", serde_json::Value::Object(m))?;
-            }
-        }
-        Format::Csv => {
-            let mut header: Vec<&str> = vec!["token"];
-            header.extend(adesync::store::apple_columns());
-            header.extend(["first_seen_at", "updated_at", "deleted_at"]);
-            writeln!(out, "{}", header.join(","))?;
-            for r in rows {
-                let mut cells = vec![csv_cell(&r.token_name), csv_cell(&r.device.serial_number)];
-                cells.extend(
-                    r.device
-                        .fields()
-                        .iter()
-                        .map(|f| csv_cell(f.as_deref().unwrap_or(""))),
-                );
-                cells.push(csv_cell(&r.first_seen_at));
-                cells.push(csv_cell(&r.updated_at));
-                cells.push(csv_cell(r.deleted_at.as_deref().unwrap_or("")));
-                writeln!(out, "{}", cells.join(","))?;
-            }
-        }
-        Format::Table => {
-            let body: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    let d = &r.device;
-                    let s = |v: &Option<String>| v.clone().unwrap_or_default();
-                    vec![
-                        r.token_name.clone(),
-                        d.serial_number.clone(),
-                        s(&d.model),
-                        s(&d.os),
-                        s(&d.device_family),
-                        s(&d.color),
-                        s(&d.profile_status),
-                        s(&d.asset_tag),
-                        r.deleted_at.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            write_table(&mut out, &DEVICE_HEADER, &body)?;
-        }
-    }
-    Ok(())
-}
-
-/// Prints events; `header` is false for the later batches of `--follow`.
-fn print_events(
-    events: &[adesync::store::StoredEvent],
-    format: Format,
-    header: bool,
-) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Json => {
-            for e in events {
-                writeln!(out, "{}", adesync::events::event_json(e))?;
-            }
-        }
-        Format::Csv => {
-            if header {
-                writeln!(out, "id,token,serial_number,kind,changes,occurred_at")?;
-            }
-            for e in events {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{}",
-                    e.id,
-                    csv_cell(&e.token_name),
-                    csv_cell(&e.serial_number),
-                    e.kind,
-                    csv_cell(&e.changes.to_string()),
-                    csv_cell(&e.occurred_at)
-                )?;
-            }
-        }
-        Format::Table => {
-            let body: Vec<Vec<String>> = events
-                .iter()
-                .map(|e| {
-                    vec![
-                        e.id.to_string(),
-                        e.token_name.clone(),
-                        e.serial_number.clone(),
-                        e.kind.to_string(),
-                        summarize_changes(e.kind, &e.changes),
-                        e.occurred_at.clone(),
-                    ]
-                })
-                .collect();
-            let head = [
-                "id",
-                "token",
-                "serial_number",
-                "kind",
-                "changes",
-                "occurred_at",
-            ];
-            write_table(&mut out, if header { &head[..] } else { &[] }, &body)?;
-        }
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn print_device_detail(
-    devices: &[adesync::store::StoredDevice],
-    events: &[adesync::store::StoredEvent],
-    format: Format,
-) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if format == Format::Json {
-        for d in devices {
-            let mut m = adesync::store::device_map(&d.device);
-            m.insert("token".into(), d.token_name.clone().into());
-            m.insert("first_seen_at".into(), d.first_seen_at.clone().into());
-            m.insert("updated_at".into(), d.updated_at.clone().into());
-            m.insert("deleted_at".into(), d.deleted_at.clone().into());
-            let evs: Vec<serde_json::Value> = events
-                .iter()
-                .filter(|e| e.token_name == d.token_name)
-                .map(adesync::events::event_json)
-                .collect();
-            m.insert("events".into(), evs.into());
-            writeln!(out, "{}", serde_json::Value::Object(m))?;
-        }
-        return Ok(());
-    }
-    for d in devices {
-        writeln!(out, "{} (token {})", d.device.serial_number, d.token_name)?;
-        for (k, v) in adesync::store::device_map(&d.device) {
-            if k != "serial_number" {
-                let v = match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                writeln!(out, "  {k:<22} {v}")?;
-            }
-        }
-        writeln!(out, "  {:<22} {}", "first_seen_at", d.first_seen_at)?;
-        writeln!(out, "  {:<22} {}", "updated_at", d.updated_at)?;
-        writeln!(
-            out,
-            "  {:<22} {}",
-            "deleted_at",
-            d.deleted_at.as_deref().unwrap_or("(assigned)")
-        )?;
-        writeln!(out, "\nHistory:")?;
-        let body: Vec<Vec<String>> = events
-            .iter()
-            .filter(|e| e.token_name == d.token_name)
-            .map(|e| {
-                vec![
-                    e.id.to_string(),
-                    e.occurred_at.clone(),
-                    e.kind.to_string(),
-                    summarize_changes(e.kind, &e.changes),
-                ]
-            })
-            .collect();
-        write_table(&mut out, &["id", "occurred_at", "kind", "changes"], &body)?;
-        writeln!(out)?;
-    }
-    Ok(())
-}
-
-/// After the token status: the sinks, when any is configured.
-fn print_sink_attention(
-    sinks: &[adesync::sinks::SinkStatus],
-    format: Format,
-) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Json => {
-            for s in sinks {
-                let mut v = serde_json::to_value(s)?;
-                v["sink"] = serde_json::Value::String(s.name.clone());
-                writeln!(out, "{v}")?;
-            }
-        }
-        Format::Csv => {}
-        Format::Table if !sinks.is_empty() => {
-            writeln!(out)?;
-            let body: Vec<Vec<String>> = sinks
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.name.clone(),
-                        s.kind.to_owned(),
-                        s.state.to_owned(),
-                        s.pending.to_string(),
-                        s.oldest_pending_age_secs
-                            .map(|a| adesync::status::human_secs(a as i64))
-                            .unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect();
-            write_table(
-                &mut out,
-                &["sink", "type", "state", "pending", "oldest_pending"],
-                &body,
-            )?;
-            for s in sinks.iter().filter(|s| s.state != "ok") {
-                let why = s.last_error.as_deref().unwrap_or("see `adesync sinks`");
-                let todo = if s.state == "parked" {
-                    " — fix the receiver, then `adesync sinks resume NAME`"
-                } else {
-                    ""
-                };
-                writeln!(out, "sink {}: {}: {why}{todo}", s.name, s.state)?;
-            }
-        }
-        Format::Table => {}
-    }
-    Ok(())
-}
-
-fn print_status(statuses: &[adesync::status::TokenStatus], format: Format) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Json => {
-            for s in statuses {
-                writeln!(out, "{}", serde_json::to_string(s)?)?;
-            }
-        }
-        Format::Csv => {
-            writeln!(out, "token,phase,cursor_age_seconds,last_success_at,last_error_kind,devices,deleted_devices,token_days_left,attention")?;
-            for s in statuses {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{},{},{},{}",
-                    csv_cell(&s.token),
-                    s.phase,
-                    s.cursor_age_seconds
-                        .map(|a| a.to_string())
-                        .unwrap_or_default(),
-                    s.last_success_at.as_deref().unwrap_or(""),
-                    s.last_error_kind.as_deref().unwrap_or(""),
-                    s.devices,
-                    s.deleted_devices,
-                    s.token_days_left.map(|d| d.to_string()).unwrap_or_default(),
-                    csv_cell(&s.attention.join("; "))
-                )?;
-            }
-        }
-        Format::Table => {
-            let body: Vec<Vec<String>> = statuses
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.token.clone(),
-                        s.phase.clone(),
-                        s.cursor_age_seconds
-                            .map(adesync::status::human_secs)
-                            .unwrap_or_else(|| "-".into()),
-                        s.last_success_at.clone().unwrap_or_else(|| "never".into()),
-                        s.last_error_kind.clone().unwrap_or_else(|| "-".into()),
-                        s.devices.to_string(),
-                        s.deleted_devices.to_string(),
-                        s.token_days_left
-                            .map(|d| d.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        if s.attention.is_empty() {
-                            "ok".into()
-                        } else {
-                            "ATTENTION".into()
-                        },
-                    ]
-                })
-                .collect();
-            write_table(
-                &mut out,
-                &[
-                    "token",
-                    "phase",
-                    "cursor_age",
-                    "last_success",
-                    "last_error",
-                    "devices",
-                    "deleted",
-                    "token_days_left",
-                    "state",
-                ],
-                &body,
-            )?;
-            for s in statuses {
-                for a in &s.attention {
-                    writeln!(out, "{}: {a}", s.token)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One short line for a table: the changed fields for `modified`, the model otherwise.
-pub fn summarize_changes(kind: EventKind, changes: &serde_json::Value) -> String {
-    let Some(map) = changes.as_object() else {
-        return String::new();
-    };
-    if kind == EventKind::Modified {
-        map.iter()
-            .map(|(k, v)| {
-                let show = |x: &serde_json::Value| match x {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Null => "∅".into(),
-                    other => other.to_string(),
-                };
-                format!("{k}: {} → {}", show(&v[0]), show(&v[1]))
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    } else {
-        let idx = if kind == EventKind::Added { 1 } else { 0 };
-        let get = |f: &str| {
-            map.get(f)
-                .and_then(|v| v[idx].as_str())
-                .unwrap_or("")
-                .to_owned()
-        };
-        format!("{} {}", get("model"), get("color"))
-            .trim()
-            .to_owned()
     }
 }
 

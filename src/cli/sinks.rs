@@ -117,11 +117,7 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 fn age(secs: Option<u64>) -> String {
     match secs {
         None => String::new(),
-        // Seconds matter only while the backlog is young.
-        Some(s) if s >= 3600 => {
-            humantime::format_duration(Duration::from_secs(s / 60 * 60)).to_string()
-        }
-        Some(s) => humantime::format_duration(Duration::from_secs(s)).to_string(),
+        Some(s) => adesync::status::human_duration(Duration::from_secs(s)),
     }
 }
 
@@ -139,8 +135,8 @@ fn print_statuses(statuses: &[SinkStatus], format: Format) -> anyhow::Result<()>
     ];
     let row = |s: &SinkStatus| {
         let state = match (&s.retry_at, s.state) {
-            (Some(until), "waiting") => format!("waiting until {until}"),
-            (_, other) => other.to_owned(),
+            (Some(until), adesync::model::SinkState::Waiting) => format!("waiting until {until}"),
+            (_, other) => other.to_string(),
         };
         vec![
             s.name.clone(),

@@ -11,8 +11,7 @@ use super::render::{csv_cell, write_table, Format};
 use adesync::config::{redact_key, LenientConfig};
 use adesync::store::{Store, TokenFootprint};
 use adesync::token::admin::{
-    import, keygen, token_statuses, Imported, KeyPair, TokenFileStatus, TokensError,
-    DEFAULT_CERT_DAYS,
+    import, keygen, token_statuses, Imported, KeyPair, TokenFileStatus, DEFAULT_CERT_DAYS,
 };
 
 /// `adesync token …`.
@@ -103,7 +102,7 @@ impl TokenCommand {
 }
 
 /// Runs a token command.
-pub fn run(cfg: &LenientConfig, cmd: TokenCommand) -> Result<ExitCode, TokensError> {
+pub fn run(cfg: &LenientConfig, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TokenCommand::Keygen {
             name,
@@ -124,7 +123,19 @@ pub fn run(cfg: &LenientConfig, cmd: TokenCommand) -> Result<ExitCode, TokensErr
             key,
             force,
         } => {
-            let done = import(cfg, &name, &file, key.as_deref(), force)?;
+            let last_seen = Store::open_if_exists(&cfg.database)?
+                .map(|s| s.account(&name))
+                .transpose()?
+                .flatten()
+                .and_then(|a| a.consumer_key);
+            let done = import(
+                cfg,
+                &name,
+                &file,
+                key.as_deref(),
+                force,
+                last_seen.as_deref(),
+            )?;
             print_import(cfg, &name, &done)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -133,7 +144,7 @@ pub fn run(cfg: &LenientConfig, cmd: TokenCommand) -> Result<ExitCode, TokensErr
     }
 }
 
-fn print_keygen(cfg: &LenientConfig, name: &str, made: &KeyPair) -> Result<(), TokensError> {
+fn print_keygen(cfg: &LenientConfig, name: &str, made: &KeyPair) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -183,7 +194,7 @@ fn print_keygen(cfg: &LenientConfig, name: &str, made: &KeyPair) -> Result<(), T
     Ok(())
 }
 
-fn print_import(cfg: &LenientConfig, name: &str, done: &Imported) -> Result<(), TokensError> {
+fn print_import(cfg: &LenientConfig, name: &str, done: &Imported) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let days = done.token.days_left(chrono::Utc::now());
     writeln!(
@@ -235,8 +246,17 @@ fn print_import(cfg: &LenientConfig, name: &str, done: &Imported) -> Result<(), 
     Ok(())
 }
 
-fn list(cfg: &LenientConfig, format: Format) -> Result<ExitCode, TokensError> {
-    let statuses = token_statuses(cfg, chrono::Utc::now())?;
+fn list(cfg: &LenientConfig, format: Format) -> anyhow::Result<ExitCode> {
+    let mut statuses = token_statuses(cfg, chrono::Utc::now());
+    if let Some(store) = Store::open_if_exists(&cfg.database)? {
+        let accounts = store.accounts()?;
+        for s in &mut statuses {
+            s.server_name = accounts
+                .iter()
+                .find(|a| a.token_name == s.name)
+                .and_then(|a| a.server_name.clone());
+        }
+    }
     let mut out = std::io::stdout().lock();
     let expiry = |s: &TokenFileStatus| {
         s.expires
@@ -333,7 +353,7 @@ fn describe(f: &TokenFootprint) -> String {
     )
 }
 
-fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> Result<ExitCode, TokensError> {
+fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCode> {
     let Some(mut store) = Store::open_if_exists(&cfg.database)? else {
         println!(
             "Nothing is stored for \"{name}\": database {} does not exist.",

@@ -250,7 +250,13 @@ fn render_metrics(config: &Config, health: &Health, view: &DbView) -> String {
         "adesync_sink_parked",
         "gauge",
         "1 while the sink is parked (a receiver refused an event; `adesync sinks resume`).",
-        sink(&|s| if s.state == "parked" { 1.0 } else { 0.0 }),
+        sink(&|s| {
+            if s.state == crate::model::SinkState::Parked {
+                1.0
+            } else {
+                0.0
+            }
+        }),
     );
     family(
         "adesync_events_total",

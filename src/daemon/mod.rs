@@ -160,10 +160,10 @@ async fn token_loop(
         on_run(&token.name, &outcome);
         let delay = next_delay(token.schedule, &outcome, failures);
         if parked {
-            tracing::error!(token = %token.name, retry_in = %humantime::format_duration(delay),
+            tracing::error!(token = %token.name, retry_in = %crate::status::human_duration(delay),
                 "token parked until an administrator acts (see `adesync status`); a new token file is picked up at once");
         } else if let Err(e) = &outcome {
-            tracing::warn!(token = %token.name, error = %e, retry_in = %humantime::format_duration(delay), "sync failed; will retry");
+            tracing::warn!(token = %token.name, error = %e, retry_in = %crate::status::human_duration(delay), "sync failed; will retry");
         }
         let stamp = parked.then(|| file_stamp(&token.token_file));
         let sleep = tokio::time::sleep(delay);

@@ -71,7 +71,7 @@ impl CommandRunner {
                 .map_err(|_| {
                     retry(format!(
                         "{program} did not finish within {}; it was stopped",
-                        humantime::format_duration(self.cfg.timeout)
+                        crate::status::human_duration(self.cfg.timeout)
                     ))
                 })?;
         let output = output.map_err(|e| retry(format!("waiting for {program} failed: {e}")))?;

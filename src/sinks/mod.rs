@@ -33,7 +33,7 @@ use serde::Serialize;
 
 use crate::config::{Config, RetryPolicy, SinkConfig, SinkKind};
 use crate::events::event_json;
-use crate::model::{format_time, parse_time};
+use crate::model::{format_time, parse_time, SinkState};
 use crate::store::{Store, StoreError};
 
 /// Events read per batch for a `jsonl` sink (webhook and command sinks use `max_batch`).
@@ -484,7 +484,7 @@ pub struct SinkStatus {
     pub kind: &'static str,
     /// `ok`, `failing` (the last pass failed; retried on the next), `waiting` (the
     /// receiver's Retry-After) or `parked` (needs `adesync sinks resume`).
-    pub state: &'static str,
+    pub state: SinkState,
     /// The last event id the sink acknowledged.
     pub cursor: i64,
     /// Stored events it has not acknowledged yet.
@@ -532,13 +532,13 @@ pub fn sink_status_at(
                 .and_then(parse_time)
                 .is_some_and(|t| t > now);
             let state = if st.parked_at.is_some() {
-                "parked"
+                SinkState::Parked
             } else if waiting {
-                "waiting"
+                SinkState::Waiting
             } else if st.last_error.is_some() {
-                "failing"
+                SinkState::Failing
             } else {
-                "ok"
+                SinkState::Ok
             };
             Ok(SinkStatus {
                 name: sink.name.clone(),

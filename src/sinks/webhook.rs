@@ -186,7 +186,7 @@ impl WebhookClient {
                 return Err(Failure::Retry {
                     message: format!(
                         "POST {url}: no answer within {}",
-                        humantime::format_duration(self.timeout)
+                        crate::status::human_duration(self.timeout)
                     ),
                     retry_after: None,
                 })

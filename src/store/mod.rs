@@ -26,7 +26,7 @@ pub use crate::events::StoredEvent;
 pub use accounts::{StoredAccount, TokenFootprint};
 pub use cursors::{CursorState, SyncState};
 pub use devices::{apple_columns, device_map, DeviceFilter, PageStats, PageWrite, StoredDevice};
-pub use sinks::SinkState;
+pub use sinks::SinkCursor;
 
 use cursors::upsert_state;
 use devices::write_page;

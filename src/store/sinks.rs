@@ -14,7 +14,7 @@ use crate::model::Device;
 
 /// A sink's stored delivery state. A sink never delivered to has the default (cursor 0).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SinkState {
+pub struct SinkCursor {
     /// The last event id the sink acknowledged; it receives ids above it next.
     pub cursor: i64,
     /// When a batch was last acknowledged.
@@ -66,14 +66,14 @@ pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
 
 impl Store {
     /// A sink's delivery state (the default when it never delivered).
-    pub fn sink_state(&self, sink: &str) -> Result<SinkState, StoreError> {
+    pub fn sink_state(&self, sink: &str) -> Result<SinkCursor, StoreError> {
         self.conn
             .query_row(
                 "SELECT last_event_id, last_delivered_at, last_error, last_error_at, parked_at, retry_at
                  FROM sink_cursors WHERE sink_name = ?1",
                 [sink],
                 |r| {
-                    Ok(SinkState {
+                    Ok(SinkCursor {
                         cursor: r.get(0)?,
                         last_delivered_at: r.get(1)?,
                         last_error: r.get(2)?,
@@ -328,7 +328,7 @@ mod tests {
     fn the_cursor_moves_only_from_the_value_read() {
         let (_d, mut s) = open();
         let now = "2026-01-01T00:00:00.000Z";
-        assert_eq!(s.sink_state("x").unwrap(), SinkState::default());
+        assert_eq!(s.sink_state("x").unwrap(), SinkCursor::default());
         s.record_sink_error("x", "down", now, None).unwrap();
         assert!(s.advance_sink_cursor("x", 0, 5, now).unwrap());
         let st = s.sink_state("x").unwrap();

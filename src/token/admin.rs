@@ -18,8 +18,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::config::{check_name, redact_key, LenientConfig};
-use crate::status::TokenExpiry;
-use crate::store::{Store, StoreError};
+use crate::token::TokenExpiry;
 use crate::token::{ServerToken, TokenError};
 
 /// Default validity of the certificate keygen writes. Apple needs the certificate only to
@@ -33,9 +32,6 @@ pub enum TokensError {
     /// The token file or key is unusable, or the token expired.
     #[error(transparent)]
     Token(#[from] TokenError),
-    /// The database failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
     /// A name that cannot be a token name.
     #[error("--name: {0}")]
     Name(String),
@@ -218,12 +214,16 @@ pub struct Imported {
 }
 
 /// Checks `file` and installs it for token `name` (`adesync token import`).
+/// `last_seen_consumer_key` is the consumer key the last sync of `name` saw (from the
+/// database), used to refuse another server's token when the installed file cannot be
+/// read.
 pub fn import(
     cfg: &LenientConfig,
     name: &str,
     file: &Path,
     key: Option<&Path>,
     force: bool,
+    last_seen_consumer_key: Option<&str>,
 ) -> Result<Imported, TokensError> {
     check_name(name).map_err(TokensError::Name)?;
     let entry = cfg.token(name);
@@ -293,11 +293,7 @@ pub fn import(
     let installed = installed.flatten();
     let installed_key = match &installed {
         Some(t) => Some(t.consumer_key.clone()),
-        None => Store::open_if_exists(&cfg.database)?
-            .map(|s| s.account(name))
-            .transpose()?
-            .flatten()
-            .and_then(|a| a.consumer_key),
+        None => last_seen_consumer_key.map(str::to_owned),
     };
     if !force {
         if let Some(k) = &installed_key {
@@ -358,7 +354,8 @@ pub struct TokenFileStatus {
     pub error: Option<String>,
     /// Shortened consumer key.
     pub consumer_key: Option<String>,
-    /// MDM server name from the last `GET /account`.
+    /// MDM server name from the last `GET /account` (filled in by callers that read the
+    /// database).
     pub server_name: Option<String>,
 }
 
@@ -366,19 +363,10 @@ pub struct TokenFileStatus {
 pub fn token_statuses(
     cfg: &LenientConfig,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<TokenFileStatus>, TokensError> {
-    let accounts = match Store::open_if_exists(&cfg.database)? {
-        Some(s) => s.accounts()?,
-        None => Vec::new(),
-    };
-    Ok(cfg
-        .tokens
+) -> Vec<TokenFileStatus> {
+    cfg.tokens
         .iter()
         .map(|t| {
-            let server_name = accounts
-                .iter()
-                .find(|a| a.token_name == t.name)
-                .and_then(|a| a.server_name.clone());
             let base = TokenFileStatus {
                 name: t.name.clone(),
                 token_file: t.token_file.clone(),
@@ -387,7 +375,7 @@ pub fn token_statuses(
                 status: "unreadable",
                 error: None,
                 consumer_key: None,
-                server_name,
+                server_name: None,
             };
             match ServerToken::load_with_key(&t.token_file, t.private_key_file.as_deref()) {
                 Ok(tok) => {
@@ -406,7 +394,7 @@ pub fn token_statuses(
                 },
             }
         })
-        .collect())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod admin;
 pub mod p7m;
@@ -277,6 +277,43 @@ impl crate::config::TokenConfig {
     }
 }
 
+/// Days before expiry from which a token "expires soon" and needs attention.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Where a token stands against its expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenExpiry {
+    /// More than [`EXPIRY_WARNING_DAYS`] left.
+    Ok,
+    /// [`EXPIRY_WARNING_DAYS`] days or less left.
+    ExpiresSoon,
+    /// Expired: Apple refuses it.
+    Expired,
+}
+
+impl TokenExpiry {
+    /// The rule: expired at or after `expiry`; soon within [`EXPIRY_WARNING_DAYS`] days.
+    pub fn of(expiry: DateTime<Utc>, now: DateTime<Utc>) -> Self {
+        if now >= expiry {
+            TokenExpiry::Expired
+        } else if expiry - now <= chrono::Duration::days(EXPIRY_WARNING_DAYS) {
+            TokenExpiry::ExpiresSoon
+        } else {
+            TokenExpiry::Ok
+        }
+    }
+
+    /// Words for tables and JSON: `ok`, `expires soon`, `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenExpiry::Ok => "ok",
+            TokenExpiry::ExpiresSoon => "expires soon",
+            TokenExpiry::Expired => "expired",
+        }
+    }
+}
+
 /// A decrypted token holds every secret in clear: say so when any user may read it.
 fn warn_if_others_can_read(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -328,6 +365,20 @@ fn looks_like_header(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_expiry_rule_has_one_boundary() {
+        let now = Utc::now();
+        let d = chrono::Duration::days;
+        assert_eq!(TokenExpiry::of(now + d(31), now), TokenExpiry::Ok);
+        assert_eq!(TokenExpiry::of(now + d(30), now), TokenExpiry::ExpiresSoon);
+        assert_eq!(
+            TokenExpiry::of(now + chrono::Duration::seconds(1), now),
+            TokenExpiry::ExpiresSoon
+        );
+        assert_eq!(TokenExpiry::of(now, now), TokenExpiry::Expired);
+        assert_eq!(TokenExpiry::of(now - d(1), now), TokenExpiry::Expired);
+    }
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/apple/");
 

@@ -1,0 +1,92 @@
+//! `adesync run --once`: every token once, then delivery; and the lock that keeps a
+//! second syncing process off the same database.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use adesync::config::Config;
+
+/// `run --once`: every token once, then deliver events to the sinks. On a terminal a
+/// progress line per token shows pages and devices; elsewhere nothing extra is printed.
+pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let bars = std::io::stderr().is_terminal().then(progress_bars);
+    let report = adesync::syncer::run_all_once(config, bars.as_ref().map(|(_, p)| p.clone())).await;
+    if let Some((multi, _)) = bars {
+        let _ = multi.clear();
+    }
+    adesync::sinks::deliver_all_logged(config).await;
+    if report.failed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (name, e) in &report.failed {
+        eprintln!("error: token \"{name}\": {e}");
+    }
+    eprintln!(
+        "{} of {} token(s) failed; the others synced",
+        report.failed.len(),
+        config.tokens.len()
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+/// One spinner per token, created on its first page.
+fn progress_bars() -> (indicatif::MultiProgress, adesync::syncer::Progress) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let multi = indicatif::MultiProgress::new();
+    let bars: Mutex<HashMap<String, indicatif::ProgressBar>> = Mutex::default();
+    let m = multi.clone();
+    let progress: adesync::syncer::Progress =
+        std::sync::Arc::new(move |token: &str, pages, devices| {
+            let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+            let bar = bars.entry(token.to_owned()).or_insert_with(|| {
+                let b = m.add(indicatif::ProgressBar::new_spinner());
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {prefix}: {msg} [{elapsed}]",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                b.set_prefix(token.to_owned());
+                b.enable_steady_tick(std::time::Duration::from_millis(120));
+                b
+            });
+            bar.set_message(format!("{pages} pages, {devices} devices"));
+        });
+    (multi, progress)
+}
+
+/// Only one process syncs a database at a time: two would move the same cursors and
+/// could write older pages over newer rows. The lock is released when the process exits.
+pub fn lock_database(database: &Path) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = database.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the folder for database {}",
+                database.display()
+            )
+        })?;
+    }
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another adesync process is already syncing {} (e.g. the service and a cron job or timer); run only one of them",
+            database.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())))
+        }
+    }
+}

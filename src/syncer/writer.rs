@@ -1,0 +1,95 @@
+//! The blocking writer thread of one pass: applies pages in the order the driver sent
+//! them, several consecutive pages per commit when they are ready (group commit), each
+//! page with its rows, events and the cursor that follows it.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::SyncError;
+use crate::model::{format_time, DeviceRecord, Phase};
+use crate::store::{Batch, CursorState, PageStats, PageWrite, Store, StoreError};
+
+pub(super) enum WriterMsg {
+    Page {
+        kind: Phase,
+        records: Vec<DeviceRecord>,
+        state: CursorState,
+        fetched_until: Option<String>,
+        completes_fetch: bool,
+    },
+    Cursor(CursorState),
+}
+
+/// Group commit limits (see [`crate::store::Batch`]): a commit takes every page already
+/// downloaded, up to this many pages...
+const GROUP_MAX_PAGES: usize = 32;
+/// ...or this much writing, whichever comes first, so another token's writer never waits
+/// long for the database...
+const GROUP_MAX_AGE: Duration = Duration::from_millis(500);
+/// ...and waits at most this long for the next page before committing what it has.
+const GROUP_WAIT: Duration = Duration::from_millis(20);
+
+/// The blocking writer: applies pages in the order they were sent, several consecutive
+/// pages per commit when they are ready (never waiting on Apple with a write open).
+pub(super) fn writer_loop(
+    mut store: Store,
+    token: &str,
+    mut rx: mpsc::Receiver<WriterMsg>,
+) -> Result<PageStats, SyncError> {
+    let runtime = tokio::runtime::Handle::current();
+    let mut stats = PageStats::default();
+    while let Some(first) = rx.blocking_recv() {
+        let batch = store.batch()?;
+        let opened = Instant::now();
+        let mut group = PageStats::default();
+        let mut pages = 0;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            apply(&batch, token, msg, &mut group)?;
+            pages += 1;
+            if pages >= GROUP_MAX_PAGES || opened.elapsed() >= GROUP_MAX_AGE {
+                break;
+            }
+            // A page already queued is taken at once; none within GROUP_WAIT, or the
+            // driver finished: commit.
+            next = runtime
+                .block_on(tokio::time::timeout(GROUP_WAIT, rx.recv()))
+                .ok()
+                .flatten();
+        }
+        batch.commit()?;
+        stats.add(group);
+    }
+    Ok(stats)
+}
+
+fn apply(
+    batch: &Batch<'_>,
+    token: &str,
+    msg: WriterMsg,
+    stats: &mut PageStats,
+) -> Result<(), StoreError> {
+    let now = format_time(chrono::Utc::now());
+    match msg {
+        WriterMsg::Page {
+            kind,
+            records,
+            state,
+            fetched_until,
+            completes_fetch,
+        } => {
+            stats.add(batch.apply_page(&PageWrite {
+                token,
+                kind,
+                records: &records,
+                next: state,
+                fetched_until: fetched_until.as_deref(),
+                completes_fetch,
+                now: &now,
+            })?);
+        }
+        WriterMsg::Cursor(state) => batch.set_cursor(token, &state, &now)?,
+    }
+    Ok(())
+}
