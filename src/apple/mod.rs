@@ -4,7 +4,7 @@
 
 pub mod client;
 pub mod error;
-pub mod oauth1;
+pub(crate) mod oauth1;
 
 pub use client::{Account, AccountLimit, AccountUrl, AppleClient, ClientSettings, DevicePage};
 pub use error::{ApiError, CursorError, Endpoint};

@@ -665,6 +665,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn token_and_key_files_are_checked_at_load_but_not_decrypted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = dir_with_token();
+        let with_key = format!("{MINIMAL}private_key_file = \"acme.key\"\n");
+        let key_of = |text: &str| match parse(&dir, text).unwrap_err() {
+            ConfigError::Invalid { key, reason, .. } => (key, reason),
+            other => panic!("{other}"),
+        };
+        let (key, reason) = key_of(&with_key);
+        assert_eq!(key, "tokens[0].private_key_file");
+        assert!(reason.contains("does not exist"), "{reason}");
+        let key_file = dir.path().join("acme.key");
+        std::fs::write(&key_file, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (key, reason) = key_of(&with_key);
+        assert_eq!(key, "tokens[0].private_key_file");
+        assert!(reason.contains("chmod 0600"), "{reason}");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The content is not read at load (a broken token is that token's problem at
+        // run time): a key that is not a key, or a token that is not a token, loads.
+        std::fs::write(dir.path().join("acme.json"), "not a token").unwrap();
+        assert!(parse(&dir, &with_key).is_ok());
+        std::fs::create_dir(dir.path().join("folder")).unwrap();
+        let (key, reason) = key_of(&MINIMAL.replace("acme.json", "folder"));
+        assert_eq!(key, "tokens[0].token_file");
+        assert!(reason.contains("not a regular file"), "{reason}");
+        // Reports (status, devices, events) do not look at the files at all.
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, MINIMAL.replace("acme.json", "gone.json")).unwrap();
+        assert!(Config::load(&path).is_err());
+        assert!(Config::load_for_reports(&path).is_ok());
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_name() {
         let dir = dir_with_token();
         let err = parse(&dir, &format!("{MINIMAL}pagesize = 10\n"))

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::syncer::RunSummary;
 
@@ -12,8 +12,6 @@ use crate::syncer::RunSummary;
 pub struct TokenHealth {
     /// Token name.
     pub name: String,
-    /// The token's schedule.
-    pub schedule: Duration,
     /// A run is in progress.
     pub running: bool,
     /// Failed runs in a row.

@@ -28,13 +28,12 @@ use crate::syncer::{RunSummary, SyncError};
 mod health;
 mod listener;
 
-pub use health::{Health, TokenHealth};
-pub use listener::token_problem;
+pub(crate) use health::{Health, TokenHealth};
 
 /// How often a parked token is retried.
-pub const PARKED_RETRY: Duration = Duration::from_secs(3600);
+pub(crate) const PARKED_RETRY: Duration = Duration::from_secs(3600);
 /// First retry delay after a failed run; doubles while failures repeat.
-pub const FAILURE_RETRY_BASE: Duration = Duration::from_secs(30);
+pub(crate) const FAILURE_RETRY_BASE: Duration = Duration::from_secs(30);
 /// How often a parked token's file is checked for a replacement.
 const TOKEN_FILE_POLL: Duration = Duration::from_secs(15);
 /// How often pending events are pushed to sinks between syncs.
@@ -42,7 +41,7 @@ const SINK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A sync of one token; the real one is [`crate::syncer::run_token_cancellable`]. Tests
 /// substitute their own to drive the scheduler with paused time.
-pub type Runner = Arc<
+pub(crate) type Runner = Arc<
     dyn Fn(
             TokenConfig,
             CancellationToken,
@@ -52,10 +51,10 @@ pub type Runner = Arc<
 >;
 
 /// Called after each run with the token's name and outcome (logging, STATUS=, sinks).
-pub type OnRun = Arc<dyn Fn(&str, &Result<RunSummary, SyncError>) + Send + Sync>;
+pub(crate) type OnRun = Arc<dyn Fn(&str, &Result<RunSummary, SyncError>) + Send + Sync>;
 
 /// The delay before a token's next run, given its last outcome.
-pub fn next_delay(
+pub(crate) fn next_delay(
     schedule: Duration,
     outcome: &Result<RunSummary, SyncError>,
     failures: u32,
@@ -72,14 +71,14 @@ pub fn next_delay(
 }
 
 /// The schedule plus up to 10% random jitter, so many daemons do not call Apple in step.
-pub fn jittered(base: Duration) -> Duration {
+pub(crate) fn jittered(base: Duration) -> Duration {
     let max = base.as_millis() as u64 / 10;
     base + Duration::from_millis(rand::rng().random_range(0..=max))
 }
 
 /// The scheduler: one loop per token until `shutdown` is cancelled. `sync_now` wakes every
 /// loop at once (SIGHUP). Returns when every loop has stopped.
-pub async fn schedule(
+pub(crate) async fn schedule(
     tokens: Vec<TokenConfig>,
     runner: Runner,
     health: Health,
@@ -94,7 +93,6 @@ pub async fn schedule(
             token.name.clone(),
             TokenHealth {
                 name: token.name.clone(),
-                schedule: token.schedule,
                 ..TokenHealth::default()
             },
         );
@@ -302,7 +300,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// One line for systemd's STATUS=: per token, its last outcome.
-pub fn status_line(health: &Health) -> String {
+pub(crate) fn status_line(health: &Health) -> String {
     let h = health.lock().unwrap_or_else(|e| e.into_inner());
     let mut names: Vec<&String> = h.keys().collect();
     names.sort();

@@ -13,14 +13,17 @@
 //! while a receiver is talked to, so a slow or dead receiver never delays a sync, nor
 //! another sink.
 //!
-//! - [`jsonl`], [`webhook`], [`command`]: how one batch reaches each kind of receiver.
+//! - `jsonl`, `webhook`, `command`: how one batch reaches each kind of receiver.
 //! - [`deliver_all`]: one pass over every sink, then retention of delivered events.
 //! - [`sink_status`]: each sink's cursor, backlog and health, for people and metrics.
 //! - [`replay`], [`resume`], [`send_test`]: the operator's tools.
 
-pub mod command;
-pub mod jsonl;
-pub mod webhook;
+pub(crate) mod command;
+pub(crate) mod jsonl;
+pub(crate) mod webhook;
+
+/// How a receiver checks the `X-Adesync-Signature` of a webhook request.
+pub use webhook::{verify, VerifyError, DEFAULT_TOLERANCE};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! All SQL: the SQLite mirror of Apple's devices, the change events and the per-token
 //! sync state. Event delivery's SQL (sink cursors, retention) is in `store/sinks.rs`.
 //!
-//! Key invariant: [`Store::apply_page`] (and [`Batch`]) write one page's device rows, the
+//! Key invariant: [`Store::apply_page`] (and the group-commit `Batch`) write one page's device rows, the
 //! events they cause and the cursor that follows the page in ONE transaction. The stored cursor
 //! therefore never runs ahead of stored data: a crash at any instant leaves the store
 //! equal to a prefix of Apple's truth, and the next run resumes from the last committed
@@ -91,7 +91,7 @@ impl std::fmt::Debug for Store {
 /// them between pages is the largest saving on a large fetch (BENCHMARKS.md). A crash
 /// loses at most the uncommitted pages, and their cursor with them; the next run fetches
 /// them again.
-pub struct Batch<'a> {
+pub(crate) struct Batch<'a> {
     tx: rusqlite::Transaction<'a>,
     path: &'a Path,
 }
@@ -106,17 +106,22 @@ impl Batch<'_> {
     }
 
     /// Writes one page: device rows, their events and the next cursor.
-    pub fn apply_page(&self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
+    pub(crate) fn apply_page(&self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
         write_page(&self.tx, page).map_err(self.wrap("write page"))
     }
 
     /// Stores a cursor transition that comes with no page (see [`Store::set_cursor`]).
-    pub fn set_cursor(&self, token: &str, next: &CursorState, now: &str) -> Result<(), StoreError> {
+    pub(crate) fn set_cursor(
+        &self,
+        token: &str,
+        next: &CursorState,
+        now: &str,
+    ) -> Result<(), StoreError> {
         upsert_state(&self.tx, token, next, None, now).map_err(self.wrap("store cursor"))
     }
 
     /// Commits every page written to this batch.
-    pub fn commit(self) -> Result<(), StoreError> {
+    pub(crate) fn commit(self) -> Result<(), StoreError> {
         let path = self.path.to_owned();
         self.tx.commit().map_err(|source| StoreError::Sqlite {
             path,
@@ -186,7 +191,7 @@ impl Store {
     }
 
     /// Forces committed transactions to disk (a WAL checkpoint syncs the log first).
-    pub fn make_durable(&self) -> Result<(), StoreError> {
+    pub(crate) fn make_durable(&self) -> Result<(), StoreError> {
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(self.err("flush to disk"))
@@ -225,7 +230,7 @@ impl Store {
 
     /// Opens a write transaction that takes one or more consecutive pages (group commit,
     /// see [`Batch`]). Dropping it uncommitted rolls every page in it back.
-    pub fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
+    pub(crate) fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

@@ -1,6 +1,6 @@
 //! One sync pass for one token: Apple's fetch/sync cursor protocol as a state machine.
 //!
-//! [`next_step`] is the pure decision (tested as a table); [`run_token`] drives it: it
+//! `cursor::next_step` is the pure decision (tested as a table); [`run_token`] drives it: it
 //! downloads pages on the async side while a blocking writer thread commits them in order —
 //! each page's rows, events and the following cursor in the same transaction, several
 //! consecutive pages per commit when they are ready (group commit). The download of page
@@ -28,7 +28,7 @@ mod checks;
 mod cursor;
 mod writer;
 
-pub use cursor::{next_step, Next, Outcome, Then};
+pub(crate) use cursor::{next_step, Next, Outcome, Then};
 use writer::{writer_loop, WriterMsg};
 
 /// A failed pass. Each variant says what to do.
@@ -109,7 +109,7 @@ pub struct RunSummary {
 pub type Progress = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
 /// Settings for the Apple client of one token.
-pub fn client_settings(config: &Config, token: &TokenConfig) -> ClientSettings {
+pub(crate) fn client_settings(config: &Config, token: &TokenConfig) -> ClientSettings {
     ClientSettings {
         base_url: token.api_url.clone(),
         user_agent: token.user_agent.clone(),
@@ -387,7 +387,7 @@ pub struct OnceReport {
 }
 
 /// How many tokens sync at the same time, in `run --once` and in the daemon.
-pub const MAX_CONCURRENT_TOKENS: usize = 4;
+pub(crate) const MAX_CONCURRENT_TOKENS: usize = 4;
 
 /// Syncs every token once, concurrently (bounded); one failing token never stops the others.
 pub async fn run_all_once(config: &Config, progress: Option<Progress>) -> OnceReport {
@@ -419,7 +419,7 @@ pub async fn run_all_once(config: &Config, progress: Option<Progress>) -> OnceRe
 }
 
 /// The one summary line per token run.
-pub fn log_summary(s: &RunSummary) {
+pub(crate) fn log_summary(s: &RunSummary) {
     tracing::info!(
         token = %s.token,
         pages = s.pages,
