@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
             protocol_version: adesync::config::DEFAULT_PROTOCOL_VERSION,
             timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
+            max_response_bytes: adesync::apple::DEFAULT_MAX_RESPONSE_BYTES,
         },
     )?;
     let mut cursor: Option<String> = None;

@@ -409,9 +409,48 @@ pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Text from outside (Apple's bodies and device fields, a receiver's answer, a child's
+/// stderr) made safe to print to a terminal or a log: control characters (escape
+/// sequences, CR/LF, NUL, …) are written as `\u{..}` escapes, so they can neither fake
+/// a log line nor redraw the terminal. Everything else is kept as is.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202e}' | '\u{200e}' | '\u{200f}'
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_text_escapes_control_characters_only() {
+        assert_eq!(
+            printable("C02XL0GQJGH5 iPad (Wi-Fi)"),
+            "C02XL0GQJGH5 iPad (Wi-Fi)"
+        );
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\r\nERROR fake"), "x\\u{d}\\u{a}ERROR fake");
+        assert_eq!(printable("nul\0"), "nul\\u{0}");
+        assert_eq!(printable("Zoë ✓"), "Zoë ✓");
+    }
 
     fn rec(serial: &str, op: Option<OpType>, date: Option<&str>, color: &str) -> DeviceRecord {
         DeviceRecord {

@@ -31,6 +31,7 @@ fn client(server: &MockServer, attempts: u32) -> AppleClient {
                 initial_delay: Duration::from_millis(10),
                 max_delay: Duration::from_millis(50),
             },
+            max_response_bytes: 1024 * 1024,
         },
     )
     .unwrap()
@@ -356,4 +357,137 @@ async fn a_rejected_token_says_to_download_a_new_one_and_debug_hides_secrets() {
     );
     let dbg = format!("{c:?} {err:?}");
     assert!(!dbg.contains("secret_value"), "{dbg}");
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_host_is_refused_and_the_session_never_leaves() {
+    let server = MockServer::start().await;
+    let elsewhere = MockServer::start().await;
+    session_ok("S1").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .respond_with(
+            ResponseTemplate::new(307)
+                .insert_header("location", format!("{}/server/devices", elsewhere.uri())),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(page("EVIL", false))
+        .mount(&elsewhere)
+        .await;
+    let err = client(&server, 3)
+        .fetch_devices(None, 100)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::Redirected { status: 307, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("api_url"), "{err}");
+    assert!(
+        elsewhere.received_requests().await.unwrap().is_empty(),
+        "nothing, least of all X-ADM-Auth-Session, reaches the other host"
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_whether_announced_or_streamed_without_end() {
+    // Announced: Content-Length over the 1 MiB limit of the test client.
+    let server = MockServer::start().await;
+    session_ok("S1").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b' '; 2 * 1024 * 1024]))
+        .mount(&server)
+        .await;
+    let err = client(&server, 1)
+        .fetch_devices(None, 100)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::TooLarge { limit: 1048576, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("1048576-byte limit"), "{err}");
+
+    // Streamed: a chunked body that never ends, from a hostile server on 127.0.0.1.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                if req.starts_with("GET /session") {
+                    let body = r#"{"auth_session_token":"S1"}"#;
+                    let _ = sock
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, " ".repeat(64 * 1024));
+                // At most 64 MiB, so a client that does not stop cannot run the test forever.
+                for _ in 0..1024 {
+                    if sock.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let hostile = AppleClient::new(
+        token(),
+        ClientSettings {
+            base_url: reqwest::Url::parse(&format!("http://{addr}")).unwrap(),
+            user_agent: "adesync-test/1".into(),
+            protocol_version: 7,
+            timeout: Duration::from_secs(20),
+            retry: RetryPolicy {
+                max_attempts: 1,
+                initial_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+            },
+            max_response_bytes: 1024 * 1024,
+        },
+    )
+    .unwrap();
+    // Without the cap the client would read all 64 MiB and then fail to parse them.
+    let err = hostile.fetch_devices(None, 100).await.unwrap_err();
+    assert!(matches!(err, ApiError::TooLarge { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn apples_error_bodies_are_printed_escaped() {
+    let server = MockServer::start().await;
+    session_ok("S1").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .respond_with(
+            ResponseTemplate::new(418)
+                .set_body_string("NOPE\r\n2026-01-01 ERROR fake line \u{1b}[2J"),
+        )
+        .mount(&server)
+        .await;
+    let err = client(&server, 1)
+        .fetch_devices(None, 100)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\n') && !text.contains('\r'),
+        "{text:?}"
+    );
+    assert!(text.contains("\\u{1b}[2J"), "{text}");
 }

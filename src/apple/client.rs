@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{classify, parse_retry_after, ApiError, Endpoint};
 use super::oauth1;
 use crate::config::RetryPolicy;
+use crate::model::printable;
 use crate::model::DeviceRecord;
 use crate::token::ServerToken;
 
@@ -42,7 +43,13 @@ pub struct ClientSettings {
     pub timeout: Duration,
     /// Backoff for transient failures.
     pub retry: RetryPolicy,
+    /// The largest response body accepted; a larger one is cut off and refused.
+    pub max_response_bytes: usize,
 }
+
+/// Default for [`ClientSettings::max_response_bytes`]: a page of 1,000 devices is about
+/// 400 KB, so 16 MiB is a generous multiple that still bounds memory.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A page of `POST /server/devices` or `POST /devices/sync` (`FetchDeviceResponse`).
 #[derive(Debug, Deserialize)]
@@ -149,6 +156,9 @@ impl AppleClient {
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout.min(Duration::from_secs(30)))
             .pool_idle_timeout(Duration::from_secs(60))
+            // Apple does not redirect this API. Following one would send the session
+            // header to another host and store that host's devices.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ApiError::Transport {
                 endpoint: Endpoint::Session,
@@ -412,10 +422,35 @@ impl AppleClient {
             detail: describe_reqwest(&e),
             timeout: e.is_timeout(),
         };
-        let resp = b.send().await.map_err(transport)?;
+        let mut resp = b.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(transport)?;
+        if resp.status().is_redirection() {
+            let location = headers
+                .get(reqwest::header::LOCATION)
+                .map(|v| printable(&String::from_utf8_lossy(v.as_bytes())).into_owned())
+                .unwrap_or_default();
+            return Err(ApiError::Redirected {
+                endpoint,
+                status,
+                location,
+            });
+        }
+        let limit = self.settings.max_response_bytes;
+        let too_large = || ApiError::TooLarge { endpoint, limit };
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        // Read in chunks and stop past the limit: a body without an end, or a huge one,
+        // must not take the process's memory.
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = body.freeze();
         Ok(Response {
             status,
             headers,

@@ -104,6 +104,24 @@ pub enum ApiError {
         /// First part of the body.
         body: String,
     },
+    /// A 3xx: never followed (Apple does not redirect this API).
+    #[error("{endpoint}: the server answered {status}, a redirect to {location:?}; adesync never follows redirects (that would send the session to another host) — check `api_url` in the config: it must be Apple's https://mdmenrollment.apple.com or your simulator's address", endpoint = .endpoint.describe())]
+    Redirected {
+        /// Which call.
+        endpoint: Endpoint,
+        /// HTTP status.
+        status: u16,
+        /// Where it pointed (escaped).
+        location: String,
+    },
+    /// The response body exceeded the configured limit.
+    #[error("{endpoint}: the response is larger than the {limit}-byte limit and was cut off; nothing was stored from it. A page of 1,000 devices is about 400 KB, so this is not Apple's normal answer: check `api_url`, or raise `max_response_size` in the config if you must", endpoint = .endpoint.describe())]
+    TooLarge {
+        /// Which call.
+        endpoint: Endpoint,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// Any other non-success answer (e.g. 400 MALFORMED_REQUEST_BODY, 405).
     #[error("{endpoint}: Apple answered {status} {body}; this is not an error adesync knows how to recover from — please report it", endpoint = .endpoint.describe())]
     Http {
@@ -172,7 +190,8 @@ impl ApiError {
             ApiError::UserAgent { .. } => ErrorKind::UserAgent,
             ApiError::Throttled { .. } => ErrorKind::Throttled,
             ApiError::Server { .. } => ErrorKind::Server,
-            ApiError::Http { .. } => ErrorKind::Http,
+            ApiError::Http { .. } | ApiError::Redirected { .. } => ErrorKind::Http,
+            ApiError::TooLarge { .. } => ErrorKind::MalformedBody,
             ApiError::MalformedBody { .. } => ErrorKind::MalformedBody,
             ApiError::Transport { timeout: true, .. } => ErrorKind::Timeout,
             ApiError::Transport { .. } => ErrorKind::Transport,
@@ -183,7 +202,8 @@ impl ApiError {
 /// Apple's body token: trimmed, surrounding quotes (depsim style) removed, capped.
 pub fn body_token(body: &str) -> String {
     let t = body.trim().trim_matches('"').trim();
-    let mut s: String = t.chars().take(200).collect();
+    let mut s: String =
+        crate::model::printable(&t.chars().take(200).collect::<String>()).into_owned();
     if t.chars().count() > 200 {
         s.push('…');
     }

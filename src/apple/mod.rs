@@ -6,5 +6,8 @@ pub mod client;
 pub mod error;
 pub(crate) mod oauth1;
 
-pub use client::{Account, AccountLimit, AccountUrl, AppleClient, ClientSettings, DevicePage};
+pub use client::{
+    Account, AccountLimit, AccountUrl, AppleClient, ClientSettings, DevicePage,
+    DEFAULT_MAX_RESPONSE_BYTES,
+};
 pub use error::{ApiError, CursorError, Endpoint};

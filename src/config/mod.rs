@@ -73,6 +73,7 @@ struct RawConfig {
     retry: Option<RawRetry>,
     http: Option<RawHttp>,
     event_retention: Option<String>,
+    max_response_size: Option<toml::Value>,
     #[serde(default)]
     tokens: Vec<RawToken>,
     #[serde(default)]
@@ -92,6 +93,7 @@ struct RawRetry {
 struct RawHttp {
     enabled: Option<bool>,
     listen: Option<String>,
+    allow_public: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +122,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Retry policy for transient failures.
     pub retry: RetryPolicy,
+    /// The largest response body accepted from Apple (`max_response_size`).
+    pub max_response_bytes: usize,
     /// The enrollment-program tokens to sync.
     pub tokens: Vec<TokenConfig>,
     /// Where events are written besides the `events` table.
@@ -232,20 +236,45 @@ impl Config {
             reason,
         };
 
-        let database = resolve(
-            base,
-            raw.database
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
-        );
+        let database = match raw.database {
+            None => resolve(base, PathBuf::from(DEFAULT_DATABASE)),
+            Some(p) => {
+                let text = p.to_string_lossy();
+                if text.trim().is_empty() || text.ends_with('/') {
+                    return Err(invalid(
+                        "database",
+                        format!("{text:?} is not a file; give the SQLite file to keep the mirror in, e.g. \"{DEFAULT_DATABASE}\""),
+                    ));
+                }
+                let p = resolve(base, p);
+                if p.is_dir() {
+                    return Err(invalid(
+                        "database",
+                        format!(
+                            "{} is a folder; give a file in it, e.g. {:?}",
+                            p.display(),
+                            p.join("adesync.db").display().to_string()
+                        ),
+                    ));
+                }
+                p
+            }
+        };
         let user_agent = raw.user_agent.unwrap_or_else(default_user_agent);
         check_user_agent(&user_agent).map_err(|r| invalid("user_agent", r))?;
         let protocol_version = raw.protocol_version.unwrap_or(DEFAULT_PROTOCOL_VERSION);
         check_protocol(protocol_version).map_err(|r| invalid("protocol_version", r))?;
-        let request_timeout = duration(raw.request_timeout.as_deref(), Duration::from_secs(60))
-            .map_err(|r| invalid("request_timeout", r))?;
-        if request_timeout.is_zero() {
-            return Err(invalid("request_timeout", "must be more than 0s".into()));
-        }
+        let request_timeout = duration_in(
+            raw.request_timeout.as_deref(),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )
+        .map_err(|r| invalid("request_timeout", r))?;
+        let max_response_bytes = match &raw.max_response_size {
+            None => crate::apple::DEFAULT_MAX_RESPONSE_BYTES,
+            Some(v) => byte_size(v).map_err(|r| invalid("max_response_size", r))?,
+        };
         let schedule = check_schedule(raw.schedule.as_deref(), DEFAULT_SCHEDULE)
             .map_err(|r| invalid("schedule", r))?;
         let http_listen = match raw.http {
@@ -257,6 +286,12 @@ impl Config {
                         format!("{text:?} is not an address:port such as \"127.0.0.1:9464\""),
                     )
                 })?;
+                if !addr.ip().is_loopback() && h.allow_public != Some(true) {
+                    return Err(invalid(
+                        "http.listen",
+                        format!("{addr} is reachable from other machines; /metrics and /healthz need no credentials, so listen on 127.0.0.1 and let a local scraper or reverse proxy reach it, or set http.allow_public = true to serve it anyway"),
+                    ));
+                }
                 Some(addr)
             }
             _ => None,
@@ -270,9 +305,11 @@ impl Config {
                 }
                 retry.max_attempts = n;
             }
-            retry.initial_delay = duration(r.initial_delay.as_deref(), retry.initial_delay)
-                .map_err(|e| invalid("retry.initial_delay", e))?;
-            retry.max_delay = duration(r.max_delay.as_deref(), retry.max_delay)
+            let (least, most) = (Duration::from_millis(100), Duration::from_secs(3600));
+            retry.initial_delay =
+                duration_in(r.initial_delay.as_deref(), retry.initial_delay, least, most)
+                    .map_err(|e| invalid("retry.initial_delay", e))?;
+            retry.max_delay = duration_in(r.max_delay.as_deref(), retry.max_delay, least, most)
                 .map_err(|e| invalid("retry.max_delay", e))?;
             if retry.max_delay < retry.initial_delay {
                 return Err(invalid(
@@ -363,6 +400,7 @@ impl Config {
             schedule,
             request_timeout,
             retry,
+            max_response_bytes,
             tokens,
             sinks,
             event_retention,
@@ -409,6 +447,9 @@ impl Config {
         );
         if let Some(addr) = self.http_listen {
             let _ = writeln!(s, "\n[http]\nenabled = true\nlisten = \"{addr}\"");
+            if !addr.ip().is_loopback() {
+                let _ = writeln!(s, "allow_public = true");
+            }
         }
         for t in &self.tokens {
             let _ = writeln!(s, "\n[[tokens]]");
@@ -488,6 +529,58 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
     }
 }
 
+/// A duration that must lie in `least..=most`: a timeout of a nanosecond or of a
+/// thousand days is a typo, not a wish.
+fn duration_in(
+    text: Option<&str>,
+    default: Duration,
+    least: Duration,
+    most: Duration,
+) -> Result<Duration, String> {
+    let d = duration(text, default)?;
+    if d < least || d > most {
+        return Err(format!(
+            "{} is outside {}..={}",
+            text.unwrap_or_default().trim(),
+            humantime::format_duration(least),
+            humantime::format_duration(most)
+        ));
+    }
+    Ok(d)
+}
+
+/// `max_response_size`: a number of bytes, or a string such as "16MiB" / "500KB"; from
+/// 1 MiB (a full page must fit) to 1 GiB.
+fn byte_size(v: &toml::Value) -> Result<usize, String> {
+    let n: u64 = match v {
+        toml::Value::Integer(n) if *n >= 0 => *n as u64,
+        toml::Value::String(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let num: u64 = num
+                .parse()
+                .map_err(|_| format!("{t:?} is not a size; write e.g. \"16MiB\""))?;
+            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "kb" => 1000,
+                "kib" => 1024,
+                "mb" => 1_000_000,
+                "mib" => 1024 * 1024,
+                "gb" => 1_000_000_000,
+                "gib" => 1024 * 1024 * 1024,
+                other => return Err(format!("unknown unit {other:?}; use KiB, MiB or GiB")),
+            };
+            num.saturating_mul(mult)
+        }
+        other => return Err(format!("{other} is not a size; write e.g. \"16MiB\"")),
+    };
+    if !(1024 * 1024..=1024 * 1024 * 1024).contains(&n) {
+        return Err(format!("{n} bytes is outside 1MiB..=1GiB"));
+    }
+    Ok(n as usize)
+}
+
 fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
     match text {
         None => Ok(default),
@@ -552,6 +645,10 @@ fn check_protocol(v: u32) -> Result<(), String> {
 /// Accepts https anywhere, and plain http only to a loopback address (a local simulator).
 pub fn parse_api_url(text: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Never echo the text: it holds the credentials.
+        return Err("must not carry a user name or password (user:pass@): they would show in logs, `check-config` and the database, and Apple authenticates with the server token".into());
+    }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("{text:?} must not have a query or fragment"));
     }
@@ -654,6 +751,54 @@ pub(crate) mod tests {
             (format!("schedule = \"8d\"\n{MINIMAL}"), "schedule"),
             (format!("schedule = \"soon\"\n{MINIMAL}"), "schedule"),
             ("database = \"a.db\"\n".to_owned(), "tokens"),
+            (MINIMAL.replace("\"a.db\"", "\"\""), "database"),
+            (MINIMAL.replace("\"a.db\"", "\".\""), "database"),
+            (MINIMAL.replace("\"a.db\"", "\"db/\""), "database"),
+            (
+                format!("request_timeout = \"1ns\"\n{MINIMAL}"),
+                "request_timeout",
+            ),
+            (
+                format!("request_timeout = \"1000d\"\n{MINIMAL}"),
+                "request_timeout",
+            ),
+            (
+                format!("request_timeout = \"1000000000000d\"\n{MINIMAL}"),
+                "request_timeout",
+            ),
+            (
+                format!("request_timeout = \"0s\"\n{MINIMAL}"),
+                "request_timeout",
+            ),
+            (format!("schedule = \"9s\"\n{MINIMAL}"), "schedule"),
+            (
+                format!("max_response_size = 10\n{MINIMAL}"),
+                "max_response_size",
+            ),
+            (
+                format!("max_response_size = \"2TB\"\n{MINIMAL}"),
+                "max_response_size",
+            ),
+            (
+                format!("max_response_size = \"lots\"\n{MINIMAL}"),
+                "max_response_size",
+            ),
+            (
+                format!("{MINIMAL}api_url = \"https://user:pass@mdmenrollment.apple.com\"\n"),
+                "tokens[0].api_url",
+            ),
+            (
+                format!("[retry]\ninitial_delay = \"10ms\"\n{MINIMAL}")
+                    .replace("database = \"a.db\"\n", "")
+                    .replace("[retry]", "database = \"a.db\"\n[retry]"),
+                "retry.initial_delay",
+            ),
+            (
+                format!("[http]\nlisten = \"0.0.0.0:9464\"\n{MINIMAL}")
+                    .replace("database = \"a.db\"\n", "")
+                    .replace("[http]", "database = \"a.db\"\n[http]"),
+                "http.listen",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(&dir, &text).unwrap_err();
@@ -696,6 +841,29 @@ pub(crate) mod tests {
         std::fs::write(&path, MINIMAL.replace("acme.json", "gone.json")).unwrap();
         assert!(Config::load(&path).is_err());
         assert!(Config::load_for_reports(&path).is_ok());
+    }
+
+    #[test]
+    fn the_ranges_accept_what_admins_write_today() {
+        let dir = dir_with_token();
+        let text = "database = \"a.db\"\nrequest_timeout = \"1s\"\nschedule = \"10s\"\nmax_response_size = \"4MiB\"\n\
+                    [retry]\ninitial_delay = \"100ms\"\nmax_delay = \"100ms\"\n\
+                    [http]\nlisten = \"0.0.0.0:9464\"\nallow_public = true\n\
+                    [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n";
+        let c = parse(&dir, text).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_secs(1));
+        assert_eq!(c.schedule, Duration::from_secs(10));
+        assert_eq!(c.retry.initial_delay, c.retry.max_delay);
+        assert_eq!(c.max_response_bytes, 4 * 1024 * 1024);
+        assert!(c.to_redacted_toml().contains("allow_public = true"));
+        // Credentials in api_url are refused without being echoed.
+        let err = parse(
+            &dir,
+            &format!("{MINIMAL}api_url = \"https://admin:hunter2@mdmenrollment.apple.com\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, parse_api_url, resolve, ConfigError};
+use super::{duration, duration_in, parse_api_url, resolve, ConfigError};
 
 /// Most events one webhook request or command run may carry.
 pub const MAX_BATCH_LIMIT: usize = 1000;
@@ -200,11 +200,13 @@ pub(super) fn resolve_sink(
         )),
     };
     let timeout = |default: Duration| {
-        let d = duration(raw.timeout.as_deref(), default).map_err(|r| invalid("timeout", r))?;
-        if d.is_zero() {
-            return Err(invalid("timeout", "must be more than 0s".into()));
-        }
-        Ok(d)
+        duration_in(
+            raw.timeout.as_deref(),
+            default,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )
+        .map_err(|r| invalid("timeout", r))
     };
     let kind = match raw.kind.as_str() {
         "jsonl" => SinkKind::Jsonl(match raw.path.as_deref() {
@@ -217,7 +219,20 @@ pub(super) fn resolve_sink(
                 ),
                 ))
             }
-            Some(p) => JsonlTarget::File(resolve(base, PathBuf::from(p))),
+            Some(p) => {
+                let file = resolve(base, PathBuf::from(p));
+                if file.is_dir() {
+                    return Err(invalid(
+                        "path",
+                        format!(
+                            "{} is a folder; give a file in it to append to, e.g. {:?}",
+                            file.display(),
+                            file.join("events.jsonl").display().to_string()
+                        ),
+                    ));
+                }
+                JsonlTarget::File(file)
+            }
         }),
         "webhook" => {
             let text = raw
@@ -441,6 +456,9 @@ mod tests {
             ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = [\"./missing.sh\"]\n".into(), "sinks[0].command"),
             ("[[sinks]]\nname = \"q\"\ntype = \"kafka\"\n".into(), "sinks[0].type"),
             ("[[sinks]]\nname = \"j\"\ntype = \"jsonl\"\npath = \"\"\n".into(), "sinks[0].path"),
+            ("[[sinks]]\nname = \"j\"\ntype = \"jsonl\"\npath = \".\"\n".into(), "sinks[0].path"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\ntimeout = \"1ns\"\n"), "sinks[0].timeout"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\ntimeout = \"1000d\"\n"), "sinks[0].timeout"),
             ("[[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = [\"./plain.txt\"]\n".into(), "sinks[0].command"),
         ];
         for (text, key) in cases {

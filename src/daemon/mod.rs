@@ -220,6 +220,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (config `http.listen`): {e}"))?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "serving /metrics and /healthz to other machines (http.allow_public = true); they need no credentials");
+        }
         tracing::info!(%addr, "serving /metrics and /healthz");
         let app = listener::router(config.clone(), health.clone());
         let stop = shutdown.clone();

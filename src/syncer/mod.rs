@@ -116,6 +116,7 @@ pub(crate) fn client_settings(config: &Config, token: &TokenConfig) -> ClientSet
         protocol_version: token.protocol_version,
         timeout: config.request_timeout,
         retry: config.retry.clone(),
+        max_response_bytes: config.max_response_bytes,
     }
 }
 
