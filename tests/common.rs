@@ -36,7 +36,7 @@ impl Env {
         let config_path = dir.path().join("config.toml");
         let text = format!(
             "database = \"adesync.db\"\n\
-             [retry]\nmax_attempts = 3\ninitial_delay = \"10ms\"\nmax_delay = \"100ms\"\n\
+             [retry]\nmax_attempts = 3\ninitial_delay = \"100ms\"\nmax_delay = \"100ms\"\n\
              [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\napi_url = \"{}\"\npage_size = {page_size}\n{extra_toml}",
             mock.base_url()
         );

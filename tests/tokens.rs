@@ -595,7 +595,7 @@ async fn importing_into_a_json_token_file_writes_the_decrypted_token_keeping_its
 /// A config with the given `[[tokens]]` entries (name, token_file, private_key_file).
 fn write_config(env: &Env, tokens: &[(&str, &str, Option<&str>)]) {
     let mut text = String::from(
-        "database = \"adesync.db\"\n[retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\nmax_delay = \"50ms\"\n",
+        "database = \"adesync.db\"\n[retry]\nmax_attempts = 2\ninitial_delay = \"100ms\"\nmax_delay = \"100ms\"\n",
     );
     for (name, file, key) in tokens {
         text.push_str(&format!(

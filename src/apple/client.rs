@@ -47,9 +47,7 @@ pub struct ClientSettings {
     pub max_response_bytes: usize,
 }
 
-/// Default for [`ClientSettings::max_response_bytes`]: a page of 1,000 devices is about
-/// 400 KB, so 16 MiB is a generous multiple that still bounds memory.
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+pub use crate::config::DEFAULT_MAX_RESPONSE_BYTES;
 
 /// A page of `POST /server/devices` or `POST /devices/sync` (`FetchDeviceResponse`).
 #[derive(Debug, Deserialize)]

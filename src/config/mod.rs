@@ -20,6 +20,10 @@ pub use sinks::{
     DEFAULT_EVENT_RETENTION, MAX_BATCH_LIMIT,
 };
 
+/// Default `max_response_size`: a page of 1,000 devices is about 400 KB, so 16 MiB is a
+/// generous multiple that still bounds memory.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Apple's production base URL.
 pub const DEFAULT_API_URL: &str = "https://mdmenrollment.apple.com";
 /// Where the config file is looked for when neither `--config` nor `ADESYNC_CONFIG` is set.
@@ -272,7 +276,7 @@ impl Config {
         )
         .map_err(|r| invalid("request_timeout", r))?;
         let max_response_bytes = match &raw.max_response_size {
-            None => crate::apple::DEFAULT_MAX_RESPONSE_BYTES,
+            None => DEFAULT_MAX_RESPONSE_BYTES,
             Some(v) => byte_size(v).map_err(|r| invalid("max_response_size", r))?,
         };
         let schedule = check_schedule(raw.schedule.as_deref(), DEFAULT_SCHEDULE)
