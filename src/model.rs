@@ -281,6 +281,8 @@ pub enum ErrorKind {
     Transport,
     /// The local database failed.
     Database,
+    /// This machine ran short of something (file descriptors, memory, disk).
+    LocalResource,
     /// An internal failure.
     Internal,
     /// Stopped by shutdown.
@@ -289,7 +291,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::TokenExpired,
         ErrorKind::TokenFile,
         ErrorKind::TokenRejected,
@@ -306,6 +308,7 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::Transport,
         ErrorKind::Database,
+        ErrorKind::LocalResource,
         ErrorKind::Internal,
         ErrorKind::Cancelled,
     ];
@@ -329,6 +332,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Transport => "transport",
             ErrorKind::Database => "database",
+            ErrorKind::LocalResource => "local_resource",
             ErrorKind::Internal => "internal",
             ErrorKind::Cancelled => "cancelled",
         }

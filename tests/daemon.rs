@@ -363,6 +363,7 @@ fn the_unit_file_has_the_required_directives_and_verifies() {
         "WatchdogSec=",
         "Restart=on-failure",
         "RestartPreventExitStatus=78",
+        "LimitNOFILE=",
         "User=adesync",
         "StateDirectory=adesync",
         "ProtectSystem=strict",
@@ -525,4 +526,94 @@ async fn status_reports_an_unusable_token_file_as_that_tokens_problem_and_shows_
         let acme = lines.iter().find(|v| v["token"] == "acme").unwrap();
         assert!(acme["attention"].as_array().unwrap().is_empty(), "{acme}");
     }
+}
+
+/// Open file descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_and_busy_metrics_clients_is_bounded_and_the_sync_goes_on() {
+    let port = free_port();
+    let env = Env::with(
+        adesync_mock::MockConfig {
+            devices: 500,
+            ..Default::default()
+        },
+        100,
+        &format!("schedule = \"1h\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let mut cmd = adesync(&env);
+    cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let db = env.path("adesync.db");
+    let synced = |n: u64| {
+        let db = db.clone();
+        move || {
+            adesync::store::Store::open(&db)
+                .and_then(|s| s.device_counts("acme"))
+                .is_ok_and(|(c, _)| c == n)
+        }
+    };
+    assert!(wait_for(Duration::from_secs(20), synced(500)).await);
+    let baseline = open_fds(pid);
+
+    // 400 idle connections that never send a byte, and 200 scrapes at once.
+    let addr = format!("127.0.0.1:{port}");
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            idle.push(s);
+        }
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let scrapes: Vec<_> = (0..200)
+        .map(|_| {
+            let c = client.clone();
+            let url = format!("http://{addr}/metrics");
+            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    // While the flood lasts, the daemon holds a bounded number of connections…
+    let during = open_fds(pid);
+    assert!(
+        during < baseline + 64 + 16,
+        "{during} fds open during the flood (baseline {baseline})"
+    );
+    // …and a sync still runs to completion.
+    env.mock.add_devices(25);
+    signal(&child, "HUP");
+    assert!(
+        wait_for(Duration::from_secs(30), synced(525)).await,
+        "the sync completes during the flood"
+    );
+    for s in scrapes {
+        let _ = s.await.unwrap(); // served, or closed at the limit: never hung forever
+    }
+    drop(idle);
+    // Afterwards everything is served again.
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok(r) = client.get(format!("http://{addr}/metrics")).send().await {
+            if r.status() == 200 {
+                ok = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "/metrics answers once the flood is over");
+    assert!(
+        open_fds(pid) < baseline + 16,
+        "connections are released ({} fds, baseline {baseline})",
+        open_fds(pid)
+    );
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(10)).await.is_some());
 }

@@ -4,6 +4,13 @@
 //! Metrics combine the database (device counts, last success, events) with what the
 //! running daemon knows (durations, errors by kind, parked tokens). Reads go through
 //! `spawn_blocking`; nothing here writes.
+//!
+//! Bounded against any local client: at most [`MAX_CONNECTIONS`] connections are served
+//! at once (more are closed on arrival), a client has [`HEADER_TIMEOUT`] to send its
+//! request and [`CONNECTION_DEADLINE`] in all, one request per connection (no idle
+//! keep-alive), and the database view behind both routes is read at most once per
+//! [`VIEW_TTL`] however many clients ask — so a flood of scrapes costs neither memory nor
+//! file descriptors the sync needs.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -18,6 +25,58 @@ use axum::routing::get;
 use axum::Router;
 
 use super::health::Health;
+
+/// Connections served at once; more are closed as they arrive.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request line and headers.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may live in all.
+pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
+/// How long one read of the database serves every scrape.
+pub(crate) const VIEW_TTL: Duration = Duration::from_secs(5);
+
+/// Serves `app` on `listener` until `shutdown`, within the bounds above.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors or memory: wait instead of spinning; the
+                // sync's own work goes on.
+                tracing::warn!(error = %e, "the /metrics listener cannot accept a connection; retrying shortly");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream); // over the limit: closed at once, nothing kept
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+        });
+    }
+}
 use crate::config::{Config, TokenConfig};
 use crate::store::{Store, SyncState};
 
@@ -26,7 +85,13 @@ struct AppState {
     config: Arc<Config>,
     health: Health,
     expiries: Arc<ExpiryCache>,
+    /// The last database view and when it was read; the async mutex makes concurrent
+    /// scrapes wait for one read instead of each starting its own.
+    view: Arc<tokio::sync::Mutex<Option<CachedView>>>,
 }
+
+/// A database view and when it was read.
+type CachedView = (std::time::Instant, Arc<DbView>);
 
 /// Each token's expiry as its file says now: re-read when the file changes (a renewal
 /// needs no restart), otherwise served from memory so a scrape never decrypts.
@@ -67,25 +132,35 @@ pub fn router(config: Arc<Config>, health: Health) -> Router {
             config,
             health,
             expiries: Arc::default(),
+            view: Arc::default(),
         })
 }
 
 struct DbView {
     states: Vec<SyncState>,
-    /// Each token's expiry (Unix seconds), in config order.
-    expiries: Vec<Option<i64>>,
     by_status: Vec<(String, String, u64)>,
     events: Vec<(String, u64)>,
     sinks: Vec<crate::sinks::SinkStatus>,
 }
 
+/// The database view, read afresh at most once per [`VIEW_TTL`].
+async fn view(app: &AppState) -> Result<Arc<DbView>, String> {
+    let mut cached = app.view.lock().await;
+    if let Some((at, v)) = cached.as_ref() {
+        if at.elapsed() < VIEW_TTL {
+            return Ok(v.clone());
+        }
+    }
+    let fresh = Arc::new(read_db(app).await?);
+    *cached = Some((std::time::Instant::now(), fresh.clone()));
+    Ok(fresh)
+}
+
 async fn read_db(app: &AppState) -> Result<DbView, String> {
     let config = app.config.clone();
-    let cache = app.expiries.clone();
     tokio::task::spawn_blocking(move || -> Result<DbView, String> {
         let s = Store::open(&config.database).map_err(|e| e.to_string())?;
         Ok(DbView {
-            expiries: config.tokens.iter().map(|t| cache.get(t)).collect(),
             states: s.sync_states().map_err(|e| e.to_string())?,
             by_status: s.profile_status_counts().map_err(|e| e.to_string())?,
             events: s.event_counts_by_token().map_err(|e| e.to_string())?,
@@ -97,14 +172,26 @@ async fn read_db(app: &AppState) -> Result<DbView, String> {
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    match read_db(&app).await {
+    // Token expiries are not part of the cached view: a renewed token shows at once (a
+    // stat per token; the file is read again only when it changed).
+    let (config, cache) = (app.config.clone(), app.expiries.clone());
+    let expiries = tokio::task::spawn_blocking(move || {
+        config
+            .tokens
+            .iter()
+            .map(|t| cache.get(t))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    match view(&app).await {
         Ok(view) => (
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            render_metrics(&app.config, &app.health, &view),
+            render_metrics(&app.config, &app.health, &view, &expiries),
         ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -131,7 +218,12 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn render_metrics(config: &Config, health: &Health, view: &DbView) -> String {
+fn render_metrics(
+    config: &Config,
+    health: &Health,
+    view: &DbView,
+    expiries: &[Option<i64>],
+) -> String {
     let mut out = String::new();
     let h = health.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
@@ -219,7 +311,7 @@ fn render_metrics(config: &Config, health: &Health, view: &DbView) -> String {
         config
             .tokens
             .iter()
-            .zip(&view.expiries)
+            .zip(expiries)
             .filter_map(|(t, e)| Some((format!("token=\"{}\"", label(&t.name)), (*e)? as f64)))
             .collect(),
     );
@@ -303,7 +395,7 @@ pub fn token_problem(
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
-    let view = match read_db(&app).await {
+    let view = match view(&app).await {
         Ok(v) => v,
         Err(e) => {
             return (

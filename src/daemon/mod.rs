@@ -225,12 +225,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         tracing::info!(%addr, "serving /metrics and /healthz");
         let app = listener::router(config.clone(), health.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
+        tokio::spawn(listener::serve(listener, app, shutdown.clone()));
     }
 
     notify(&[

@@ -69,6 +69,7 @@ impl SyncError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SyncError::Token(TokenError::Expired { .. }) => ErrorKind::TokenExpired,
+            SyncError::Token(e) if e.is_local_resource() => ErrorKind::LocalResource,
             SyncError::Token(_) => ErrorKind::TokenFile,
             SyncError::Api(e) => e.kind(),
             SyncError::Store(_) => ErrorKind::Database,
@@ -432,4 +433,28 @@ pub(crate) fn log_summary(s: &RunSummary) {
         duration_ms = s.duration.as_millis() as u64,
         "sync complete"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_unreadable_for_want_of_file_descriptors_is_not_a_job_for_an_admin() {
+        let read = |errno| {
+            SyncError::Token(TokenError::Read {
+                path: "/etc/adesync/acme.json".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        let emfile = read(24);
+        assert_eq!(emfile.kind(), ErrorKind::LocalResource);
+        assert!(
+            !emfile.needs_admin(),
+            "too many open files heals without a new token"
+        );
+        let missing = read(2);
+        assert_eq!(missing.kind(), ErrorKind::TokenFile);
+        assert!(missing.needs_admin());
+    }
 }

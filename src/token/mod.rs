@@ -138,6 +138,29 @@ pub enum TokenError {
     },
 }
 
+impl TokenError {
+    /// Whether reading failed for want of a local resource (file descriptors, memory,
+    /// an interrupted disk) rather than because of the file: time or the operator's fix of
+    /// the machine heals it, so it never parks the token as if a new token were needed.
+    pub fn is_local_resource(&self) -> bool {
+        let io = match self {
+            TokenError::Read { source, .. } => source,
+            TokenError::Key(p7m::KeyError::Read { source, .. }) => source,
+            _ => return false,
+        };
+        is_resource_error(io)
+    }
+}
+
+/// EMFILE, ENFILE, ENOMEM, EAGAIN, EIO, ENOSPC: the machine, not the file.
+pub(crate) fn is_resource_error(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23 | 12 | 11 | 5 | 28))
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::OutOfMemory | std::io::ErrorKind::Interrupted
+        )
+}
+
 impl ServerToken {
     /// Reads and validates a token file that needs no key (the decrypted JSON or text);
     /// a `.p7m` is refused with [`TokenError::KeyRequired`].
