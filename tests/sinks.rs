@@ -744,3 +744,91 @@ async fn delivered_events_past_retention_are_pruned_and_undelivered_ones_kept() 
     assert_eq!(receiver.accepted_ids().len(), 11);
     assert_eq!(all_ids(&env), [11]);
 }
+
+/// Peak resident memory of this test process so far, in KiB (nextest runs each test in
+/// a process of its own).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sinks_endless_stderr_keeps_only_its_tail() {
+    // `yes >&2` writes hundreds of MB a second; only the tail may be kept.
+    let sinks = "[[sinks]]\nname = \"noisy\"\ntype = \"command\"\ntimeout = \"2s\"\n\
+                 command = [\"sh\", \"-c\", \"cat >/dev/null; yes 'noise noise noise' >&2\"]\n";
+    let env = env_with(5, sinks).await;
+    sync(&env).await;
+    let before = peak_rss_kib();
+    let results = deliver_all(&env.config()).await;
+    let err = result_of(&results, "noisy")
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did not finish within 2s"), "{err}");
+    let grown_mib = peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "stderr is drained and bounded, not kept: peak grew by {grown_mib} MiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_0_is_success_even_when_a_background_child_keeps_the_pipes_open() {
+    let sinks = "[[sinks]]\nname = \"bg\"\ntype = \"command\"\ntimeout = \"3s\"\n\
+                 command = [\"sh\", \"-c\", \"cat >/dev/null; sleep 10 & exit 0\"]\n";
+    let env = env_with(6, sinks).await;
+    sync(&env).await;
+    let results = deliver_all(&env.config()).await;
+    assert_eq!(
+        result_of(&results, "bg")
+            .as_ref()
+            .map_err(|e| e.to_string()),
+        Ok(&6)
+    );
+    assert_eq!(status_of(&env, "bg").cursor, 6, "acknowledged, not re-sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_command_is_stopped_with_every_process_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("grandchild.pid");
+    let sinks = format!(
+        "[[sinks]]\nname = \"stuck\"\ntype = \"command\"\ntimeout = \"1s\"\n\
+         command = [\"sh\", \"-c\", \"sleep 300 & echo $! > {}; sleep 300\"]\n",
+        pidfile.display()
+    );
+    let env = env_with(4, &sinks).await;
+    sync(&env).await;
+    let results = deliver_all(&env.config()).await;
+    let err = result_of(&results, "stuck")
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did not finish within 1s"), "{err}");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Gone, or a zombie waiting for its new parent to reap it: not running either way.
+    let mut alive = true;
+    for _ in 0..50 {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(") ")
+                    .map(|(_, r)| r.chars().next().unwrap_or('?'))
+            });
+        alive = !matches!(state, None | Some('Z') | Some('X'));
+        if !alive {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!alive, "the grandchild {pid} was killed with its parent");
+}

@@ -6,10 +6,20 @@
 //! The program gets `ADESYNC_SINK=<name>` in its environment. Its standard output is
 //! discarded (it may be adesync's own, shared with a `jsonl` sink); the end of its
 //! standard error is quoted in the error when it fails.
+//!
+//! Bounded: the program runs in a process group of its own, and on a timeout the whole
+//! group is killed (no grandchildren left behind each pass); of its standard error only
+//! the last [`STDERR_TAIL`] bytes are kept, however much it writes; the outcome is its
+//! exit status, not the end of its pipes (a background child that keeps them open does
+//! not turn a success into a timeout).
 
+use std::collections::VecDeque;
 use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bytes of the program's standard error kept for the error message.
+const STDERR_TAIL: usize = 4096;
 
 use super::Failure;
 use crate::config::CommandConfig;
@@ -49,43 +59,74 @@ impl CommandRunner {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            // On a timeout the future below is dropped, and the program with it.
+            // Its own process group, so a timeout can stop everything it started.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| retry(format!("cannot start {program}: {e}")))?;
+        let group = child.id();
         let stdin = child.stdin.take();
-        let run = async move {
-            let write = async move {
-                let Some(mut stdin) = stdin else {
-                    return Ok(());
-                };
-                stdin.write_all(&input).await?;
-                // Closing stdin is the program's end-of-batch.
-                stdin.shutdown().await
+        let write = async move {
+            let Some(mut stdin) = stdin else {
+                return Ok(());
             };
-            tokio::join!(write, child.wait_with_output())
+            stdin.write_all(&input).await?;
+            // Closing stdin is the program's end-of-batch.
+            stdin.shutdown().await
         };
-        let (written, output) =
-            tokio::time::timeout(self.cfg.timeout, run)
-                .await
-                .map_err(|_| {
-                    retry(format!(
-                        "{program} did not finish within {}; it was stopped",
-                        crate::status::human_duration(self.cfg.timeout)
-                    ))
-                })?;
-        let output = output.map_err(|e| retry(format!("waiting for {program} failed: {e}")))?;
-        let stderr = tail(&output.stderr);
+        // Drains standard error as it comes, keeping only its tail.
+        let stderr_tail = std::sync::Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let reader = child.stderr.take().map(|mut err| {
+            let tail = stderr_tail.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = err.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    t.extend(&buf[..n]);
+                    let excess = t.len().saturating_sub(STDERR_TAIL);
+                    t.drain(..excess);
+                }
+            })
+        });
+        let run = async { tokio::join!(write, child.wait()) };
+        let outcome = tokio::time::timeout(self.cfg.timeout, run).await;
+        let (written, status) = match outcome {
+            Ok(done) => done,
+            Err(_) => {
+                kill_group(group);
+                let _ = child.kill().await;
+                if let Some(r) = reader {
+                    r.abort();
+                }
+                return Err(retry(format!(
+                    "{program} did not finish within {}; it and every process it started were stopped",
+                    crate::status::human_duration(self.cfg.timeout)
+                )));
+            }
+        };
+        // The exit status decides. What it wrote to standard error before exiting is
+        // read for a moment longer; a background child holding the pipe is not waited for.
+        if let Some(r) = reader {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), r).await;
+        }
+        let status = status.map_err(|e| retry(format!("waiting for {program} failed: {e}")))?;
+        let stderr: Vec<u8> = stderr_tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let stderr = tail(&stderr);
         let said = if stderr.is_empty() {
             String::new()
         } else {
             format!(": {stderr}")
         };
-        if !output.status.success() {
-            return Err(retry(format!(
-                "{program} {}{said}",
-                describe(output.status)
-            )));
+        if !status.success() {
+            return Err(retry(format!("{program} {}{said}", describe(status))));
         }
         // Exit 0 without reading every event is not an acknowledgement of them.
         if let Err(e) = written {
@@ -98,6 +139,14 @@ impl CommandRunner {
     }
 }
 
+/// Kills the process group the program leads (it and whatever it started).
+fn kill_group(group: Option<u32>) {
+    let Some(pid) = group.and_then(|g| rustix::process::Pid::from_raw(g as i32)) else {
+        return;
+    };
+    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+}
+
 fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -107,9 +156,10 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// The last few hundred bytes of the program's standard error, on one line.
+/// The last few hundred bytes of the program's standard error, on one line, escaped.
 fn tail(stderr: &[u8]) -> String {
     const MAX: usize = 300;
     let text = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(MAX)..]);
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    crate::model::printable(&line).into_owned()
 }
