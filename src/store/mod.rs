@@ -35,7 +35,7 @@ use devices::write_page;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// SQLite failed.
-    #[error("database {path}: {action}: {source}")]
+    #[error("database {path}: {action}: {source}{}", advice(.source))]
     Sqlite {
         /// The database file.
         path: PathBuf,
@@ -60,6 +60,14 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// The file belongs to another application; it was left untouched.
+    #[error("{path} is not an adesync database (it holds another application's tables{}); adesync left it untouched — set `database` in the config to a file of adesync's own, e.g. /var/lib/adesync/adesync.db", if let Some(t) = .example_table { format!(", such as \"{t}\"") } else { String::new() })]
+    Foreign {
+        /// The database file.
+        path: PathBuf,
+        /// One of its tables, to recognise it by (escaped).
+        example_table: Option<String>,
+    },
     /// The parent folder could not be created.
     #[error("cannot create the folder for database {path}: {source}")]
     CreateDir {
@@ -69,6 +77,23 @@ pub enum StoreError {
         source: std::io::Error,
     },
 }
+
+/// Advice for the SQLite errors a person can act on, appended to the message.
+fn advice(e: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::DatabaseCorrupt | C::NotADatabase) => "; the file is damaged: restore it from a backup, or move it aside — the next run rebuilds the mirror with a full fetch from Apple (events not yet delivered to sinks go with it)",
+        Some(C::DatabaseBusy | C::DatabaseLocked) => "; another program holds a lock on it (an open `sqlite3` shell, a backup tool, or another adesync): close it and try again",
+        Some(C::ReadOnly) => "; this user may not write it: run as the service user (e.g. `sudo -u adesync adesync …`) or fix the file's owner",
+        Some(C::CannotOpen | C::PermissionDenied) => "; check that the folder exists and this user may read (and, to sync, write) it and the file",
+        Some(C::DiskFull) => "; the disk is full: free space, then run again (nothing half-written was kept)",
+        _ => "",
+    }
+}
+
+/// `PRAGMA application_id` of an adesync database ("ADES"): how adesync tells its own
+/// file from another application's before writing anything.
+pub(crate) const APPLICATION_ID: i32 = 0x4144_4553;
 
 /// The SQLite store. One per connection; open one per thread that needs it.
 pub struct Store {
@@ -157,9 +182,66 @@ impl Store {
             conn,
             path: path.to_owned(),
         };
+        let adopt = store.check_identity()?;
         store.configure()?;
         store.migrate()?;
+        if adopt {
+            store
+                .conn
+                .pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(store.err("mark the database as adesync's"))?;
+        }
         Ok(store)
+    }
+
+    /// Refuses another application's database before anything is written to it. Returns
+    /// whether the file still needs adesync's mark: a new, empty file, or one made by an
+    /// earlier adesync (recognised by its tables), is adopted; anything else is foreign.
+    fn check_identity(&self) -> Result<bool, StoreError> {
+        let id: i32 = self
+            .conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(self.err("read the file"))?;
+        if id == APPLICATION_ID {
+            return Ok(false);
+        }
+        let tables: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .and_then(|mut st| {
+                st.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .map_err(self.err("read the file"))?;
+        let ours = [
+            "devices",
+            "events",
+            "sync_state",
+            "fetch_seen",
+            "accounts",
+            "sink_cursors",
+        ];
+        // An earlier adesync's file: a `devices` table keyed by adesync's `token_name`.
+        let earlier_adesync = tables.iter().any(|t| t == "devices")
+            && self
+                .conn
+                .query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'token_name'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(self.err("read the file"))?
+                > 0;
+        if id == 0 && (tables.is_empty() || earlier_adesync) {
+            return Ok(true);
+        }
+        Err(StoreError::Foreign {
+            path: self.path.clone(),
+            example_table: tables
+                .iter()
+                .find(|t| !ours.contains(&t.as_str()))
+                .map(|t| crate::model::printable(t).chars().take(64).collect()),
+        })
     }
 
     fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
@@ -361,6 +443,76 @@ mod tests {
         drop(s);
         let s = Store::open(&p).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn another_applications_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("crm.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);
+                             INSERT INTO customers (name) VALUES ('Acme');",
+            )
+            .unwrap();
+        }
+        let before = std::fs::read(&p).unwrap();
+        let err = Store::open(&p).unwrap_err();
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("not an adesync database")
+                && text.contains("\"customers\"")
+                && text.contains("untouched"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "one sentence, no schema dump");
+        assert_eq!(std::fs::read(&p).unwrap(), before, "not a byte changed");
+        assert!(
+            !dir.path().join("crm.db-wal").exists(),
+            "not switched to WAL"
+        );
+        // Another application's mark is refused even without tables.
+        let q = dir.path().join("other.db");
+        Connection::open(&q)
+            .unwrap()
+            .pragma_update(None, "application_id", 42)
+            .unwrap();
+        assert!(matches!(Store::open(&q), Err(StoreError::Foreign { .. })));
+    }
+
+    #[test]
+    fn a_database_from_an_earlier_adesync_without_the_mark_is_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        let id = |s: &Store| -> i32 {
+            s.conn
+                .query_row("PRAGMA application_id", [], |r| r.get(0))
+                .unwrap()
+        };
+        let s = Store::open(&p).unwrap();
+        assert_eq!(id(&s), APPLICATION_ID, "a new database is marked");
+        s.conn.pragma_update(None, "application_id", 0).unwrap();
+        drop(s);
+        let s = Store::open(&p).unwrap();
+        assert_eq!(
+            id(&s),
+            APPLICATION_ID,
+            "an unmarked adesync database is adopted"
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_gets_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
+        let err = Store::open(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("restore it from a backup") && err.contains("full fetch"),
+            "{err}"
+        );
     }
 
     #[test]
