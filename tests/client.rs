@@ -491,3 +491,37 @@ async fn apples_error_bodies_are_printed_escaped() {
     );
     assert!(text.contains("\\u{1b}[2J"), "{text}");
 }
+
+#[tokio::test]
+async fn records_without_a_usable_serial_are_set_aside_and_the_rest_of_the_page_kept() {
+    let server = MockServer::start().await;
+    session_ok("S1").mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/server/devices"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            r#"{"devices":[
+                {"serial_number":"","model":"iPad"},
+                {"serial_number":"   "},
+                {"serial_number":5},
+                {"model":"no serial at all"},
+                {"serial_number":"C02GOOD","model":"Mac"}
+            ],"cursor":"C1","more_to_follow":false}"#,
+        ))
+        .mount(&server)
+        .await;
+    let page = client(&server, 1).fetch_devices(None, 100).await.unwrap();
+    let serials: Vec<&str> = page
+        .devices
+        .iter()
+        .map(|d| d.device.serial_number.as_str())
+        .collect();
+    assert_eq!(serials, ["C02GOOD"]);
+    assert_eq!(page.refused.len(), 4, "{:?}", page.refused);
+    assert!(page.refused[0].contains("record 1 has an empty serial number"));
+    assert!(
+        page.refused[2].starts_with("record 3 is not a device"),
+        "{:?}",
+        page.refused
+    );
+    assert_eq!(page.cursor, "C1");
+}

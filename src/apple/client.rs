@@ -50,19 +50,61 @@ pub struct ClientSettings {
 pub use crate::config::DEFAULT_MAX_RESPONSE_BYTES;
 
 /// A page of `POST /server/devices` or `POST /devices/sync` (`FetchDeviceResponse`).
-#[derive(Debug, Deserialize)]
+///
+/// Records are read one by one: a record that cannot be a device (no usable serial
+/// number, a field of the wrong type) is set aside in [`DevicePage::refused`] instead of
+/// failing the page, so one malformed record never blocks every later device.
+#[derive(Debug)]
 pub struct DevicePage {
     /// The page's records, in Apple's order.
-    #[serde(default)]
     pub devices: Vec<DeviceRecord>,
     /// Position after this page.
     pub cursor: String,
     /// Progress marker.
-    #[serde(default)]
     pub fetched_until: Option<String>,
     /// True: ask again at once with `cursor`.
-    #[serde(default)]
     pub more_to_follow: bool,
+    /// Records that were not stored, with why (escaped, no values beyond the serial).
+    pub refused: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RawPage<'a> {
+    #[serde(default, borrow)]
+    devices: Vec<&'a serde_json::value::RawValue>,
+    cursor: String,
+    #[serde(default)]
+    fetched_until: Option<String>,
+    #[serde(default)]
+    more_to_follow: bool,
+}
+
+impl<'de> Deserialize<'de> for DevicePage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawPage::deserialize(d)?;
+        let mut devices = Vec::with_capacity(raw.devices.len());
+        let mut refused = Vec::new();
+        for (i, r) in raw.devices.into_iter().enumerate() {
+            match serde_json::from_str::<DeviceRecord>(r.get()) {
+                Ok(rec) if rec.device.serial_number.trim().is_empty() => {
+                    refused.push(format!("record {} has an empty serial number", i + 1))
+                }
+                Ok(rec) => devices.push(rec),
+                Err(e) => refused.push(format!(
+                    "record {} is not a device ({})",
+                    i + 1,
+                    printable(&e.to_string())
+                )),
+            }
+        }
+        Ok(DevicePage {
+            devices,
+            cursor: raw.cursor,
+            fetched_until: raw.fetched_until,
+            more_to_follow: raw.more_to_follow,
+            refused,
+        })
+    }
 }
 
 /// `GET /account` (docs/apple-dep-api.md §4.1), the fields adesync uses; everything else is ignored.

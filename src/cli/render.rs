@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use adesync::model::printable;
 use clap::ValueEnum;
 
 /// Output format of listing commands.
@@ -16,12 +17,19 @@ pub enum Format {
     Csv,
 }
 
-/// Aligned columns, two spaces apart, header first.
+/// Aligned columns, two spaces apart, header first. Cells are printed escaped
+/// ([`printable`]): a device field or an error from outside cannot move the cursor,
+/// clear the screen or fake a line.
 pub fn write_table(
     out: &mut impl Write,
     header: &[&str],
     rows: &[Vec<String>],
 ) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let columns = header.len().max(rows.first().map_or(0, Vec::len));
     let mut widths: Vec<usize> = (0..columns)
         .map(|i| header.get(i).map_or(0, |h| h.chars().count()))
@@ -50,8 +58,17 @@ pub fn write_table(
     Ok(())
 }
 
-/// One CSV cell, quoted when it needs to be.
+/// One CSV cell, quoted when it needs to be; control characters other than line breaks
+/// are escaped ([`printable`]) like everywhere text from outside is shown.
 pub fn csv_cell(s: &str) -> String {
+    let escaped: String = s
+        .chars()
+        .map(|c| match c {
+            '\n' | '\r' => c.to_string(),
+            c => printable(&c.to_string()).into_owned(),
+        })
+        .collect();
+    let s = escaped.as_str();
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

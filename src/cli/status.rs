@@ -131,7 +131,7 @@ pub(super) fn print_status(
             )?;
             for s in statuses {
                 for a in &s.attention {
-                    writeln!(out, "{}: {a}", s.token)?;
+                    writeln!(out, "{}: {}", s.token, adesync::model::printable(a))?;
                 }
             }
         }

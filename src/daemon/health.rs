@@ -28,6 +28,8 @@ pub struct TokenHealth {
     pub errors_by_kind: HashMap<String, u64>,
     /// Events written since start.
     pub events_written: u64,
+    /// Device records Apple sent that could not be stored, since start.
+    pub records_refused: u64,
     /// Runs since start, successful or not.
     pub runs: u64,
 }

@@ -359,6 +359,14 @@ fn render_metrics(
             .map(|(t, n)| (format!("token=\"{}\"", label(t)), *n as f64))
             .collect(),
     );
+    family(
+        "adesync_records_refused_total",
+        "counter",
+        "Device records from Apple skipped because they cannot be stored (no usable serial number), since start.",
+        h.values()
+            .map(|t| (format!("token=\"{}\"", label(&t.name)), t.records_refused as f64))
+            .collect(),
+    );
     out
 }
 

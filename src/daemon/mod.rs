@@ -142,6 +142,7 @@ async fn token_loop(
                 Ok(s) => {
                     h.last_success = Some(SystemTime::now());
                     h.events_written += s.stats.events();
+                    h.records_refused += s.refused;
                     h.last_summary = Some(s.clone());
                     h.last_error = None;
                     h.parked = None;

@@ -100,6 +100,9 @@ pub struct RunSummary {
     pub stats: PageStats,
     /// A full (re-)fetch ran.
     pub fetched: bool,
+    /// Device records Apple sent that could not be stored (no usable serial number, a
+    /// field of the wrong type), skipped with a warning.
+    pub refused: u64,
     /// The pass stopped on Apple's repeated-cursor bug.
     pub stopped_on_same_cursor: bool,
     /// Wall time.
@@ -334,6 +337,11 @@ async fn drive(
                     p(&token.name, summary.pages, summary.records);
                 }
                 tracing::debug!(token = %token.name, ?kind, devices = page.devices.len(), more = page.more_to_follow, "page received");
+                if !page.refused.is_empty() {
+                    summary.refused += page.refused.len() as u64;
+                    tracing::warn!(token = %token.name, refused = page.refused.len(), first = %page.refused[0],
+                        "Apple sent device records that cannot be stored; they were skipped and the rest of the page was stored. If a device is missing, check it in Apple Business/School Manager");
+                }
                 (dedupe_latest(page.devices), page.fetched_until)
             }
             None => (Vec::new(), None),
