@@ -98,8 +98,21 @@ pub struct TokenStatus {
     pub token_expires_at: Option<String>,
     /// Whole days until the token expires; `None` when the token file cannot be read.
     pub token_days_left: Option<i64>,
+    /// When the last full fetch completed.
+    pub last_full_fetch_at: Option<String>,
+    /// Changes the last full *re*-fetch found, i.e. what the sync cursor had missed
+    /// (`None` until a re-fetch, the first fetch being the mirror's start).
+    pub full_fetch_missed: Option<i64>,
     /// What a person must do, if anything.
     pub attention: Vec<String>,
+}
+
+/// The changes a completed full re-fetch found that the sync cursor had missed: the
+/// count of the last full fetch, unless it was the mirror's first.
+pub fn full_fetch_missed(state: &SyncState) -> Option<i64> {
+    (state.cursor.fetch_run > 1)
+        .then_some(state.last_full_fetch_changes)
+        .flatten()
 }
 
 /// What needs a person about a token's expiry, if anything.
@@ -164,7 +177,7 @@ pub fn token_status(
             attention.push("no successful sync yet".into());
         }
         Some(_) if state.last_error.is_none() => {
-            if let Some(age) = overdue(t.schedule, last_success, now) {
+            if let Some(age) = overdue(t.schedule.longest_gap(), last_success, now) {
                 attention.push(format!(
                     "no successful sync for {}: is the daemon running? (`systemctl status adesync`)",
                     human_duration(age)
@@ -189,6 +202,7 @@ pub fn token_status(
             ));
         }
     }
+    let missed = full_fetch_missed(&state);
     TokenStatus {
         token: t.name.clone(),
         phase: if never_ran {
@@ -207,6 +221,8 @@ pub fn token_status(
         deleted_devices: counts.1,
         token_expires_at: expires_at,
         token_days_left: days_left,
+        full_fetch_missed: missed,
+        last_full_fetch_at: state.last_full_fetch_at,
         attention,
     }
 }

@@ -293,3 +293,90 @@ async fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         "no escape sequences in a log written to a pipe: {stderr:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_run_once_between_pages_and_the_next_run_completes() {
+    let env = Env::new(100_000, 1000).await;
+    let mut stopped = false;
+    for delay_ms in [300u64, 600, 900] {
+        let mut cmd = adesync(&env);
+        cmd.args(["run", "--once"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        if out.status.code() == Some(143) {
+            stopped = true;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("stopped by a signal"), "{err}");
+        } else {
+            assert!(
+                out.status.success(),
+                "finished before the signal, or failed: {out:?}"
+            );
+        }
+        let store = env.store();
+        let (added, modified, deleted) = event_counts(&store);
+        assert_eq!(added, store.device_counts("acme").unwrap().0 as usize);
+        assert_eq!((modified, deleted), (0, 0));
+    }
+    assert!(stopped, "SIGTERM never arrived mid-sync");
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (100_000, 0, 0));
+}
+
+#[tokio::test]
+async fn run_once_full_refetches_and_counts_what_the_cursor_missed() {
+    let env = Env::new(60, 100).await;
+    let once = |extra: &'static [&'static str]| {
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]).args(extra);
+        c
+    };
+    assert!(output(once(&[])).await.status.success());
+    // Apple drops three devices without a sync record: the cursor never tells.
+    let gone: Vec<String> = env.mock.serials().into_iter().take(3).collect();
+    assert_eq!(env.mock.remove_silently(&gone), 3);
+    assert!(output(once(&[])).await.status.success());
+    assert_eq!(env.store().device_counts("acme").unwrap().0, 60, "missed");
+    // `--token` must name a configured token.
+    let out = output(once(&["--full", "--token", "nope"])).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("configured: acme"));
+    // A forced full re-fetch reconciles them, with one event each.
+    let out = output(once(&["--full", "--token", "acme"])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (60, 0, 3));
+    // `status` says what the cursor had missed, without calling it a problem.
+    let out = output({
+        let mut c = adesync(&env);
+        c.arg("status");
+        c
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("found 3 change(s) the sync cursor had missed"),
+        "{text}"
+    );
+}

@@ -268,3 +268,54 @@ async fn transient_server_errors_are_retried_within_the_run() {
     assert_eq!(s.stats.added, 250);
     assert_mirrors(&env.store(), &env.mock);
 }
+
+#[tokio::test]
+async fn a_full_fetch_comes_due_on_its_schedule_and_never_with_never() {
+    let env = Env::with(
+        MockConfig {
+            devices: 40,
+            ..Default::default()
+        },
+        100,
+        "full_fetch = \"1h\"\n",
+    )
+    .await;
+    let config = env.config();
+    let first = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(
+        first.fetched && !first.full_refetch,
+        "the first fetch is not a re-fetch"
+    );
+    let again = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(!again.fetched, "not due yet: a sync");
+    // Two hours pass since the last full fetch.
+    let earlier = adesync::model::format_time(chrono::Utc::now() - chrono::Duration::hours(2));
+    set_last_full_fetch(&env, &earlier);
+    let due = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(due.full_refetch && due.fetched);
+    assert_eq!(due.stats.events(), 0, "nothing missed, nothing written");
+    assert_eq!(
+        env.mock.count_requests(Endpoint::FetchDevices),
+        2,
+        "the first fetch and the re-fetch, one page each"
+    );
+    // With "never", no re-fetch however long ago.
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("full_fetch = \"1h\"", "full_fetch = \"never\"");
+    std::fs::write(&env.config_path, text).unwrap();
+    let config = env.config();
+    set_last_full_fetch(&env, "2000-01-01T00:00:00Z");
+    let never = run_token(&config, &config.tokens[0], None).await.unwrap();
+    assert!(!never.full_refetch && !never.fetched);
+}
+
+fn set_last_full_fetch(env: &Env, when: &str) {
+    rusqlite::Connection::open(env.path("adesync.db"))
+        .unwrap()
+        .execute(
+            "UPDATE sync_state SET last_full_fetch_at = ?1 WHERE token_name = 'acme'",
+            [when],
+        )
+        .unwrap();
+}

@@ -65,6 +65,13 @@ pub enum Command {
         /// Sync each token once, then exit.
         #[arg(long)]
         once: bool,
+        /// With --once: a full re-fetch now (every device read again and compared; what
+        /// the sync cursor missed is corrected and counted), whatever `full_fetch` says.
+        #[arg(long, requires = "once")]
+        full: bool,
+        /// With --once: only this token.
+        #[arg(long, requires = "once")]
+        token: Option<String>,
     },
     /// Validate the configuration and print it with secrets left out. Exit 78 if invalid.
     CheckConfig,
@@ -270,11 +277,21 @@ fn init_logging(format: LogFormat, quiet: bool) {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { once } => {
+        Command::Run { once, full, token } => {
             let config = Config::load(&cli.config)?;
+            if let Some(t) = &token {
+                if !config.tokens.iter().any(|c| &c.name == t) {
+                    let names: Vec<&str> = config.tokens.iter().map(|c| c.name.as_str()).collect();
+                    anyhow::bail!(
+                        "--token {t:?}: no such token in {}; configured: {}",
+                        config.source.display(),
+                        names.join(", ")
+                    );
+                }
+            }
             let _lock = lock_database(&config.database)?;
             if once {
-                run_once(&config).await
+                run_once(&config, token, full).await
             } else {
                 adesync::daemon::run(config).await?;
                 Ok(ExitCode::SUCCESS)

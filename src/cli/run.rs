@@ -10,12 +10,51 @@ use adesync::config::Config;
 
 /// `run --once`: every token once, then deliver events to the sinks. On a terminal a
 /// progress line per token shows pages and devices; elsewhere nothing extra is printed.
-pub async fn run_once(config: &Config) -> anyhow::Result<ExitCode> {
+///
+/// SIGTERM or SIGINT stops every pass between pages, as in the daemon: what was committed
+/// stays, the next run continues from there, and the exit status is 143 (SIGTERM) or 130.
+pub async fn run_once(
+    config: &Config,
+    only: Option<String>,
+    full: bool,
+) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
+    use tokio::signal::unix::{signal, SignalKind};
+    let options = adesync::syncer::OnceOptions {
+        only,
+        full,
+        cancel: tokio_util::sync::CancellationToken::new(),
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = options.cancel.clone();
+    let stopped_by = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let by = stopped_by.clone();
+    let watcher = tokio::spawn(async move {
+        let code = tokio::select! {
+            _ = term.recv() => 143,
+            _ = int.recv() => 130,
+        };
+        tracing::info!(
+            "stopping: the passes in flight stop between pages; committed pages are kept"
+        );
+        by.store(code, std::sync::atomic::Ordering::SeqCst);
+        stop.cancel();
+    });
     let bars = std::io::stderr().is_terminal().then(progress_bars);
-    let report = adesync::syncer::run_all_once(config, bars.as_ref().map(|(_, p)| p.clone())).await;
+    let report =
+        adesync::syncer::run_all_once_with(config, bars.as_ref().map(|(_, p)| p.clone()), &options)
+            .await;
+    watcher.abort();
     if let Some((multi, _)) = bars {
         let _ = multi.clear();
+    }
+    let signal_code = stopped_by.load(std::sync::atomic::Ordering::SeqCst);
+    if signal_code != 0 {
+        eprintln!(
+            "stopped by a signal; committed pages are kept and the next run continues from them"
+        );
+        return Ok(ExitCode::from(signal_code));
     }
     adesync::sinks::deliver_all_logged(config).await;
     if report.failed.is_empty() {

@@ -130,6 +130,14 @@ pub(super) fn print_status(
                 &body,
             )?;
             for s in statuses {
+                if let (Some(n), Some(at)) = (s.full_fetch_missed, &s.last_full_fetch_at) {
+                    writeln!(
+                        out,
+                        "{}: the last full re-fetch ({at}) found {n} change(s) the sync cursor had missed{}",
+                        s.token,
+                        if n > 0 { "; they are corrected and their events written" } else { "" }
+                    )?;
+                }
                 for a in &s.attention {
                     writeln!(out, "{}: {}", s.token, adesync::model::printable(a))?;
                 }

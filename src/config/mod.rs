@@ -13,8 +13,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod lenient;
+mod schedule;
 mod sinks;
 pub use lenient::{LenientConfig, TokenFiles};
+pub use schedule::{parse_schedule, parse_timezone, CronSchedule, Schedule};
 pub use sinks::{
     CommandConfig, JsonlTarget, SinkConfig, SinkKind, WebhookConfig, WebhookSecret,
     DEFAULT_EVENT_RETENTION, MAX_BATCH_LIMIT,
@@ -74,6 +76,8 @@ struct RawConfig {
     protocol_version: Option<u32>,
     request_timeout: Option<String>,
     schedule: Option<String>,
+    timezone: Option<String>,
+    full_fetch: Option<String>,
     retry: Option<RawRetry>,
     http: Option<RawHttp>,
     event_retention: Option<String>,
@@ -107,6 +111,8 @@ struct RawToken {
     token_file: PathBuf,
     private_key_file: Option<PathBuf>,
     schedule: Option<String>,
+    timezone: Option<String>,
+    full_fetch: Option<String>,
     api_url: Option<String>,
     page_size: Option<i64>,
     user_agent: Option<String>,
@@ -120,8 +126,12 @@ pub struct Config {
     pub source: PathBuf,
     /// SQLite database file (created if missing).
     pub database: PathBuf,
-    /// Interval between syncs of each token in daemon mode.
-    pub schedule: Duration,
+    /// Default schedule of each token's syncs in daemon mode.
+    pub schedule: Schedule,
+    /// Default schedule of each token's full re-fetch; `None`: never.
+    pub full_fetch: Option<Schedule>,
+    /// The time zone cron expressions are read in.
+    pub timezone: chrono_tz::Tz,
     /// Per-request timeout (connect + response).
     pub request_timeout: Duration,
     /// Retry policy for transient failures.
@@ -177,8 +187,10 @@ pub struct TokenConfig {
     pub user_agent: String,
     /// `X-Server-Protocol-Version` header.
     pub protocol_version: u32,
-    /// Interval between this token's syncs in daemon mode.
-    pub schedule: Duration,
+    /// When this token syncs in daemon mode.
+    pub schedule: Schedule,
+    /// When this token's full re-fetch is due; `None`: never.
+    pub full_fetch: Option<Schedule>,
 }
 
 impl fmt::Debug for TokenConfig {
@@ -191,7 +203,11 @@ impl fmt::Debug for TokenConfig {
             .field("page_size", &self.page_size)
             .field("user_agent", &self.user_agent)
             .field("protocol_version", &self.protocol_version)
-            .field("schedule", &self.schedule)
+            .field("schedule", &self.schedule.to_config_text())
+            .field(
+                "full_fetch",
+                &self.full_fetch.as_ref().map(Schedule::to_config_text),
+            )
             .finish()
     }
 }
@@ -279,8 +295,22 @@ impl Config {
             None => DEFAULT_MAX_RESPONSE_BYTES,
             Some(v) => byte_size(v).map_err(|r| invalid("max_response_size", r))?,
         };
-        let schedule = check_schedule(raw.schedule.as_deref(), DEFAULT_SCHEDULE)
-            .map_err(|r| invalid("schedule", r))?;
+        let timezone = match raw.timezone.as_deref() {
+            None => chrono_tz::UTC,
+            Some(t) => parse_timezone(t).map_err(|r| invalid("timezone", r))?,
+        };
+        let schedule = check_schedule(
+            raw.schedule.as_deref(),
+            &Schedule::Interval(DEFAULT_SCHEDULE),
+            timezone,
+        )
+        .map_err(|r| invalid("schedule", r))?;
+        let full_fetch = check_full_fetch(
+            raw.full_fetch.as_deref(),
+            &Some(Schedule::Interval(DEFAULT_FULL_FETCH)),
+            timezone,
+        )
+        .map_err(|r| invalid("full_fetch", r))?;
         let http_listen = match raw.http {
             Some(h) if h.enabled.unwrap_or(true) => {
                 let text = h.listen.unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_owned());
@@ -366,8 +396,23 @@ impl Config {
             };
             let ua = t.user_agent.unwrap_or_else(|| user_agent.clone());
             check_user_agent(&ua).map_err(|r| invalid(&key("user_agent"), r))?;
-            let token_schedule = check_schedule(t.schedule.as_deref(), schedule)
-                .map_err(|r| invalid(&key("schedule"), r))?;
+            let tz = match t.timezone.as_deref() {
+                None => timezone,
+                Some(text) => parse_timezone(text).map_err(|r| invalid(&key("timezone"), r))?,
+            };
+            // A token's own time zone applies to the schedules it inherits as written.
+            let token_schedule = check_schedule(
+                t.schedule.as_deref().or(raw.schedule.as_deref()),
+                &schedule,
+                tz,
+            )
+            .map_err(|r| invalid(&key("schedule"), r))?;
+            let token_full_fetch = check_full_fetch(
+                t.full_fetch.as_deref().or(raw.full_fetch.as_deref()),
+                &full_fetch,
+                tz,
+            )
+            .map_err(|r| invalid(&key("full_fetch"), r))?;
             let pv = t.protocol_version.unwrap_or(protocol_version);
             check_protocol(pv).map_err(|r| invalid(&key("protocol_version"), r))?;
             tokens.push(TokenConfig {
@@ -379,6 +424,7 @@ impl Config {
                 user_agent: ua,
                 protocol_version: pv,
                 schedule: token_schedule,
+                full_fetch: token_full_fetch,
             });
         }
 
@@ -402,6 +448,8 @@ impl Config {
             source: path.to_owned(),
             database,
             schedule,
+            full_fetch,
+            timezone,
             request_timeout,
             retry,
             max_response_bytes,
@@ -422,10 +470,14 @@ impl Config {
             self.source.display()
         );
         let _ = writeln!(s, "database = {:?}", self.database.display().to_string());
+        let _ = writeln!(s, "schedule = {:?}", self.schedule.to_config_text());
+        let _ = writeln!(s, "timezone = {:?}", self.timezone.name());
         let _ = writeln!(
             s,
-            "schedule = {:?}",
-            humantime::format_duration(self.schedule).to_string()
+            "full_fetch = {:?}",
+            self.full_fetch
+                .as_ref()
+                .map_or("never".to_owned(), Schedule::to_config_text)
         );
         let _ = writeln!(
             s,
@@ -470,11 +522,17 @@ impl Config {
             let _ = writeln!(s, "page_size = {}", t.page_size);
             let _ = writeln!(s, "user_agent = {:?}", t.user_agent);
             let _ = writeln!(s, "protocol_version = {}", t.protocol_version);
+            let _ = writeln!(s, "schedule = {:?}", t.schedule.to_config_text());
             let _ = writeln!(
                 s,
-                "schedule = {:?}",
-                humantime::format_duration(t.schedule).to_string()
+                "full_fetch = {:?}",
+                t.full_fetch
+                    .as_ref()
+                    .map_or("never".to_owned(), Schedule::to_config_text)
             );
+            if let Schedule::Cron(c) = &t.schedule {
+                let _ = writeln!(s, "timezone = {:?}", c.timezone.name());
+            }
         }
         for k in &self.sinks {
             sinks::sink_to_toml(&mut s, k);
@@ -596,13 +654,14 @@ fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
 
 /// The daemon's default interval between syncs of a token.
 pub const DEFAULT_SCHEDULE: Duration = Duration::from_secs(15 * 60);
+/// The default interval between full re-fetches that catch what the sync cursor missed.
+pub const DEFAULT_FULL_FETCH: Duration = Duration::from_secs(7 * 86_400);
 /// Where the HTTP listener binds when `[http]` is enabled without `listen`.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 
 /// A schedule is an interval ("15m"). It must be short enough that Apple's 7-day cursor
 /// never expires between syncs, even after a few failed runs: at most 24h.
-fn check_schedule(text: Option<&str>, default: Duration) -> Result<Duration, String> {
-    let d = duration(text, default)?;
+fn check_interval(d: Duration) -> Result<Duration, String> {
     if d < Duration::from_secs(10) || d > Duration::from_secs(24 * 3600) {
         return Err(format!(
             "{} is outside 10s..=24h: Apple's sync cursor expires after 7 days, and syncing at least daily keeps it alive",
@@ -610,6 +669,42 @@ fn check_schedule(text: Option<&str>, default: Duration) -> Result<Duration, Str
         ));
     }
     Ok(d)
+}
+
+/// A sync `schedule`: an interval of 10s..=24h, or a cron expression that fires at most
+/// every 10 s and leaves at most 3 days between runs (a weekday schedule's weekend), so
+/// Apple's 7-day cursor outlives a gap plus a failed run or two.
+fn check_schedule(
+    text: Option<&str>,
+    default: &Schedule,
+    tz: chrono_tz::Tz,
+) -> Result<Schedule, String> {
+    let Some(text) = text else {
+        return Ok(default.clone());
+    };
+    match parse_schedule(
+        text,
+        tz,
+        Duration::from_secs(10),
+        Some(Duration::from_secs(3 * 86_400)),
+    )? {
+        Schedule::Interval(d) => check_interval(d).map(Schedule::Interval),
+        cron => Ok(cron),
+    }
+}
+
+/// `full_fetch`: `"never"`, an interval of at least an hour, or a cron expression firing at
+/// most hourly.
+fn check_full_fetch(
+    text: Option<&str>,
+    default: &Option<Schedule>,
+    tz: chrono_tz::Tz,
+) -> Result<Option<Schedule>, String> {
+    match text.map(str::trim) {
+        None => Ok(default.clone()),
+        Some("never") => Ok(None),
+        Some(t) => parse_schedule(t, tz, Duration::from_secs(3600), None).map(Some),
+    }
 }
 
 /// Checks a token or sink name: 1-64 characters of a-z, 0-9, `_` and `-`.
@@ -715,7 +810,7 @@ pub(crate) mod tests {
         assert_eq!(c.tokens[0].page_size, 1000);
         assert_eq!(c.tokens[0].protocol_version, 7);
         assert!(c.tokens[0].user_agent.starts_with("adesync/"));
-        assert_eq!(c.schedule, Duration::from_secs(900));
+        assert_eq!(c.schedule.longest_gap(), Duration::from_secs(900));
     }
 
     #[test]
@@ -775,6 +870,19 @@ pub(crate) mod tests {
                 "request_timeout",
             ),
             (format!("schedule = \"9s\"\n{MINIMAL}"), "schedule"),
+            (
+                format!("schedule = \"0 0 2 * * Sun\"\n{MINIMAL}"),
+                "schedule",
+            ),
+            (
+                format!("timezone = \"Atlantis/Capital\"\n{MINIMAL}"),
+                "timezone",
+            ),
+            (format!("full_fetch = \"10m\"\n{MINIMAL}"), "full_fetch"),
+            (
+                format!("{MINIMAL}schedule = \"0 0 2 * *\"\n"),
+                "tokens[0].schedule",
+            ),
             (
                 format!("max_response_size = 10\n{MINIMAL}"),
                 "max_response_size",
@@ -855,8 +963,9 @@ pub(crate) mod tests {
                     [http]\nlisten = \"0.0.0.0:9464\"\nallow_public = true\n\
                     [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n";
         let c = parse(&dir, text).unwrap();
+        assert!(matches!(c.full_fetch, Some(Schedule::Interval(d)) if d == DEFAULT_FULL_FETCH));
         assert_eq!(c.request_timeout, Duration::from_secs(1));
-        assert_eq!(c.schedule, Duration::from_secs(10));
+        assert_eq!(c.schedule.longest_gap(), Duration::from_secs(10));
         assert_eq!(c.retry.initial_delay, c.retry.max_delay);
         assert_eq!(c.max_response_bytes, 4 * 1024 * 1024);
         assert!(c.to_redacted_toml().contains("allow_public = true"));
@@ -868,6 +977,43 @@ pub(crate) mod tests {
         .unwrap_err()
         .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn cron_schedules_read_in_the_configured_time_zone() {
+        let dir = dir_with_token();
+        let text = "database = \"a.db\"\ntimezone = \"Europe/Berlin\"\nschedule = \"0 0 2 * * *\"\nfull_fetch = \"0 0 3 * * Sun\"\n\
+                    [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n\
+                    [[tokens]]\nname = \"tokyo\"\ntoken_file = \"acme.json\"\ntimezone = \"Asia/Tokyo\"\nfull_fetch = \"never\"\n";
+        let c = parse(&dir, text).unwrap();
+        match (&c.tokens[0].schedule, &c.tokens[1].schedule) {
+            (Schedule::Cron(a), Schedule::Cron(b)) => {
+                assert_eq!(a.timezone, chrono_tz::Europe::Berlin);
+                assert_eq!(b.timezone, chrono_tz::Asia::Tokyo, "a token's own zone");
+                let t = chrono::DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z")
+                    .unwrap()
+                    .with_timezone(&chrono::Utc);
+                // 02:00 in Berlin (summer, UTC+2) is 00:00 UTC; in Tokyo (UTC+9) 17:00 UTC.
+                assert_eq!(
+                    a.next_after(t).unwrap().to_rfc3339(),
+                    "2026-06-02T00:00:00+00:00"
+                );
+                assert_eq!(
+                    b.next_after(t).unwrap().to_rfc3339(),
+                    "2026-06-01T17:00:00+00:00"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.tokens[0].full_fetch.is_some());
+        assert!(c.tokens[1].full_fetch.is_none());
+        let shown = c.to_redacted_toml();
+        assert!(
+            shown.contains("schedule = \"0 0 2 * * *\"")
+                && shown.contains("timezone = \"Europe/Berlin\""),
+            "{shown}"
+        );
+        assert!(parse(&dir, &shown).is_ok(), "the shown config reads back");
     }
 
     #[test]

@@ -201,12 +201,6 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     }
 }
 
-fn unix(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 fn rfc3339_unix(s: &str) -> Option<f64> {
     crate::model::parse_time(s).map(|t| t.timestamp_millis() as f64 / 1000.0)
 }
@@ -360,6 +354,18 @@ fn render_metrics(
             .collect(),
     );
     family(
+        "adesync_full_fetch_missed_changes",
+        "gauge",
+        "Changes the last full re-fetch found that the sync cursor had missed.",
+        view.states
+            .iter()
+            .filter_map(|st| {
+                let n = crate::status::full_fetch_missed(st)?;
+                Some((format!("token=\"{}\"", label(&st.token_name)), n as f64))
+            })
+            .collect(),
+    );
+    family(
         "adesync_records_refused_total",
         "counter",
         "Device records from Apple skipped because they cannot be stored (no usable serial number), since start.",
@@ -370,36 +376,33 @@ fn render_metrics(
     out
 }
 
-/// Why a token is unhealthy, or `None` when it synced within its expected interval.
-pub fn token_problem(
+/// Why a token is unhealthy, or `None` when it synced within its expected interval
+/// (the one overdue rule, [`crate::status::overdue`]).
+pub(crate) fn token_problem(
     name: &str,
-    schedule: Duration,
+    schedule: &crate::config::Schedule,
     state: Option<&SyncState>,
     parked: Option<&str>,
-    now: SystemTime,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Option<String> {
     if let Some(p) = parked {
         return Some(format!("{name}: parked: {p}"));
     }
     let last = state
         .and_then(|s| s.last_success_at.as_deref())
-        .and_then(rfc3339_unix);
-    let Some(last) = last else {
+        .and_then(crate::model::parse_time);
+    if last.is_none() {
         return Some(format!("{name}: has not synced successfully yet"));
-    };
-    // Expected: a sync every `schedule` (+10% jitter), plus time for the sync itself.
-    let allowed = schedule.as_secs_f64() * 2.0 + 300.0;
-    let age = unix(now) - last;
-    if age > allowed {
-        let err = state
-            .and_then(|s| s.last_error.as_deref())
-            .unwrap_or("no error recorded");
-        return Some(format!(
-            "{name}: last successful sync {:.0}s ago (expected within {:.0}s); last error: {err}",
-            age, allowed
-        ));
     }
-    None
+    let age = crate::status::overdue(schedule.longest_gap(), last, now)?;
+    let err = state
+        .and_then(|s| s.last_error.as_deref())
+        .unwrap_or("no error recorded");
+    Some(format!(
+        "{name}: last successful sync {} ago (expected within {}); last error: {err}",
+        crate::status::human_duration(age),
+        crate::status::human_duration(crate::status::allowed_gap(schedule.longest_gap()))
+    ))
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
@@ -413,7 +416,7 @@ async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
         }
     };
     let h = app.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let now = SystemTime::now();
+    let now = chrono::Utc::now();
     let problems: Vec<String> = app
         .config
         .tokens
@@ -421,7 +424,7 @@ async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
         .filter_map(|t| {
             let state = view.states.iter().find(|s| s.token_name == t.name);
             let parked = h.get(&t.name).and_then(|x| x.parked.as_deref());
-            token_problem(&t.name, t.schedule, state, parked, now)
+            token_problem(&t.name, &t.schedule, state, parked, now)
         })
         .collect();
     if problems.is_empty() {

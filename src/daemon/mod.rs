@@ -13,16 +13,17 @@
 //!   so nothing committed is lost and nothing half-written is kept.
 //! - systemd: READY=1 once the database is open, WATCHDOG=1 pings, STATUS= after each run.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, TokenConfig};
+use crate::config::{Config, Schedule, TokenConfig};
 use crate::syncer::{RunSummary, SyncError};
 
 mod health;
@@ -76,8 +77,47 @@ pub(crate) fn jittered(base: Duration) -> Duration {
     base + Duration::from_millis(rand::rng().random_range(0..=max))
 }
 
+/// Per token with a cron schedule: rung by `tokio-cron-scheduler` at each occurrence.
+pub(crate) type Ticks = HashMap<String, Arc<Notify>>;
+
+/// Starts `tokio-cron-scheduler` with one job per cron-scheduled token, each ringing that
+/// token's [`Notify`]. Interval tokens need no job: their loop keeps its own time.
+pub(crate) async fn start_cron(
+    tokens: &[TokenConfig],
+) -> anyhow::Result<(Option<tokio_cron_scheduler::JobScheduler>, Ticks)> {
+    let mut ticks = Ticks::new();
+    let crons: Vec<_> = tokens
+        .iter()
+        .filter_map(|t| match &t.schedule {
+            Schedule::Cron(c) => Some((t.name.clone(), (**c).clone())),
+            Schedule::Interval(_) => None,
+        })
+        .collect();
+    if crons.is_empty() {
+        return Ok((None, ticks));
+    }
+    let scheduler = tokio_cron_scheduler::JobScheduler::new().await?;
+    for (name, cron) in crons {
+        let tick = Arc::new(Notify::new());
+        ticks.insert(name.clone(), tick.clone());
+        let job = tokio_cron_scheduler::Job::new_async_tz(
+            cron.expr.as_str(),
+            cron.timezone,
+            move |_, _| {
+                let tick = tick.clone();
+                Box::pin(async move { tick.notify_one() })
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("token \"{name}\": cannot schedule {:?}: {e}", cron.expr))?;
+        scheduler.add(job).await?;
+    }
+    scheduler.start().await?;
+    Ok((Some(scheduler), ticks))
+}
+
 /// The scheduler: one loop per token until `shutdown` is cancelled. `sync_now` wakes every
-/// loop at once (SIGHUP). Returns when every loop has stopped.
+/// loop at once (SIGHUP); a cron-scheduled token also wakes at its tick. Returns when every
+/// loop has stopped.
 pub(crate) async fn schedule(
     tokens: Vec<TokenConfig>,
     runner: Runner,
@@ -85,6 +125,7 @@ pub(crate) async fn schedule(
     sync_now: watch::Receiver<u64>,
     shutdown: CancellationToken,
     on_run: OnRun,
+    ticks: Ticks,
 ) {
     let permits = Arc::new(Semaphore::new(crate::syncer::MAX_CONCURRENT_TOKENS));
     let mut loops = tokio::task::JoinSet::new();
@@ -96,8 +137,9 @@ pub(crate) async fn schedule(
                 ..TokenHealth::default()
             },
         );
+        let tick = ticks.get(&token.name).cloned();
         loops.spawn(token_loop(
-            token,
+            (token, tick),
             runner.clone(),
             health.clone(),
             sync_now.clone(),
@@ -110,7 +152,7 @@ pub(crate) async fn schedule(
 }
 
 async fn token_loop(
-    token: TokenConfig,
+    (token, tick): (TokenConfig, Option<Arc<Notify>>),
     runner: Runner,
     health: Health,
     mut sync_now: watch::Receiver<u64>,
@@ -157,7 +199,9 @@ async fn token_loop(
             }
         });
         on_run(&token.name, &outcome);
-        let delay = next_delay(token.schedule, &outcome, failures);
+        let delay = next_delay(token.schedule.longest_gap(), &outcome, failures);
+        // A cron token that succeeded waits for its next occurrence, not a timer.
+        let wait_for_tick = tick.is_some() && outcome.is_ok();
         if parked {
             tracing::error!(token = %token.name, retry_in = %crate::status::human_duration(delay),
                 "token parked until an administrator acts (see `adesync status`); a new token file is picked up at once");
@@ -169,7 +213,11 @@ async fn token_loop(
         tokio::pin!(sleep);
         loop {
             tokio::select! {
-                _ = &mut sleep => break,
+                _ = &mut sleep, if !wait_for_tick => break,
+                _ = async { tick.as_ref().expect("guarded").notified().await }, if tick.is_some() => {
+                    tracing::debug!(token = %token.name, "scheduled run");
+                    break;
+                }
                 changed = sync_now.changed() => {
                     if changed.is_err() { return; }
                     tracing::info!(token = %token.name, "sync requested");
@@ -270,6 +318,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    let (cron, ticks) = start_cron(&config.tokens).await?;
     let sched = tokio::spawn(schedule(
         config.tokens.clone(),
         runner,
@@ -277,6 +326,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sync_now_rx,
         shutdown.clone(),
         on_run,
+        ticks,
     ));
 
     loop {
@@ -292,6 +342,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     // Passes in flight stop between pages; their writers commit what they hold.
+    if let Some(mut cron) = cron {
+        let _ = cron.shutdown().await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(20), sched).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), sinks).await;
     tracing::info!("stopped");
@@ -364,7 +417,8 @@ mod tests {
             page_size: 100,
             user_agent: "t".into(),
             protocol_version: 7,
-            schedule: Duration::from_secs(schedule_secs),
+            schedule: Schedule::Interval(Duration::from_secs(schedule_secs)),
+            full_fetch: None,
         }
     }
 
@@ -433,6 +487,7 @@ mod tests {
             rx,
             shutdown.clone(),
             Arc::new(|_, _| {}),
+            Ticks::default(),
         ));
         tokio::time::sleep(Duration::from_secs(3 * 3600 + 60)).await;
         shutdown.cancel();
@@ -491,6 +546,7 @@ mod tests {
             rx,
             shutdown.clone(),
             Arc::new(|_, _| {}),
+            Ticks::default(),
         ));
         tokio::time::sleep(Duration::from_secs(600)).await;
         tx.send_modify(|n| *n += 1);
@@ -514,6 +570,7 @@ mod tests {
             rx,
             shutdown.clone(),
             Arc::new(|_, _| {}),
+            Ticks::default(),
         ));
         tokio::time::sleep(Duration::from_secs(60)).await;
         shutdown.cancel();
@@ -521,6 +578,30 @@ mod tests {
             .await
             .expect("stops at once")
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokio_cron_scheduler_rings_a_cron_tokens_tick_at_each_occurrence() {
+        let every_second = crate::config::parse_schedule(
+            "* * * * * *",
+            chrono_tz::UTC,
+            Duration::from_secs(1),
+            None,
+        )
+        .unwrap();
+        let mut cron_token = token("cron", 60);
+        cron_token.schedule = every_second;
+        let (scheduler, ticks) = start_cron(&[cron_token, token("interval", 60)])
+            .await
+            .unwrap();
+        assert_eq!(ticks.len(), 1, "only the cron token gets a job");
+        let tick = ticks["cron"].clone();
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(5), tick.notified())
+                .await
+                .expect("a tick within the next occurrences");
+        }
+        scheduler.unwrap().shutdown().await.unwrap();
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct SyncState {
     pub last_error_kind: Option<String>,
     /// When it failed.
     pub last_error_at: Option<String>,
+    /// When the last full fetch completed.
+    pub last_full_fetch_at: Option<String>,
+    /// How many changes (events) that full fetch found.
+    pub last_full_fetch_changes: Option<i64>,
 }
 
 pub(super) fn upsert_state(
@@ -53,7 +57,10 @@ pub(super) fn upsert_state(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (token_name) DO UPDATE SET phase = excluded.phase, cursor = excluded.cursor,
              fetch_run = excluded.fetch_run, cursor_at = excluded.cursor_at,
-             fetched_until = COALESCE(excluded.fetched_until, sync_state.fetched_until)",
+             fetched_until = COALESCE(excluded.fetched_until, sync_state.fetched_until),
+             -- A fetch starting from the beginning starts its count of changes afresh.
+             fetch_changes = CASE WHEN excluded.phase = 'fetch' AND excluded.cursor IS NULL
+                                  THEN 0 ELSE sync_state.fetch_changes END",
     )?
     .execute(params![
         token,
@@ -73,7 +80,8 @@ impl Store {
             .conn
             .query_row(
                 "SELECT phase, cursor, fetch_run, cursor_at, fetched_until, last_run_at,
-                        last_success_at, last_error, last_error_kind, last_error_at
+                        last_success_at, last_error, last_error_kind, last_error_at,
+                        last_full_fetch_at, last_full_fetch_changes
                  FROM sync_state WHERE token_name = ?1",
                 [token],
                 |r| {
@@ -91,6 +99,8 @@ impl Store {
                         last_error: r.get(7)?,
                         last_error_kind: r.get(8)?,
                         last_error_at: r.get(9)?,
+                        last_full_fetch_at: r.get(10)?,
+                        last_full_fetch_changes: r.get(11)?,
                     })
                 },
             )
@@ -110,6 +120,8 @@ impl Store {
             last_error: None,
             last_error_kind: None,
             last_error_at: None,
+            last_full_fetch_at: None,
+            last_full_fetch_changes: None,
         }))
     }
 
@@ -164,4 +176,28 @@ impl Store {
         };
         result.map(drop).map_err(self.err("record run result"))
     }
+}
+
+/// Counts a fetch page's changes into the fetch in progress; when the page completes the
+/// fetch, records its time and total (reconciliation's deletions included).
+pub(super) fn count_fetch_changes(
+    conn: &Connection,
+    token: &str,
+    changes: u64,
+    completes: bool,
+    now: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE sync_state SET fetch_changes = fetch_changes + ?2 WHERE token_name = ?1",
+    )?
+    .execute(params![token, changes as i64])?;
+    if completes {
+        conn.prepare_cached(
+            "UPDATE sync_state SET last_full_fetch_at = ?2, last_full_fetch_changes = fetch_changes,
+                 fetch_changes = 0
+             WHERE token_name = ?1",
+        )?
+        .execute(params![token, now])?;
+    }
+    Ok(())
 }

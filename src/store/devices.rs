@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
+use super::cursors::count_fetch_changes;
 use super::events::PageEvents;
 use super::{insert_many, upsert_state, CursorState, Store, StoreError};
 use crate::events::{decide, Decision, Known};
@@ -317,6 +318,15 @@ pub(super) fn write_page(
 
     events.insert(tx, page.token, page.now)?;
     upsert_state(tx, page.token, &page.next, page.fetched_until, page.now)?;
+    if page.kind == Phase::Fetch {
+        count_fetch_changes(
+            tx,
+            page.token,
+            stats.events(),
+            page.completes_fetch,
+            page.now,
+        )?;
+    }
     Ok(stats)
 }
 

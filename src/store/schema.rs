@@ -123,6 +123,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
         retry_at          TEXT
     );
     "#,
+    // 2: periodic full re-fetch. When the last full fetch completed and how many changes
+    // it found (on a mirror that was already complete: what the sync cursor had missed);
+    // the running count of the fetch in progress commits with each of its pages.
+    r#"
+    ALTER TABLE sync_state ADD COLUMN last_full_fetch_at TEXT;
+    ALTER TABLE sync_state ADD COLUMN last_full_fetch_changes INTEGER;
+    ALTER TABLE sync_state ADD COLUMN fetch_changes INTEGER NOT NULL DEFAULT 0;
+    UPDATE sync_state SET last_full_fetch_at = last_success_at WHERE phase = 'sync';
+    "#,
 ];
 
 impl Store {

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apple::{ApiError, AppleClient, ClientSettings, CursorError, DevicePage};
 use crate::config::{Config, TokenConfig};
 use crate::model::{dedupe_latest, format_time, ErrorKind, Phase};
-use crate::store::{CursorState, PageStats, Store, StoreError};
+use crate::store::{CursorState, PageStats, Store, StoreError, SyncState};
 use crate::token::TokenError;
 
 mod checks;
@@ -103,6 +103,8 @@ pub struct RunSummary {
     /// Device records Apple sent that could not be stored (no usable serial number, a
     /// field of the wrong type), skipped with a warning.
     pub refused: u64,
+    /// The pass began a full re-fetch (`--full` or the `full_fetch` schedule).
+    pub full_refetch: bool,
     /// The pass stopped on Apple's repeated-cursor bug.
     pub stopped_on_same_cursor: bool,
     /// Wall time.
@@ -111,6 +113,33 @@ pub struct RunSummary {
 
 /// Progress callback for a terminal: (token, pages, records) so far in this run.
 pub type Progress = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// Why a full re-fetch starts in this run, if one does: `adesync run --once --full`, or
+/// the token's `full_fetch` schedule came due since the last completed full fetch. A
+/// fetch already in progress simply continues.
+fn full_fetch_due(
+    token: &TokenConfig,
+    state: &SyncState,
+    force: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<&'static str> {
+    if state.cursor.phase != Phase::Sync {
+        return None;
+    }
+    if force {
+        return Some("requested");
+    }
+    let last = state
+        .last_full_fetch_at
+        .as_deref()
+        .or(state.last_success_at.as_deref())
+        .and_then(crate::model::parse_time)?;
+    token
+        .full_fetch
+        .as_ref()
+        .is_some_and(|f| f.due(last, now))
+        .then_some("scheduled by full_fetch")
+}
 
 /// Settings for the Apple client of one token.
 pub(crate) fn client_settings(config: &Config, token: &TokenConfig) -> ClientSettings {
@@ -142,10 +171,22 @@ pub async fn run_token_cancellable(
     progress: Option<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RunSummary, SyncError> {
+    run_token_with(config, token, progress, cancel, false).await
+}
+
+/// [`run_token_cancellable`], with `force_full`: start a full re-fetch now (unless one
+/// is already in progress), whatever the token's `full_fetch` schedule says.
+pub async fn run_token_with(
+    config: &Config,
+    token: &TokenConfig,
+    progress: Option<Progress>,
+    cancel: &CancellationToken,
+    force_full: bool,
+) -> Result<RunSummary, SyncError> {
     let started = Instant::now();
     let db = config.database.clone();
     let name = token.name.clone();
-    let result = run_inner(config, token, progress, started, cancel).await;
+    let result = run_inner(config, token, progress, started, cancel, force_full).await;
     if matches!(result, Err(SyncError::Cancelled)) {
         return result;
     }
@@ -182,6 +223,7 @@ async fn run_inner(
     progress: Option<Progress>,
     started: Instant,
     cancel: &CancellationToken,
+    force_full: bool,
 ) -> Result<RunSummary, SyncError> {
     // Re-read the token file every run, so a renewed token takes effect without a restart;
     // refuse an expired token before any call to Apple.
@@ -197,13 +239,15 @@ async fn run_inner(
 
     let db = config.database.clone();
     let name = token.name.clone();
-    let (store, initial) = blocking(move || -> Result<(Store, CursorState), StoreError> {
+    let (store, state) = blocking(move || -> Result<(Store, SyncState), StoreError> {
         let mut store = Store::open(&db)?;
         store.record_run_start(&name, &format_time(chrono::Utc::now()))?;
-        let state = store.sync_state(&name)?.cursor;
+        let state = store.sync_state(&name)?;
         Ok((store, state))
     })
     .await??;
+    let mut initial = state.cursor.clone();
+    let refetch = full_fetch_due(token, &state, force_full, chrono::Utc::now());
 
     // Two pages in flight at most: one being committed, one downloaded ahead.
     let (tx, rx) = mpsc::channel::<WriterMsg>(1);
@@ -214,6 +258,19 @@ async fn run_inner(
         token: token.name.clone(),
         ..RunSummary::default()
     };
+    if let Some(why) = refetch {
+        // A new full fetch from the beginning; its completion reconciles, as after an
+        // expired cursor, and the changes it finds are what the sync cursor had missed.
+        initial = CursorState {
+            phase: Phase::Fetch,
+            cursor: None,
+            fetch_run: initial.fetch_run + 1,
+        };
+        tracing::info!(token = %token.name, reason = why,
+            "full re-fetch: every device is read again and compared with the mirror; what the sync cursor missed is corrected and counted");
+        send(&tx, WriterMsg::Cursor(initial.clone())).await?;
+        summary.full_refetch = true;
+    }
     let driven = drive(
         &client,
         token,
@@ -401,11 +458,39 @@ pub(crate) const MAX_CONCURRENT_TOKENS: usize = 4;
 
 /// Syncs every token once, concurrently (bounded); one failing token never stops the others.
 pub async fn run_all_once(config: &Config, progress: Option<Progress>) -> OnceReport {
+    run_all_once_with(config, progress, &OnceOptions::default()).await
+}
+
+/// What `adesync run --once` was asked for besides the config.
+#[derive(Clone, Debug, Default)]
+pub struct OnceOptions {
+    /// Only this token (`--token`).
+    pub only: Option<String>,
+    /// A full re-fetch of each token now (`--full`).
+    pub full: bool,
+    /// Stops every pass between pages (SIGTERM); committed pages are kept.
+    pub cancel: CancellationToken,
+}
+
+/// [`run_all_once`] with options. A pass stopped by `cancel` is reported as failed with
+/// [`SyncError::Cancelled`].
+pub async fn run_all_once_with(
+    config: &Config,
+    progress: Option<Progress>,
+    options: &OnceOptions,
+) -> OnceReport {
     use futures_util::stream::{self, StreamExt};
-    let results: Vec<(String, Result<RunSummary, SyncError>)> = stream::iter(config.tokens.iter())
+    let tokens = config
+        .tokens
+        .iter()
+        .filter(|t| options.only.as_deref().is_none_or(|o| o == t.name));
+    let results: Vec<(String, Result<RunSummary, SyncError>)> = stream::iter(tokens)
         .map(|t| {
             let progress = progress.clone();
-            async move { (t.name.clone(), run_token(config, t, progress).await) }
+            async move {
+                let r = run_token_with(config, t, progress, &options.cancel, options.full).await;
+                (t.name.clone(), r)
+            }
         })
         .buffer_unordered(MAX_CONCURRENT_TOKENS)
         .collect()
