@@ -380,3 +380,97 @@ async fn run_once_full_refetches_and_counts_what_the_cursor_missed() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_limit_0_prints_none_and_follow_drains_a_backlog_first() {
+    let env = Env::new(300, 100).await;
+    let mut once = adesync(&env);
+    once.args(["run", "--once"]);
+    assert!(output(once).await.status.success());
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["events", "--limit", "0", "--format", "json"]);
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 0);
+
+    // --follow with a small --limit: the 300-event backlog is printed at once, not 10
+    // every half second.
+    let mut c = adesync(&env);
+    c.args(["events", "--follow", "--limit", "10", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().take(300).count()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    let lines = reader.join().unwrap();
+    assert_eq!(
+        lines, 300,
+        "the whole backlog within 3 s (paced, it would take 15 s)"
+    );
+}
+
+#[tokio::test]
+async fn the_run_lock_follows_symlinks_to_the_real_database() {
+    let env = Env::new(5, 100).await;
+    let real = env.path("adesync.db");
+    std::fs::write(&real, b"").unwrap();
+    let link = env.path("via-link.db");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("database = \"adesync.db\"", "database = \"via-link.db\"");
+    std::fs::write(&env.config_path, text).unwrap();
+    // Another process syncs the real file.
+    let lock = std::fs::File::create(env.path("adesync.db.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another adesync process"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn with_json_logs_the_final_error_is_json_too() {
+    let out = output({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_adesync"));
+        c.args([
+            "--log-format",
+            "json",
+            "--config",
+            "/nonexistent/a.toml",
+            "check-config",
+        ]);
+        c
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(v["level"], "ERROR");
+    let error = v["fields"]["error"].as_str().unwrap();
+    assert!(error.contains("/nonexistent/a.toml"), "{v}");
+    assert_eq!(
+        error.matches("os error 2").count(),
+        1,
+        "the cause once: {error}"
+    );
+}

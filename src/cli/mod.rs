@@ -232,19 +232,39 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.log_format == LogFormat::Json;
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         // The reader went away (`adesync events | head`): not an error, nothing to say.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
+            let message = describe(&e);
+            if json {
+                // Log shippers get the final error in the same format as every other line.
+                tracing::error!(error = %message, "adesync failed");
+            } else {
+                eprintln!("error: {message}");
+            }
             if e.downcast_ref::<ConfigError>().is_some() {
-                eprintln!("error: {e:#}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: a message that already quotes its cause
+/// (`cannot read X: No such file (os error 2)`) is not followed by it again.
+fn describe(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !message.contains(&c) {
+            message.push_str(": ");
+            message.push_str(&c);
+        }
+    }
+    adesync::model::printable(&message).into_owned()
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -401,6 +421,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                     None,
                     limit,
                 )?;
+                let caught_up = (events.len() as u64) < limit;
                 if !events.is_empty() || header {
                     print_events(&events, format, header)?;
                     header = false;
@@ -409,7 +430,10 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                 if !follow {
                     return Ok(ExitCode::SUCCESS);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(500));
+                // A backlog is drained at once; only a caught-up reader waits.
+                if caught_up || limit == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
             }
         }
         Command::Device {
@@ -435,7 +459,13 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
         }
         Command::Status { format } => {
             let config = Config::load_for_reports(config_path)?;
-            let store = Store::open(&config.database)?;
+            // Read-only when there is a database (a monitoring user may not write it);
+            // before the first sync an empty one is made, and every token says so.
+            let store = if config.database.exists() {
+                Store::open_read_only(&config.database)?
+            } else {
+                Store::open(&config.database)?
+            };
             let statuses = adesync::status::token_statuses(&config, &store, chrono::Utc::now())?;
             let sinks = adesync::sinks::sink_status(&store, &config)?;
             print_status(&statuses, format)?;
@@ -478,6 +508,26 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(std::io::Error::new(
+            io.kind(),
+            format!("cannot read /etc/adesync/acme.json: {io}"),
+        ))
+        .context("loading the token");
+        let inner = anyhow::anyhow!("No such file or directory (os error 2)")
+            .context("cannot read /x: No such file or directory (os error 2)");
+        assert_eq!(
+            describe(&inner),
+            "cannot read /x: No such file or directory (os error 2)"
+        );
+        assert_eq!(
+            describe(&e),
+            "loading the token: cannot read /etc/adesync/acme.json: No such file or directory (os error 2)"
+        );
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

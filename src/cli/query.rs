@@ -21,6 +21,9 @@ pub(super) fn filtered_events(
     const BATCH: u64 = 5000;
     let mut out = Vec::new();
     let mut last = after;
+    if limit == 0 {
+        return Ok((out, last));
+    }
     loop {
         let batch = store.events_after(last, token, BATCH)?;
         let Some(end) = batch.last().map(|e| e.id) else {
@@ -47,7 +50,7 @@ pub(super) fn open_existing(config_path: &Path) -> anyhow::Result<Store> {
             config.database.display()
         );
     }
-    Ok(Store::open(&config.database)?)
+    Ok(Store::open_read_only(&config.database)?)
 }
 
 pub(super) const DEVICE_HEADER: [&str; 9] = [

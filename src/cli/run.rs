@@ -109,7 +109,22 @@ pub fn lock_database(database: &Path) -> anyhow::Result<std::fs::File> {
             )
         })?;
     }
-    let mut name = database.as_os_str().to_owned();
+    // Lock the file the path leads to, so two spellings of one database (a symlink, `..`)
+    // share one lock.
+    let resolved = match std::fs::canonicalize(database) {
+        Ok(p) => p,
+        Err(_) => match (database.parent(), database.file_name()) {
+            (Some(dir), Some(file)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            })
+            .map(|d| d.join(file))
+            .unwrap_or_else(|_| database.to_owned()),
+            _ => database.to_owned(),
+        },
+    };
+    let mut name = resolved.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
     let file = std::fs::OpenOptions::new()

@@ -60,6 +60,12 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// A read-only open found a database that needs a migration first.
+    #[error("database {path} was made by an earlier adesync and must be upgraded before it can be read; run `adesync run --once` (as the service user, which may write it) once")]
+    NeedsUpgrade {
+        /// The database file.
+        path: PathBuf,
+    },
     /// The file belongs to another application; it was left untouched.
     #[error("{path} is not an adesync database (it holds another application's tables{}); adesync left it untouched — set `database` in the config to a file of adesync's own, e.g. /var/lib/adesync/adesync.db", if let Some(t) = .example_table { format!(", such as \"{t}\"") } else { String::new() })]
     Foreign {
@@ -242,6 +248,46 @@ impl Store {
                 .find(|t| !ours.contains(&t.as_str()))
                 .map(|t| crate::model::printable(t).chars().take(64).collect()),
         })
+    }
+
+    /// Opens an existing database for reading only: nothing is created, migrated or
+    /// marked, so a user who may read but not write the file (an auditor, a monitoring
+    /// check) can query it. A database that still needs a migration says so.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        use rusqlite::OpenFlags;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Sqlite {
+            path: path.to_owned(),
+            action: "open for reading",
+            source,
+        })?;
+        let store = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        store.check_identity()?;
+        store
+            .conn
+            .execute_batch("PRAGMA busy_timeout = 30000; PRAGMA query_only = ON;")
+            .map_err(store.err("configure"))?;
+        let version = store.schema_version()?;
+        let known = schema::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
+        if version < known {
+            return Err(StoreError::NeedsUpgrade {
+                path: path.to_owned(),
+            });
+        }
+        Ok(store)
     }
 
     fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
@@ -501,6 +547,33 @@ mod tests {
             APPLICATION_ID,
             "an unmarked adesync database is adopted"
         );
+    }
+
+    #[test]
+    fn a_read_only_open_writes_nothing_and_asks_for_an_upgrade_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        drop(Store::open(&p).unwrap());
+        let r = Store::open_read_only(&p).unwrap();
+        assert_eq!(r.device_counts("acme").unwrap(), (0, 0));
+        assert!(
+            r.conn.execute("DELETE FROM devices", []).is_err(),
+            "the connection cannot write"
+        );
+        drop(r);
+        // A database one migration behind is not migrated by a reader.
+        Connection::open(&p)
+            .unwrap()
+            .pragma_update(None, "user_version", 1)
+            .unwrap();
+        let err = Store::open_read_only(&p).err().unwrap();
+        assert!(matches!(err, StoreError::NeedsUpgrade { .. }), "{err}");
+        let v: i64 = Connection::open(&p)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 1, "left as it was");
+        assert!(Store::open_read_only(&dir.path().join("missing.db")).is_err());
     }
 
     #[test]
