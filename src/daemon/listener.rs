@@ -159,7 +159,7 @@ async fn view(app: &AppState) -> Result<Arc<DbView>, String> {
 async fn read_db(app: &AppState) -> Result<DbView, String> {
     let config = app.config.clone();
     tokio::task::spawn_blocking(move || -> Result<DbView, String> {
-        let s = Store::open(&config.database).map_err(|e| e.to_string())?;
+        let s = Store::open_read_only(&config.database).map_err(|e| e.to_string())?;
         Ok(DbView {
             states: s.sync_states().map_err(|e| e.to_string())?,
             by_status: s.profile_status_counts().map_err(|e| e.to_string())?,
