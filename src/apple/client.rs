@@ -68,6 +68,19 @@ pub struct DevicePage {
     pub refused: Vec<String>,
 }
 
+/// The page as Apple documents it: every record a device. The fast path.
+#[derive(Deserialize)]
+struct StrictPage {
+    #[serde(default)]
+    devices: Vec<DeviceRecord>,
+    cursor: String,
+    #[serde(default)]
+    fetched_until: Option<String>,
+    #[serde(default)]
+    more_to_follow: bool,
+}
+
+/// The page read record by record, when some record is not a device.
 #[derive(Deserialize)]
 struct RawPage<'a> {
     #[serde(default, borrow)]
@@ -79,32 +92,59 @@ struct RawPage<'a> {
     more_to_follow: bool,
 }
 
-impl<'de> Deserialize<'de> for DevicePage {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = RawPage::deserialize(d)?;
-        let mut devices = Vec::with_capacity(raw.devices.len());
-        let mut refused = Vec::new();
-        for (i, r) in raw.devices.into_iter().enumerate() {
-            match serde_json::from_str::<DeviceRecord>(r.get()) {
-                Ok(rec) if rec.device.serial_number.trim().is_empty() => {
-                    refused.push(format!("record {} has an empty serial number", i + 1))
+/// Parses a device page: in one pass when every record is a device (the usual case),
+/// else record by record, setting aside what cannot be stored. Either way a record with
+/// an empty serial number is set aside.
+fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> {
+    // (position in the page, record) and (position, why it was set aside).
+    let mut refused: Vec<(usize, String)> = Vec::new();
+    let (records, cursor, fetched_until, more_to_follow) =
+        match serde_json::from_slice::<StrictPage>(bytes) {
+            Ok(p) => (
+                p.devices.into_iter().enumerate().collect::<Vec<_>>(),
+                p.cursor,
+                p.fetched_until,
+                p.more_to_follow,
+            ),
+            Err(_) => {
+                let raw: RawPage<'_> =
+                    serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedBody {
+                        endpoint,
+                        detail: format!("{e} in a {}-byte body", bytes.len()),
+                    })?;
+                let mut records = Vec::with_capacity(raw.devices.len());
+                for (i, r) in raw.devices.into_iter().enumerate() {
+                    match serde_json::from_str::<DeviceRecord>(r.get()) {
+                        Ok(rec) => records.push((i, rec)),
+                        Err(e) => refused.push((
+                            i,
+                            format!(
+                                "record {} is not a device ({})",
+                                i + 1,
+                                printable(&e.to_string())
+                            ),
+                        )),
+                    }
                 }
-                Ok(rec) => devices.push(rec),
-                Err(e) => refused.push(format!(
-                    "record {} is not a device ({})",
-                    i + 1,
-                    printable(&e.to_string())
-                )),
+                (records, raw.cursor, raw.fetched_until, raw.more_to_follow)
             }
+        };
+    let mut devices = Vec::with_capacity(records.len());
+    for (i, rec) in records {
+        if rec.device.serial_number.trim().is_empty() {
+            refused.push((i, format!("record {} has an empty serial number", i + 1)));
+        } else {
+            devices.push(rec);
         }
-        Ok(DevicePage {
-            devices,
-            cursor: raw.cursor,
-            fetched_until: raw.fetched_until,
-            more_to_follow: raw.more_to_follow,
-            refused,
-        })
     }
+    refused.sort_by_key(|(i, _)| *i);
+    Ok(DevicePage {
+        devices,
+        cursor,
+        fetched_until,
+        more_to_follow,
+        refused: refused.into_iter().map(|(_, why)| why).collect(),
+    })
 }
 
 /// `GET /account` (docs/apple-dep-api.md §4.1), the fields adesync uses; everything else is ignored.
@@ -221,11 +261,12 @@ impl AppleClient {
         limit: u32,
     ) -> Result<DevicePage, ApiError> {
         let body = serde_json::to_vec(&PageRequest { cursor, limit }).unwrap_or_default();
-        self.call(
+        self.call_with(
             Endpoint::FetchDevices,
             reqwest::Method::POST,
             "server/devices",
             Some(body),
+            parse_page,
         )
         .await
     }
@@ -237,11 +278,12 @@ impl AppleClient {
             limit,
         })
         .unwrap_or_default();
-        self.call(
+        self.call_with(
             Endpoint::SyncDevices,
             reqwest::Method::POST,
             "devices/sync",
             Some(body),
+            parse_page,
         )
         .await
     }
@@ -266,6 +308,19 @@ impl AppleClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ApiError> {
+        self.call_with(endpoint, method, path, body, parse_json)
+            .await
+    }
+
+    /// [`Self::call`] with the body parsed by `parse`.
+    async fn call_with<T>(
+        &self,
+        endpoint: Endpoint,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        parse: fn(Endpoint, &[u8]) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let policy = &self.settings.retry;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(policy.initial_delay)
@@ -276,7 +331,7 @@ impl AppleClient {
             let bytes = self
                 .call_authenticated(endpoint, method.clone(), path, body.as_deref())
                 .await?;
-            parse_json(endpoint, &bytes)
+            parse(endpoint, &bytes)
         })
         .retry(backoff)
         .when(ApiError::is_retryable)
