@@ -19,10 +19,14 @@ fn token() -> ServerToken {
 }
 
 fn client(server: &MockServer, attempts: u32) -> AppleClient {
+    client_at(&server.uri(), attempts)
+}
+
+fn client_at(base_url: &str, attempts: u32) -> AppleClient {
     AppleClient::new(
         token(),
         ClientSettings {
-            base_url: reqwest::Url::parse(&server.uri()).unwrap(),
+            base_url: reqwest::Url::parse(base_url).unwrap(),
             user_agent: "adesync-test/1".into(),
             protocol_version: 7,
             timeout: Duration::from_secs(5),
@@ -447,22 +451,7 @@ async fn a_body_over_the_limit_is_refused_whether_announced_or_streamed_without_
             });
         }
     });
-    let hostile = AppleClient::new(
-        token(),
-        ClientSettings {
-            base_url: reqwest::Url::parse(&format!("http://{addr}")).unwrap(),
-            user_agent: "adesync-test/1".into(),
-            protocol_version: 7,
-            timeout: Duration::from_secs(20),
-            retry: RetryPolicy {
-                max_attempts: 1,
-                initial_delay: Duration::from_millis(10),
-                max_delay: Duration::from_millis(50),
-            },
-            max_response_bytes: 1024 * 1024,
-        },
-    )
-    .unwrap();
+    let hostile = client_at(&format!("http://{addr}"), 1);
     // Without the cap the client would read all 64 MiB and then fail to parse them.
     let err = hostile.fetch_devices(None, 100).await.unwrap_err();
     assert!(matches!(err, ApiError::TooLarge { .. }), "{err}");

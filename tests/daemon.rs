@@ -417,6 +417,25 @@ fn the_unit_file_has_the_required_directives_and_verifies() {
     }
 }
 
+/// A simulator with `devices` devices and the daemon syncing it hourly, with its
+/// listener on a free loopback port.
+async fn daemon_with_listener(devices: usize) -> (Env, u16, std::process::Child) {
+    let port = free_port();
+    let env = Env::with(
+        adesync_mock::MockConfig {
+            devices,
+            ..Default::default()
+        },
+        100,
+        &format!("schedule = \"1h\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let mut cmd = adesync(&env);
+    cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    (env, port, child)
+}
+
 /// The `adesync_token_expiry_timestamp_seconds` sample of token `acme`, if any.
 async fn expiry_metric(base: &str) -> Option<f64> {
     let text = reqwest::get(format!("{base}/metrics"))
@@ -433,19 +452,7 @@ async fn expiry_metric(base: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_a_renewed_tokens_expiry_without_a_restart() {
-    let port = free_port();
-    let env = Env::with(
-        adesync_mock::MockConfig {
-            devices: 20,
-            ..Default::default()
-        },
-        100,
-        &format!("schedule = \"1h\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .await;
-    let mut cmd = adesync(&env);
-    cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn().unwrap();
+    let (env, port, child) = daemon_with_listener(20).await;
     let base = format!("http://127.0.0.1:{port}");
     let mut first = None;
     for _ in 0..200 {
@@ -535,19 +542,7 @@ fn open_fds(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_and_busy_metrics_clients_is_bounded_and_the_sync_goes_on() {
-    let port = free_port();
-    let env = Env::with(
-        adesync_mock::MockConfig {
-            devices: 500,
-            ..Default::default()
-        },
-        100,
-        &format!("schedule = \"1h\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .await;
-    let mut cmd = adesync(&env);
-    cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn().unwrap();
+    let (env, port, child) = daemon_with_listener(500).await;
     let pid = child.id();
     let db = env.path("adesync.db");
     let synced = |n: u64| {

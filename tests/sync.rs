@@ -319,3 +319,29 @@ fn set_last_full_fetch(env: &Env, when: &str) {
         )
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_does_not_wait_for_a_slow_account_call() {
+    let env = Env::new(10, 100).await;
+    env.mock.push_fault(
+        Endpoint::Account,
+        Fault {
+            times: 1,
+            kind: FaultKind::Delay(std::time::Duration::from_secs(30)),
+        },
+    );
+    let config = env.config();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        adesync::syncer::run_token_cancellable(&config, &config.tokens[0], None, &cancel),
+    )
+    .await
+    .expect("stops long before Apple's 30 s answer");
+    assert!(matches!(outcome, Err(SyncError::Cancelled)), "{outcome:?}");
+}

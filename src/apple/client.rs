@@ -538,7 +538,7 @@ impl AppleClient {
         }
         // Read in chunks and stop past the limit: a body without an end, or a huge one,
         // must not take the process's memory.
-        let mut body = bytes::BytesMut::new();
+        let mut body = bytes::BytesMut::with_capacity(resp.content_length().unwrap_or(0) as usize);
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > limit {
                 return Err(too_large());

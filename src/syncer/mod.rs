@@ -231,7 +231,11 @@ async fn run_inner(
     server_token.check_not_expired(&token.name, &token.token_file, chrono::Utc::now())?;
     let client = AppleClient::new(server_token.clone(), client_settings(config, token))?;
     // Expiry warnings, GET /account, the same-server guard; caps the page size.
-    let page_size = checks::check(&client, &config.database, token, &server_token).await?;
+    // Every wait is cancellable: a slow GET /account must not hold up a shutdown.
+    let page_size = tokio::select! {
+        r = checks::check(&client, &config.database, token, &server_token) => r?,
+        _ = cancel.cancelled() => return Err(SyncError::Cancelled),
+    };
     let token = &TokenConfig {
         page_size,
         ..token.clone()
