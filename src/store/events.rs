@@ -1,12 +1,46 @@
-//! The `events` table: a page's events inserted together (ids follow record order), and
-//! the event queries.
+//! The `events` table: a page's events inserted together (ids follow record order), the
+//! positional device snapshot each event carries, and the event queries.
 
 use rusqlite::params;
 use serde_json::Value;
 
-use super::{insert_many, sinks, Store, StoreError};
+use super::{insert_many, Store, StoreError};
 use crate::events::StoredEvent;
 use crate::model::{Device, EventKind};
+
+/// Encodes a device for `events.device_json`: `[serial_number, the named fields in
+/// column order, extra_json]`, positional to keep every event small.
+pub(super) fn encode_snapshot(d: &Device, extra_json: Option<&str>) -> String {
+    let mut cells: Vec<Option<&str>> = Vec::with_capacity(14);
+    cells.push(Some(&d.serial_number));
+    cells.extend(d.fields().into_iter().map(Option::as_deref));
+    cells.push(extra_json);
+    serde_json::to_string(&cells).expect("strings always serialise")
+}
+
+/// Decodes `events.device_json` (see [`encode_snapshot`]); None if it is not one.
+pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
+    let Ok(Value::Array(cells)) = serde_json::from_str::<Value>(text) else {
+        return None;
+    };
+    if cells.len() != 14 {
+        return None;
+    }
+    let text_of = |v: &Value| v.as_str().map(str::to_owned);
+    let mut d = Device {
+        serial_number: text_of(&cells[0])?,
+        ..Device::default()
+    };
+    for (field, cell) in d.fields_mut().into_iter().zip(&cells[1..13]) {
+        *field = text_of(cell);
+    }
+    if let Some(extra) = cells[13].as_str() {
+        if let Ok(Value::Object(m)) = serde_json::from_str(extra) {
+            d.extra = m;
+        }
+    }
+    Some(d)
+}
 
 /// A page's events, in record order; inserted together at the end of the page (see
 /// [`insert_many`]), so ids follow record order.
@@ -26,7 +60,7 @@ impl PageEvents {
         d: &Device,
         extra: Option<&str>,
     ) {
-        let snapshot = sinks::encode_snapshot(d, extra);
+        let snapshot = encode_snapshot(d, extra);
         self.rows.push((serial.to_owned(), kind, changes, snapshot));
     }
 
@@ -84,7 +118,7 @@ impl Store {
                     )
                 })?;
                 let changes: Option<String> = r.get(4)?;
-                let device = sinks::decode_snapshot(&r.get::<_, String>(6)?);
+                let device = decode_snapshot(&r.get::<_, String>(6)?);
                 let changes = match (changes, &device, kind) {
                     (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),
                     (None, Some(d), EventKind::Added) => crate::events::addition_changes(d),

@@ -1,5 +1,5 @@
 //! All SQL: the SQLite mirror of Apple's devices, the change events and the per-token
-//! sync state. Event delivery's SQL (sink cursors, retention) is in `store/sinks.rs`.
+//! sync state. Event delivery's SQL (sink cursors, retention) is in `store/sink_cursors.rs`.
 //!
 //! Key invariant: [`Store::apply_page`] (and the group-commit `Batch`) write one page's device rows, the
 //! events they cause and the cursor that follows the page in ONE transaction. The stored cursor
@@ -20,13 +20,13 @@ mod cursors;
 mod devices;
 mod events;
 mod schema;
-mod sinks;
+mod sink_cursors;
 
 pub use crate::events::StoredEvent;
 pub use accounts::{StoredAccount, TokenFootprint};
 pub use cursors::{CursorState, SyncState};
 pub use devices::{apple_columns, device_map, DeviceFilter, PageStats, PageWrite, StoredDevice};
-pub use sinks::SinkCursor;
+pub use sink_cursors::SinkCursor;
 
 use cursors::upsert_state;
 use devices::write_page;
@@ -188,6 +188,12 @@ impl Store {
             conn,
             path: path.to_owned(),
         };
+        // Wait for another process's lock (a migration in progress) before reading
+        // anything; this is a connection setting and writes nothing to the file.
+        store
+            .conn
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(store.err("configure"))?;
         let adopt = store.check_identity()?;
         store.configure()?;
         store.migrate()?;
@@ -268,11 +274,11 @@ impl Store {
             conn,
             path: path.to_owned(),
         };
-        store.check_identity()?;
         store
             .conn
             .execute_batch("PRAGMA busy_timeout = 30000; PRAGMA query_only = ON;")
             .map_err(store.err("configure"))?;
+        store.check_identity()?;
         let version = store.schema_version()?;
         let known = schema::MIGRATIONS.len() as i64;
         if version > known {

@@ -1,5 +1,5 @@
-//! The SQL behind event delivery: each sink's cursor and health (`sink_cursors`), the
-//! device snapshot an event carries, and retention of delivered events.
+//! The SQL behind event delivery: each sink's cursor and health (`sink_cursors`), and
+//! retention of delivered events.
 //!
 //! Key invariant: a sink's cursor only moves forward from the value the deliverer read
 //! ([`Store::advance_sink_cursor`] is a compare-and-set), so a replay that rewinds it or a
@@ -7,10 +7,8 @@
 //! and [`Store::prune_events`] never deletes an event some configured sink still needs.
 
 use rusqlite::{params, OptionalExtension};
-use serde_json::Value;
 
 use super::{Store, StoreError};
-use crate::model::Device;
 
 /// A sink's stored delivery state. A sink never delivered to has the default (cursor 0).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,40 +26,6 @@ pub struct SinkCursor {
     pub parked_at: Option<String>,
     /// No delivery before this time (the receiver's `Retry-After`).
     pub retry_at: Option<String>,
-}
-
-/// Encodes a device for `events.device_json`: `[serial_number, the named fields in
-/// column order, extra_json]`, positional to keep every event small.
-pub(super) fn encode_snapshot(d: &Device, extra_json: Option<&str>) -> String {
-    let mut cells: Vec<Option<&str>> = Vec::with_capacity(14);
-    cells.push(Some(&d.serial_number));
-    cells.extend(d.fields().into_iter().map(Option::as_deref));
-    cells.push(extra_json);
-    serde_json::to_string(&cells).expect("strings always serialise")
-}
-
-/// Decodes `events.device_json` (see [`encode_snapshot`]); None if it is not one.
-pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
-    let Ok(Value::Array(cells)) = serde_json::from_str::<Value>(text) else {
-        return None;
-    };
-    if cells.len() != 14 {
-        return None;
-    }
-    let text_of = |v: &Value| v.as_str().map(str::to_owned);
-    let mut d = Device {
-        serial_number: text_of(&cells[0])?,
-        ..Device::default()
-    };
-    for (field, cell) in d.fields_mut().into_iter().zip(&cells[1..13]) {
-        *field = text_of(cell);
-    }
-    if let Some(extra) = cells[13].as_str() {
-        if let Ok(Value::Object(m)) = serde_json::from_str(extra) {
-            d.extra = m;
-        }
-    }
-    Some(d)
 }
 
 impl Store {
@@ -244,8 +208,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceRecord, OpType, Phase};
+    use crate::model::{Device, DeviceRecord, OpType, Phase};
     use crate::store::{CursorState, PageWrite};
+    use serde_json::Value;
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
