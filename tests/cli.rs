@@ -474,3 +474,90 @@ async fn with_json_logs_the_final_error_is_json_too() {
         "the cause once: {error}"
     );
 }
+
+#[tokio::test]
+async fn hostile_config_values_exit_78_naming_the_key_before_anything_is_written() {
+    let env = Env::new(3, 100).await;
+    let base = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::create_dir(env.path("a-folder")).unwrap();
+    let cases: [(String, &str); 6] = [
+        (
+            base.replace("database = \"adesync.db\"", "database = \"\""),
+            "database",
+        ),
+        (
+            base.replace("database = \"adesync.db\"", "database = \"a-folder\""),
+            "database",
+        ),
+        (
+            format!("request_timeout = \"1ns\"\n{base}"),
+            "request_timeout",
+        ),
+        (
+            format!("request_timeout = \"1000000000000d\"\n{base}"),
+            "request_timeout",
+        ),
+        (
+            base.replace("http://127.0.0.1", "http://admin:hunter2@127.0.0.1"),
+            "tokens[0].api_url",
+        ),
+        (
+            format!("{base}[http]\nlisten = \"0.0.0.0:9464\"\n").replacen(
+                "[[tokens]]",
+                "[[tokens]]",
+                1,
+            ),
+            "http.listen",
+        ),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&env.config_path, &text).unwrap();
+        let out = output({
+            let mut c = adesync(&env);
+            c.args(["run", "--once"]);
+            c
+        })
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{key}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            !env.path("adesync.db").exists(),
+            "{key}: nothing was synced anywhere"
+        );
+    }
+}
+
+#[tokio::test]
+async fn another_applications_database_is_refused_untouched_by_run_once() {
+    let env = Env::new(3, 100).await;
+    let db = env.path("adesync.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE tickets (id INTEGER PRIMARY KEY, title TEXT);
+             INSERT INTO tickets (title) VALUES ('printer on fire');",
+        )
+        .unwrap();
+    }
+    let before = std::fs::read(&db).unwrap();
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not an adesync database") && err.contains("untouched"),
+        "{err}"
+    );
+    assert!(
+        err.lines().filter(|l| l.contains("CREATE")).count() == 0,
+        "no schema dump: {err}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), before, "not a byte changed");
+    assert!(!env.path("adesync.db-wal").exists());
+}
