@@ -560,4 +560,24 @@ async fn another_applications_database_is_refused_untouched_by_run_once() {
     );
     assert_eq!(std::fs::read(&db).unwrap(), before, "not a byte changed");
     assert!(!env.path("adesync.db-wal").exists());
+    // The daemon stops with 78, so systemd does not restart it in a loop.
+    let mut daemon = adesync(&env);
+    daemon
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = daemon.spawn().unwrap();
+    let mut code = None;
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            code = status.code();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if code.is_none() {
+        let _ = child.kill();
+    }
+    assert_eq!(code, Some(78));
+    assert_eq!(std::fs::read(&db).unwrap(), before);
 }

@@ -245,7 +245,12 @@ pub fn main() -> ExitCode {
             } else {
                 eprintln!("error: {message}");
             }
-            if e.downcast_ref::<ConfigError>().is_some() {
+            // `database` pointing at another application's file is a configuration error
+            // too: restarting will not help (the unit does not restart on 78).
+            let foreign = e
+                .downcast_ref::<adesync::store::StoreError>()
+                .is_some_and(|s| matches!(s, adesync::store::StoreError::Foreign { .. }));
+            if e.downcast_ref::<ConfigError>().is_some() || foreign {
                 return ExitCode::from(EXIT_CONFIG);
             }
             ExitCode::FAILURE
