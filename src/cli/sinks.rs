@@ -56,8 +56,12 @@ pub async fn sinks(
     let config = Config::load(config_path)?;
     match action {
         None => {
-            let store = open_store(&config)?;
-            let statuses = adesync::sinks::sink_status(&store, &config)?;
+            // SQLite off the async runtime.
+            let statuses = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let store = open_store(&config)?;
+                Ok(adesync::sinks::sink_status(&store, &config)?)
+            })
+            .await??;
             print_statuses(&statuses, format)?;
         }
         Some(SinksAction::Test { name }) => {
@@ -65,7 +69,7 @@ pub async fn sinks(
             println!("sink \"{name}\": the test event was accepted");
         }
         Some(SinksAction::Resume { name }) => {
-            open_store(&config)?;
+            check_store(&config)?;
             let was_parked = adesync::sinks::resume(&config, &name).await?;
             if was_parked {
                 println!(
@@ -84,7 +88,7 @@ pub async fn events(config_path: &Path, action: EventsAction) -> anyhow::Result<
     let config = Config::load(config_path)?;
     match action {
         EventsAction::Replay { sink, from } => {
-            open_store(&config)?;
+            check_store(&config)?;
             match adesync::sinks::replay(&config, &sink, from).await {
                 Ok(n) => {
                     println!("sink \"{sink}\": sent {n} event(s) again, from id {from}");
@@ -104,14 +108,19 @@ pub async fn events(config_path: &Path, action: EventsAction) -> anyhow::Result<
     }
 }
 
-fn open_store(config: &Config) -> anyhow::Result<Store> {
+fn check_store(config: &Config) -> anyhow::Result<()> {
     if !config.database.exists() {
         anyhow::bail!(
             "database {} does not exist yet; run `adesync run --once` first",
             config.database.display()
         );
     }
-    Ok(Store::open(&config.database)?)
+    Ok(())
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    check_store(config)?;
+    Ok(Store::open_read_only(&config.database)?)
 }
 
 fn age(secs: Option<u64>) -> String {
