@@ -493,6 +493,7 @@ async fn records_without_a_usable_serial_are_set_aside_and_the_rest_of_the_page_
                 {"serial_number":"   "},
                 {"serial_number":5},
                 {"model":"no serial at all"},
+                {"serial_number":"C02BAD","profile_status":5},
                 {"serial_number":"C02GOOD","model":"Mac"}
             ],"cursor":"C1","more_to_follow":false}"#,
         ))
@@ -505,7 +506,12 @@ async fn records_without_a_usable_serial_are_set_aside_and_the_rest_of_the_page_
         .map(|d| d.device.serial_number.as_str())
         .collect();
     assert_eq!(serials, ["C02GOOD"]);
-    assert_eq!(page.refused.len(), 4, "{:?}", page.refused);
+    assert_eq!(page.refused.len(), 5, "{:?}", page.refused);
+    assert_eq!(
+        page.unreadable_serials,
+        ["C02BAD"],
+        "a device whose record is unreadable is still known to be on the server"
+    );
     assert!(page.refused[0].contains("record 1 has an empty serial number"));
     assert!(
         page.refused[2].starts_with("record 3 is not a device"),

@@ -66,6 +66,15 @@ pub struct DevicePage {
     pub more_to_follow: bool,
     /// Records that were not stored, with why (escaped, no values beyond the serial).
     pub refused: Vec<String>,
+    /// Serial numbers of refused records that had one: those devices are on the server
+    /// even though their record could not be read, so a full fetch must not delete them.
+    pub unreadable_serials: Vec<String>,
+}
+
+/// Just the serial number of a record that is not otherwise a device.
+#[derive(Deserialize)]
+struct SerialOnly {
+    serial_number: String,
 }
 
 /// The page as Apple documents it: every record a device. The fast path.
@@ -98,6 +107,7 @@ struct RawPage<'a> {
 fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> {
     // (position in the page, record) and (position, why it was set aside).
     let mut refused: Vec<(usize, String)> = Vec::new();
+    let mut unreadable_serials = Vec::new();
     let (records, cursor, fetched_until, more_to_follow) =
         match serde_json::from_slice::<StrictPage>(bytes) {
             Ok(p) => (
@@ -116,14 +126,21 @@ fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> 
                 for (i, r) in raw.devices.into_iter().enumerate() {
                     match serde_json::from_str::<DeviceRecord>(r.get()) {
                         Ok(rec) => records.push((i, rec)),
-                        Err(e) => refused.push((
-                            i,
-                            format!(
-                                "record {} is not a device ({})",
-                                i + 1,
-                                printable(&e.to_string())
-                            ),
-                        )),
+                        Err(e) => {
+                            if let Ok(only) = serde_json::from_str::<SerialOnly>(r.get()) {
+                                if !only.serial_number.trim().is_empty() {
+                                    unreadable_serials.push(only.serial_number);
+                                }
+                            }
+                            refused.push((
+                                i,
+                                format!(
+                                    "record {} is not a device ({})",
+                                    i + 1,
+                                    printable(&e.to_string())
+                                ),
+                            ))
+                        }
                     }
                 }
                 (records, raw.cursor, raw.fetched_until, raw.more_to_follow)
@@ -144,6 +161,7 @@ fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> 
         fetched_until,
         more_to_follow,
         refused: refused.into_iter().map(|(_, why)| why).collect(),
+        unreadable_serials,
     })
 }
 

@@ -263,6 +263,7 @@ mod tests {
                     fetched_until: None,
                     completes_fetch: true,
                     now: "2026-01-01T00:00:00.000Z",
+                    unreadable: &[],
                 })
                 .unwrap();
             store

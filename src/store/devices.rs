@@ -30,6 +30,9 @@ pub struct PageWrite<'a> {
     pub completes_fetch: bool,
     /// Timestamp for rows and events.
     pub now: &'a str,
+    /// Serials of records on this (fetch) page that could not be read: the devices are on
+    /// the server, so reconciliation must not delete them.
+    pub unreadable: &'a [String],
 }
 
 /// What a page changed.
@@ -287,6 +290,16 @@ pub(super) fn write_page(
         &values,
     )?;
     if page.kind == Phase::Fetch {
+        if !page.unreadable.is_empty() {
+            let serials = serde_json::to_string(page.unreadable).expect("strings always serialise");
+            let mut ids = tx.prepare_cached(
+                "SELECT id FROM devices WHERE token_name = ?1
+                 AND serial_number IN (SELECT value FROM json_each(?2))",
+            )?;
+            for id in ids.query_map(params![page.token, serials], |r| r.get::<_, i64>(0))? {
+                seen.push(id?);
+            }
+        }
         mark_seen(tx, page.token, page.next.fetch_run, seen)?;
     }
     if page.completes_fetch {

@@ -446,6 +446,7 @@ mod tests {
             fetched_until: None,
             completes_fetch: completes,
             now: "2026-01-01T00:00:00.000Z",
+            unreadable: &[],
         }
     }
 
@@ -729,6 +730,29 @@ mod tests {
             .unwrap();
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].device.serial_number, "B");
+    }
+
+    #[test]
+    fn a_device_whose_record_could_not_be_read_is_not_reconciled_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let all = [rec("A", None, None, "r"), rec("B", None, None, "r")];
+        s.apply_page(&page(&all, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        // Re-fetch: B's record arrives but cannot be read (a field of the wrong type).
+        let p = [rec("A", None, None, "r")];
+        let unreadable = ["B".to_owned()];
+        let st = s
+            .apply_page(&PageWrite {
+                unreadable: &unreadable,
+                ..page(&p, Phase::Fetch, "f1", 2, true)
+            })
+            .unwrap();
+        assert_eq!(
+            st.deleted, 0,
+            "B is on the server; only its record was unreadable"
+        );
+        assert_eq!(s.device_counts("acme").unwrap(), (2, 0));
     }
 
     #[test]

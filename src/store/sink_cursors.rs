@@ -231,6 +231,7 @@ mod tests {
             fetched_until: None,
             completes_fetch: false,
             now,
+            unreadable: &[],
         })
         .unwrap();
     }

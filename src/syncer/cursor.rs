@@ -97,6 +97,14 @@ pub fn next_step(
         // The fetch had already returned every device (e.g. a pass that stopped on the
         // same-cursor bug before its last page): it is complete, so reconcile and sync
         // with the same cursor.
+        // EXHAUSTED_CURSOR on the first request of a fetch (no cursor sent) cannot mean
+        // "you have read everything": nothing was read, and reconciling now would mark every
+        // device deleted. Give up this run; the next one starts the fetch again.
+        Outcome::CursorError(CursorError::Exhausted)
+            if kind == Phase::Fetch && current.cursor.is_none() =>
+        {
+            Next::GiveUp(CursorError::Exhausted)
+        }
         Outcome::CursorError(CursorError::Exhausted) if kind == Phase::Fetch => Next::StorePage {
             state: CursorState {
                 phase: Phase::Sync,
@@ -145,7 +153,7 @@ mod tests {
         let fetch0 = st(Fetch, None, 1);
         let fetch1 = st(Fetch, Some("f1"), 1);
         let sync1 = st(Sync, Some("s1"), 1);
-        let cases: Vec<(&str, CursorState, Phase, Outcome<'static>, bool, Next)> = vec![
+        let mut cases: Vec<(&str, CursorState, Phase, Outcome<'static>, bool, Next)> = vec![
             (
                 "first fetch page, more follow",
                 fetch0.clone(),
@@ -295,6 +303,14 @@ mod tests {
                 Next::GiveUp(CursorError::Invalid),
             ),
         ];
+        cases.push((
+            "exhausted on a fetch's first request gives up instead of reconciling nothing",
+            fetch0.clone(),
+            Phase::Fetch,
+            Outcome::CursorError(CursorError::Exhausted),
+            false,
+            Next::GiveUp(CursorError::Exhausted),
+        ));
         for (name, state, kind, outcome, restarted, want) in cases {
             assert_eq!(
                 next_step(&state, kind, outcome, restarted, false),

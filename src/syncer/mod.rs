@@ -390,7 +390,7 @@ async fn drive(
             Next::GiveUp(e) => return Err(SyncError::CursorLoop(e)),
             Next::Finish => return Ok(()),
         };
-        let (records, fetched_until) = match page {
+        let (records, fetched_until, unreadable) = match page {
             Some(page) => {
                 summary.pages += 1;
                 summary.records += page.devices.len() as u64;
@@ -403,9 +403,13 @@ async fn drive(
                     tracing::warn!(token = %token.name, refused = page.refused.len(), first = %page.refused[0],
                         "Apple sent device records that cannot be stored; they were skipped and the rest of the page was stored. If a device is missing, check it in Apple Business/School Manager");
                 }
-                (dedupe_latest(page.devices), page.fetched_until)
+                (
+                    dedupe_latest(page.devices),
+                    page.fetched_until,
+                    page.unreadable_serials,
+                )
             }
-            None => (Vec::new(), None),
+            None => (Vec::new(), None, Vec::new()),
         };
         fetch_done |= completes_fetch;
         send(
@@ -416,6 +420,7 @@ async fn drive(
                 state: s.clone(),
                 fetched_until,
                 completes_fetch,
+                unreadable,
             },
         )
         .await?;

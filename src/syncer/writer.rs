@@ -17,6 +17,7 @@ pub(super) enum WriterMsg {
         state: CursorState,
         fetched_until: Option<String>,
         completes_fetch: bool,
+        unreadable: Vec<String>,
     },
     Cursor(CursorState),
 }
@@ -78,6 +79,7 @@ fn apply(
             state,
             fetched_until,
             completes_fetch,
+            unreadable,
         } => {
             stats.add(batch.apply_page(&PageWrite {
                 token,
@@ -87,6 +89,7 @@ fn apply(
                 fetched_until: fetched_until.as_deref(),
                 completes_fetch,
                 now: &now,
+                unreadable: &unreadable,
             })?);
         }
         WriterMsg::Cursor(state) => batch.set_cursor(token, &state, &now)?,
