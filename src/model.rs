@@ -433,10 +433,17 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn needs_escape(c: char) -> bool {
+    // Controls, line and paragraph separators, and the bidirectional marks and overrides
+    // that can make text read differently from what it is.
     c.is_control()
         || matches!(
             c,
-            '\u{2028}' | '\u{2029}' | '\u{202e}' | '\u{200e}' | '\u{200f}'
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
         )
 }
 

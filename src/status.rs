@@ -108,11 +108,9 @@ pub struct TokenStatus {
 }
 
 /// The changes a completed full re-fetch found that the sync cursor had missed: the
-/// count of the last full fetch, unless it was the mirror's first.
+/// count of the last full fetch, recorded only when it was not the mirror's first.
 pub fn full_fetch_missed(state: &SyncState) -> Option<i64> {
-    (state.cursor.fetch_run > 1)
-        .then_some(state.last_full_fetch_changes)
-        .flatten()
+    state.last_full_fetch_changes
 }
 
 /// What needs a person about a token's expiry, if anything.

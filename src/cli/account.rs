@@ -4,8 +4,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use super::render::{csv_cell, write_table, Format};
+use super::token::open_for_reading;
 use adesync::config::LenientConfig;
-use adesync::store::{Store, StoredAccount};
+use adesync::store::StoredAccount;
 
 /// `org_type` in words: `org` is Apple Business Manager, `edu` Apple School Manager.
 pub fn program(org_type: Option<&str>) -> &str {
@@ -19,7 +20,7 @@ pub fn program(org_type: Option<&str>) -> &str {
 
 /// `adesync account`: the stored account details of every token, or of one.
 pub fn show(cfg: &LenientConfig, token: Option<&str>, format: Format) -> anyhow::Result<ExitCode> {
-    let rows: Vec<StoredAccount> = match Store::open_if_exists(&cfg.database)? {
+    let rows: Vec<StoredAccount> = match open_for_reading(&cfg.database)? {
         Some(store) => store
             .accounts()?
             .into_iter()

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::render::{csv_cell, write_table, Format};
 use adesync::config::Config;
-use adesync::model::EventKind;
+use adesync::model::{printable, EventKind};
 use adesync::store::Store;
 
 /// Events after `after` matching the filters, up to `limit`, and the last id scanned.
@@ -208,14 +208,19 @@ pub(super) fn print_device_detail(
         return Ok(());
     }
     for d in devices {
-        writeln!(out, "{} (token {})", d.device.serial_number, d.token_name)?;
+        writeln!(
+            out,
+            "{} (token {})",
+            printable(&d.device.serial_number),
+            d.token_name
+        )?;
         for (k, v) in adesync::store::device_map(&d.device) {
             if k != "serial_number" {
                 let v = match v {
                     serde_json::Value::String(s) => s,
                     other => other.to_string(),
                 };
-                writeln!(out, "  {k:<22} {v}")?;
+                writeln!(out, "  {:<22} {}", printable(&k), printable(&v))?;
             }
         }
         writeln!(out, "  {:<22} {}", "first_seen_at", d.first_seen_at)?;

@@ -50,6 +50,7 @@ pub(super) fn print_sink_attention(
                 } else {
                     ""
                 };
+                let why = adesync::model::printable(why);
                 writeln!(out, "sink {}: {}: {why}{todo}", s.name, s.state)?;
             }
         }

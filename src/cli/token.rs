@@ -123,7 +123,7 @@ pub fn run(cfg: &LenientConfig, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             key,
             force,
         } => {
-            let last_seen = Store::open_if_exists(&cfg.database)?
+            let last_seen = open_for_reading(&cfg.database)?
                 .map(|s| s.account(&name))
                 .transpose()?
                 .flatten()
@@ -248,7 +248,7 @@ fn print_import(cfg: &LenientConfig, name: &str, done: &Imported) -> anyhow::Res
 
 fn list(cfg: &LenientConfig, format: Format) -> anyhow::Result<ExitCode> {
     let mut statuses = token_statuses(cfg, chrono::Utc::now());
-    if let Some(store) = Store::open_if_exists(&cfg.database)? {
+    if let Some(store) = open_for_reading(&cfg.database)? {
         let accounts = store.accounts()?;
         for s in &mut statuses {
             s.server_name = accounts
@@ -404,4 +404,12 @@ fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCo
         println!("  - delete its token file and private key if they are still around.");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The database for reading, when there is one (read-only: these commands never write).
+pub(super) fn open_for_reading(path: &std::path::Path) -> anyhow::Result<Option<Store>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Store::open_read_only(path)?))
 }

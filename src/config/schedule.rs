@@ -157,6 +157,17 @@ fn gaps(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<(Duration, Duration)> 
     if longest == Duration::ZERO {
         return Some((Duration::MAX, Duration::from_secs(400 * 86_400)));
     }
+    // A frequent schedule uses up the occurrences above within days; a gap later in the
+    // year (`*/10 * * 1-20 * *` leaves ten days each month) is found by asking, from every
+    // hour of the horizon, how long until the next occurrence (exact to within the hour).
+    let mut t = start;
+    while t < horizon {
+        match cron.find_next_occurrence(&t, false) {
+            Ok(next) => longest = longest.max((next - t).to_std().unwrap_or_default()),
+            Err(_) => return Some((shortest, Duration::from_secs(400 * 86_400))),
+        }
+        t += chrono::Duration::hours(1);
+    }
     Some((shortest, longest))
 }
 
@@ -190,6 +201,11 @@ mod tests {
         let err = parse("0 0 2 * * Sun").unwrap_err();
         assert!(err.contains("7 days") && err.contains("7days"), "{err}");
         assert!(parse("0 0 0 1 * *").is_err(), "monthly");
+        // Frequent on some days, absent on others: the gap beyond the first occurrences
+        // is found whatever the day the config is loaded.
+        assert!(parse("*/10 * * 1-20 * *")
+            .unwrap_err()
+            .contains("between two runs"));
         assert!(parse("* * * * * *").unwrap_err().contains("every 1s"));
         assert!(parse("0 0 2 * *").unwrap_err().contains("6, seconds first"));
         assert!(parse("0 0 25 * * *").is_err(), "hour 25");

@@ -13,7 +13,6 @@
 //!   so nothing committed is lost and nothing half-written is kept.
 //! - systemd: READY=1 once the database is open, WATCHDOG=1 pings, STATUS= after each run.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use rand::Rng;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Schedule, TokenConfig};
+use crate::config::{Config, CronSchedule, Schedule, TokenConfig};
 use crate::syncer::{RunSummary, SyncError};
 
 mod health;
@@ -77,42 +76,63 @@ pub(crate) fn jittered(base: Duration) -> Duration {
     base + Duration::from_millis(rand::rng().random_range(0..=max))
 }
 
-/// Per token with a cron schedule: rung by `tokio-cron-scheduler` at each occurrence.
-pub(crate) type Ticks = HashMap<String, Arc<Notify>>;
+/// The `tokio-cron-scheduler` instance that fires cron-scheduled tokens; `None` when
+/// every token runs on an interval.
+pub(crate) type Cron = Option<tokio_cron_scheduler::JobScheduler>;
 
-/// Starts `tokio-cron-scheduler` with one job per cron-scheduled token, each ringing that
-/// token's [`Notify`]. Interval tokens need no job: their loop keeps its own time.
-pub(crate) async fn start_cron(
-    tokens: &[TokenConfig],
-) -> anyhow::Result<(Option<tokio_cron_scheduler::JobScheduler>, Ticks)> {
-    let mut ticks = Ticks::new();
-    let crons: Vec<_> = tokens
+/// Starts `tokio-cron-scheduler` when some token has a cron schedule.
+pub(crate) async fn start_cron(tokens: &[TokenConfig]) -> anyhow::Result<Cron> {
+    if !tokens
         .iter()
-        .filter_map(|t| match &t.schedule {
-            Schedule::Cron(c) => Some((t.name.clone(), (**c).clone())),
-            Schedule::Interval(_) => None,
-        })
-        .collect();
-    if crons.is_empty() {
-        return Ok((None, ticks));
+        .any(|t| matches!(t.schedule, Schedule::Cron(_)))
+    {
+        return Ok(None);
     }
     let scheduler = tokio_cron_scheduler::JobScheduler::new().await?;
-    for (name, cron) in crons {
-        let tick = Arc::new(Notify::new());
-        ticks.insert(name.clone(), tick.clone());
-        let job = tokio_cron_scheduler::Job::new_async_tz(
-            cron.expr.as_str(),
-            cron.timezone,
-            move |_, _| {
-                let tick = tick.clone();
-                Box::pin(async move { tick.notify_one() })
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("token \"{name}\": cannot schedule {:?}: {e}", cron.expr))?;
-        scheduler.add(job).await?;
-    }
     scheduler.start().await?;
-    Ok((Some(scheduler), ticks))
+    Ok(Some(scheduler))
+}
+
+/// Waits for the next occurrence of `cron` after now. The occurrence is computed in the
+/// schedule's own time zone (so it follows daylight-saving changes) and fired by a
+/// one-shot `tokio-cron-scheduler` job; a fresh signal per wait means a tick that fell
+/// during a run never causes an extra run. A fallback timer a minute after the
+/// occurrence keeps the token syncing even if the scheduler failed.
+async fn next_occurrence(scheduler: &tokio_cron_scheduler::JobScheduler, cron: &CronSchedule) {
+    let now = chrono::Utc::now();
+    let Some(next) = cron.next_after(now) else {
+        // No occurrence within reach (checked at load, so not expected): a day's wait.
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        return;
+    };
+    let wait = (next - now).to_std().unwrap_or_default();
+    let fired = Arc::new(Notify::new());
+    let ring = fired.clone();
+    let job = tokio_cron_scheduler::Job::new_one_shot_at_instant_async(
+        std::time::Instant::now() + wait,
+        move |_, _| {
+            let ring = ring.clone();
+            Box::pin(async move { ring.notify_one() })
+        },
+    );
+    let id = match job {
+        Ok(job) => scheduler.add(job).await.ok(),
+        Err(_) => None,
+    };
+    tokio::select! {
+        _ = fired.notified() => {}
+        _ = tokio::time::sleep(wait + Duration::from_secs(60)) => {
+            tracing::warn!(schedule = %cron.expr, "the cron scheduler did not fire; running on the fallback timer");
+        }
+    }
+    if let Some(id) = id {
+        let _ = scheduler.remove(&id).await;
+    }
+    // The scheduler counts whole seconds and may fire a moment early; never run before
+    // the occurrence, so the next wait is for the one after it.
+    if let Ok(early) = (next - chrono::Utc::now()).to_std() {
+        tokio::time::sleep(early).await;
+    }
 }
 
 /// The scheduler: one loop per token until `shutdown` is cancelled. `sync_now` wakes every
@@ -125,7 +145,7 @@ pub(crate) async fn schedule(
     sync_now: watch::Receiver<u64>,
     shutdown: CancellationToken,
     on_run: OnRun,
-    ticks: Ticks,
+    cron: Cron,
 ) {
     let permits = Arc::new(Semaphore::new(crate::syncer::MAX_CONCURRENT_TOKENS));
     let mut loops = tokio::task::JoinSet::new();
@@ -137,9 +157,9 @@ pub(crate) async fn schedule(
                 ..TokenHealth::default()
             },
         );
-        let tick = ticks.get(&token.name).cloned();
+        let cron = cron.clone();
         loops.spawn(token_loop(
-            (token, tick),
+            (token, cron),
             runner.clone(),
             health.clone(),
             sync_now.clone(),
@@ -152,7 +172,7 @@ pub(crate) async fn schedule(
 }
 
 async fn token_loop(
-    (token, tick): (TokenConfig, Option<Arc<Notify>>),
+    (token, cron): (TokenConfig, Cron),
     runner: Runner,
     health: Health,
     mut sync_now: watch::Receiver<u64>,
@@ -200,8 +220,21 @@ async fn token_loop(
         });
         on_run(&token.name, &outcome);
         let delay = next_delay(token.schedule.longest_gap(), &outcome, failures);
-        // A cron token that succeeded waits for its next occurrence, not a timer.
-        let wait_for_tick = tick.is_some() && outcome.is_ok();
+        // A cron token that succeeded waits for its next occurrence; after a failure (or
+        // while parked) the backoff timer decides, as for an interval.
+        let cron_wait = match (&token.schedule, &cron) {
+            (Schedule::Cron(c), Some(scheduler)) if outcome.is_ok() => {
+                Some((scheduler.clone(), c.clone()))
+            }
+            _ => None,
+        };
+        let on_cron = async {
+            match &cron_wait {
+                Some((scheduler, c)) => next_occurrence(scheduler, c).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(on_cron);
         if parked {
             tracing::error!(token = %token.name, retry_in = %crate::status::human_duration(delay),
                 "token parked until an administrator acts (see `adesync status`); a new token file is picked up at once");
@@ -213,8 +246,8 @@ async fn token_loop(
         tokio::pin!(sleep);
         loop {
             tokio::select! {
-                _ = &mut sleep, if !wait_for_tick => break,
-                _ = async { tick.as_ref().expect("guarded").notified().await }, if tick.is_some() => {
+                _ = &mut sleep, if cron_wait.is_none() => break,
+                _ = &mut on_cron => {
                     tracing::debug!(token = %token.name, "scheduled run");
                     break;
                 }
@@ -318,7 +351,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let (cron, ticks) = start_cron(&config.tokens).await?;
+    let cron = start_cron(&config.tokens).await?;
     let sched = tokio::spawn(schedule(
         config.tokens.clone(),
         runner,
@@ -326,7 +359,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sync_now_rx,
         shutdown.clone(),
         on_run,
-        ticks,
+        cron.clone(),
     ));
 
     loop {
@@ -487,7 +520,7 @@ mod tests {
             rx,
             shutdown.clone(),
             Arc::new(|_, _| {}),
-            Ticks::default(),
+            None,
         ));
         tokio::time::sleep(Duration::from_secs(3 * 3600 + 60)).await;
         shutdown.cancel();
@@ -546,7 +579,7 @@ mod tests {
             rx,
             shutdown.clone(),
             Arc::new(|_, _| {}),
-            Ticks::default(),
+            None,
         ));
         tokio::time::sleep(Duration::from_secs(600)).await;
         tx.send_modify(|n| *n += 1);
@@ -570,7 +603,7 @@ mod tests {
             rx,
             shutdown.clone(),
             Arc::new(|_, _| {}),
-            Ticks::default(),
+            None,
         ));
         tokio::time::sleep(Duration::from_secs(60)).await;
         shutdown.cancel();
@@ -581,27 +614,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tokio_cron_scheduler_rings_a_cron_tokens_tick_at_each_occurrence() {
-        let every_second = crate::config::parse_schedule(
+    async fn tokio_cron_scheduler_fires_each_occurrence_once() {
+        let every_second = match crate::config::parse_schedule(
             "* * * * * *",
-            chrono_tz::UTC,
+            chrono_tz::Europe::Berlin,
             Duration::from_secs(1),
             None,
         )
-        .unwrap();
+        .unwrap()
+        {
+            Schedule::Cron(c) => c,
+            other => panic!("{other:?}"),
+        };
         let mut cron_token = token("cron", 60);
-        cron_token.schedule = every_second;
-        let (scheduler, ticks) = start_cron(&[cron_token, token("interval", 60)])
+        cron_token.schedule = Schedule::Cron(every_second.clone());
+        let scheduler = start_cron(&[cron_token]).await.unwrap().expect("started");
+        assert!(start_cron(&[token("interval", 60)])
             .await
-            .unwrap();
-        assert_eq!(ticks.len(), 1, "only the cron token gets a job");
-        let tick = ticks["cron"].clone();
+            .unwrap()
+            .is_none());
+        let began = chrono::Utc::now();
         for _ in 0..2 {
-            tokio::time::timeout(Duration::from_secs(5), tick.notified())
-                .await
-                .expect("a tick within the next occurrences");
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                next_occurrence(&scheduler, &every_second),
+            )
+            .await
+            .expect("fired at the next occurrence, not the fallback a minute later");
         }
-        scheduler.unwrap().shutdown().await.unwrap();
+        assert!(chrono::Utc::now() - began >= chrono::Duration::milliseconds(1000));
+        let mut scheduler = scheduler;
+        scheduler.shutdown().await.unwrap();
     }
 
     #[test]

@@ -109,8 +109,13 @@ impl CommandRunner {
         };
         // The exit status decides. What it wrote to standard error before exiting is
         // read for a moment longer; a background child holding the pipe is not waited for.
-        if let Some(r) = reader {
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), r).await;
+        if let Some(mut r) = reader {
+            if tokio::time::timeout(std::time::Duration::from_millis(200), &mut r)
+                .await
+                .is_err()
+            {
+                r.abort(); // a background child holds the pipe: stop reading it
+            }
         }
         let status = status.map_err(|e| retry(format!("waiting for {program} failed: {e}")))?;
         let stderr: Vec<u8> = stderr_tail

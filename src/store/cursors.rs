@@ -193,7 +193,11 @@ pub(super) fn count_fetch_changes(
     .execute(params![token, changes as i64])?;
     if completes {
         conn.prepare_cached(
-            "UPDATE sync_state SET last_full_fetch_at = ?2, last_full_fetch_changes = fetch_changes,
+            // Only a fetch over a mirror that had completed one before counts its changes
+            // as missed by the cursor (the first fetch's devices are the mirror's start).
+            "UPDATE sync_state SET last_full_fetch_at = ?2,
+                 last_full_fetch_changes = CASE WHEN last_full_fetch_at IS NULL THEN NULL
+                                                ELSE fetch_changes END,
                  fetch_changes = 0
              WHERE token_name = ?1",
         )?

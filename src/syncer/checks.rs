@@ -179,8 +179,12 @@ fn same_server(a: &str, b: &str) -> bool {
 
 fn describe_server(name: Option<&str>, uuid: &str) -> String {
     match name {
-        Some(n) => format!("server \"{n}\" ({uuid})"),
-        None => format!("server {uuid}"),
+        Some(n) => format!(
+            "server \"{}\" ({})",
+            crate::model::printable(n),
+            crate::model::printable(uuid)
+        ),
+        None => format!("server {}", crate::model::printable(uuid)),
     }
 }
 
