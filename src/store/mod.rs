@@ -67,7 +67,7 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// The file belongs to another application; it was left untouched.
-    #[error("{path} is not an adesync database (it holds another application's tables{}); adesync left it untouched — set `database` in the config to a file of adesync's own, e.g. /var/lib/adesync/adesync.db", if let Some(t) = .example_table { format!(", such as \"{t}\"") } else { String::new() })]
+    #[error("{path} is not an adesync database ({}); adesync left it untouched — set `database` in the config to a file of adesync's own, e.g. /var/lib/adesync/adesync.db", match .example_table { Some(t) => format!("it holds another application's tables, such as \"{t}\""), None => "it is another program's file".to_owned() })]
     Foreign {
         /// The database file.
         path: PathBuf,
@@ -95,6 +95,24 @@ fn advice(e: &rusqlite::Error) -> &'static str {
         Some(C::DiskFull) => "; the disk is full: free space, then run again (nothing half-written was kept)",
         _ => "",
     }
+}
+
+/// A file that exists, is not empty and does not start with SQLite's header is another
+/// program's file, not a damaged database: refuse it untouched with that said.
+fn refuse_non_sqlite(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Ok(()); // missing (created next) or unreadable (SQLite says why)
+    };
+    let mut head = [0u8; 16];
+    let n = f.read(&mut head).unwrap_or(0);
+    if n == 0 || head.starts_with(b"SQLite format 3\0") {
+        return Ok(());
+    }
+    Err(StoreError::Foreign {
+        path: path.to_owned(),
+        example_table: None,
+    })
 }
 
 /// `PRAGMA application_id` of an adesync database ("ADES"): how adesync tells its own
@@ -179,6 +197,7 @@ impl Store {
                 source,
             })?;
         }
+        refuse_non_sqlite(path)?;
         let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
             path: path.to_owned(),
             action: "open",
@@ -261,6 +280,7 @@ impl Store {
     /// check) can query it. A database that still needs a migration says so.
     pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
         use rusqlite::OpenFlags;
+        refuse_non_sqlite(path)?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -587,12 +607,25 @@ mod tests {
     fn a_damaged_file_gets_advice() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.db");
-        std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
+        drop(Store::open(&p).unwrap());
+        // Keep SQLite's header, damage what follows.
+        let mut bytes = std::fs::read(&p).unwrap();
+        for b in &mut bytes[16..100] {
+            *b = 0xff;
+        }
+        std::fs::write(&p, &bytes).unwrap();
         let err = Store::open(&p).unwrap_err().to_string();
         assert!(
             err.contains("restore it from a backup") && err.contains("full fetch"),
             "{err}"
         );
+        // Not SQLite at all: another program's file, left as it is.
+        let q = dir.path().join("notes.db");
+        std::fs::write(&q, "meeting notes\n").unwrap();
+        let err = Store::open(&q).unwrap_err();
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+        assert!(err.to_string().contains("another program's file"), "{err}");
+        assert_eq!(std::fs::read_to_string(&q).unwrap(), "meeting notes\n");
     }
 
     #[test]
