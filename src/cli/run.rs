@@ -63,10 +63,10 @@ pub async fn run_once(
     for (name, e) in &report.failed {
         eprintln!("error: token \"{name}\": {e}");
     }
+    let ran = report.ok.len() + report.failed.len();
     eprintln!(
-        "{} of {} token(s) failed; the others synced",
-        report.failed.len(),
-        config.tokens.len()
+        "{} of {ran} token(s) failed; the others synced",
+        report.failed.len()
     );
     Ok(ExitCode::FAILURE)
 }

@@ -5,7 +5,7 @@
 //! file's folder, defaults filled in, every value checked. A [`ConfigError`] names the
 //! key and the reason; the binary exits 78 (EX_CONFIG) on it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -361,6 +361,10 @@ impl Config {
         }
         let mut names = HashSet::new();
         let mut tokens = Vec::with_capacity(raw.tokens.len());
+        let mut schedules: HashMap<(Option<String>, chrono_tz::Tz), Schedule> =
+            HashMap::from([((raw.schedule.clone(), timezone), schedule.clone())]);
+        let mut full_fetches: HashMap<(Option<String>, chrono_tz::Tz), Option<Schedule>> =
+            HashMap::from([((raw.full_fetch.clone(), timezone), full_fetch.clone())]);
         for (i, t) in raw.tokens.into_iter().enumerate() {
             let key = |k: &str| format!("tokens[{i}].{k}");
             check_name(&t.name).map_err(|r| invalid(&key("name"), r))?;
@@ -400,19 +404,29 @@ impl Config {
                 None => timezone,
                 Some(text) => parse_timezone(text).map_err(|r| invalid(&key("timezone"), r))?,
             };
-            // A token's own time zone applies to the schedules it inherits as written.
-            let token_schedule = check_schedule(
-                t.schedule.as_deref().or(raw.schedule.as_deref()),
-                &schedule,
-                tz,
-            )
-            .map_err(|r| invalid(&key("schedule"), r))?;
-            let token_full_fetch = check_full_fetch(
-                t.full_fetch.as_deref().or(raw.full_fetch.as_deref()),
-                &full_fetch,
-                tz,
-            )
-            .map_err(|r| invalid(&key("full_fetch"), r))?;
+            // A token's own time zone applies to the schedules it inherits as written. A
+            // cron check looks a year ahead, so each (text, zone) is checked once, however
+            // many tokens share it.
+            let sched_text = t.schedule.clone().or(raw.schedule.clone());
+            let token_schedule = match schedules.get(&(sched_text.clone(), tz)) {
+                Some(done) => done.clone(),
+                None => {
+                    let checked = check_schedule(sched_text.as_deref(), &schedule, tz)
+                        .map_err(|r| invalid(&key("schedule"), r))?;
+                    schedules.insert((sched_text, tz), checked.clone());
+                    checked
+                }
+            };
+            let fetch_text = t.full_fetch.clone().or(raw.full_fetch.clone());
+            let token_full_fetch = match full_fetches.get(&(fetch_text.clone(), tz)) {
+                Some(done) => done.clone(),
+                None => {
+                    let checked = check_full_fetch(fetch_text.as_deref(), &full_fetch, tz)
+                        .map_err(|r| invalid(&key("full_fetch"), r))?;
+                    full_fetches.insert((fetch_text, tz), checked.clone());
+                    checked
+                }
+            };
             let pv = t.protocol_version.unwrap_or(protocol_version);
             check_protocol(pv).map_err(|r| invalid(&key("protocol_version"), r))?;
             tokens.push(TokenConfig {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -104,9 +104,7 @@ type CachedExpiry = (Option<(SystemTime, u64)>, Option<i64>);
 impl ExpiryCache {
     /// The expiry (Unix seconds) of `token`'s file, `None` when it cannot be read.
     fn get(&self, token: &TokenConfig) -> Option<i64> {
-        let stamp = std::fs::metadata(&token.token_file)
-            .ok()
-            .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()));
+        let stamp = super::file_stamp(&token.token_file);
         let key = token.token_file.clone();
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((seen, expiry)) = map.get(&key) {

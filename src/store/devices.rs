@@ -185,7 +185,9 @@ pub(super) fn write_page(
             }
             _ => Ok(()),
         };
-        let changes = match decide(known, rec) {
+        let decision = decide(known, rec);
+        let kind = decision.event_kind();
+        let changes = match decision {
             Decision::Stale => {
                 stats.stale += 1;
                 continue;
@@ -224,11 +226,7 @@ pub(super) fn write_page(
             Decision::Added { .. } => None,
             Decision::Modified(diff) => Some(Value::Object(diff).to_string()),
         };
-        let kind = if changes.is_some() {
-            EventKind::Modified
-        } else {
-            EventKind::Added
-        };
+        let kind = kind.unwrap_or(EventKind::Added);
         let d = &rec.device;
         let f = d.fields();
         let extra = extra_json(d);
