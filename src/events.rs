@@ -10,14 +10,49 @@
 use serde_json::{json, Map, Value};
 
 use crate::model::{is_older, Device, DeviceRecord, EventKind, OpType, DEVICE_FIELDS};
+use crate::orgapi::OrgDevice;
+
+/// What an event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EventScope {
+    /// A device of an ADE token (`device.*`).
+    #[default]
+    Device,
+    /// A device of the organisation's inventory (`org_device.*`).
+    OrgDevice,
+}
+
+impl EventScope {
+    /// The stored `events.scope` (NULL for ADE devices).
+    pub fn stored(self) -> Option<&'static str> {
+        match self {
+            EventScope::Device => None,
+            EventScope::OrgDevice => Some("org_device"),
+        }
+    }
+
+    /// The JSON `type` of an event of this scope and kind.
+    pub fn event_type(self, kind: EventKind) -> &'static str {
+        match (self, kind) {
+            (EventScope::Device, EventKind::Added) => "device.added",
+            (EventScope::Device, EventKind::Modified) => "device.modified",
+            (EventScope::Device, EventKind::Deleted) => "device.deleted",
+            (EventScope::OrgDevice, EventKind::Added) => "org_device.added",
+            (EventScope::OrgDevice, EventKind::Modified) => "org_device.modified",
+            (EventScope::OrgDevice, EventKind::Deleted) => "org_device.removed",
+        }
+    }
+}
 
 /// A stored change event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredEvent {
     /// Monotonic id.
     pub id: i64,
-    /// Token.
+    /// Token, or for an organisation device event the account.
     pub token_name: String,
+    /// ADE device or organisation device.
+    pub scope: EventScope,
     /// Device.
     pub serial_number: String,
     /// What happened.
@@ -26,8 +61,10 @@ pub struct StoredEvent {
     pub changes: Value,
     /// When adesync recorded it.
     pub occurred_at: String,
-    /// The device's record as stored right after the change.
+    /// The device's record as stored right after the change (ADE events).
     pub device: Option<Device>,
+    /// The organisation device as stored right after the change (organisation events).
+    pub org_device: Option<OrgDevice>,
 }
 
 /// What the mirror holds for a device when one of Apple's records for it arrives.
@@ -153,6 +190,18 @@ pub fn removal_changes(d: &Device) -> Value {
 /// `occurred_at`, `changes` (`{"field": [old, new]}`) and `device` (the record as stored
 /// right after the change, Apple's field names).
 pub fn event_json(e: &StoredEvent) -> Value {
+    if e.scope == EventScope::OrgDevice {
+        return json!({
+            "version": EVENT_FORMAT_VERSION,
+            "id": e.id,
+            "type": e.scope.event_type(e.kind),
+            "account": e.token_name,
+            "serial_number": e.serial_number,
+            "occurred_at": e.occurred_at,
+            "changes": e.changes,
+            "device": e.org_device.as_ref().map(OrgDevice::to_json).unwrap_or(Value::Null),
+        });
+    }
     let mut device = e
         .device
         .as_ref()
@@ -167,7 +216,7 @@ pub fn event_json(e: &StoredEvent) -> Value {
     json!({
         "version": EVENT_FORMAT_VERSION,
         "id": e.id,
-        "type": format!("device.{}", e.kind),
+        "type": e.scope.event_type(e.kind),
         "token": e.token_name,
         "serial_number": e.serial_number,
         "occurred_at": e.occurred_at,

@@ -18,6 +18,65 @@ pub fn builder() -> reqwest::ClientBuilder {
     }
 }
 
+/// Why [`read_capped`] gave up.
+pub enum CappedError {
+    /// The body is larger than the limit (declared or as it arrived).
+    TooLarge,
+    /// The transfer failed.
+    Transport(reqwest::Error),
+}
+
+/// Reads a response body of at most `limit` bytes, stopping as soon as it is exceeded: a
+/// body without an end, or a huge one, must not take the process's memory.
+pub async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, CappedError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(CappedError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::with_capacity(resp.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(CappedError::Transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(CappedError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// reqwest's error with its causes, without the URL's query or any header.
+pub fn describe_reqwest(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (RFC 9110 §10.2.3; docs/apple-dep-api.md §6.3).
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<std::time::Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = when.with_timezone(&chrono::Utc) - now;
+    Some(delta.to_std().unwrap_or(std::time::Duration::ZERO))
+}
+
+/// The `Retry-After` of a response, if it has a readable one.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, chrono::Utc::now()))
+}
+
 fn shared_tls() -> &'static Option<native_tls::TlsConnector> {
     static TLS: OnceLock<Option<native_tls::TlsConnector>> = OnceLock::new();
     TLS.get_or_init(|| {

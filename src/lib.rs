@@ -22,6 +22,9 @@
 //!   (`schema/event.schema.json`).
 //! - [`apple`]: everything that speaks Apple's HTTP: OAuth 1.0a, the session, one method
 //!   per endpoint, Apple's errors parsed once.
+//! - [`orgapi`]: everything that speaks the Apple School Manager and Apple Business API:
+//!   the ES256 client assertion, the access-token cache, the per-account request budget,
+//!   the JSON:API lists, resources turned into rows.
 //! - [`token`]: the server token (JSON or `.p7m` + key), its expiry, key/cert
 //!   administration that returns data.
 //! - [`config`]: the TOML file → a validated [`config::Config`] of paths and values (never
@@ -48,6 +51,8 @@ pub mod store;
 pub mod events;
 
 pub mod apple;
+
+pub mod orgapi;
 
 pub mod token;
 

@@ -287,11 +287,16 @@ pub enum ErrorKind {
     Internal,
     /// Stopped by shutdown.
     Cancelled,
+    /// An organisation API account's private key cannot be read or is not a P-256 key.
+    ApiKey,
+    /// Apple refuses an organisation API account (`invalid_client`, `invalid_scope`, a
+    /// deleted or expired account).
+    AccountRejected,
 }
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 21] = [
         ErrorKind::TokenExpired,
         ErrorKind::TokenFile,
         ErrorKind::TokenRejected,
@@ -311,6 +316,8 @@ impl ErrorKind {
         ErrorKind::LocalResource,
         ErrorKind::Internal,
         ErrorKind::Cancelled,
+        ErrorKind::ApiKey,
+        ErrorKind::AccountRejected,
     ];
 
     /// The stored name.
@@ -335,6 +342,8 @@ impl ErrorKind {
             ErrorKind::LocalResource => "local_resource",
             ErrorKind::Internal => "internal",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::ApiKey => "api_key",
+            ErrorKind::AccountRejected => "account_rejected",
         }
     }
 
@@ -357,6 +366,8 @@ impl ErrorKind {
                 | ErrorKind::AccessDenied
                 | ErrorKind::UserAgent
                 | ErrorKind::ServerChanged
+                | ErrorKind::ApiKey
+                | ErrorKind::AccountRejected
         )
     }
 }

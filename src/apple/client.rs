@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{classify, parse_retry_after, ApiError, Endpoint};
 use super::oauth1;
 use crate::config::RetryPolicy;
+use crate::http_client::{describe_reqwest, CappedError};
 use crate::model::printable;
 use crate::model::DeviceRecord;
 use crate::token::ServerToken;
@@ -535,7 +536,7 @@ impl AppleClient {
             detail: describe_reqwest(&e),
             timeout: e.is_timeout(),
         };
-        let mut resp = b.send().await.map_err(transport)?;
+        let resp = b.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         if resp.status().is_redirection() {
@@ -550,20 +551,12 @@ impl AppleClient {
             });
         }
         let limit = self.settings.max_response_bytes;
-        let too_large = || ApiError::TooLarge { endpoint, limit };
-        if resp.content_length().is_some_and(|n| n > limit as u64) {
-            return Err(too_large());
-        }
-        // Read in chunks and stop past the limit: a body without an end, or a huge one,
-        // must not take the process's memory.
-        let mut body = bytes::BytesMut::with_capacity(resp.content_length().unwrap_or(0) as usize);
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > limit {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let body = body.freeze();
+        let body = crate::http_client::read_capped(resp, limit)
+            .await
+            .map_err(|e| match e {
+                CappedError::TooLarge => ApiError::TooLarge { endpoint, limit },
+                CappedError::Transport(e) => transport(e),
+            })?;
         Ok(Response {
             status,
             headers,
@@ -589,15 +582,3 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// reqwest's error with its causes, without the URL's query or any header.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}

@@ -210,16 +210,7 @@ pub fn body_token(body: &str) -> String {
     s
 }
 
-/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (docs/apple-dep-api.md §6.3).
-pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let delta = when.with_timezone(&chrono::Utc) - now;
-    Some(delta.to_std().unwrap_or(Duration::ZERO))
-}
+pub use crate::http_client::parse_retry_after;
 
 /// Turns a non-success response into an [`ApiError`]. The one place that reads bodies.
 pub fn classify(

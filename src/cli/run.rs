@@ -57,16 +57,19 @@ pub async fn run_once(
         return Ok(ExitCode::from(signal_code));
     }
     adesync::sinks::deliver_all_logged(config).await;
-    if report.failed.is_empty() {
+    if report.failures() == 0 {
         return Ok(ExitCode::SUCCESS);
     }
     for (name, e) in &report.failed {
         eprintln!("error: token \"{name}\": {e}");
     }
-    let ran = report.ok.len() + report.failed.len();
+    for (name, e) in &report.org_failed {
+        eprintln!("error: organisation account \"{name}\": {e}");
+    }
     eprintln!(
-        "{} of {ran} token(s) failed; the others synced",
-        report.failed.len()
+        "{} of {} token(s) and account(s) failed; the others synced",
+        report.failures(),
+        report.ran()
     );
     Ok(ExitCode::FAILURE)
 }

@@ -13,9 +13,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod lenient;
+mod org;
 mod schedule;
 mod sinks;
 pub use lenient::{LenientConfig, TokenFiles};
+pub use org::{
+    OrgAccountConfig, OrgScope, ASSERTION_AUDIENCE, DEFAULT_TOKEN_URL, MAX_ORG_PAGE_SIZE,
+};
 pub use schedule::{parse_schedule, parse_timezone, CronSchedule, Schedule};
 pub use sinks::{
     CommandConfig, JsonlTarget, SinkConfig, SinkKind, WebhookConfig, WebhookSecret,
@@ -86,6 +90,8 @@ struct RawConfig {
     tokens: Vec<RawToken>,
     #[serde(default)]
     sinks: Vec<sinks::RawSink>,
+    #[serde(default)]
+    org_accounts: Vec<org::RawOrgAccount>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +146,8 @@ pub struct Config {
     pub max_response_bytes: usize,
     /// The enrollment-program tokens to sync.
     pub tokens: Vec<TokenConfig>,
+    /// The Apple School/Business Manager API accounts to walk.
+    pub org_accounts: Vec<OrgAccountConfig>,
     /// Where events are written besides the `events` table.
     pub sinks: Vec<SinkConfig>,
     /// How long events are kept once every sink has them (`None`: forever).
@@ -353,12 +361,14 @@ impl Config {
             }
         }
 
-        if raw.tokens.is_empty() {
+        if raw.tokens.is_empty() && raw.org_accounts.is_empty() {
             return Err(invalid(
                 "tokens",
-                "no [[tokens]] configured; add one per ABM/ASM server token (see config.example.toml)".into(),
+                "no [[tokens]] and no [[org_accounts]] configured; add one [[tokens]] per ABM/ASM server token, and/or one [[org_accounts]] per Apple Business/School Manager API account (see config.example.toml)".into(),
             ));
         }
+        let account_names: HashSet<String> =
+            raw.org_accounts.iter().map(|a| a.name().to_owned()).collect();
         let mut names = HashSet::new();
         let mut tokens = Vec::with_capacity(raw.tokens.len());
         let mut schedules: HashMap<(Option<String>, chrono_tz::Tz), Schedule> =
@@ -373,6 +383,15 @@ impl Config {
                     &key("name"),
                     format!(
                         "\"{}\" is used by more than one token; names must be unique",
+                        t.name
+                    ),
+                ));
+            }
+            if account_names.contains(&t.name) {
+                return Err(invalid(
+                    &key("name"),
+                    format!(
+                        "\"{}\" is also the name of an [[org_accounts]] entry; names must be unique across tokens and accounts (both key rows and events)",
                         t.name
                     ),
                 ));
@@ -442,6 +461,22 @@ impl Config {
             });
         }
 
+        let mut org_accounts = Vec::with_capacity(raw.org_accounts.len());
+        for (i, a) in raw.org_accounts.into_iter().enumerate() {
+            if !names.insert(a.name().to_owned()) {
+                return Err(invalid(
+                    &format!("org_accounts[{i}].name"),
+                    format!(
+                        "\"{}\" is used by more than one account; names must be unique across tokens and accounts",
+                        a.name()
+                    ),
+                ));
+            }
+            let account = org::resolve_account(i, a, base, timezone, check_files)
+                .map_err(|(k, r)| invalid(&k, r))?;
+            org_accounts.push(account);
+        }
+
         let mut sink_names = HashSet::new();
         let mut sinks = Vec::new();
         for (i, s) in raw.sinks.into_iter().enumerate() {
@@ -468,6 +503,7 @@ impl Config {
             retry,
             max_response_bytes,
             tokens,
+            org_accounts,
             sinks,
             event_retention,
             http_listen,
@@ -547,6 +583,9 @@ impl Config {
             if let Schedule::Cron(c) = &t.schedule {
                 let _ = writeln!(s, "timezone = {:?}", c.timezone.name());
             }
+        }
+        for a in &self.org_accounts {
+            org::account_to_toml(&mut s, a);
         }
         for k in &self.sinks {
             sinks::sink_to_toml(&mut s, k);

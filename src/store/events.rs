@@ -5,7 +5,8 @@ use rusqlite::params;
 use serde_json::Value;
 
 use super::{insert_many, Store, StoreError};
-use crate::events::StoredEvent;
+use crate::events::{EventScope, StoredEvent};
+use crate::orgapi::OrgDevice;
 use crate::model::{Device, EventKind};
 
 /// Encodes a device for `events.device_json`: `[serial_number, the named fields in
@@ -91,6 +92,35 @@ impl PageEvents {
     }
 }
 
+/// An organisation device event read back: the snapshot is the device's JSON object;
+/// an addition's or removal's changes are derived from it, as for ADE events.
+fn org_event(
+    r: &rusqlite::Row<'_>,
+    kind: EventKind,
+    changes: Option<String>,
+    snapshot: &str,
+) -> rusqlite::Result<StoredEvent> {
+    let device = serde_json::from_str::<Value>(snapshot)
+        .ok()
+        .and_then(|v| OrgDevice::from_json(&v));
+    let changes = match (changes, &device) {
+        (Some(text), _) => serde_json::from_str(&text).unwrap_or(Value::Null),
+        (None, Some(d)) => Value::Object(d.all_changes(kind == EventKind::Deleted)),
+        (None, None) => Value::Null,
+    };
+    Ok(StoredEvent {
+        id: r.get(0)?,
+        token_name: r.get(1)?,
+        serial_number: r.get(2)?,
+        kind,
+        changes,
+        occurred_at: r.get(5)?,
+        scope: EventScope::OrgDevice,
+        device: None,
+        org_device: device,
+    })
+}
+
 impl Store {
     /// Events with `id > after`, oldest first, each with the device as stored when the
     /// event was written (its snapshot; the current row if there is none).
@@ -100,7 +130,7 @@ impl Store {
         token: Option<&str>,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json
+        let sql = "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json, scope
              FROM events WHERE id > ?1 AND (?2 IS NULL OR token_name = ?2)
              ORDER BY id LIMIT ?3";
         let mut stmt = self
@@ -118,7 +148,11 @@ impl Store {
                     )
                 })?;
                 let changes: Option<String> = r.get(4)?;
-                let device = decode_snapshot(&r.get::<_, String>(6)?);
+                let snapshot: String = r.get(6)?;
+                if r.get::<_, Option<String>>(7)?.is_some() {
+                    return Ok(org_event(r, kind, changes, &snapshot)?);
+                }
+                let device = decode_snapshot(&snapshot);
                 let changes = match (changes, &device, kind) {
                     (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),
                     (None, Some(d), EventKind::Added) => crate::events::addition_changes(d),
@@ -132,7 +166,9 @@ impl Store {
                     kind,
                     changes,
                     occurred_at: r.get(5)?,
+                    scope: EventScope::Device,
                     device,
+                    org_device: None,
                 })
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());

@@ -19,6 +19,7 @@ mod accounts;
 mod cursors;
 mod devices;
 mod events;
+mod org;
 mod schema;
 mod sink_cursors;
 
@@ -26,6 +27,9 @@ pub use crate::events::StoredEvent;
 pub use accounts::{StoredAccount, TokenFootprint};
 pub use cursors::{CursorState, SyncState};
 pub use devices::{apple_columns, device_map, DeviceFilter, PageStats, PageWrite, StoredDevice};
+pub use org::{
+    OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase,
+};
 pub use sink_cursors::SinkCursor;
 
 use cursors::upsert_state;

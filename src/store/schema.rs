@@ -132,6 +132,144 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE sync_state ADD COLUMN fetch_changes INTEGER NOT NULL DEFAULT 0;
     UPDATE sync_state SET last_full_fetch_at = last_success_at WHERE phase = 'sync';
     "#,
+    // 3: the organisation's inventory from the Apple School/Business Manager API
+    // (docs/apple-business-api.md): devices, MDM servers, AppleCare coverage, the state of
+    // each account's walk, and the `inventory` view joining it with the ADE mirror.
+    // Organisation events share the events table (one id sequence for every sink);
+    // `scope` tells them apart.
+    r#"
+    -- NULL: an ADE device event; 'org_device': an organisation device event, whose
+    -- token_name is the account's name, whose kind 'deleted' is the JSON type
+    -- org_device.removed, and whose device_json is the device as a JSON object.
+    ALTER TABLE events ADD COLUMN scope TEXT;
+
+    CREATE TABLE org_devices (
+        id                                INTEGER PRIMARY KEY,
+        account_name                      TEXT NOT NULL,
+        serial_number                     TEXT NOT NULL,
+        -- Apple's attributes, one column each (lists as JSON text, booleans 0/1).
+        added_to_org_date_time            TEXT,
+        released_from_org_date_time       TEXT,
+        updated_date_time                 TEXT,
+        device_model                      TEXT,
+        product_family                    TEXT,
+        product_type                      TEXT,
+        device_capacity                   TEXT,
+        part_number                       TEXT,
+        order_number                      TEXT,
+        order_date_time                   TEXT,
+        color                             TEXT,
+        status                            TEXT,
+        imei                              TEXT,
+        meid                              TEXT,
+        eid                               TEXT,
+        wifi_mac_address                  TEXT,
+        bluetooth_mac_address             TEXT,
+        ethernet_mac_address              TEXT,
+        purchase_source_type              TEXT,
+        purchase_source_id                TEXT,
+        is_mdm_migration_capable          INTEGER,
+        mdm_migration_status              TEXT,
+        mdm_migration_deadline_date_time  TEXT,
+        -- Attributes Apple adds later, as sent (NULL when none).
+        extra_json                        TEXT,
+        -- The MDM server whose device list holds it (NULL: unassigned).
+        assigned_server_id                TEXT,
+        assigned_server_name              TEXT,
+        -- A digest of the columns above: an unchanged device is recognised without
+        -- reading its row.
+        content_hash                      INTEGER NOT NULL,
+        first_seen_at                     TEXT NOT NULL,
+        updated_at                        TEXT NOT NULL,
+        -- Set when a complete walk no longer lists it; NULL while Apple lists it.
+        removed_at                        TEXT,
+        -- When its AppleCare coverage was last asked for.
+        applecare_checked_at              TEXT,
+        UNIQUE (account_name, serial_number)
+    );
+
+    CREATE TABLE mdm_servers (
+        account_name      TEXT NOT NULL,
+        id                TEXT NOT NULL,
+        server_name       TEXT,
+        server_type       TEXT,
+        status            TEXT,
+        device_count      INTEGER,
+        created_date_time TEXT,
+        updated_date_time TEXT,
+        extra_json        TEXT,
+        seen_at           TEXT NOT NULL,
+        -- Set when Apple no longer lists it.
+        removed_at        TEXT,
+        PRIMARY KEY (account_name, id)
+    );
+
+    CREATE TABLE applecare_coverage (
+        account_name              TEXT NOT NULL,
+        serial_number             TEXT NOT NULL,
+        coverage_id               TEXT NOT NULL,
+        status                    TEXT,
+        payment_type              TEXT,
+        description               TEXT,
+        start_date_time           TEXT,
+        end_date_time             TEXT,
+        is_renewable              INTEGER,
+        is_canceled               INTEGER,
+        contract_cancel_date_time TEXT,
+        agreement_number          TEXT,
+        extra_json                TEXT,
+        fetched_at                TEXT NOT NULL,
+        PRIMARY KEY (account_name, serial_number, coverage_id)
+    );
+
+    -- Each account's walk: first every MDM server's device list (staged below, server
+    -- by server and page by page), then orgDevices page by page. The position commits
+    -- with each page, so a crash resumes the walk instead of restarting it.
+    CREATE TABLE org_walks (
+        account_name      TEXT PRIMARY KEY,
+        walk_run          INTEGER NOT NULL DEFAULT 1,
+        phase             TEXT NOT NULL DEFAULT 'servers' CHECK (phase IN ('servers', 'devices')),
+        server_index      INTEGER NOT NULL DEFAULT 0,
+        cursor            TEXT,
+        started_at        TEXT,
+        pages             INTEGER NOT NULL DEFAULT 0,
+        last_run_at       TEXT,
+        last_success_at   TEXT,
+        last_complete_at  TEXT,
+        last_walk_devices INTEGER,
+        last_error        TEXT,
+        last_error_kind   TEXT,
+        last_error_at     TEXT,
+        rate_limited      INTEGER NOT NULL DEFAULT 0
+    );
+
+    -- The walk in progress: which server each serial's device list named.
+    CREATE TABLE org_server_devices (
+        account_name  TEXT NOT NULL,
+        serial_number TEXT NOT NULL,
+        server_id     TEXT NOT NULL,
+        PRIMARY KEY (account_name, serial_number)
+    ) WITHOUT ROWID;
+
+    -- One row per organisation device: what Apple's organisation knows, which server
+    -- holds it, and whether (and under which token) the ADE mirror has it.
+    CREATE VIEW inventory AS
+    SELECT o.account_name,
+           o.serial_number,
+           o.status AS org_status,
+           o.product_family,
+           o.device_model,
+           o.assigned_server_id,
+           o.assigned_server_name,
+           o.removed_at AS org_removed_at,
+           d.token_name,
+           d.profile_status,
+           d.profile_uuid,
+           d.token_name IS NOT NULL AS mirrored
+      FROM org_devices o
+      LEFT JOIN devices d
+        ON d.serial_number = o.serial_number AND d.deleted_at IS NULL;
+    "#,
 ];
 
 impl Store {

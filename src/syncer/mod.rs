@@ -26,7 +26,12 @@ use crate::token::TokenError;
 
 mod checks;
 mod cursor;
+mod org;
 mod writer;
+
+pub use org::{
+    org_client_settings, run_account, run_account_with, OrgRunSummary, OrgSyncError,
+};
 
 pub(crate) use cursor::{next_step, Next, Outcome, Then};
 use writer::{writer_loop, WriterMsg};
@@ -460,6 +465,22 @@ pub struct OnceReport {
     pub ok: Vec<RunSummary>,
     /// Failed passes: token name and error.
     pub failed: Vec<(String, SyncError)>,
+    /// Organisation accounts walked.
+    pub org_ok: Vec<OrgRunSummary>,
+    /// Organisation accounts that failed: name and error.
+    pub org_failed: Vec<(String, OrgSyncError)>,
+}
+
+impl OnceReport {
+    /// Tokens and accounts that ran.
+    pub fn ran(&self) -> usize {
+        self.ok.len() + self.failed.len() + self.org_ok.len() + self.org_failed.len()
+    }
+
+    /// Tokens and accounts that failed.
+    pub fn failures(&self) -> usize {
+        self.failed.len() + self.org_failed.len()
+    }
 }
 
 /// How many tokens sync at the same time, in `run --once` and in the daemon.
@@ -493,7 +514,7 @@ pub async fn run_all_once_with(
         .tokens
         .iter()
         .filter(|t| options.only.as_deref().is_none_or(|o| o == t.name));
-    let results: Vec<(String, Result<RunSummary, SyncError>)> = stream::iter(tokens)
+    let token_runs = stream::iter(tokens)
         .map(|t| {
             let progress = progress.clone();
             async move {
@@ -502,9 +523,28 @@ pub async fn run_all_once_with(
             }
         })
         .buffer_unordered(MAX_CONCURRENT_TOKENS)
-        .collect()
-        .await;
+        .collect::<Vec<(String, Result<RunSummary, SyncError>)>>();
+    let accounts = config
+        .org_accounts
+        .iter()
+        .filter(|a| options.only.as_deref().is_none_or(|o| o == a.name));
+    let account_runs = stream::iter(accounts)
+        .map(|a| async move { (a.name.clone(), run_account(config, a, &options.cancel).await) })
+        .buffer_unordered(MAX_CONCURRENT_TOKENS)
+        .collect::<Vec<(String, Result<OrgRunSummary, OrgSyncError>)>>();
+    let (results, org_results) = tokio::join!(token_runs, account_runs);
     let mut report = OnceReport::default();
+    for (name, r) in org_results {
+        match r {
+            Ok(s) => report.org_ok.push(s),
+            Err(e) => {
+                tracing::error!(account = %name, error = %e, "organisation walk failed");
+                report.org_failed.push((name, e));
+            }
+        }
+    }
+    report.org_ok.sort_by(|a, b| a.account.cmp(&b.account));
+    report.org_failed.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, r) in results {
         match r {
             Ok(s) => {

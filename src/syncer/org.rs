@@ -1,0 +1,437 @@
+//! One walk of one organisation API account (docs/apple-business-api.md §3): the MDM
+//! servers, each server's device list (staged in the database page by page), then every
+//! org device page by page, each page committed with its events and the walk's cursor;
+//! then AppleCare coverage within the account's budget.
+//!
+//! The API has no delta: every walk reads the whole list. What makes a re-walk cheap is
+//! the store recognising an unchanged device by its content hash. A crash resumes the walk
+//! where its last commit left it; only a complete walk removes devices.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, OrgAccountConfig};
+use crate::model::{format_time, ErrorKind};
+use crate::orgapi::{
+    device, ListPage, OrgApiError, OrgClient, OrgClientSettings, OrgDevice,
+};
+use crate::store::{OrgPageStats, Store, StoreError, WalkPhase};
+
+/// Most pages one list may have: 10 million devices at 1,000 a page, and a guard against
+/// a cursor that never ends.
+const MAX_PAGES: u64 = 10_000;
+/// Longest time one run spends on AppleCare coverage; the rest waits for the next run.
+const APPLECARE_RUN_BUDGET: Duration = Duration::from_secs(600);
+
+/// A failed walk. Each variant says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OrgSyncError {
+    /// Apple refused or could not be reached, or the key is unusable.
+    #[error(transparent)]
+    Api(#[from] OrgApiError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Apple returned the cursor it was sent.
+    #[error("{0}: Apple returned the cursor it was sent, which would repeat the same page forever; the walk stops here and the next run starts the list again")]
+    SameCursor(&'static str),
+    /// A list longer than any organisation has.
+    #[error("{0}: more than {MAX_PAGES} pages; stopping (the next run starts the list again)")]
+    TooManyPages(&'static str),
+    /// Stopped by shutdown; committed pages are kept.
+    #[error("stopped by shutdown; the next run continues from the last committed page")]
+    Cancelled,
+    /// A background task died.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl OrgSyncError {
+    /// A short stable name.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OrgSyncError::Api(e) => e.kind(),
+            OrgSyncError::Store(_) => ErrorKind::Database,
+            OrgSyncError::SameCursor(_) | OrgSyncError::TooManyPages(_) => ErrorKind::Cursor,
+            OrgSyncError::Cancelled => ErrorKind::Cancelled,
+            OrgSyncError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// What one walk did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OrgRunSummary {
+    /// Account name.
+    pub account: String,
+    /// Pages of devices read.
+    pub pages: u64,
+    /// Devices read.
+    pub devices: u64,
+    /// Events by kind, and unchanged devices.
+    pub stats: OrgPageStats,
+    /// MDM servers listed.
+    pub servers: u64,
+    /// The walk reached the end of the list in this run.
+    pub complete: bool,
+    /// Resources that could not be read (skipped, never removed for it).
+    pub refused: u64,
+    /// Devices whose AppleCare coverage was fetched.
+    pub applecare: u64,
+    /// 429/503 answers.
+    pub rate_limited: u64,
+    /// Access tokens minted.
+    pub tokens_minted: u64,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// The client settings an account's runs use.
+pub fn org_client_settings(config: &Config) -> OrgClientSettings {
+    OrgClientSettings {
+        user_agent: crate::config::default_user_agent(),
+        timeout: config.request_timeout,
+        retry: config.retry.clone(),
+        max_response_bytes: config.max_response_bytes,
+    }
+}
+
+/// One walk of `account` with a client made for it (`run --once`).
+pub async fn run_account(
+    config: &Config,
+    account: &OrgAccountConfig,
+    cancel: &CancellationToken,
+) -> Result<OrgRunSummary, OrgSyncError> {
+    match OrgClient::new(account, org_client_settings(config)) {
+        Ok(client) => run_account_with(config, &client, cancel).await,
+        Err(e) => {
+            let e = OrgSyncError::Api(e);
+            record_end(config, &account.name, Some(&e), 0).await;
+            Err(e)
+        }
+    }
+}
+
+/// One walk with a client that lives longer (the daemon keeps one per account, so its
+/// access token is reused between runs). Records the outcome.
+pub async fn run_account_with(
+    config: &Config,
+    client: &OrgClient,
+    cancel: &CancellationToken,
+) -> Result<OrgRunSummary, OrgSyncError> {
+    let name = client.account().name.clone();
+    let limited_before = client.counters.rate_limited.load(std::sync::atomic::Ordering::Relaxed);
+    let minted_before = client.counters.tokens.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let result = walk(config, client, cancel).await;
+    let limited = client.counters.rate_limited.load(std::sync::atomic::Ordering::Relaxed) - limited_before;
+    let result = result.map(|mut s| {
+        s.duration = started.elapsed();
+        s.rate_limited = limited;
+        s.tokens_minted =
+            client.counters.tokens.load(std::sync::atomic::Ordering::Relaxed) - minted_before;
+        s
+    });
+    if !matches!(result, Err(OrgSyncError::Cancelled)) {
+        record_end(config, &name, result.as_ref().err(), limited).await;
+    }
+    result
+}
+
+async fn record_end(config: &Config, account: &str, error: Option<&OrgSyncError>, limited: u64) {
+    let db = config.database.clone();
+    let account = account.to_owned();
+    let outcome = error.map(|e| (e.kind().as_str().to_owned(), e.to_string()));
+    let recorded = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        let mut store = Store::open(&db)?;
+        let now = format_time(chrono::Utc::now());
+        store.record_org_run_end(
+            &account,
+            outcome.as_ref().map(|(k, m)| (k.as_str(), m.as_str())),
+            limited,
+            &now,
+        )
+    })
+    .await;
+    match recorded {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot record the walk's outcome"),
+        Err(e) => tracing::error!(error = %e, "cannot record the walk's outcome"),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, OrgSyncError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OrgSyncError::Internal(e.to_string()))?
+        .map_err(OrgSyncError::Store)
+}
+
+/// Races `fut` against `cancel`.
+async fn or_cancel<T>(
+    cancel: &CancellationToken,
+    fut: impl std::future::Future<Output = Result<T, OrgApiError>>,
+) -> Result<T, OrgSyncError> {
+    tokio::select! {
+        r = fut => r.map_err(OrgSyncError::Api),
+        _ = cancel.cancelled() => Err(OrgSyncError::Cancelled),
+    }
+}
+
+async fn walk(
+    config: &Config,
+    client: &OrgClient,
+    cancel: &CancellationToken,
+) -> Result<OrgRunSummary, OrgSyncError> {
+    let account = client.account().clone();
+    let name = account.name.clone();
+    let db = config.database.clone();
+    let mut summary = OrgRunSummary {
+        account: name.clone(),
+        ..OrgRunSummary::default()
+    };
+    let (n, d) = (name.clone(), db.clone());
+    let state = blocking(move || {
+        let mut store = Store::open(&d)?;
+        store.record_org_run_start(&n, &format_time(chrono::Utc::now()))?;
+        store.org_walk(&n)
+    })
+    .await?;
+
+    if state.phase == WalkPhase::Servers {
+        if state.server_index == 0 && state.cursor.is_none() {
+            // A new walk: the servers first.
+            let mut servers = Vec::new();
+            let mut cursor: Option<String> = None;
+            for page in 0.. {
+                if page >= MAX_PAGES {
+                    return Err(OrgSyncError::TooManyPages("GET /v1/mdmServers"));
+                }
+                let p = or_cancel(cancel, client.mdm_servers(cursor.as_deref())).await?;
+                servers.extend(p.data.into_iter().filter_map(device::mdm_server));
+                match next_of(p.next_cursor, &cursor, "GET /v1/mdmServers")? {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            let (n, d) = (name.clone(), db.clone());
+            blocking(move || {
+                Store::open(&d)?.save_mdm_servers(&n, &servers, &format_time(chrono::Utc::now()))
+            })
+            .await?;
+        }
+        let (n, d) = (name.clone(), db.clone());
+        let servers = blocking(move || Store::open(&d)?.listed_mdm_servers(&n)).await?;
+        summary.servers = servers.len() as u64;
+        let mut store = Some(blocking({
+            let d = db.clone();
+            move || Store::open(&d)
+        })
+        .await?);
+        if servers.is_empty() {
+            let (n, mut s) = (name.clone(), store.take().expect("store"));
+            store = Some(
+                blocking(move || s.stage_server_devices(&n, "", &[], None, true).map(|()| s))
+                    .await?,
+            );
+        }
+        let mut cursor = state.cursor.clone();
+        for (i, (server_id, _)) in servers.iter().enumerate().skip(state.server_index as usize) {
+            let mut pages = 0;
+            loop {
+                pages += 1;
+                if pages > MAX_PAGES {
+                    return Err(OrgSyncError::TooManyPages(
+                        "GET /v1/mdmServers/{id}/relationships/devices",
+                    ));
+                }
+                let page = match or_cancel(cancel, client.server_devices(server_id, cursor.as_deref())).await {
+                    Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. })) if cursor.is_some() => {
+                        // Read this server's list again from its start; staging is idempotent.
+                        cursor = None;
+                        continue;
+                    }
+                    other => other?,
+                };
+                let serials: Vec<String> = page.data.iter().filter_map(|r| r.id_text()).collect();
+                let next = next_of(page.next_cursor, &cursor, "GET /v1/mdmServers/{id}/relationships/devices")?;
+                let last = i + 1 == servers.len();
+                let (n, sid, nx, mut s) = (name.clone(), server_id.clone(), next.clone(), store.take().expect("store"));
+                store = Some(
+                    blocking(move || {
+                        s.stage_server_devices(&n, &sid, &serials, nx.as_deref(), last)
+                            .map(|()| s)
+                    })
+                    .await?,
+                );
+                match next {
+                    Some(c) => cursor = Some(c),
+                    None => {
+                        cursor = None;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    // The device walk, from where it stands.
+    let (n, d) = (name.clone(), db.clone());
+    let state = blocking(move || Store::open(&d)?.org_walk(&n)).await?;
+    let mut cursor = state.cursor.clone();
+    let mut store = Some(blocking({
+        let d = db.clone();
+        move || Store::open(&d)
+    })
+    .await?);
+    let mut pending: Option<JoinHandle<Result<(Store, OrgPageStats), StoreError>>> = None;
+    let mut restarted = false;
+    let mut pages = 0u64;
+    let finish = |pending: Option<JoinHandle<Result<(Store, OrgPageStats), StoreError>>>| async move {
+        match pending {
+            None => Ok(None),
+            Some(h) => h
+                .await
+                .map_err(|e| OrgSyncError::Internal(e.to_string()))?
+                .map(Some)
+                .map_err(OrgSyncError::Store),
+        }
+    };
+    loop {
+        pages += 1;
+        if pages > MAX_PAGES {
+            finish(pending.take()).await?;
+            return Err(OrgSyncError::TooManyPages("GET /v1/orgDevices"));
+        }
+        let fetched = or_cancel(cancel, client.org_devices(cursor.as_deref())).await;
+        // The previous page's commit ran while this page downloaded.
+        if let Some((s, stats)) = finish(pending.take()).await? {
+            summary.stats.add(stats);
+            store = Some(s);
+        }
+        let page: ListPage = match fetched {
+            Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. })) if cursor.is_some() && !restarted => {
+                tracing::warn!(account = %name, "Apple refused the walk's cursor; reading the list again from its start");
+                restarted = true;
+                let (n, mut s) = (name.clone(), store.take().expect("store"));
+                store = Some(blocking(move || s.restart_device_walk(&n).map(|()| s)).await?);
+                cursor = None;
+                continue;
+            }
+            other => other?,
+        };
+        let next = next_of(page.next_cursor, &cursor, "GET /v1/orgDevices")?;
+        let mut devices: Vec<OrgDevice> = Vec::with_capacity(page.data.len());
+        let mut unreadable = Vec::new();
+        for r in page.data {
+            let id = r.id_text();
+            match device::org_device(r) {
+                Ok(d) => devices.push(d),
+                Err(refused) => {
+                    summary.refused += 1;
+                    tracing::warn!(account = %name, id = refused.id.as_deref().unwrap_or("-"), reason = %refused.reason, "an org device could not be read; skipped (it is not removed for it)");
+                    if let Some(id) = id.filter(|i| i.len() <= 64) {
+                        unreadable.push(id);
+                    }
+                }
+            }
+        }
+        summary.pages += 1;
+        summary.devices += devices.len() as u64;
+        let (n, nx, mut s) = (name.clone(), next.clone(), store.take().expect("store"));
+        let walk_run = state.walk_run;
+        pending = Some(tokio::task::spawn_blocking(move || {
+            let now = format_time(chrono::Utc::now());
+            let stats = s.apply_org_page(&n, walk_run, devices, &unreadable, nx.as_deref(), &now)?;
+            Ok((s, stats))
+        }));
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+        if cancel.is_cancelled() {
+            finish(pending.take()).await?;
+            return Err(OrgSyncError::Cancelled);
+        }
+    }
+    if let Some((s, stats)) = finish(pending.take()).await? {
+        summary.stats.add(stats);
+        store = Some(s);
+    }
+    summary.complete = true;
+    tracing::info!(
+        account = %name,
+        pages = summary.pages,
+        devices = summary.devices,
+        added = summary.stats.added,
+        modified = summary.stats.modified,
+        removed = summary.stats.removed,
+        "organisation walk complete"
+    );
+
+    if account.applecare {
+        let store = store.take().expect("store");
+        summary.applecare = applecare(client, &account, store, cancel).await?;
+    }
+    Ok(summary)
+}
+
+/// The cursor of the next page: `None` at the end; the same cursor again is Apple's bug,
+/// not a reason to spin.
+fn next_of(
+    next: Option<String>,
+    sent: &Option<String>,
+    what: &'static str,
+) -> Result<Option<String>, OrgSyncError> {
+    match next {
+        Some(c) if Some(&c) == sent.as_ref() => Err(OrgSyncError::SameCursor(what)),
+        other => Ok(other),
+    }
+}
+
+/// Fetches coverage of the devices whose coverage is oldest (or missing), within the
+/// account's request budget for [`APPLECARE_RUN_BUDGET`]; the rest waits for later runs.
+async fn applecare(
+    client: &OrgClient,
+    account: &OrgAccountConfig,
+    store: Store,
+    cancel: &CancellationToken,
+) -> Result<u64, OrgSyncError> {
+    let budget = (account.requests_per_second * APPLECARE_RUN_BUDGET.as_secs_f64()) as usize;
+    let older_than = chrono::Utc::now()
+        - chrono::Duration::from_std(account.applecare_refresh).unwrap_or(chrono::Duration::days(7));
+    let (n, older) = (account.name.clone(), format_time(older_than));
+    let (store, due) = tokio::task::spawn_blocking(move || {
+        let due = store.applecare_due(&n, &older, budget.max(1));
+        (store, due)
+    })
+    .await
+    .map_err(|e| OrgSyncError::Internal(e.to_string()))?;
+    let due = due?;
+    let mut store = Some(store);
+    let mut done = 0;
+    for serial in due {
+        let coverage = match or_cancel(cancel, client.applecare(&serial)).await {
+            // The device left between the walk and now: nothing to keep.
+            Err(OrgSyncError::Api(OrgApiError::Http { status: 404, .. })) => Vec::new(),
+            other => other?,
+        };
+        let (n, mut s) = (account.name.clone(), store.take().expect("store"));
+        store = Some(
+            blocking(move || {
+                s.save_applecare(&n, &serial, &coverage, &format_time(chrono::Utc::now()))
+                    .map(|()| s)
+            })
+            .await?,
+        );
+        done += 1;
+    }
+    if done > 0 {
+        tracing::info!(account = %account.name, devices = done, "AppleCare coverage refreshed");
+    }
+    Ok(done)
+}
