@@ -59,7 +59,10 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
 }
 
 /// Parses a `Retry-After` value: delta-seconds or an HTTP-date (RFC 9110 §10.2.3; docs/apple-dep-api.md §6.3).
-pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<std::time::Duration> {
+pub fn parse_retry_after(
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(std::time::Duration::from_secs(secs));

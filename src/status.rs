@@ -240,6 +240,88 @@ pub fn token_statuses(
     Ok(out)
 }
 
+/// One organisation account's status, for `status`, `/healthz` and `/metrics`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OrgAccountStatus {
+    /// Account name.
+    pub account: String,
+    /// `new` before the first walk, else where the walk stands: `servers` or `devices`.
+    pub phase: String,
+    /// When a run last ended well.
+    pub last_success_at: Option<String>,
+    /// When the last complete walk ended.
+    pub last_complete_at: Option<String>,
+    /// The last run's error, if it failed.
+    pub last_error: Option<String>,
+    /// Stable name of the last error.
+    pub last_error_kind: Option<String>,
+    /// Devices Apple lists for the organisation.
+    pub devices: u64,
+    /// Of those, held by no MDM server.
+    pub unassigned: u64,
+    /// Devices removed from the organisation.
+    pub removed_devices: u64,
+    /// MDM servers.
+    pub mdm_servers: u64,
+    /// 429/503 answers received, in all.
+    pub rate_limited: u64,
+    /// What a person must do, if anything.
+    pub attention: Vec<String>,
+}
+
+/// Every configured organisation account's status.
+pub fn org_statuses(
+    config: &Config,
+    store: &Store,
+    now: DateTime<Utc>,
+) -> Result<Vec<OrgAccountStatus>, StoreError> {
+    let mut out = Vec::with_capacity(config.org_accounts.len());
+    for a in &config.org_accounts {
+        let walk = store.org_walk(&a.name)?;
+        let counts = store.org_counts(&a.name)?;
+        let never_ran = walk.last_run_at.is_none();
+        let mut attention = Vec::new();
+        if let Some(err) = &walk.last_error {
+            attention.push(if kind_needs_admin(walk.last_error_kind.as_deref()) {
+                format!("parked until an administrator acts: {err}")
+            } else {
+                format!("the last walk failed and is retried automatically: {err}")
+            });
+        }
+        let last_success = walk.last_success_at.as_deref().and_then(parse_time);
+        if walk.last_error.is_none() {
+            if let Some(age) = overdue(a.schedule.longest_gap(), last_success, now) {
+                attention.push(format!(
+                    "no successful walk for {}: is the daemon running? (`systemctl status adesync`)",
+                    human_duration(age)
+                ));
+            }
+        }
+        if never_ran {
+            attention.push("never walked: run `adesync run --once` or start the service".into());
+        }
+        out.push(OrgAccountStatus {
+            account: a.name.clone(),
+            phase: if never_ran {
+                "new".into()
+            } else {
+                walk.phase.as_str().into()
+            },
+            last_success_at: walk.last_success_at,
+            last_complete_at: walk.last_complete_at,
+            last_error: walk.last_error,
+            last_error_kind: walk.last_error_kind,
+            devices: counts.devices,
+            unassigned: counts.unassigned,
+            removed_devices: counts.removed,
+            mdm_servers: counts.servers,
+            rate_limited: walk.rate_limited.max(0) as u64,
+            attention,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

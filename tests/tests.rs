@@ -6,6 +6,9 @@
 //! - `sinks`: event delivery to a signed-webhook receiver, a program and a file: outages,
 //!   retries, parking, a process killed mid-delivery, replay, the event schema.
 //! - `daemon`: the service as a process: signals, /metrics, `status`, unit files.
+//! - `org_client`: the organisation API client against wiremock (assertion, token cache,
+//!   401, 429, redirects, cursors).
+//! - `org`: organisation walks against the bundled simulator.
 //! - `layout`: the module layering, read from the source (no cycles, no CLI in the library).
 //! - `tokens`: `.p7m` tokens (made here with OpenSSL), `token` and `account` commands,
 //!   the same-server guard, expiry warnings, renewal without restart, purge.
@@ -15,6 +18,7 @@ mod client;
 mod common;
 mod daemon;
 mod layout;
+mod org_client;
 mod sinks;
 mod sync;
 mod tokens;

@@ -581,4 +581,3 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         detail: format!("{e} in a {}-byte body", bytes.len()),
     })
 }
-

@@ -13,6 +13,7 @@ use adesync::store::{DeviceFilter, Store};
 
 mod account;
 mod demo;
+mod org;
 mod query;
 mod render;
 mod run;
@@ -193,6 +194,38 @@ pub enum Command {
         #[command(subcommand)]
         cmd: token::TokenCommand,
     },
+    /// List the organisation's devices (Apple School/Business Manager API accounts): every
+    /// device the organisation owns, which MDM server holds it, purchase and order data.
+    OrgDevices {
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// Only this status: ASSIGNED or UNASSIGNED.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this product family: iPhone, iPad, Mac, AppleTV, Watch, Vision.
+        #[arg(long)]
+        family: Option<String>,
+        /// Only devices no MDM server holds.
+        #[arg(long)]
+        unassigned: bool,
+        /// Include devices removed from the organisation.
+        #[arg(long)]
+        removed: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Organisation API accounts: list them with their key and last walk, or `test NAME`
+    /// to ask Apple for one access token and show what Apple answered.
+    OrgAccounts {
+        /// What to do (without it: list the accounts).
+        #[command(subcommand)]
+        action: Option<OrgAccountsAction>,
+        /// Output format of the list.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Show the MDM server behind each token, as Apple's GET /account last reported it:
     /// server name and UUID, organisation, ABM or ASM, the admin who downloaded the token,
     /// and the page-size maximum. Refreshed at the start of every sync.
@@ -203,6 +236,16 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+}
+
+/// `adesync org-accounts` actions.
+#[derive(Debug, Subcommand)]
+pub enum OrgAccountsAction {
+    /// Ask Apple for one access token with the account's key and say what Apple answered.
+    Test {
+        /// The account's `name`.
+        name: String,
     },
 }
 
@@ -305,8 +348,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { once, full, token } => {
             let config = Config::load(&cli.config)?;
             if let Some(t) = &token {
-                if !config.tokens.iter().any(|c| &c.name == t) {
-                    let names: Vec<&str> = config.tokens.iter().map(|c| c.name.as_str()).collect();
+                if !config.tokens.iter().any(|c| &c.name == t)
+                    && !config.org_accounts.iter().any(|a| &a.name == t)
+                {
+                    let names: Vec<&str> = config
+                        .tokens
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .chain(config.org_accounts.iter().map(|a| a.name.as_str()))
+                        .collect();
                     anyhow::bail!(
                         "--token {t:?}: no such token in {}; configured: {}",
                         config.source.display(),
@@ -328,6 +378,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => sinks::events(&cli.config, action).await,
         Command::Sinks { action, format } => sinks::sinks(&cli.config, action, format).await,
         Command::Demo { devices, dir } => demo::run(devices, &dir).await.map(|_| ExitCode::SUCCESS),
+        Command::OrgAccounts {
+            action: Some(OrgAccountsAction::Test { name }),
+            ..
+        } => {
+            let config = Config::load(&cli.config)?;
+            org::test_account(&config, &name).await
+        }
         // Everything else reads SQLite or decrypts token files: off the async runtime.
         command => {
             let config = cli.config;
@@ -342,6 +399,9 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
         Command::Run { .. }
         | Command::Sinks { .. }
         | Command::Demo { .. }
+        | Command::OrgAccounts {
+            action: Some(_), ..
+        }
         | Command::Events {
             action: Some(_), ..
         } => {
@@ -371,7 +431,28 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                     TokenExpiry::ExpiresSoon => eprintln!("warning: token \"{}\" expires in {days} days; download a new one from Apple Business/School Manager soon", t.name),
                 }
             }
-            eprintln!("configuration OK: {} token(s)", config.tokens.len());
+            for (i, a) in config.org_accounts.iter().enumerate() {
+                // check-config also proves the key is a usable P-256 key.
+                adesync::orgapi::SigningKey::load(&a.private_key_file).map_err(|e| {
+                    ConfigError::Invalid {
+                        path: config.source.clone(),
+                        key: format!("org_accounts[{i}].private_key_file"),
+                        reason: e.to_string(),
+                    }
+                })?;
+                println!(
+                    "# org account {:?}: {} ({}), key {} readable",
+                    a.name,
+                    a.client_id,
+                    a.scope.product(),
+                    a.key_id
+                );
+            }
+            eprintln!(
+                "configuration OK: {} token(s), {} organisation account(s)",
+                config.tokens.len(),
+                config.org_accounts.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices {
@@ -453,13 +534,45 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                 deleted: Some(false),
                 ..DeviceFilter::default()
             })?;
-            if devices.is_empty() {
-                eprintln!("no device with serial number {serial} is stored");
+            let org_devices = store.org_devices(&adesync::store::OrgDeviceFilter {
+                serial: Some(serial.clone()),
+                accounts: token.clone().into_iter().collect(),
+                include_removed: true,
+                ..Default::default()
+            })?;
+            if devices.is_empty() && org_devices.is_empty() {
+                eprintln!(
+                    "no device with serial number {} is stored",
+                    adesync::model::printable(&serial)
+                );
                 return Ok(ExitCode::FAILURE);
             }
             let (events, _) =
                 filtered_events(&store, 0, token.as_deref(), None, Some(&serial), u64::MAX)?;
             print_device_detail(&devices, &events, format)?;
+            if format == Format::Json {
+                for d in &org_devices {
+                    let mut v = org::org_device_json(d);
+                    let evs: Vec<serde_json::Value> = events
+                        .iter()
+                        .filter(|e| {
+                            e.scope == adesync::events::EventScope::OrgDevice
+                                && e.token_name == d.account
+                        })
+                        .map(adesync::events::event_json)
+                        .collect();
+                    v["events"] = evs.into();
+                    v["applecare"] = store.applecare_of(&d.account, &serial)?.into();
+                    println!("{v}");
+                }
+            } else {
+                org::print_org_detail(
+                    &mut std::io::stdout().lock(),
+                    &store,
+                    &org_devices,
+                    &events,
+                )?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { format } => {
@@ -472,12 +585,17 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                 Store::open(&config.database)?
             };
             let statuses = adesync::status::token_statuses(&config, &store, chrono::Utc::now())?;
+            let org = adesync::status::org_statuses(&config, &store, chrono::Utc::now())?;
             let sinks = adesync::sinks::sink_status(&store, &config)?;
             print_status(&statuses, format)?;
+            org::print_org_status(&org, format)?;
             print_sink_attention(&sinks, format)?;
             let sink_trouble = sinks.iter().any(|s| s.state != SinkState::Ok);
             Ok(
-                if sink_trouble || statuses.iter().any(|s| !s.attention.is_empty()) {
+                if sink_trouble
+                    || statuses.iter().any(|s| !s.attention.is_empty())
+                    || org.iter().any(|s| !s.attention.is_empty())
+                {
                     ExitCode::FAILURE
                 } else {
                     ExitCode::SUCCESS
@@ -502,6 +620,33 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
         Command::Token { cmd } => {
             let cfg = adesync::config::LenientConfig::read(config_path, cmd.needs_config())?;
             Ok(token::run(&cfg, cmd)?)
+        }
+        Command::OrgDevices {
+            account,
+            status,
+            family,
+            unassigned,
+            removed,
+            format,
+        } => {
+            let store = open_existing(config_path)?;
+            let rows = store.org_devices(&adesync::store::OrgDeviceFilter {
+                accounts: account.into_iter().collect(),
+                status,
+                family,
+                unassigned,
+                include_removed: removed,
+                serial: None,
+            })?;
+            org::print_org_devices(&rows, format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::OrgAccounts {
+            action: None,
+            format,
+        } => {
+            let config = Config::load_for_reports(config_path)?;
+            org::list_accounts(&config, format)
         }
         Command::Account { token, format } => {
             let cfg = adesync::config::LenientConfig::read(config_path, true)?;

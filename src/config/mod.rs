@@ -367,8 +367,11 @@ impl Config {
                 "no [[tokens]] and no [[org_accounts]] configured; add one [[tokens]] per ABM/ASM server token, and/or one [[org_accounts]] per Apple Business/School Manager API account (see config.example.toml)".into(),
             ));
         }
-        let account_names: HashSet<String> =
-            raw.org_accounts.iter().map(|a| a.name().to_owned()).collect();
+        let account_names: HashSet<String> = raw
+            .org_accounts
+            .iter()
+            .map(|a| a.name().to_owned())
+            .collect();
         let mut names = HashSet::new();
         let mut tokens = Vec::with_capacity(raw.tokens.len());
         let mut schedules: HashMap<(Option<String>, chrono_tz::Tz), Schedule> =

@@ -140,10 +140,7 @@ pub(super) fn resolve_account(
     check_name(&raw.name).map_err(|r| (key("name"), r))?;
     let scope = client_scope(&raw.client_id).map_err(|r| (key("client_id"), r))?;
     let key_id = raw.key_id.trim();
-    if key_id.is_empty()
-        || key_id.len() > 128
-        || !key_id.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err((
             key("key_id"),
             "must be the key's ID as Apple Business/School Manager shows it under Preferences → API (printable, no spaces)".into(),
@@ -160,7 +157,10 @@ pub(super) fn resolve_account(
             if url.path().trim_end_matches('/').ends_with("/v1") {
                 return Err((
                     key("api_url"),
-                    format!("{text:?} ends in /v1; give the base without it, e.g. \"{}\"", scope.default_api_url()),
+                    format!(
+                        "{text:?} ends in /v1; give the base without it, e.g. \"{}\"",
+                        scope.default_api_url()
+                    ),
                 ));
             }
             url
@@ -236,7 +236,10 @@ fn client_scope(client_id: &str) -> Result<OrgScope, String> {
             crate::model::printable(id)
         ));
     };
-    if rest.is_empty() || rest.len() > 128 || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if rest.is_empty()
+        || rest.len() > 128
+        || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return Err(format!(
             "{:?} is not an API account's client ID: after the prefix comes the account's ID (letters, digits and -)",
             crate::model::printable(id)
@@ -257,7 +260,11 @@ pub(super) fn account_to_toml(s: &mut String, a: &OrgAccountConfig) {
         "private_key_file = {:?}",
         a.private_key_file.display().to_string()
     );
-    let _ = writeln!(s, "api_url = {:?}", a.api_url.as_str().trim_end_matches('/'));
+    let _ = writeln!(
+        s,
+        "api_url = {:?}",
+        a.api_url.as_str().trim_end_matches('/')
+    );
     let _ = writeln!(s, "token_url = {:?}", a.token_url.as_str());
     let _ = writeln!(s, "schedule = {:?}", a.schedule.to_config_text());
     let _ = writeln!(s, "requests_per_second = {}", a.requests_per_second);
@@ -284,7 +291,13 @@ mod tests {
             client_scope("SCHOOLAPI.9703f56c-10ce-4876-8f59-e78e5e23a152").unwrap(),
             OrgScope::School
         );
-        for bad in ["", "BUSINESSAPI.", "9703f56c", "businessapi.x", "SCHOOLAPI.a b"] {
+        for bad in [
+            "",
+            "BUSINESSAPI.",
+            "9703f56c",
+            "businessapi.x",
+            "SCHOOLAPI.a b",
+        ] {
             let e = client_scope(bad).unwrap_err();
             assert!(e.contains("client ID"), "{bad}: {e}");
         }

@@ -139,6 +139,7 @@ struct DbView {
     by_status: Vec<(String, String, u64)>,
     events: Vec<(String, u64)>,
     sinks: Vec<crate::sinks::SinkStatus>,
+    org: Vec<crate::status::OrgAccountStatus>,
 }
 
 /// The database view, read afresh at most once per [`VIEW_TTL`].
@@ -163,6 +164,8 @@ async fn read_db(app: &AppState) -> Result<DbView, String> {
             by_status: s.profile_status_counts().map_err(|e| e.to_string())?,
             events: s.event_counts_by_token().map_err(|e| e.to_string())?,
             sinks: crate::sinks::sink_status(&s, &config).map_err(|e| e.to_string())?,
+            org: crate::status::org_statuses(&config, &s, chrono::Utc::now())
+                .map_err(|e| e.to_string())?,
         })
     })
     .await
@@ -371,6 +374,72 @@ fn render_metrics(
             .map(|t| (format!("token=\"{}\"", label(&t.name)), t.records_refused as f64))
             .collect(),
     );
+    family(
+        "adesync_org_devices",
+        "gauge",
+        "Organisation devices per API account: listed by Apple, of those unassigned, and removed.",
+        view.org
+            .iter()
+            .flat_map(|o| {
+                let a = label(&o.account);
+                [
+                    (
+                        format!("account=\"{a}\",state=\"listed\""),
+                        o.devices as f64,
+                    ),
+                    (
+                        format!("account=\"{a}\",state=\"unassigned\""),
+                        o.unassigned as f64,
+                    ),
+                    (
+                        format!("account=\"{a}\",state=\"removed\""),
+                        o.removed_devices as f64,
+                    ),
+                ]
+            })
+            .collect(),
+    );
+    family(
+        "adesync_org_last_complete_walk_timestamp_seconds",
+        "gauge",
+        "When the account's last complete walk of the organisation's devices ended.",
+        view.org
+            .iter()
+            .filter_map(|o| {
+                let t = rfc3339_unix(o.last_complete_at.as_deref()?)?;
+                Some((format!("account=\"{}\"", label(&o.account)), t))
+            })
+            .collect(),
+    );
+    family(
+        "adesync_org_rate_limited_total",
+        "counter",
+        "429/503 answers the organisation API gave the account.",
+        view.org
+            .iter()
+            .map(|o| {
+                (
+                    format!("account=\"{}\"", label(&o.account)),
+                    o.rate_limited as f64,
+                )
+            })
+            .collect(),
+    );
+    family(
+        "adesync_org_account_error",
+        "gauge",
+        "1 when the account's last walk failed, by error kind (api_key and account_rejected need an administrator).",
+        view.org
+            .iter()
+            .filter_map(|o| {
+                let kind = o.last_error_kind.as_deref()?;
+                Some((
+                    format!("account=\"{}\",kind=\"{}\"", label(&o.account), label(kind)),
+                    1.0,
+                ))
+            })
+            .collect(),
+    );
     out
 }
 
@@ -424,6 +493,14 @@ async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
             let parked = h.get(&t.name).and_then(|x| x.parked.as_deref());
             token_problem(&t.name, &t.schedule, state, parked, now)
         })
+        .chain(view.org.iter().filter_map(|o| {
+            if o.last_success_at.is_none() {
+                return Some(format!("{}: has not walked successfully yet", o.account));
+            }
+            o.attention
+                .first()
+                .map(|a| format!("{}: {}", o.account, crate::model::printable(a)))
+        }))
         .collect();
     if problems.is_empty() {
         (StatusCode::OK, "ok\n".to_owned())

@@ -27,6 +27,7 @@ use crate::syncer::{RunSummary, SyncError};
 
 mod health;
 mod listener;
+mod org;
 
 pub(crate) use health::{Health, TokenHealth};
 
@@ -315,7 +316,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sd_notify::NotifyState::Status("started; first sync running"),
     ]);
     spawn_watchdog(shutdown.clone());
-    tracing::info!(tokens = config.tokens.len(), "adesync started");
+    tracing::info!(
+        tokens = config.tokens.len(),
+        org_accounts = config.org_accounts.len(),
+        "adesync started"
+    );
 
     let runner_config = config.clone();
     let runner: Runner = Arc::new(move |token, cancel| {
@@ -327,6 +332,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let status_health = health.clone();
     let sink_config = config.clone();
     let (deliver_tx, mut deliver_rx) = watch::channel(0u64);
+    let accounts = org::spawn(&config, &sync_now_rx, &deliver_tx, &shutdown);
     let on_run: OnRun = Arc::new(move |name, outcome| {
         if let Ok(s) = outcome {
             crate::syncer::log_summary(s);
@@ -379,6 +385,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = cron.shutdown().await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(20), sched).await;
+    for a in accounts {
+        let _ = tokio::time::timeout(Duration::from_secs(20), a).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), sinks).await;
     tracing::info!("stopped");
     Ok(())

@@ -21,8 +21,16 @@ pub enum Shape {
 /// The `org_devices` columns for Apple's attributes: (column, Apple's attribute, shape).
 /// Append only: the order is the stored snapshot's.
 pub const ORG_COLUMNS: [(&str, &str, Shape); 23] = [
-    ("added_to_org_date_time", "addedToOrgDateTime", Shape::Scalar),
-    ("released_from_org_date_time", "releasedFromOrgDateTime", Shape::Scalar),
+    (
+        "added_to_org_date_time",
+        "addedToOrgDateTime",
+        Shape::Scalar,
+    ),
+    (
+        "released_from_org_date_time",
+        "releasedFromOrgDateTime",
+        Shape::Scalar,
+    ),
     ("updated_date_time", "updatedDateTime", Shape::Scalar),
     ("device_model", "deviceModel", Shape::Scalar),
     ("product_family", "productFamily", Shape::Scalar),
@@ -41,7 +49,11 @@ pub const ORG_COLUMNS: [(&str, &str, Shape); 23] = [
     ("ethernet_mac_address", "ethernetMacAddress", Shape::List),
     ("purchase_source_type", "purchaseSourceType", Shape::Scalar),
     ("purchase_source_id", "purchaseSourceId", Shape::Scalar),
-    ("is_mdm_migration_capable", "isMdmMigrationCapable", Shape::Bool),
+    (
+        "is_mdm_migration_capable",
+        "isMdmMigrationCapable",
+        Shape::Bool,
+    ),
     ("mdm_migration_status", "mdmMigrationStatus", Shape::Scalar),
     (
         "mdm_migration_deadline_date_time",
@@ -177,7 +189,7 @@ fn opt(s: &Option<String>) -> Value {
 }
 
 /// A JSON:API resource as the list endpoints send it.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct Resource {
     /// `orgDevices`, `mdmServers`, `appleCareCoverage`.
     #[serde(rename = "type", default)]
@@ -220,7 +232,9 @@ pub fn org_device(r: Resource) -> Result<OrgDevice, Refused> {
         _ => id.clone().unwrap_or_default(),
     };
     let refuse = |reason: &str| Refused {
-        id: id.as_deref().map(|i| crate::model::printable(i).into_owned()),
+        id: id
+            .as_deref()
+            .map(|i| crate::model::printable(i).into_owned()),
         reason: reason.to_owned(),
     };
     if serial.is_empty() {
@@ -307,7 +321,11 @@ pub const COVERAGE_COLUMNS: [(&str, &str, Shape); 9] = [
     ("end_date_time", "endDateTime", Shape::Scalar),
     ("is_renewable", "isRenewable", Shape::Bool),
     ("is_canceled", "isCanceled", Shape::Bool),
-    ("contract_cancel_date_time", "contractCancelDateTime", Shape::Scalar),
+    (
+        "contract_cancel_date_time",
+        "contractCancelDateTime",
+        Shape::Scalar,
+    ),
     ("agreement_number", "agreementNumber", Shape::Scalar),
 ];
 

@@ -357,7 +357,10 @@ mod tests {
     fn api_errors_read_json_api_bodies() {
         let body = br#"{"errors":[{"id":"x","status":"403","code":"FORBIDDEN","title":"Forbidden","detail":"no access"}]}"#;
         let e = classify(OrgEndpoint::OrgDevices, 403, body, None, false);
-        assert!(e.to_string().contains("FORBIDDEN Forbidden no access"), "{e}");
+        assert!(
+            e.to_string().contains("FORBIDDEN Forbidden no access"),
+            "{e}"
+        );
         assert_eq!(e.kind(), ErrorKind::AccessDenied);
         let e = classify(
             OrgEndpoint::OrgDevices,

@@ -84,7 +84,10 @@ mod tests {
             l.acquire().await;
         }
         let e = start.elapsed();
-        assert!(e >= Duration::from_millis(999) && e <= Duration::from_millis(1001), "{e:?}");
+        assert!(
+            e >= Duration::from_millis(999) && e <= Duration::from_millis(1001),
+            "{e:?}"
+        );
         l.pause_for(Duration::from_secs(30));
         l.pause_for(Duration::from_secs(5)); // an earlier end does not shorten it
         let before = Instant::now();

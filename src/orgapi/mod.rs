@@ -48,6 +48,7 @@ pub struct OrgClientSettings {
 }
 
 /// One list page: the resources and the cursor of the next page, if any.
+#[derive(Debug)]
 pub struct ListPage {
     /// `data`.
     pub data: Vec<Resource>,
@@ -143,7 +144,10 @@ struct Paging {
 
 impl OrgClient {
     /// A client for `account`; reads its private key now.
-    pub fn new(account: &OrgAccountConfig, settings: OrgClientSettings) -> Result<Self, OrgApiError> {
+    pub fn new(
+        account: &OrgAccountConfig,
+        settings: OrgClientSettings,
+    ) -> Result<Self, OrgApiError> {
         let key = SigningKey::load(&account.private_key_file)?;
         let http = crate::http_client::builder()
             .timeout(settings.timeout)
@@ -376,11 +380,14 @@ impl OrgClient {
             }
             return Err(error::classify_token_error(status, &body, ra));
         }
-        let parsed: TokenBody = serde_json::from_slice(&body).map_err(|e| OrgApiError::Malformed {
-            endpoint: OrgEndpoint::Token,
-            detail: format!("{e} in a {}-byte token answer", body.len()),
-        })?;
-        if parsed.access_token.is_empty() || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        let parsed: TokenBody =
+            serde_json::from_slice(&body).map_err(|e| OrgApiError::Malformed {
+                endpoint: OrgEndpoint::Token,
+                detail: format!("{e} in a {}-byte token answer", body.len()),
+            })?;
+        if parsed.access_token.is_empty()
+            || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(OrgApiError::Malformed {
                 endpoint: OrgEndpoint::Token,
                 detail: "the access token is empty or not printable ASCII".into(),
@@ -513,7 +520,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.next_cursor.as_deref(), Some("a+b"));
-        let p = parse_list(OrgEndpoint::OrgDevices, br#"{"data":[{"id":"X"}],"links":{}}"#).unwrap();
+        let p = parse_list(
+            OrgEndpoint::OrgDevices,
+            br#"{"data":[{"id":"X"}],"links":{}}"#,
+        )
+        .unwrap();
         assert!(p.next_cursor.is_none());
         assert_eq!(p.data.len(), 1);
         assert!(parse_list(OrgEndpoint::OrgDevices, br#"{"errors":[]}"#).is_err());

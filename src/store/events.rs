@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use super::{insert_many, Store, StoreError};
 use crate::events::{EventScope, StoredEvent};
-use crate::orgapi::OrgDevice;
 use crate::model::{Device, EventKind};
+use crate::orgapi::OrgDevice;
 
 /// Encodes a device for `events.device_json`: `[serial_number, the named fields in
 /// column order, extra_json]`, positional to keep every event small.
@@ -130,7 +130,8 @@ impl Store {
         token: Option<&str>,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json, scope
+        let sql =
+            "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json, scope
              FROM events WHERE id > ?1 AND (?2 IS NULL OR token_name = ?2)
              ORDER BY id LIMIT ?3";
         let mut stmt = self
@@ -150,7 +151,7 @@ impl Store {
                 let changes: Option<String> = r.get(4)?;
                 let snapshot: String = r.get(6)?;
                 if r.get::<_, Option<String>>(7)?.is_some() {
-                    return Ok(org_event(r, kind, changes, &snapshot)?);
+                    return org_event(r, kind, changes, &snapshot);
                 }
                 let device = decode_snapshot(&snapshot);
                 let changes = match (changes, &device, kind) {

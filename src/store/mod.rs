@@ -27,9 +27,7 @@ pub use crate::events::StoredEvent;
 pub use accounts::{StoredAccount, TokenFootprint};
 pub use cursors::{CursorState, SyncState};
 pub use devices::{apple_columns, device_map, DeviceFilter, PageStats, PageWrite, StoredDevice};
-pub use org::{
-    OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase,
-};
+pub use org::{OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase};
 pub use sink_cursors::SinkCursor;
 
 use cursors::upsert_state;

@@ -403,7 +403,10 @@ impl Store {
     }
 
     /// The MDM servers Apple listed last, in id order: (id, name).
-    pub fn listed_mdm_servers(&self, account: &str) -> Result<Vec<(String, Option<String>)>, StoreError> {
+    pub fn listed_mdm_servers(
+        &self,
+        account: &str,
+    ) -> Result<Vec<(String, Option<String>)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -486,7 +489,8 @@ impl Store {
 
     /// Organisation devices, by account and serial.
     pub fn org_devices(&self, f: &OrgDeviceFilter) -> Result<Vec<StoredOrgDevice>, StoreError> {
-        let accounts = (!f.accounts.is_empty()).then(|| Value::from(f.accounts.clone()).to_string());
+        let accounts =
+            (!f.accounts.is_empty()).then(|| Value::from(f.accounts.clone()).to_string());
         let sql = format!(
             "SELECT {} FROM org_devices
              WHERE (?1 IS NULL OR account_name IN (SELECT value FROM json_each(?1)))
@@ -679,7 +683,12 @@ fn write_org_page(
     let set_list: Vec<String> = ORG_COLUMNS
         .iter()
         .map(|c| c.0)
-        .chain(["extra_json", "assigned_server_id", "assigned_server_name", "content_hash"])
+        .chain([
+            "extra_json",
+            "assigned_server_id",
+            "assigned_server_name",
+            "content_hash",
+        ])
         .enumerate()
         .map(|(i, c)| format!("{c} = ?{}", i + 3))
         .collect();
@@ -691,7 +700,12 @@ fn write_org_page(
     let insert_cols: Vec<&str> = ORG_COLUMNS
         .iter()
         .map(|c| c.0)
-        .chain(["extra_json", "assigned_server_id", "assigned_server_name", "content_hash"])
+        .chain([
+            "extra_json",
+            "assigned_server_id",
+            "assigned_server_name",
+            "content_hash",
+        ])
         .collect();
     let mut insert = tx.prepare_cached(&format!(
         "INSERT INTO org_devices (account_name, first_seen_at, updated_at, {}) VALUES (?1, ?2, ?2, {}) RETURNING id",
@@ -728,8 +742,7 @@ fn write_org_page(
                 let mut vals: Vec<rusqlite::types::Value> =
                     vec![account.to_owned().into(), now.to_owned().into()];
                 vals.extend(row_values(&d));
-                let id: i64 =
-                    insert.query_row(rusqlite::params_from_iter(vals), |r| r.get(0))?;
+                let id: i64 = insert.query_row(rusqlite::params_from_iter(vals), |r| r.get(0))?;
                 seen.push(id);
                 insert_event(tx, account, &d, EventKind::Added, None, now)?;
                 stats.added += 1;
@@ -763,7 +776,11 @@ fn write_org_page(
     for serial in unreadable {
         if let Some((id, _, _)) = find
             .query_row(params![account, serial], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
             })
             .optional()?
         {

@@ -29,9 +29,7 @@ mod cursor;
 mod org;
 mod writer;
 
-pub use org::{
-    org_client_settings, run_account, run_account_with, OrgRunSummary, OrgSyncError,
-};
+pub use org::{org_client_settings, run_account, run_account_with, OrgRunSummary, OrgSyncError};
 
 pub(crate) use cursor::{next_step, Next, Outcome, Then};
 use writer::{writer_loop, WriterMsg};
@@ -529,7 +527,12 @@ pub async fn run_all_once_with(
         .iter()
         .filter(|a| options.only.as_deref().is_none_or(|o| o == a.name));
     let account_runs = stream::iter(accounts)
-        .map(|a| async move { (a.name.clone(), run_account(config, a, &options.cancel).await) })
+        .map(|a| async move {
+            (
+                a.name.clone(),
+                run_account(config, a, &options.cancel).await,
+            )
+        })
         .buffer_unordered(MAX_CONCURRENT_TOKENS)
         .collect::<Vec<(String, Result<OrgRunSummary, OrgSyncError>)>>();
     let (results, org_results) = tokio::join!(token_runs, account_runs);

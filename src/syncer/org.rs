@@ -14,9 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OrgAccountConfig};
 use crate::model::{format_time, ErrorKind};
-use crate::orgapi::{
-    device, ListPage, OrgApiError, OrgClient, OrgClientSettings, OrgDevice,
-};
+use crate::orgapi::{device, ListPage, OrgApiError, OrgClient, OrgClientSettings, OrgDevice};
 use crate::store::{OrgPageStats, Store, StoreError, WalkPhase};
 
 /// Most pages one list may have: 10 million devices at 1,000 a page, and a guard against
@@ -122,16 +120,29 @@ pub async fn run_account_with(
     cancel: &CancellationToken,
 ) -> Result<OrgRunSummary, OrgSyncError> {
     let name = client.account().name.clone();
-    let limited_before = client.counters.rate_limited.load(std::sync::atomic::Ordering::Relaxed);
-    let minted_before = client.counters.tokens.load(std::sync::atomic::Ordering::Relaxed);
+    let limited_before = client
+        .counters
+        .rate_limited
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let minted_before = client
+        .counters
+        .tokens
+        .load(std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let result = walk(config, client, cancel).await;
-    let limited = client.counters.rate_limited.load(std::sync::atomic::Ordering::Relaxed) - limited_before;
+    let limited = client
+        .counters
+        .rate_limited
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - limited_before;
     let result = result.map(|mut s| {
         s.duration = started.elapsed();
         s.rate_limited = limited;
-        s.tokens_minted =
-            client.counters.tokens.load(std::sync::atomic::Ordering::Relaxed) - minted_before;
+        s.tokens_minted = client
+            .counters
+            .tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - minted_before;
         s
     });
     if !matches!(result, Err(OrgSyncError::Cancelled)) {
@@ -227,11 +238,13 @@ async fn walk(
         let (n, d) = (name.clone(), db.clone());
         let servers = blocking(move || Store::open(&d)?.listed_mdm_servers(&n)).await?;
         summary.servers = servers.len() as u64;
-        let mut store = Some(blocking({
-            let d = db.clone();
-            move || Store::open(&d)
-        })
-        .await?);
+        let mut store = Some(
+            blocking({
+                let d = db.clone();
+                move || Store::open(&d)
+            })
+            .await?,
+        );
         if servers.is_empty() {
             let (n, mut s) = (name.clone(), store.take().expect("store"));
             store = Some(
@@ -249,18 +262,32 @@ async fn walk(
                         "GET /v1/mdmServers/{id}/relationships/devices",
                     ));
                 }
-                let page = match or_cancel(cancel, client.server_devices(server_id, cursor.as_deref())).await {
-                    Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. })) if cursor.is_some() => {
-                        // Read this server's list again from its start; staging is idempotent.
-                        cursor = None;
-                        continue;
-                    }
-                    other => other?,
-                };
+                let page =
+                    match or_cancel(cancel, client.server_devices(server_id, cursor.as_deref()))
+                        .await
+                    {
+                        Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
+                            if cursor.is_some() =>
+                        {
+                            // Read this server's list again from its start; staging is idempotent.
+                            cursor = None;
+                            continue;
+                        }
+                        other => other?,
+                    };
                 let serials: Vec<String> = page.data.iter().filter_map(|r| r.id_text()).collect();
-                let next = next_of(page.next_cursor, &cursor, "GET /v1/mdmServers/{id}/relationships/devices")?;
+                let next = next_of(
+                    page.next_cursor,
+                    &cursor,
+                    "GET /v1/mdmServers/{id}/relationships/devices",
+                )?;
                 let last = i + 1 == servers.len();
-                let (n, sid, nx, mut s) = (name.clone(), server_id.clone(), next.clone(), store.take().expect("store"));
+                let (n, sid, nx, mut s) = (
+                    name.clone(),
+                    server_id.clone(),
+                    next.clone(),
+                    store.take().expect("store"),
+                );
                 store = Some(
                     blocking(move || {
                         s.stage_server_devices(&n, &sid, &serials, nx.as_deref(), last)
@@ -283,11 +310,13 @@ async fn walk(
     let (n, d) = (name.clone(), db.clone());
     let state = blocking(move || Store::open(&d)?.org_walk(&n)).await?;
     let mut cursor = state.cursor.clone();
-    let mut store = Some(blocking({
-        let d = db.clone();
-        move || Store::open(&d)
-    })
-    .await?);
+    let mut store = Some(
+        blocking({
+            let d = db.clone();
+            move || Store::open(&d)
+        })
+        .await?,
+    );
     let mut pending: Option<JoinHandle<Result<(Store, OrgPageStats), StoreError>>> = None;
     let mut restarted = false;
     let mut pages = 0u64;
@@ -314,7 +343,9 @@ async fn walk(
             store = Some(s);
         }
         let page: ListPage = match fetched {
-            Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. })) if cursor.is_some() && !restarted => {
+            Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
+                if cursor.is_some() && !restarted =>
+            {
                 tracing::warn!(account = %name, "Apple refused the walk's cursor; reading the list again from its start");
                 restarted = true;
                 let (n, mut s) = (name.clone(), store.take().expect("store"));
@@ -346,7 +377,8 @@ async fn walk(
         let walk_run = state.walk_run;
         pending = Some(tokio::task::spawn_blocking(move || {
             let now = format_time(chrono::Utc::now());
-            let stats = s.apply_org_page(&n, walk_run, devices, &unreadable, nx.as_deref(), &now)?;
+            let stats =
+                s.apply_org_page(&n, walk_run, devices, &unreadable, nx.as_deref(), &now)?;
             Ok((s, stats))
         }));
         match next {
@@ -403,7 +435,8 @@ async fn applecare(
 ) -> Result<u64, OrgSyncError> {
     let budget = (account.requests_per_second * APPLECARE_RUN_BUDGET.as_secs_f64()) as usize;
     let older_than = chrono::Utc::now()
-        - chrono::Duration::from_std(account.applecare_refresh).unwrap_or(chrono::Duration::days(7));
+        - chrono::Duration::from_std(account.applecare_refresh)
+            .unwrap_or(chrono::Duration::days(7));
     let (n, older) = (account.name.clone(), format_time(older_than));
     let (store, due) = tokio::task::spawn_blocking(move || {
         let due = store.applecare_due(&n, &older, budget.max(1));
