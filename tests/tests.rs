@@ -18,6 +18,7 @@ mod client;
 mod common;
 mod daemon;
 mod layout;
+mod org;
 mod org_client;
 mod sinks;
 mod sync;

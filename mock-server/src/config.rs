@@ -5,6 +5,8 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 /// The four OAuth 1.0a values of a decrypted ADE server token (docs/apple-dep-api.md §2.3, §3.1).
@@ -116,6 +118,10 @@ pub struct MockConfig {
     pub org_name: String,
     /// `org_type` in `GET /account`: `org` (ABM) or `edu` (ASM).
     pub org_type: String,
+    /// Accounts of the simulated Apple School and Business Manager API (`/auth/oauth2/token`,
+    /// `/v1/...`), served on the same listener. Empty: that API is off (every client id is
+    /// unknown, every bearer token invalid).
+    pub org_accounts: Vec<OrgAccountConfig>,
 }
 
 impl Default for MockConfig {
@@ -136,8 +142,110 @@ impl Default for MockConfig {
             server_uuid: "5D1A0E3C9B7F4A2E8C6D0B1F3A5E7C92".into(),
             org_name: "Example Organization".into(),
             org_type: "org".into(),
+            org_accounts: Vec::new(),
         }
     }
+}
+
+/// Ways an Apple School and Business Manager API account's responses can deviate from the
+/// documented shape, so that a client's normalisation can be tested. All off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrgQuirks {
+    /// List attributes (`imei`, `meid`, `ethernetMacAddress`) sent as one plain string (the
+    /// elements joined by `,`; `""` for an empty list) instead of a JSON array.
+    pub list_values_as_strings: bool,
+    /// `purchaseSourceUid` instead of `purchaseSourceId`.
+    pub purchase_source_uid: bool,
+    /// An attribute no client knows: `"futureField":"future-value"`.
+    pub future_field: bool,
+}
+
+/// One organisation's account of the Apple School and Business Manager API (OAuth 2 client
+/// credentials with a signed JWT assertion, then JSON:API REST). Each account has its own
+/// P-256 key (generated at start), inventory, tokens, faults and journal.
+#[derive(Clone, Debug)]
+pub struct OrgAccountConfig {
+    /// OAuth client id: `BUSINESSAPI.<uuid>` (scope `business.api`) or `SCHOOLAPI.<uuid>`
+    /// (scope `school.api`).
+    pub client_id: String,
+    /// The key id the assertion header's `kid` must name.
+    pub key_id: String,
+    /// Organisation devices generated beyond those shared with ADE: about 60% unassigned,
+    /// 30% assigned to "Other MDM", 10% to "Apple Configurator".
+    pub devices: usize,
+    /// Seed of this account's inventory (not of its key, which is always fresh).
+    pub seed: u64,
+    /// Whether every device the ADE store holds at start is also an organisation device,
+    /// assigned to the MDM server named like the ADE server.
+    pub include_ade_devices: bool,
+    /// Response deviations; can be changed at run time.
+    pub quirks: OrgQuirks,
+    /// `Some(d)`: a token request within `d` (simulated clock) of the last token issued is
+    /// refused with `400 invalid_request` "too many token requests".
+    pub min_token_interval: Option<Duration>,
+    /// `Some(r)`: a token bucket of `r` requests per second (real time, burst `max(r, 1)`);
+    /// requests beyond it get `429` with `Retry-After: 1`.
+    pub requests_per_second: Option<f64>,
+}
+
+impl OrgAccountConfig {
+    /// A business account (`BUSINESSAPI.<uuid>`) whose client and key ids derive from `seed`;
+    /// 100 generated devices plus the ADE ones.
+    pub fn business(seed: u64) -> Self {
+        Self::with_prefix("BUSINESSAPI.", seed)
+    }
+
+    /// Like [`Self::business`], for a school (`SCHOOLAPI.<uuid>`, scope `school.api`).
+    pub fn school(seed: u64) -> Self {
+        Self::with_prefix("SCHOOLAPI.", seed)
+    }
+
+    fn with_prefix(prefix: &str, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0A11_5EED_0000_0001);
+        Self {
+            client_id: format!("{prefix}{}", uuid_v4(&mut rng)),
+            key_id: uuid_v4(&mut rng),
+            devices: 100,
+            seed,
+            include_ade_devices: true,
+            quirks: OrgQuirks::default(),
+            min_token_interval: None,
+            requests_per_second: None,
+        }
+    }
+
+    /// The one scope this account may ask for: `school.api` for `SCHOOLAPI.` client ids,
+    /// `business.api` for any other.
+    pub fn scope(&self) -> &'static str {
+        if self.client_id.starts_with("SCHOOLAPI.") {
+            "school.api"
+        } else {
+            "business.api"
+        }
+    }
+}
+
+impl Default for OrgAccountConfig {
+    /// Same as `OrgAccountConfig::business(1)`.
+    fn default() -> Self {
+        Self::business(1)
+    }
+}
+
+/// A random-looking (version 4 layout), lowercase, hyphenated UUID drawn from `rng`.
+pub(crate) fn uuid_v4(rng: &mut impl Rng) -> String {
+    let mut b: [u8; 16] = rng.random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 #[cfg(test)]
@@ -159,6 +267,20 @@ mod tests {
             .starts_with("CS_34c7"));
         assert!(v["access_token"].as_str().unwrap().starts_with("AT_9276"));
         assert!(v["access_secret"].as_str().unwrap().starts_with("AS_c31a"));
+    }
+
+    #[test]
+    fn org_accounts_derive_their_ids_from_the_seed() {
+        let a = OrgAccountConfig::business(7);
+        assert_eq!(a.client_id, OrgAccountConfig::business(7).client_id);
+        assert_ne!(a.client_id, OrgAccountConfig::business(8).client_id);
+        let uuid = a.client_id.strip_prefix("BUSINESSAPI.").unwrap();
+        assert_eq!((uuid.len(), a.key_id.len()), (36, 36));
+        assert_eq!(uuid.as_bytes()[14], b'4');
+        assert_eq!(a.scope(), "business.api");
+        let s = OrgAccountConfig::school(7);
+        assert!(s.client_id.starts_with("SCHOOLAPI."));
+        assert_eq!(s.scope(), "school.api");
     }
 
     #[test]

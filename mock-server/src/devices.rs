@@ -51,6 +51,9 @@ const KEY_ORDER: [&str; 13] = [
     "device_assigned_date",
 ];
 
+/// `(device_family, model, color, cellular)` of a generated device.
+pub(crate) type Summary = (&'static str, &'static str, &'static str, bool);
+
 /// A serial number. Every device comes from the generator, so every serial is 12 ASCII
 /// characters; keeping it inline saves an allocation per device.
 pub(crate) type Serial = [u8; 12];
@@ -291,6 +294,22 @@ impl Device {
         match self {
             Device::Generated(g) => g.serial,
             Device::Json { serial, .. } => *serial,
+        }
+    }
+
+    /// `(device_family, model, color, cellular)` of a device as generated; `None` once edited.
+    pub fn summary(&self) -> Option<Summary> {
+        match self {
+            Device::Generated(g) => {
+                let (model, description, color) = g.family.models()[usize::from(g.model)];
+                Some((
+                    g.family.device_family(),
+                    model,
+                    color,
+                    description.contains("CELLULAR"),
+                ))
+            }
+            Device::Json { .. } => None,
         }
     }
 

@@ -151,7 +151,8 @@ impl FaultQueues {
     }
 }
 
-fn use_once(queue: &mut VecDeque<Fault>, at: usize) -> Option<FaultKind> {
+/// Consumes one use of the fault at `at` in `queue`, dropping it once used up.
+pub(crate) fn use_once(queue: &mut VecDeque<Fault>, at: usize) -> Option<FaultKind> {
     let fault = queue.get_mut(at)?;
     fault.times -= 1;
     let kind = fault.kind.clone();

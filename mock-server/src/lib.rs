@@ -8,6 +8,12 @@
 //! scripted faults. A [`MockHandle`] changes the world between calls (devices added, modified,
 //! deleted or silently released; the clock advanced) and shows what the client sent.
 //!
+//! On the same listener it also simulates Apple's newer "Apple School Manager and Apple
+//! Business API" (AxM) for the accounts in [`MockConfig::org_accounts`]: OAuth 2 client
+//! credentials with an ES256 JWT assertion at `POST /auth/oauth2/token`, then JSON:API
+//! `GET /v1/orgDevices`, `/v1/mdmServers`, relationships and AppleCare coverage with bearer
+//! tokens; the `org_*` methods of [`MockHandle`] change and observe it.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! let mock = adesync_mock::start(adesync_mock::MockConfig { devices: 2500, ..Default::default() }).await?;
@@ -25,12 +31,17 @@
 //! - `faults`: [`Endpoint`], [`Fault`], fault queues and the request journal.
 //! - `server`: the HTTP routes, Apple's and the `/_mock` admin API.
 //! - `rfc3339`: fast timestamp formatting.
+//! - `org`: the Apple School and Business Manager API: accounts and keys, token endpoint
+//!   (`org::assertion`), inventory of MDM servers and devices (`org::inventory`,
+//!   `org::catalogue`), cursors, faults/limiter/journal, `/v1` routes (`org::http`) and the
+//!   `/_mock/org` admin API (`org::admin`).
 
 mod config;
 mod cursor;
 mod devices;
 mod faults;
 mod oauth;
+mod org;
 mod rfc3339;
 mod server;
 mod store;
@@ -41,9 +52,14 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 
-pub use config::{Credentials, MockConfig};
+pub use config::{Credentials, MockConfig, OrgAccountConfig, OrgQuirks};
 pub use faults::{Endpoint, Fault, FaultKind, RecordedRequest};
+pub use org::{
+    OrgAccountInfo, OrgDeviceTruth, OrgEndpoint, OrgRequest, OrgServer, OrgStats, AUDIENCE,
+    TOKEN_TTL_SECS,
+};
 
+use org::OrgWorld;
 use server::Shared;
 use store::Store;
 
@@ -58,11 +74,30 @@ pub async fn start(config: MockConfig) -> std::io::Result<MockHandle> {
 pub async fn start_on(listener: TcpListener, config: MockConfig) -> std::io::Result<MockHandle> {
     let addr = listener.local_addr()?;
     let (count, seed) = (config.devices, config.seed);
+    let org_config = config.clone();
     // A million devices take a noticeable fraction of a second: keep the executor free.
-    let store = tokio::task::spawn_blocking(move || Store::new(count, seed))
-        .await
-        .map_err(std::io::Error::other)?;
-    let shared = Arc::new(Shared::new(config, store));
+    let (store, org) = tokio::task::spawn_blocking(move || {
+        let store = Store::new(count, seed);
+        let ade = if org_config
+            .org_accounts
+            .iter()
+            .any(|a| a.include_ade_devices)
+        {
+            store.summaries()
+        } else {
+            Vec::new()
+        };
+        let ade_server = (
+            org_config.server_uuid.as_str(),
+            org_config.server_name.as_str(),
+        );
+        let org = OrgWorld::new(&org_config.org_accounts, &ade, ade_server, rand::random());
+        (store, org)
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    let org = org.map_err(std::io::Error::other)?;
+    let shared = Arc::new(Shared::new(config, store, org));
     let app = server::router(shared.clone());
     let mut stop = shared.shutdown.subscribe();
     let task_shared = shared.clone();
@@ -194,6 +229,162 @@ impl MockHandle {
             Endpoint::Any => s.requests.len(),
             e => s.requests.iter().filter(|r| r.endpoint == e).count(),
         }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The Apple School and Business Manager API (organisation accounts). Methods taking an
+    // `account` index panic with a clear message if there is no such account (see
+    // `MockConfig::org_accounts`).
+
+    /// Runs `f` on the organisation world at the simulated now; panics with its error.
+    fn org<R>(
+        &self,
+        f: impl FnOnce(&mut OrgWorld, chrono::DateTime<chrono::Utc>) -> Result<R, String>,
+    ) -> R {
+        let mut s = self.shared.lock();
+        let now = s.now();
+        f(&mut s.org, now).unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// `BASE/auth/oauth2/token`, the token URL to give the client (Apple's is
+    /// `https://account.apple.com/auth/oauth2/token`; the assertion's `aud` stays [`AUDIENCE`]).
+    pub fn org_token_url(&self) -> String {
+        format!("{}/auth/oauth2/token", self.base_url())
+    }
+
+    /// How many organisation accounts there are.
+    pub fn org_account_count(&self) -> usize {
+        self.shared.lock().org.accounts.len()
+    }
+
+    /// Client id, key id and key of account `account`.
+    pub fn org_account(&self, account: usize) -> OrgAccountInfo {
+        self.org(|o, _| Ok(o.account(account)?.info()))
+    }
+
+    /// The MDM servers of `account`: the ADE server (id [`MockConfig::server_uuid`]), "Other
+    /// MDM" and "Apple Configurator", in that order.
+    pub fn org_servers(&self, account: usize) -> Vec<OrgServer> {
+        self.org(|o, _| Ok(o.account(account)?.servers()))
+    }
+
+    /// Adds `n` devices to `account` that joined the organisation now, assigned to the server
+    /// with id `server` or unassigned; returns their serials. Panics on an unknown server.
+    pub fn add_org_devices(&self, account: usize, n: usize, server: Option<&str>) -> Vec<String> {
+        self.org(|o, now| o.add_devices(account, n, server, now))
+    }
+
+    /// Changes one attribute (colour, capacity or order number) of each listed device and
+    /// bumps its `updatedDateTime`; returns how many were listed.
+    pub fn modify_org_devices(&self, account: usize, serials: &[String]) -> usize {
+        self.org(|o, now| {
+            let inv = &mut o.account_mut(account)?.inventory;
+            Ok(inv.modify(serials, now.timestamp_millis()))
+        })
+    }
+
+    /// Up to `n` distinct listed serials of `account` chosen at random (insertion order).
+    pub fn pick_org_devices(&self, account: usize, n: usize) -> Vec<String> {
+        self.org(|o, _| Ok(o.account_mut(account)?.inventory.pick(n)))
+    }
+
+    /// Releases devices from the organisation: `releasedFromOrgDateTime` set, unassigned,
+    /// gone from `/v1/orgDevices` and every server's devices (`/v1/orgDevices/{serial}` still
+    /// answers). Returns how many were listed.
+    pub fn release_org_devices(&self, account: usize, serials: &[String]) -> usize {
+        self.org(|o, now| {
+            let inv = &mut o.account_mut(account)?.inventory;
+            Ok(inv.release(serials, now.timestamp_millis()))
+        })
+    }
+
+    /// Assigns listed devices to the server with id `server` (`None`: unassigns them),
+    /// bumping `updatedDateTime`; returns how many changed. Panics on an unknown server.
+    pub fn assign_org_devices(
+        &self,
+        account: usize,
+        serials: &[String],
+        server: Option<&str>,
+    ) -> usize {
+        self.org(|o, now| o.assign(account, serials, server, now))
+    }
+
+    /// Makes every access token of every account invalid (`401` from then on); returns how
+    /// many were still valid.
+    pub fn expire_org_tokens(&self) -> usize {
+        self.org(|o, now| Ok(o.expire_tokens(now)))
+    }
+
+    /// Sets the response quirks of `account`.
+    pub fn set_org_quirks(&self, account: usize, quirks: OrgQuirks) {
+        self.org(|o, _| {
+            o.account_mut(account)?.quirks = quirks;
+            Ok(())
+        });
+    }
+
+    /// Sets (or with `None` lifts) the requests-per-second limit of `account`.
+    pub fn set_org_rate_limit(&self, account: usize, requests_per_second: Option<f64>) {
+        self.org(|o, _| {
+            o.account_mut(account)?.set_rate(requests_per_second);
+            Ok(())
+        });
+    }
+
+    /// Queues a fault for `endpoint` of `account` (see [`Self::push_fault`]). A `Status`
+    /// fault with an empty body gets a JSON:API error body for its status; `SameCursor` and
+    /// `DuplicateSerial` only shape listings (`orgDevices`, `mdmServers`, a server's devices).
+    pub fn push_org_fault(&self, account: usize, endpoint: OrgEndpoint, fault: Fault) {
+        self.org(|o, _| {
+            o.account_mut(account)?.faults.push(endpoint, fault);
+            Ok(())
+        });
+    }
+
+    /// Drops every queued fault of `account`.
+    pub fn clear_org_faults(&self, account: usize) {
+        self.org(|o, _| {
+            o.account_mut(account)?.faults.clear();
+            Ok(())
+        });
+    }
+
+    /// The journal of `account`: its requests (attributed by bearer token or `client_id`) in
+    /// the order they were answered.
+    pub fn org_requests(&self, account: usize) -> Vec<OrgRequest> {
+        let s = self.shared.lock();
+        s.org
+            .journal
+            .iter()
+            .filter(|r| r.account == Some(account))
+            .cloned()
+            .collect()
+    }
+
+    /// Every request to the organisation API, attributed or not.
+    pub fn all_org_requests(&self) -> Vec<OrgRequest> {
+        self.shared.lock().org.journal.clone()
+    }
+
+    /// Forgets the organisation API journal (counters stay).
+    pub fn clear_org_requests(&self) {
+        self.shared.lock().org.journal.clear();
+    }
+
+    /// Counters of `account` since start.
+    pub fn org_stats(&self, account: usize) -> OrgStats {
+        self.org(|o, _| Ok(o.account(account)?.stats()))
+    }
+
+    /// The truth: every listed device of `account`, sorted by serial, with its server id and
+    /// attributes in the documented shape.
+    pub fn org_devices(&self, account: usize) -> Vec<OrgDeviceTruth> {
+        self.org(|o, _| Ok(o.account(account)?.truth()))
+    }
+
+    /// Serials of the devices released from `account`, sorted.
+    pub fn org_released(&self, account: usize) -> Vec<String> {
+        self.org(|o, _| Ok(o.account(account)?.inventory.released_serials()))
     }
 
     /// Asks the server to stop: no new connections; requests in flight finish.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use adesync_mock::{MockConfig, MockHandle};
+use adesync_mock::{MockConfig, MockHandle, OrgAccountConfig};
 
 /// A simulator of Apple's ADE/DEP device-assignment service (mdmenrollment.apple.com).
 ///
@@ -26,6 +26,23 @@ use adesync_mock::{MockConfig, MockHandle};
 ///   POST /_mock/faults {"endpoint":"fetch_devices","status":503,"headers":[["Retry-After","1"]]}
 ///   POST /_mock/sessions/expire                forget every session token
 ///   GET  /_mock/devices | /_mock/stats         the truth; counters
+///
+/// With --org-devices N it also simulates the Apple School and Business Manager API
+/// (one account): POST /auth/oauth2/token (client credentials, ES256 JWT assertion with
+/// aud https://account.apple.com/auth/oauth2/v2/token), GET /v1/orgDevices[/{serial}],
+/// /v1/orgDevices/{serial}/relationships/assignedServer, /v1/orgDevices/{serial}/appleCareCoverage,
+/// /v1/mdmServers and /v1/mdmServers/{id}/relationships/devices. Admin routes (bodies may
+/// name "account", default 0):
+///
+///   POST /_mock/org/devices {"count":n,"server":null}   add n org devices (or to a server id)
+///   POST /_mock/org/devices/modify {"count":n}          change colour/capacity/order number
+///   POST /_mock/org/devices/release {"serials":[..]}    release from the organisation
+///   POST /_mock/org/devices/assign {"count":n,"server":"ID"}   assign (null: unassign)
+///   POST /_mock/org/tokens/expire                       expire every access token
+///   POST /_mock/org/faults {"endpoint":"org_devices","status":429,"headers":[["Retry-After","1"]]}
+///   POST /_mock/org/quirks {"list_values_as_strings":true,"purchase_source_uid":true,"future_field":true}
+///   POST /_mock/org/rate {"requests_per_second":2}      limit (429 + Retry-After: 1); null lifts
+///   GET  /_mock/org/devices | /_mock/org/stats | /_mock/org/accounts   truth; counters; ids
 #[derive(Parser, Debug)]
 #[command(name = "adesync-mock", version, verbatim_doc_comment)]
 struct Args {
@@ -72,6 +89,18 @@ struct Args {
     /// Session tokens expire after this many seconds (simulated clock).
     #[arg(long, value_name = "SECONDS")]
     session_ttl: Option<u64>,
+
+    /// Also simulate the Apple School and Business Manager API with one account holding the
+    /// ADE devices plus N organisation-only devices. With --write-token FILE, the account's
+    /// key (SEC1 PEM) and ids are written next to FILE as org-account.pem and
+    /// org-account.json.
+    #[arg(long, value_name = "N")]
+    org_devices: Option<usize>,
+
+    /// Make the --org-devices account a school (SCHOOLAPI., scope school.api) instead of a
+    /// business (BUSINESSAPI., scope business.api).
+    #[arg(long, requires = "org_devices")]
+    org_school: bool,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +140,21 @@ async fn run(args: Args) -> Result<(), String> {
         quoted_errors: args.quoted_errors,
         rotate_session_every: args.rotate_session_every,
         session_ttl: args.session_ttl.map(Duration::from_secs),
+        org_accounts: args
+            .org_devices
+            .map(|n| {
+                let account = if args.org_school {
+                    OrgAccountConfig::school(args.seed)
+                } else {
+                    OrgAccountConfig::business(args.seed)
+                };
+                OrgAccountConfig {
+                    devices: n,
+                    ..account
+                }
+            })
+            .into_iter()
+            .collect(),
         ..MockConfig::default()
     };
     if let Some(path) = &args.write_token {
@@ -150,12 +194,47 @@ async fn run(args: Args) -> Result<(), String> {
              {url}/_mock/devices"
         ),
     }
+    if mock.org_account_count() > 0 {
+        announce_org_account(&mock, args.write_token.as_deref())?;
+    }
     // Demos pipe this output; make sure the URL shows before the first request.
     let _ = std::io::stdout().flush();
 
     wait_for_signal().await;
     tracing::info!("stopping");
     stop(&mock).await;
+    Ok(())
+}
+
+/// Prints the organisation account's ids and, next to the server token if one was written,
+/// writes its key (`org-account.pem`) and ids (`org-account.json`), both mode 0600.
+fn announce_org_account(mock: &MockHandle, token_file: Option<&Path>) -> Result<(), String> {
+    let info = mock.org_account(0);
+    let stats = mock.org_stats(0);
+    println!(
+        "adesync-mock: Apple School and Business Manager API: {} org devices, client id {}, \
+         key id {}, token URL {}",
+        stats.devices,
+        info.client_id,
+        info.key_id,
+        mock.org_token_url()
+    );
+    let Some(token_file) = token_file else {
+        return Ok(());
+    };
+    let dir = token_file.parent().unwrap_or_else(|| Path::new("."));
+    let key_path = dir.join("org-account.pem");
+    let ids_path = dir.join("org-account.json");
+    write_private(&key_path, info.private_key_pem.trim_end())
+        .map_err(|e| format!("cannot write the org key to {}: {e}", key_path.display()))?;
+    let ids = serde_json::json!({ "client_id": info.client_id, "key_id": info.key_id });
+    write_private(&ids_path, &ids.to_string())
+        .map_err(|e| format!("cannot write the org ids to {}: {e}", ids_path.display()))?;
+    println!(
+        "adesync-mock: wrote the org account key to {} and its ids to {}",
+        key_path.display(),
+        ids_path.display()
+    );
     Ok(())
 }
 

@@ -43,6 +43,26 @@ pub(crate) fn push(out: &mut String, secs: i64) {
     out.push('Z');
 }
 
+/// Appends `ms` (Unix milliseconds) as `YYYY-MM-DDTHH:MM:SS.mmmZ`, the form the Apple School
+/// and Business Manager API uses.
+pub(crate) fn push_millis(out: &mut String, ms: i64) {
+    push(out, ms.div_euclid(1000));
+    out.pop();
+    let frac = ms.rem_euclid(1000) as u32;
+    out.push('.');
+    out.push(char::from(b'0' + (frac / 100) as u8));
+    push_2(out, frac % 100);
+    out.push('Z');
+}
+
+/// `ms` (Unix milliseconds) as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+#[cfg(test)]
+pub(crate) fn format_millis(ms: i64) -> String {
+    let mut s = String::with_capacity(24);
+    push_millis(&mut s, ms);
+    s
+}
+
 /// `secs` (Unix time) as `YYYY-MM-DDTHH:MM:SSZ`.
 pub(crate) fn format(secs: i64) -> String {
     let mut s = String::with_capacity(20);
@@ -67,5 +87,10 @@ mod tests {
         }
         assert_eq!(super::format(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::format(1_536_427_698), "2018-09-08T17:28:18Z");
+        assert_eq!(
+            super::format_millis(1_536_427_698_046),
+            "2018-09-08T17:28:18.046Z"
+        );
+        assert_eq!(super::format_millis(-1), "1969-12-31T23:59:59.999Z");
     }
 }

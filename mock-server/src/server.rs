@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State as AxumState};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
 use rand::Rng;
@@ -23,6 +23,7 @@ use crate::config::MockConfig;
 use crate::devices::LATEST_PROTOCOL;
 use crate::faults::{Endpoint, Fault, FaultKind, FaultQueues, RecordedRequest};
 use crate::oauth::{self, OAuthError, SignedRequest, Verifier};
+use crate::org::{self, OrgWorld};
 use crate::rfc3339;
 use crate::store::{CursorContext, CursorError, PageFault, Store};
 
@@ -58,6 +59,8 @@ pub(crate) struct State {
     pub authenticated_calls: u64,
     pub faults: FaultQueues,
     pub requests: Vec<RecordedRequest>,
+    /// The Apple School and Business Manager API simulation.
+    pub org: OrgWorld,
 }
 
 impl State {
@@ -67,11 +70,11 @@ impl State {
 }
 
 impl Shared {
-    pub fn new(config: MockConfig, store: Store) -> Self {
+    pub fn new(config: MockConfig, store: Store, org: OrgWorld) -> Self {
         let verifier = Verifier::new(config.oauth_timestamp_window);
         Self {
             config,
-            instance: rand::rng().random(),
+            instance: org.instance,
             state: Mutex::new(State {
                 store,
                 clock_offset: chrono::Duration::zero(),
@@ -80,6 +83,7 @@ impl Shared {
                 authenticated_calls: 0,
                 faults: FaultQueues::default(),
                 requests: Vec::new(),
+                org,
             }),
             shutdown: watch::Sender::new(false),
             stopped: watch::Sender::new(false),
@@ -146,6 +150,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_mock/faults", post(admin_faults))
         .route("/_mock/sessions/expire", post(admin_expire))
         .route("/_mock/stats", get(admin_stats))
+        .route("/auth/oauth2/token", any(org::token))
+        .route("/v1", any(org::api))
+        .route("/v1/{*rest}", any(org::api))
+        .merge(org::admin_routes())
         .fallback(apple)
         .with_state(shared)
 }
@@ -514,7 +522,7 @@ fn account(config: &MockConfig, proto: u32) -> Value {
 // ---------------------------------------------------------------------------------------
 // Admin API (not Apple's): no auth, plain JSON in and out, curl-friendly (any content type).
 
-fn admin_error(message: impl Into<String>) -> Response {
+pub(crate) fn admin_error(message: impl Into<String>) -> Response {
     (
         StatusCode::BAD_REQUEST,
         axum::Json(json!({ "error": message.into() })),
@@ -522,7 +530,7 @@ fn admin_error(message: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, String> {
+pub(crate) fn parse_body(body: &Bytes) -> Result<Value, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
@@ -610,6 +618,12 @@ fn parse_fault(v: &Value) -> Result<(Endpoint, Fault), String> {
     let endpoint = Endpoint::from_name(endpoint_name).ok_or_else(|| {
         format!("unknown endpoint {endpoint_name:?} (session, account, fetch_devices, sync_devices, any)")
     })?;
+    Ok((endpoint, parse_fault_body(v)?))
+}
+
+/// The endpoint-independent part of a fault body: `times` and `status`/`body`/`headers` or
+/// `kind`.
+pub(crate) fn parse_fault_body(v: &Value) -> Result<Fault, String> {
     let times = v.get("times").and_then(Value::as_u64).unwrap_or(1);
     let times = u32::try_from(times).map_err(|_| "\"times\" is too large".to_owned())?;
     let kind = match (v.get("status"), v.get("kind")) {
@@ -647,7 +661,7 @@ fn parse_fault(v: &Value) -> Result<(Endpoint, Fault), String> {
         },
         (None, None) => return Err("expected \"status\" or \"kind\"".into()),
     };
-    Ok((endpoint, Fault { times, kind }))
+    Ok(Fault { times, kind })
 }
 
 async fn admin_faults(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {

@@ -113,7 +113,7 @@ pub(crate) struct CursorContext {
 /// rustc's FxHasher) spreads them well at a fraction of SipHash's cost, which matters when a
 /// million are indexed at start-up. Not flood-resistant; a loopback test server need not be.
 #[derive(Default, Clone, Copy)]
-struct SerialHasher(u64);
+pub(crate) struct SerialHasher(u64);
 
 impl Hasher for SerialHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -333,6 +333,15 @@ impl Store {
             .collect();
         all.sort_unstable_by_key(|a| a.0);
         (all, self.profiles().clone())
+    }
+
+    /// Every assigned device in insertion order with its generated summary (see
+    /// [`Device::summary`]), for the organisation inventory built at start.
+    pub fn summaries(&self) -> Vec<(Serial, Option<devices::Summary>)> {
+        self.members
+            .values()
+            .map(|d| (d.serial(), d.summary()))
+            .collect()
     }
 
     /// Every assigned serial, sorted.

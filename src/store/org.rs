@@ -708,9 +708,9 @@ fn write_org_page(
         ])
         .collect();
     let mut insert = tx.prepare_cached(&format!(
-        "INSERT INTO org_devices (account_name, first_seen_at, updated_at, {}) VALUES (?1, ?2, ?2, {}) RETURNING id",
+        "INSERT INTO org_devices (account_name, serial_number, first_seen_at, updated_at, {}) VALUES (?1, ?2, ?3, ?3, {}) RETURNING id",
         insert_cols.join(", "),
-        (0..width).map(|i| format!("?{}", i + 3)).collect::<Vec<_>>().join(", ")
+        (0..width).map(|i| format!("?{}", i + 4)).collect::<Vec<_>>().join(", ")
     ))?;
     let mut seen = Vec::with_capacity(devices.len() + unreadable.len());
     for mut d in devices {
@@ -739,8 +739,11 @@ fn write_org_page(
             .optional()?;
         match existing {
             None => {
-                let mut vals: Vec<rusqlite::types::Value> =
-                    vec![account.to_owned().into(), now.to_owned().into()];
+                let mut vals: Vec<rusqlite::types::Value> = vec![
+                    account.to_owned().into(),
+                    d.serial_number.clone().into(),
+                    now.to_owned().into(),
+                ];
                 vals.extend(row_values(&d));
                 let id: i64 = insert.query_row(rusqlite::params_from_iter(vals), |r| r.get(0))?;
                 seen.push(id);
