@@ -1,6 +1,8 @@
 //! The one-command demo: the bundled Apple simulator on 127.0.0.1, a full sync into a
 //! fresh SQLite file, some changes made in the simulator, an incremental sync, and the
-//! change events — the whole product in a minute, with no Apple account.
+//! change events — the whole product in a minute, with no Apple account. The simulator
+//! also serves the organisation API, so the demo mirrors the organisation's inventory
+//! (devices unassigned or on other MDM servers) beside the ADE mirror.
 
 use std::io::Write;
 use std::path::Path;
@@ -24,6 +26,10 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
     let mock = adesync_mock::start(adesync_mock::MockConfig {
         devices,
         seed: 2026,
+        org_accounts: vec![adesync_mock::OrgAccountConfig {
+            devices: devices / 2,
+            ..adesync_mock::OrgAccountConfig::business(2026)
+        }],
         ..Default::default()
     })
     .await
@@ -35,6 +41,8 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
         &token_path,
         &credentials.token_json(chrono::Utc::now() + chrono::Duration::days(365)),
     )?;
+    let org = mock.org_account(0);
+    write_private(&dir.join("demo-org-account.pem"), &org.private_key_pem)?;
     let config_path = dir.join("config.toml");
     let config_text = format!(
         "# adesync demo configuration (written by `adesync demo`).\n\
@@ -42,8 +50,15 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
          [[tokens]]\nname = \"demo\"\ntoken_file = \"demo-token.json\"\n\
          # The simulator ran on this port during the demo; it is gone now.\n\
          api_url = \"{}\"\npage_size = 1000\n\n\
+         [[org_accounts]]\nname = \"demo-org\"\nclient_id = \"{}\"\nkey_id = \"{}\"\n\
+         private_key_file = \"demo-org-account.pem\"\napi_url = \"{}\"\ntoken_url = \"{}\"\n\
+         requests_per_second = 50\n\n\
          [[sinks]]\nname = \"events-file\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
-        mock.base_url()
+        mock.base_url(),
+        org.client_id,
+        org.key_id,
+        mock.base_url(),
+        mock.org_token_url()
     );
     std::fs::write(&config_path, config_text)?;
     let config = Config::load(&config_path)?;
@@ -61,7 +76,9 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
         config.database.display()
     )?;
     let first = sync(&config).await?;
-    writeln!(out, "   {first}")?;
+    for line in first {
+        writeln!(out, "   {line}")?;
+    }
 
     let serials = mock.serials();
     let added = mock.add_devices(25);
@@ -79,6 +96,19 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
         "\n2. In the simulator: {} devices assigned, {modified} changed, {deleted} unassigned",
         added.len()
     )?;
+    let bought = mock.add_org_devices(0, 5, None);
+    let other = mock
+        .org_servers(0)
+        .into_iter()
+        .find(|s| s.name == "Other MDM")
+        .map(|s| s.id);
+    let moved = mock.assign_org_devices(0, &mock.pick_org_devices(0, 3), other.as_deref());
+    let released = mock.release_org_devices(0, &mock.pick_org_devices(0, 2));
+    writeln!(
+        out,
+        "   and in the organisation: {} devices bought, {moved} moved to another MDM server, {released} released",
+        bought.len()
+    )?;
 
     let before = {
         let db = config.database.clone();
@@ -86,15 +116,22 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
     };
     writeln!(out, "\n3. Second sync: only the changes")?;
     let second = sync(&config).await?;
-    writeln!(out, "   {second}")?;
+    for line in second {
+        writeln!(out, "   {line}")?;
+    }
 
-    let (events, assigned, total_events) = {
+    let (events, assigned, total_events, org_counts) = {
         let db = config.database.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let s = Store::open(&db)?;
             let events = s.events_after(before, None, 10_000)?;
             let (assigned, _) = s.device_counts("demo")?;
-            Ok((events, assigned, s.event_count(None)?))
+            Ok((
+                events,
+                assigned,
+                s.event_count(None)?,
+                s.org_counts("demo-org")?,
+            ))
         })
         .await??
     };
@@ -103,22 +140,33 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
         "\n4. Events from the second sync ({} in all; a few of each kind):",
         events.len()
     )?;
-    for kind in adesync::model::EventKind::ALL {
-        for e in events.iter().filter(|e| e.kind == kind).take(3) {
-            writeln!(
-                out,
-                "   #{:<6} {:<8} {}  {}",
-                e.id,
-                e.kind,
-                e.serial_number,
-                super::query::summarize_changes(e.kind, &e.changes)
-            )?;
+    for scope in [
+        adesync::events::EventScope::Device,
+        adesync::events::EventScope::OrgDevice,
+    ] {
+        for kind in adesync::model::EventKind::ALL {
+            for e in events
+                .iter()
+                .filter(|e| e.kind == kind && e.scope == scope)
+                .take(2)
+            {
+                writeln!(
+                    out,
+                    "   #{:<6} {:<19} {}  {}",
+                    e.id,
+                    scope.event_type(kind),
+                    e.serial_number,
+                    super::query::summarize_changes(e.kind, &e.changes)
+                )?;
+            }
         }
     }
     mock.shutdown();
     writeln!(
         out,
-        "\nThe store now holds {assigned} assigned devices and {total_events} events; every event is also in {}.",
+        "\nThe store now holds {assigned} assigned devices, the organisation's {} devices ({} of them on no MDM server) and {total_events} events; every event is also in {}.",
+        org_counts.devices,
+        org_counts.unassigned,
         dir.join("events.jsonl").display()
     )?;
     let cfg = config_path.display();
@@ -131,23 +179,42 @@ pub async fn run(devices: usize, dir: &Path) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
+        "   adesync --config {cfg} org-devices --unassigned | head"
+    )?;
+    writeln!(
+        out,
         "   sqlite3 {} 'SELECT model, COUNT(*) FROM devices GROUP BY model'",
+        config.database.display()
+    )?;
+    writeln!(
+        out,
+        "   sqlite3 {} 'SELECT org_status, assigned_server_name, mirrored, COUNT(*) FROM inventory GROUP BY 1, 2, 3'",
         config.database.display()
     )?;
     Ok(())
 }
 
-async fn sync(config: &Config) -> anyhow::Result<String> {
+async fn sync(config: &Config) -> anyhow::Result<Vec<String>> {
     let report = adesync::syncer::run_all_once(config, None).await;
     if let Some((name, e)) = report.failed.first() {
         anyhow::bail!("sync of \"{name}\" failed: {e}");
     }
+    if let Some((name, e)) = report.org_failed.first() {
+        anyhow::bail!("walk of \"{name}\" failed: {e}");
+    }
     adesync::sinks::deliver_all_logged(config).await;
     let s = report.ok.first().context("no token was synced")?;
-    Ok(format!(
-        "{} pages, {} device records in {:.2?}: {} added, {} modified, {} deleted",
+    let mut lines = vec![format!(
+        "ADE token: {} pages, {} device records in {:.2?}: {} added, {} modified, {} deleted",
         s.pages, s.records, s.duration, s.stats.added, s.stats.modified, s.stats.deleted
-    ))
+    )];
+    if let Some(o) = report.org_ok.first() {
+        lines.push(format!(
+            "organisation: {} pages, {} devices on {} MDM servers in {:.2?}: {} added, {} modified, {} removed",
+            o.pages, o.devices, o.servers, o.duration, o.stats.added, o.stats.modified, o.stats.removed
+        ));
+    }
+    Ok(lines)
 }
 
 /// Writes a file only its owner can read (it holds secrets).

@@ -275,8 +275,11 @@ pub fn summarize_changes(kind: EventKind, changes: &serde_json::Value) -> String
                 .unwrap_or("")
                 .to_owned()
         };
-        format!("{} {}", get("model"), get("color"))
-            .trim()
-            .to_owned()
+        // An organisation device's model is `device_model`.
+        let model = match get("model") {
+            m if m.is_empty() => get("device_model"),
+            m => m,
+        };
+        format!("{model} {}", get("color")).trim().to_owned()
     }
 }
