@@ -652,3 +652,67 @@ async fn org_devices_and_device_show_the_inventory() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("org_account"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_walks_accounts_and_reports_them_in_metrics_and_healthz() {
+    let port = super::common::free_port();
+    let env = OrgEnv::new(
+        20,
+        vec![account(60, 11)],
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"))
+        .arg("--config")
+        .arg(&env.config_path)
+        .arg("run")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = env.dir.path().join("adesync.db");
+    let mut walked = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if Store::open_read_only(&db)
+            .and_then(|s| s.org_counts("org0"))
+            .is_ok_and(|c| c.devices == 80)
+        {
+            walked = true;
+            break;
+        }
+    }
+    assert!(walked, "the daemon walked the account");
+    let base = format!("http://127.0.0.1:{port}");
+    let mut text = String::new();
+    for _ in 0..30 {
+        text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("adesync_org_devices{account=\"org0\",state=\"listed\"} 80") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        text.contains("adesync_org_devices{account=\"org0\",state=\"listed\"} 80"),
+        "{text}"
+    );
+    assert!(text.contains("adesync_org_last_complete_walk_timestamp_seconds{account=\"org0\"}"));
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200, "{}", health.text().await.unwrap());
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut child = child;
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+}

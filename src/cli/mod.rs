@@ -150,7 +150,7 @@ pub enum Command {
         /// Only this token.
         #[arg(long)]
         token: Option<String>,
-        /// Only this kind: added, modified or deleted.
+        /// Only this kind: added, modified or deleted (`removed`, the organisation's word, is `deleted`).
         #[arg(long, value_parser = ["added", "modified", "deleted"])]
         kind: Option<String>,
         /// At most this many.
@@ -503,7 +503,9 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                     &store,
                     last,
                     token.as_deref(),
-                    kind.as_deref().and_then(EventKind::parse),
+                    kind.as_deref()
+                        .map(|k| if k == "removed" { "deleted" } else { k })
+                        .and_then(EventKind::parse),
                     None,
                     limit,
                 )?;
