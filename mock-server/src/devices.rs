@@ -235,42 +235,56 @@ pub(crate) enum Device {
     },
 }
 
-/// Appends `"key":"value"` pairs to a JSON object under construction. Values here are
-/// catalogue literals, serials, e-mails and timestamps: none needs escaping.
-struct ObjectWriter<'a> {
+/// Appends `"key":value` pairs to a JSON object under construction; the device renderers
+/// of both APIs use it. String values here are catalogue literals, serials, identifiers,
+/// e-mails and timestamps: none needs escaping.
+pub(crate) struct ObjectWriter<'a> {
     out: &'a mut String,
     first: bool,
 }
 
 impl<'a> ObjectWriter<'a> {
-    fn new(out: &'a mut String) -> Self {
+    pub fn new(out: &'a mut String) -> Self {
         out.push('{');
         Self { out, first: true }
     }
 
-    fn key(&mut self, key: &str) {
+    /// Appends `"key":` and returns the output for the value.
+    pub fn key(&mut self, key: &str) -> &mut String {
         if !self.first {
             self.out.push(',');
         }
         self.first = false;
         self.out.push('"');
         self.out.push_str(key);
-        self.out.push_str("\":\"");
+        self.out.push_str("\":");
+        self.out
     }
 
-    fn str(&mut self, key: &str, value: &str) {
-        self.key(key);
-        self.out.push_str(value);
-        self.out.push('"');
+    pub fn str(&mut self, key: &str, value: &str) {
+        let out = self.key(key);
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
     }
 
-    fn time(&mut self, key: &str, secs: i64) {
-        self.key(key);
-        rfc3339::push(self.out, secs);
-        self.out.push('"');
+    /// `secs` (Unix time) as an RFC 3339 string with second precision.
+    pub fn time(&mut self, key: &str, secs: i64) {
+        let out = self.key(key);
+        out.push('"');
+        rfc3339::push(out, secs);
+        out.push('"');
     }
 
-    fn finish(self) {
+    /// `ms` (Unix milliseconds) as an RFC 3339 string with millisecond precision.
+    pub fn time_millis(&mut self, key: &str, ms: i64) {
+        let out = self.key(key);
+        out.push('"');
+        rfc3339::push_millis(out, ms);
+        out.push('"');
+    }
+
+    pub fn finish(self) {
         self.out.push('}');
     }
 }
@@ -335,14 +349,14 @@ impl Generated {
         w.str("description", description);
         w.str("color", color);
         if let Some(tag) = self.asset_tag {
-            w.key("asset_tag");
-            w.out.push_str("AT");
+            let out = w.key("asset_tag");
+            out.push_str("\"AT");
             let mut digit = 100_000;
             while digit > 0 {
-                w.out.push(char::from(b'0' + (tag / digit % 10) as u8));
+                out.push(char::from(b'0' + (tag / digit % 10) as u8));
                 digit /= 10;
             }
-            w.out.push('"');
+            out.push('"');
         }
         if proto >= 2 {
             let os = match self.family {

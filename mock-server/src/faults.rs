@@ -3,6 +3,7 @@
 //! and what was received.
 
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use crate::store::PageFault;
@@ -58,14 +59,6 @@ impl Endpoint {
         .into_iter()
         .find(|e| e.name() == name)
     }
-
-    fn slot(self) -> usize {
-        self as usize
-    }
-
-    fn serves_pages(self) -> bool {
-        matches!(self, Endpoint::FetchDevices | Endpoint::SyncDevices)
-    }
 }
 
 /// A misbehaviour to apply to the next `times` matching calls.
@@ -104,7 +97,7 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    fn applies_to(&self, endpoint: Endpoint) -> bool {
+    fn applies_to<E: FaultEndpoint>(&self, endpoint: E) -> bool {
         match self {
             FaultKind::SameCursor | FaultKind::DuplicateSerial => endpoint.serves_pages(),
             _ => true,
@@ -121,27 +114,63 @@ impl FaultKind {
     }
 }
 
-/// One FIFO of faults per endpoint, plus one for [`Endpoint::Any`].
-#[derive(Default)]
-pub(crate) struct FaultQueues {
-    queues: [VecDeque<Fault>; 5],
+/// An endpoint enum with its own fault queues: a fieldless enum whose variants number
+/// [`Self::COUNT`], with a catch-all [`Self::ANY`] among them.
+pub(crate) trait FaultEndpoint: Copy {
+    /// How many variants, so how many queues.
+    const COUNT: usize;
+    /// The catch-all, consulted after the endpoint's own queue.
+    const ANY: Self;
+    /// The variant's queue index, below [`Self::COUNT`].
+    fn slot(self) -> usize;
+    /// Whether the page faults (`SameCursor`, `DuplicateSerial`) apply here.
+    fn serves_pages(self) -> bool;
 }
 
-impl FaultQueues {
-    pub fn push(&mut self, endpoint: Endpoint, mut fault: Fault) {
+impl FaultEndpoint for Endpoint {
+    // `Any` is the last variant.
+    const COUNT: usize = Endpoint::Any as usize + 1;
+    const ANY: Self = Endpoint::Any;
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+
+    fn serves_pages(self) -> bool {
+        matches!(self, Endpoint::FetchDevices | Endpoint::SyncDevices)
+    }
+}
+
+/// One FIFO of faults per endpoint, plus one for the endpoint type's `ANY`.
+pub(crate) struct FaultQueues<E> {
+    queues: Vec<VecDeque<Fault>>,
+    endpoint: PhantomData<E>,
+}
+
+impl<E: FaultEndpoint> Default for FaultQueues<E> {
+    fn default() -> Self {
+        Self {
+            queues: (0..E::COUNT).map(|_| VecDeque::new()).collect(),
+            endpoint: PhantomData,
+        }
+    }
+}
+
+impl<E: FaultEndpoint> FaultQueues<E> {
+    pub fn push(&mut self, endpoint: E, mut fault: Fault) {
         fault.times = fault.times.max(1);
         self.queues[endpoint.slot()].push_back(fault);
     }
 
     /// Consumes one use of the fault due for a call to `endpoint`: the front of its own queue
     /// (a page fault there on a non-page endpoint is used up without effect), else the first
-    /// applicable fault of the `Any` queue.
-    pub fn take(&mut self, endpoint: Endpoint) -> Option<FaultKind> {
+    /// applicable fault of the `ANY` queue.
+    pub fn take(&mut self, endpoint: E) -> Option<FaultKind> {
         let own = &mut self.queues[endpoint.slot()];
         if let Some(kind) = use_once(own, 0) {
             return kind.applies_to(endpoint).then_some(kind);
         }
-        let any = &mut self.queues[Endpoint::Any.slot()];
+        let any = &mut self.queues[E::ANY.slot()];
         let at = any.iter().position(|f| f.kind.applies_to(endpoint))?;
         use_once(any, at)
     }
@@ -152,7 +181,7 @@ impl FaultQueues {
 }
 
 /// Consumes one use of the fault at `at` in `queue`, dropping it once used up.
-pub(crate) fn use_once(queue: &mut VecDeque<Fault>, at: usize) -> Option<FaultKind> {
+fn use_once(queue: &mut VecDeque<Fault>, at: usize) -> Option<FaultKind> {
     let fault = queue.get_mut(at)?;
     fault.times -= 1;
     let kind = fault.kind.clone();
@@ -182,11 +211,16 @@ pub struct RecordedRequest {
 impl RecordedRequest {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header_value(&self.headers, name)
     }
+}
+
+/// The first value of header `name` (case-insensitive) among journalled `headers`.
+pub(crate) fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 #[cfg(test)]
@@ -203,7 +237,7 @@ mod tests {
 
     #[test]
     fn faults_are_used_in_order_and_the_endpoint_queue_comes_first() {
-        let mut q = FaultQueues::default();
+        let mut q = FaultQueues::<Endpoint>::default();
         q.push(
             Endpoint::Any,
             Fault {

@@ -35,6 +35,7 @@
 //!   (`org::assertion`), inventory of MDM servers and devices (`org::inventory`,
 //!   `org::catalogue`), cursors, faults/limiter/journal, `/v1` routes (`org::http`) and the
 //!   `/_mock/org` admin API (`org::admin`).
+//! - `test_http` (tests only): what the loopback scenarios of both APIs share.
 
 mod config;
 mod cursor;
@@ -400,5 +401,7 @@ impl MockHandle {
     }
 }
 
+#[cfg(test)]
+mod test_http;
 #[cfg(test)]
 mod tests;

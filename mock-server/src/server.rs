@@ -57,7 +57,7 @@ pub(crate) struct State {
     pub verifier: Verifier,
     /// Authenticated calls so far, for session rotation.
     pub authenticated_calls: u64,
-    pub faults: FaultQueues,
+    pub faults: FaultQueues<Endpoint>,
     pub requests: Vec<RecordedRequest>,
     /// The Apple School and Business Manager API simulation.
     pub org: OrgWorld,
@@ -190,16 +190,7 @@ async fn apple(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Respo
     let record = RecordedRequest {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers: header_pairs(&parts.headers),
         body: body
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned())
@@ -209,6 +200,33 @@ async fn apple(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Respo
     };
     shared.lock().requests.push(record);
     response
+}
+
+/// Request headers as (name, value) pairs in arrival order, names in lower case, values as
+/// lossy UTF-8: what the request journals keep.
+pub(crate) fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Appends scripted `(name, value)` headers to `response`, skipping any that are not valid
+/// HTTP.
+pub(crate) fn append_headers(response: &mut Response, headers: &[(String, String)]) {
+    for (name, value) in headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            response.headers_mut().append(n, v);
+        }
+    }
 }
 
 fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
@@ -308,14 +326,7 @@ fn status_fault(status: u16, body: String, headers: &[(String, String)]) -> Resp
         body,
     )
         .into_response();
-    for (name, value) in headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            response.headers_mut().append(n, v);
-        }
-    }
+    append_headers(&mut response, headers);
     response
 }
 
@@ -537,17 +548,34 @@ pub(crate) fn parse_body(body: &Bytes) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))
 }
 
-/// `{"serials": [..]}` as given, or `{"count": n}` chosen at random among current devices.
-fn selection(shared: &Shared, body: &Bytes) -> Result<Vec<String>, String> {
-    let v = parse_body(body)?;
+/// Runs `f` on the parsed body: its value is the `200` JSON answer, its error (or the body's)
+/// a `400 {"error": ...}`.
+pub(crate) fn with_body(body: &Bytes, f: impl FnOnce(&Value) -> Result<Value, String>) -> Response {
+    match parse_body(body).and_then(|v| f(&v)) {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(message) => admin_error(message),
+    }
+}
+
+/// `{"serials": [..]}` as given, or `{"count": n}` chosen by `pick(n)` (at random among the
+/// devices the body is about).
+pub(crate) fn selection(
+    v: &Value,
+    pick: impl FnOnce(usize) -> Result<Vec<String>, String>,
+) -> Result<Vec<String>, String> {
     if let Some(list) = v.get("serials") {
         return serde_json::from_value(list.clone())
             .map_err(|_| "\"serials\" must be an array of strings".to_owned());
     }
     match v.get("count").and_then(Value::as_u64) {
-        Some(n) => Ok(shared.lock().store.pick(n as usize)),
+        Some(n) => pick(n as usize),
         None => Err("expected {\"count\": n} or {\"serials\": [..]}".to_owned()),
     }
+}
+
+/// [`selection`] among the ADE devices.
+fn ade_selection(shared: &Shared, v: &Value) -> Result<Vec<String>, String> {
+    selection(v, |n| Ok(shared.lock().store.pick(n)))
 }
 
 async fn admin_devices(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
@@ -555,59 +583,51 @@ async fn admin_devices(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
 }
 
 async fn admin_add(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
-    let v = match parse_body(&body) {
-        Ok(v) => v,
-        Err(message) => return admin_error(message),
-    };
-    let Some(n) = v.get("count").and_then(Value::as_u64) else {
-        return admin_error("expected {\"count\": n}");
-    };
-    let serials = shared.add_devices(n as usize);
-    axum::Json(json!({ "added": serials.len(), "serials": serials })).into_response()
+    with_body(&body, |v| {
+        let n = v
+            .get("count")
+            .and_then(Value::as_u64)
+            .ok_or("expected {\"count\": n}")?;
+        let serials = shared.add_devices(n as usize);
+        Ok(json!({ "added": serials.len(), "serials": serials }))
+    })
 }
 
 async fn admin_modify(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
-    match selection(&shared, &body) {
-        Ok(serials) => {
-            let n = shared.modify_devices(&serials);
-            axum::Json(json!({ "modified": n, "serials": serials })).into_response()
-        }
-        Err(message) => admin_error(message),
-    }
+    with_body(&body, |v| {
+        let serials = ade_selection(&shared, v)?;
+        let n = shared.modify_devices(&serials);
+        Ok(json!({ "modified": n, "serials": serials }))
+    })
 }
 
 async fn admin_delete(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
-    match selection(&shared, &body) {
-        Ok(serials) => {
-            let n = shared.delete_devices(&serials);
-            axum::Json(json!({ "deleted": n, "serials": serials })).into_response()
-        }
-        Err(message) => admin_error(message),
-    }
+    with_body(&body, |v| {
+        let serials = ade_selection(&shared, v)?;
+        let n = shared.delete_devices(&serials);
+        Ok(json!({ "deleted": n, "serials": serials }))
+    })
 }
 
 async fn admin_release(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
-    match selection(&shared, &body) {
-        Ok(serials) => {
-            let n = shared.remove_silently(&serials);
-            axum::Json(json!({ "released": n, "serials": serials })).into_response()
-        }
-        Err(message) => admin_error(message),
-    }
+    with_body(&body, |v| {
+        let serials = ade_selection(&shared, v)?;
+        let n = shared.remove_silently(&serials);
+        Ok(json!({ "released": n, "serials": serials }))
+    })
 }
 
 async fn admin_clock(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
-    let v = match parse_body(&body) {
-        Ok(v) => v,
-        Err(message) => return admin_error(message),
-    };
-    let Some(seconds) = v.get("seconds").and_then(Value::as_i64) else {
-        return admin_error("expected {\"seconds\": n}");
-    };
-    let mut s = shared.lock();
-    s.clock_offset += chrono::Duration::seconds(seconds);
-    let now = s.now().timestamp();
-    axum::Json(json!({ "now": rfc3339::format(now) })).into_response()
+    with_body(&body, |v| {
+        let seconds = v
+            .get("seconds")
+            .and_then(Value::as_i64)
+            .ok_or("expected {\"seconds\": n}")?;
+        let mut s = shared.lock();
+        s.clock_offset += chrono::Duration::seconds(seconds);
+        let now = s.now().timestamp();
+        Ok(json!({ "now": rfc3339::format(now) }))
+    })
 }
 
 /// `{"endpoint": "...", "times": n, "status": 503, "body": "...", "headers": [[k, v]]}` or
@@ -665,17 +685,11 @@ pub(crate) fn parse_fault_body(v: &Value) -> Result<Fault, String> {
 }
 
 async fn admin_faults(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
-    let v = match parse_body(&body) {
-        Ok(v) => v,
-        Err(message) => return admin_error(message),
-    };
-    match parse_fault(&v) {
-        Ok((endpoint, fault)) => {
-            shared.lock().faults.push(endpoint, fault);
-            axum::Json(json!({ "queued": endpoint.name() })).into_response()
-        }
-        Err(message) => admin_error(message),
-    }
+    with_body(&body, |v| {
+        let (endpoint, fault) = parse_fault(v)?;
+        shared.lock().faults.push(endpoint, fault);
+        Ok(json!({ "queued": endpoint.name() }))
+    })
 }
 
 async fn admin_expire(AxumState(shared): AxumState<Arc<Shared>>) -> Response {

@@ -10,7 +10,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha1::Sha1;
 
-use crate::{start, Credentials, Endpoint, Fault, FaultKind, MockConfig, MockHandle};
+use crate::test_http::{mock, reply, Reply};
+use crate::{Credentials, Endpoint, Fault, FaultKind, MockConfig, MockHandle};
 
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -65,17 +66,7 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
 impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
-    }
-
     fn serials(&self) -> Vec<String> {
         self.json()["devices"]
             .as_array()
@@ -176,19 +167,6 @@ impl Client {
             }
         }
     }
-}
-
-async fn reply(req: reqwest::RequestBuilder) -> Reply {
-    let r = req.send().await.unwrap();
-    Reply {
-        status: r.status(),
-        headers: r.headers().clone(),
-        text: r.text().await.unwrap(),
-    }
-}
-
-async fn mock(config: MockConfig) -> MockHandle {
-    start(config).await.unwrap()
 }
 
 #[tokio::test]

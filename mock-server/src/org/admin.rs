@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use super::OrgEndpoint;
 use crate::config::OrgQuirks;
 use crate::rfc3339;
-use crate::server::{admin_error, parse_body, parse_fault_body, Shared};
+use crate::server::{self, admin_error, parse_fault_body, selection, Shared};
 
 /// The admin routes, to merge into the service's router.
 pub(crate) fn routes() -> Router<Arc<Shared>> {
@@ -31,19 +31,15 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/_mock/org/stats", get(stats))
 }
 
-/// Runs `f` on a parsed body; its error becomes `400 {"error": ...}`.
+/// [`server::with_body`] with the body's `"account"` (default 0).
 fn with_body(body: &Bytes, f: impl FnOnce(&Value, usize) -> Result<Value, String>) -> Response {
-    let result = parse_body(body).and_then(|v| {
+    server::with_body(body, |v| {
         let account = match v.get("account") {
             None | Some(Value::Null) => 0,
             Some(a) => a.as_u64().ok_or("\"account\" must be an account index")? as usize,
         };
-        f(&v, account)
-    });
-    match result {
-        Ok(v) => Json(v).into_response(),
-        Err(message) => admin_error(message),
-    }
+        f(v, account)
+    })
 }
 
 /// `"server"`: absent or `null` → `None`, a string → that id.
@@ -55,21 +51,11 @@ fn server_of(v: &Value) -> Result<Option<&str>, String> {
     }
 }
 
-/// `{"serials": [..]}` as given, or `{"count": n}` chosen at random among listed devices.
-fn selection(shared: &Shared, v: &Value, account: usize) -> Result<Vec<String>, String> {
-    if let Some(list) = v.get("serials") {
-        return serde_json::from_value(list.clone())
-            .map_err(|_| "\"serials\" must be an array of strings".to_owned());
-    }
-    match v.get("count").and_then(Value::as_u64) {
-        Some(n) => Ok(shared
-            .lock()
-            .org
-            .account_mut(account)?
-            .inventory
-            .pick(n as usize)),
-        None => Err("expected {\"count\": n} or {\"serials\": [..]}".to_owned()),
-    }
+/// [`selection`] among the account's listed devices.
+fn org_selection(shared: &Shared, v: &Value, account: usize) -> Result<Vec<String>, String> {
+    selection(v, |n| {
+        Ok(shared.lock().org.account_mut(account)?.inventory.pick(n))
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -133,7 +119,7 @@ async fn add(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response
 
 async fn modify(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
     with_body(&body, |v, account| {
-        let serials = selection(&shared, v, account)?;
+        let serials = org_selection(&shared, v, account)?;
         let mut s = shared.lock();
         let now = s.now().timestamp_millis();
         let n = s.org.account_mut(account)?.inventory.modify(&serials, now);
@@ -143,7 +129,7 @@ async fn modify(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Respo
 
 async fn release(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
     with_body(&body, |v, account| {
-        let serials = selection(&shared, v, account)?;
+        let serials = org_selection(&shared, v, account)?;
         let mut s = shared.lock();
         let now = s.now().timestamp_millis();
         let n = s.org.account_mut(account)?.inventory.release(&serials, now);
@@ -154,7 +140,7 @@ async fn release(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Resp
 async fn assign(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
     with_body(&body, |v, account| {
         let server = server_of(v)?;
-        let serials = selection(&shared, v, account)?;
+        let serials = org_selection(&shared, v, account)?;
         let mut s = shared.lock();
         let now = s.now();
         let n = s.org.assign(account, &serials, server, now)?;

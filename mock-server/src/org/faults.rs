@@ -1,13 +1,13 @@
 //! Scripted misbehaviour, rate limiting and the request journal of the Apple School and
 //! Business Manager API simulation: the endpoints, one fault queue per endpoint per account
-//! (the same [`Fault`] model as the ADE side), a token-bucket limiter, and what was received.
+//! (the same [`Fault`](crate::Fault) model and queues as the ADE side), a token-bucket
+//! limiter, and what was received.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
-use crate::faults::{use_once, Fault, FaultKind};
+use crate::faults::{header_value, FaultEndpoint, FaultQueues};
 
 /// An endpoint of the simulated Apple School and Business Manager API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,13 +63,18 @@ impl OrgEndpoint {
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|e| e.name() == name)
     }
+}
+
+impl FaultEndpoint for OrgEndpoint {
+    const COUNT: usize = Self::ALL.len();
+    const ANY: Self = OrgEndpoint::Any;
 
     fn slot(self) -> usize {
         self as usize
     }
 
     /// Listing endpoints, where the page faults (`SameCursor`, `DuplicateSerial`) apply.
-    pub(crate) fn lists(self) -> bool {
+    fn serves_pages(self) -> bool {
         matches!(
             self,
             OrgEndpoint::OrgDevices | OrgEndpoint::MdmServers | OrgEndpoint::ServerDevices
@@ -77,41 +82,8 @@ impl OrgEndpoint {
     }
 }
 
-fn applies(kind: &FaultKind, endpoint: OrgEndpoint) -> bool {
-    match kind {
-        FaultKind::SameCursor | FaultKind::DuplicateSerial => endpoint.lists(),
-        _ => true,
-    }
-}
-
 /// One FIFO of faults per endpoint, plus one for [`OrgEndpoint::Any`].
-#[derive(Default)]
-pub(crate) struct OrgFaultQueues {
-    queues: [VecDeque<Fault>; 8],
-}
-
-impl OrgFaultQueues {
-    pub fn push(&mut self, endpoint: OrgEndpoint, mut fault: Fault) {
-        fault.times = fault.times.max(1);
-        self.queues[endpoint.slot()].push_back(fault);
-    }
-
-    /// Consumes one use of the fault due for a call to `endpoint` (see
-    /// `crate::faults::FaultQueues::take`).
-    pub fn take(&mut self, endpoint: OrgEndpoint) -> Option<FaultKind> {
-        let own = &mut self.queues[endpoint.slot()];
-        if let Some(kind) = use_once(own, 0) {
-            return applies(&kind, endpoint).then_some(kind);
-        }
-        let any = &mut self.queues[OrgEndpoint::Any.slot()];
-        let at = any.iter().position(|f| applies(&f.kind, endpoint))?;
-        use_once(any, at)
-    }
-
-    pub fn clear(&mut self) {
-        self.queues.iter_mut().for_each(VecDeque::clear);
-    }
-}
+pub(crate) type OrgFaultQueues = FaultQueues<OrgEndpoint>;
 
 /// A token bucket: `rate` requests per second, bursts of `max(rate, 1)`, real time.
 pub(crate) struct Limiter {
@@ -190,16 +162,14 @@ impl OrgRequest {
 
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header_value(&self.headers, name)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::faults::{Fault, FaultKind};
     use std::time::Duration;
 
     #[test]
@@ -227,6 +197,11 @@ mod tests {
             q.take(OrgEndpoint::ServerDevices),
             Some(FaultKind::SameCursor)
         ));
+        // One queue per variant, in declaration order.
+        assert!(OrgEndpoint::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.slot() == i));
         assert_eq!(
             OrgEndpoint::from_name("applecare"),
             Some(OrgEndpoint::AppleCare)

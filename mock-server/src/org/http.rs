@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::extract::{Request, State as AxumState};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
@@ -17,7 +17,7 @@ use super::cursor::{Listing, OrgCursor};
 use super::inventory::{self, key_str, Key, OrgDevice, ServerInfo, Slice};
 use super::{assertion, Gate, OrgEndpoint, OrgReply, OrgRequest};
 use crate::config::OrgQuirks;
-use crate::server::Shared;
+use crate::server::{append_headers, header_pairs, Shared};
 use crate::store::PageFault;
 
 /// Larger request bodies are refused; a token request is well under 2 kB.
@@ -37,14 +37,7 @@ fn to_response(reply: OrgReply) -> Response {
         reply.body,
     )
         .into_response();
-    for (name, value) in reply.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            response.headers_mut().append(n, v);
-        }
-    }
+    append_headers(&mut response, &reply.headers);
     response
 }
 
@@ -65,16 +58,7 @@ impl Arrival {
                 .uri
                 .path_and_query()
                 .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: header_pairs(&parts.headers),
         }
     }
 }
@@ -496,58 +480,35 @@ fn render(view: &View, base: &str, self_path: &str, path: &str) -> String {
         n.map(|n| cursor(view, n))
     };
     let self_link = format!("{base}{self_path}");
-    match &view.data {
+    out.push_str(r#"{"data":"#);
+    // A listing's next start; `None` for a single resource or linkage.
+    let listed = match &view.data {
         Data::Devices(slice) => {
-            out.push_str(r#"{"data":"#);
             push_array(&mut out, &slice.items, dup, |out, d| {
                 inventory::render_device(out, d, view.quirks, base)
             });
-            list_tail(
-                &mut out,
-                &self_link,
-                base,
-                path,
-                view.limit,
-                next(slice.next),
-            );
+            Some(slice.next)
         }
         Data::Servers(slice) => {
-            out.push_str(r#"{"data":"#);
             push_array(&mut out, &slice.items, dup, |out, s| {
                 inventory::render_server(out, s, base)
             });
-            list_tail(
-                &mut out,
-                &self_link,
-                base,
-                path,
-                view.limit,
-                next(slice.next),
-            );
+            Some(slice.next)
         }
         Data::ServerDevices(slice) => {
-            out.push_str(r#"{"data":"#);
             push_array(&mut out, &slice.items, dup, |out, k| {
                 out.push_str(r#"{"type":"orgDevices","id":""#);
                 out.push_str(key_str(k));
                 out.push_str("\"}");
             });
-            list_tail(
-                &mut out,
-                &self_link,
-                base,
-                path,
-                view.limit,
-                next(slice.next),
-            );
+            Some(slice.next)
         }
         Data::Device(d) => {
-            out.push_str(r#"{"data":"#);
             inventory::render_device(&mut out, d, view.quirks, base);
             links_tail(&mut out, &self_link, None);
+            None
         }
         Data::Linkage(server) => {
-            out.push_str(r#"{"data":"#);
             match server {
                 Some(id) => {
                     out.push_str(r#"{"type":"mdmServers","id":"#);
@@ -558,17 +519,18 @@ fn render(view: &View, base: &str, self_path: &str, path: &str) -> String {
             }
             let related = self_link.replace("/relationships/assignedServer", "/assignedServer");
             links_tail(&mut out, &self_link, Some(&related));
+            None
         }
         Data::Related(server) => {
-            out.push_str(r#"{"data":"#);
             match server {
                 Some(s) => inventory::render_server(&mut out, s, base),
                 None => out.push_str("null"),
             }
             links_tail(&mut out, &self_link, None);
+            None
         }
         Data::Coverage(d) => {
-            out.push_str(r#"{"data":["#);
+            out.push('[');
             inventory::render_coverage(&mut out, d, view.now_ms);
             out.push_str(r#"],"links":{"self":"#);
             inventory::push_json_str(&mut out, &self_link);
@@ -577,7 +539,18 @@ fn render(view: &View, base: &str, self_path: &str, path: &str) -> String {
             out.push_str(r#","total":"#);
             out.push_str(&inventory::coverage_count(d).to_string());
             out.push_str("}}}");
+            None
         }
+    };
+    if let Some(next_start) = listed {
+        list_tail(
+            &mut out,
+            &self_link,
+            base,
+            path,
+            view.limit,
+            next(next_start),
+        );
     }
     out
 }

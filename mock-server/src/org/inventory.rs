@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::catalogue::{self, Family, Product, CATALOGUE};
 use crate::config::{OrgAccountConfig, OrgQuirks};
-use crate::devices::Summary;
+use crate::devices::{ObjectWriter, Summary};
 use crate::rfc3339;
 use crate::store::SerialHasher;
 
@@ -643,65 +643,24 @@ pub(crate) fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&Value::String(s.to_owned()).to_string());
 }
 
-/// Appends `"key":` pairs to an object under construction.
-struct Obj<'a> {
-    out: &'a mut String,
-    first: bool,
-}
-
-impl<'a> Obj<'a> {
-    fn new(out: &'a mut String) -> Self {
-        out.push('{');
-        Self { out, first: true }
-    }
-
-    fn key(&mut self, key: &str) -> &mut String {
-        if !self.first {
-            self.out.push(',');
-        }
-        self.first = false;
-        self.out.push('"');
-        self.out.push_str(key);
-        self.out.push_str("\":");
-        self.out
-    }
-
-    fn str(&mut self, key: &str, value: &str) {
-        let out = self.key(key);
+/// Appends `values` as a JSON array of strings, or as one comma-joined string when
+/// `as_string` (the `list_values_as_strings` quirk).
+fn push_list(out: &mut String, values: &[String], as_string: bool) {
+    if as_string {
         out.push('"');
-        out.push_str(value);
+        out.push_str(&values.join(","));
         out.push('"');
-    }
-
-    fn time(&mut self, key: &str, ms: i64) {
-        let out = self.key(key);
-        out.push('"');
-        rfc3339::push_millis(out, ms);
-        out.push('"');
-    }
-
-    fn list(&mut self, key: &str, values: &[String], as_string: bool) {
-        let out = self.key(key);
-        if as_string {
-            out.push('"');
-            out.push_str(&values.join(","));
-            out.push('"');
-        } else {
-            out.push('[');
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push('"');
-                out.push_str(v);
-                out.push('"');
+    } else {
+        out.push('[');
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
             }
-            out.push(']');
+            out.push('"');
+            out.push_str(v);
+            out.push('"');
         }
-    }
-
-    fn finish(self) {
-        self.out.push('}');
+        out.push(']');
     }
 }
 
@@ -710,13 +669,13 @@ pub(crate) fn render_attributes(out: &mut String, d: &OrgDevice, quirks: OrgQuir
     let p = d.product();
     let cellular = d.flags & CELLULAR != 0;
     let lists = quirks.list_values_as_strings;
-    let mut o = Obj::new(out);
+    let mut o = ObjectWriter::new(out);
     o.str("serialNumber", key_str(&d.serial));
-    o.time("addedToOrgDateTime", d.added_ms);
+    o.time_millis("addedToOrgDateTime", d.added_ms);
     if let Some(released) = d.released_ms {
-        o.time("releasedFromOrgDateTime", released);
+        o.time_millis("releasedFromOrgDateTime", released);
     }
-    o.time("updatedDateTime", d.updated_ms);
+    o.time_millis("updatedDateTime", d.updated_ms);
     o.str("deviceModel", p.model);
     o.str("productFamily", p.family.name());
     let product_type = match p.cellular_type {
@@ -735,7 +694,7 @@ pub(crate) fn render_attributes(out: &mut String, d: &OrgDevice, quirks: OrgQuir
         _ => format!("{}", d.order_number),
     };
     o.str("orderNumber", &order);
-    o.time("orderDateTime", d.order_ms);
+    o.time_millis("orderDateTime", d.order_ms);
     o.str("color", p.colors[usize::from(d.color)]);
     o.str(
         "status",
@@ -752,10 +711,10 @@ pub(crate) fn render_attributes(out: &mut String, d: &OrgDevice, quirks: OrgQuir
         }
         if p.family == Family::IPhone {
             let meid = vec![imeis[0][..14].to_owned()];
-            o.list("imei", &imeis, lists);
-            o.list("meid", &meid, lists);
+            push_list(o.key("imei"), &imeis, lists);
+            push_list(o.key("meid"), &meid, lists);
         } else {
-            o.list("imei", &imeis, lists);
+            push_list(o.key("imei"), &imeis, lists);
         }
         o.str("eid", &catalogue::eid(d.ids));
     }
@@ -767,7 +726,7 @@ pub(crate) fn render_attributes(out: &mut String, d: &OrgDevice, quirks: OrgQuir
         } else {
             Vec::new()
         };
-        o.list("ethernetMacAddress", &ethernet, lists);
+        push_list(o.key("ethernetMacAddress"), &ethernet, lists);
     }
     let source_key = if quirks.purchase_source_uid {
         "purchaseSourceUid"
@@ -935,12 +894,12 @@ fn coverage(out: &mut String, id: &str, c: Coverage) {
     out.push_str(r#"{"type":"appleCareCoverage","id":""#);
     out.push_str(id);
     out.push_str(r#"","attributes":"#);
-    let mut o = Obj::new(out);
+    let mut o = ObjectWriter::new(out);
     o.str("status", if c.active { "ACTIVE" } else { "INACTIVE" });
     o.str("paymentType", c.payment);
     o.str("description", c.description);
-    o.time("startDateTime", c.start);
-    o.time("endDateTime", c.end);
+    o.time_millis("startDateTime", c.start);
+    o.time_millis("endDateTime", c.end);
     o.key("isRenewable")
         .push_str(if c.renewable { "true" } else { "false" });
     o.key("isCanceled").push_str(if c.canceled.is_some() {
@@ -949,7 +908,7 @@ fn coverage(out: &mut String, id: &str, c: Coverage) {
         "false"
     });
     match c.canceled {
-        Some(t) => o.time("contractCancelDateTime", t),
+        Some(t) => o.time_millis("contractCancelDateTime", t),
         None => o.key("contractCancelDateTime").push_str("null"),
     }
     match &c.agreement {

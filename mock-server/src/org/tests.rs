@@ -13,22 +13,13 @@ use openssl::pkey::Private;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+use crate::test_http::{mock, reply, Reply};
 use crate::{
-    start, Fault, FaultKind, MockConfig, MockHandle, OrgAccountConfig, OrgAccountInfo, OrgEndpoint,
+    Fault, FaultKind, MockConfig, MockHandle, OrgAccountConfig, OrgAccountInfo, OrgEndpoint,
     OrgQuirks, AUDIENCE,
 };
 
-struct Reply {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
 impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
-    }
-
     fn ids(&self) -> Vec<String> {
         self.json()["data"]
             .as_array()
@@ -55,15 +46,6 @@ impl Reply {
     /// The OAuth error.
     fn error(&self) -> String {
         self.json()["error"].as_str().unwrap_or_default().to_owned()
-    }
-}
-
-async fn reply(req: reqwest::RequestBuilder) -> Reply {
-    let r = req.send().await.unwrap();
-    Reply {
-        status: r.status(),
-        headers: r.headers().clone(),
-        text: r.text().await.unwrap(),
     }
 }
 
@@ -212,10 +194,6 @@ fn config(ade: usize, org: usize) -> MockConfig {
         }],
         ..Default::default()
     }
-}
-
-async fn mock(config: MockConfig) -> MockHandle {
-    start(config).await.unwrap()
 }
 
 #[tokio::test]
