@@ -9,7 +9,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{is_older, Device, DeviceRecord, EventKind, OpType, DEVICE_FIELDS};
+use crate::model::{is_older, Device, DeviceRecord, EventKind, OpType, Reason, DEVICE_FIELDS};
 use crate::orgapi::OrgDevice;
 
 /// What an event is about.
@@ -65,6 +65,8 @@ pub struct StoredEvent {
     pub device: Option<Device>,
     /// The organisation device as stored right after the change (organisation events).
     pub org_device: Option<OrgDevice>,
+    /// What happened (device events; `None` for organisation events).
+    pub reason: Option<Reason>,
 }
 
 /// What the mirror holds for a device when one of Apple's records for it arrives.
@@ -146,6 +148,79 @@ pub fn decide(known: Option<Known<'_>>, record: &DeviceRecord) -> Decision {
     }
 }
 
+/// What the mirror knows beyond the record when it decides a reason.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReasonContext {
+    /// An organisation API account saw the device released from the organisation.
+    pub released_from_org: bool,
+    /// A replacement device names this one as its original.
+    pub original_of_replacement: bool,
+}
+
+/// Why a device event happened ([`Reason`]): the one rule, a table test below. `old` is
+/// the stored device (for a deletion, the last stored record), `new` the incoming one.
+pub fn reason(
+    decision: &Decision,
+    old: Option<&Device>,
+    new: &Device,
+    ctx: ReasonContext,
+) -> Reason {
+    fn status(d: Option<&Device>) -> Option<&str> {
+        d.and_then(|d| d.profile_status.as_deref())
+    }
+    match decision {
+        Decision::Deleted => {
+            let by_replacement = new
+                .v10("released_by_replacement")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if by_replacement || ctx.original_of_replacement {
+                Reason::Replaced
+            } else if ctx.released_from_org {
+                Reason::Released
+            } else {
+                Reason::Unassigned
+            }
+        }
+        Decision::Added { revived: true } => Reason::Returned,
+        Decision::Added { revived: false } => Reason::Assigned,
+        _ => {
+            let (before, after) = (status(old), status(Some(new)));
+            if before == after {
+                return Reason::Updated;
+            }
+            match (before, after) {
+                (Some("removed"), _) => Reason::Returned,
+                (_, Some("removed")) => Reason::Unassigned,
+                (_, Some("assigned")) => Reason::ProfileAssigned,
+                (_, Some("pushed")) => Reason::ProfilePushed,
+                (Some("assigned" | "pushed"), Some("empty")) => Reason::ProfileRemoved,
+                _ => Reason::Updated,
+            }
+        }
+    }
+}
+
+/// The reason of an event stored before reasons were (derived from what it holds).
+pub fn derived_reason(kind: EventKind, changes: &Value) -> Reason {
+    match kind {
+        EventKind::Added => Reason::Assigned,
+        EventKind::Deleted => Reason::Unassigned,
+        EventKind::Modified => {
+            let status = &changes["profile_status"];
+            let (before, after) = (status[0].as_str(), status[1].as_str());
+            match (before, after) {
+                (Some("removed"), _) if after.is_some() => Reason::Returned,
+                (_, Some("removed")) => Reason::Unassigned,
+                (_, Some("assigned")) => Reason::ProfileAssigned,
+                (_, Some("pushed")) => Reason::ProfilePushed,
+                (Some("assigned" | "pushed"), Some("empty")) => Reason::ProfileRemoved,
+                _ => Reason::Updated,
+            }
+        }
+    }
+}
+
 /// Version of the event JSON; bumped on any incompatible change.
 pub const EVENT_FORMAT_VERSION: u32 = 1;
 
@@ -217,6 +292,7 @@ pub fn event_json(e: &StoredEvent) -> Value {
         "version": EVENT_FORMAT_VERSION,
         "id": e.id,
         "type": e.scope.event_type(e.kind),
+        "reason": e.reason.unwrap_or_else(|| derived_reason(e.kind, &e.changes)).as_str(),
         "token": e.token_name,
         "serial_number": e.serial_number,
         "occurred_at": e.occurred_at,
@@ -255,6 +331,154 @@ mod tests {
             asset_tag: tag.map(str::to_owned),
             ..Device::default()
         }
+    }
+
+    #[test]
+    fn each_reason_has_its_rule_and_the_first_that_applies_wins() {
+        let with = |status: Option<&str>, extra: &[(&str, Value)]| {
+            let mut d = dev(Some("BLACK"), None);
+            d.profile_status = status.map(str::to_owned);
+            for (k, v) in extra {
+                d.extra.insert((*k).into(), v.clone());
+            }
+            d
+        };
+        let none = ReasonContext::default();
+        let released = ReasonContext {
+            released_from_org: true,
+            ..none
+        };
+        let original = ReasonContext {
+            original_of_replacement: true,
+            ..none
+        };
+        let modified = Decision::Modified(Map::new());
+        let by_replacement = with(None, &[("released_by_replacement", json!(true))]);
+        let plain = with(Some("assigned"), &[]);
+        let cases: Vec<(&Decision, Option<Device>, Device, ReasonContext, Reason)> = vec![
+            (
+                &Decision::Deleted,
+                Some(plain.clone()),
+                by_replacement.clone(),
+                none,
+                Reason::Replaced,
+            ),
+            // released_by_replacement outranks a release the organisation saw.
+            (
+                &Decision::Deleted,
+                Some(plain.clone()),
+                by_replacement,
+                released,
+                Reason::Replaced,
+            ),
+            (
+                &Decision::Deleted,
+                Some(plain.clone()),
+                plain.clone(),
+                original,
+                Reason::Replaced,
+            ),
+            (
+                &Decision::Deleted,
+                Some(plain.clone()),
+                plain.clone(),
+                released,
+                Reason::Released,
+            ),
+            (
+                &Decision::Deleted,
+                Some(plain.clone()),
+                plain.clone(),
+                none,
+                Reason::Unassigned,
+            ),
+            (
+                &Decision::Added { revived: true },
+                None,
+                plain.clone(),
+                none,
+                Reason::Returned,
+            ),
+            (
+                &Decision::Added { revived: false },
+                None,
+                plain.clone(),
+                none,
+                Reason::Assigned,
+            ),
+            (
+                &modified,
+                Some(with(Some("removed"), &[])),
+                with(Some("empty"), &[]),
+                none,
+                Reason::Returned,
+            ),
+            (
+                &modified,
+                Some(plain.clone()),
+                with(Some("removed"), &[]),
+                none,
+                Reason::Unassigned,
+            ),
+            (
+                &modified,
+                Some(with(Some("empty"), &[])),
+                plain.clone(),
+                none,
+                Reason::ProfileAssigned,
+            ),
+            (
+                &modified,
+                Some(plain.clone()),
+                with(Some("pushed"), &[]),
+                none,
+                Reason::ProfilePushed,
+            ),
+            (
+                &modified,
+                Some(with(Some("pushed"), &[])),
+                with(Some("empty"), &[]),
+                none,
+                Reason::ProfileRemoved,
+            ),
+            (
+                &modified,
+                Some(plain.clone()),
+                plain.clone(),
+                none,
+                Reason::Updated,
+            ),
+        ];
+        for (decision, old, new, ctx, want) in cases {
+            assert_eq!(
+                reason(decision, old.as_ref(), &new, ctx),
+                want,
+                "{decision:?} {old:?} -> {new:?}"
+            );
+        }
+        // Events stored before reasons existed get the same answer from their changes.
+        assert_eq!(
+            derived_reason(
+                EventKind::Modified,
+                &json!({"profile_status": ["removed", "empty"]})
+            ),
+            Reason::Returned
+        );
+        assert_eq!(
+            derived_reason(
+                EventKind::Modified,
+                &json!({"profile_status": ["pushed", "empty"]})
+            ),
+            Reason::ProfileRemoved
+        );
+        assert_eq!(
+            derived_reason(EventKind::Modified, &json!({"color": ["A", "B"]})),
+            Reason::Updated
+        );
+        assert_eq!(
+            derived_reason(EventKind::Deleted, &json!({})),
+            Reason::Unassigned
+        );
     }
 
     #[test]

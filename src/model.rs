@@ -26,6 +26,32 @@ pub const DEVICE_FIELDS: [&str; 12] = [
     "device_family",
 ];
 
+/// How a protocol-10 field is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldShape {
+    /// A string as sent.
+    Text,
+    /// A list of strings; a plain string from Apple is a one-element list.
+    List,
+    /// A boolean.
+    Bool,
+}
+
+/// The fields protocol version 10 adds (docs/apple-dep-api.md §1.1, §4.5), each kept in a
+/// column of its own; the rest of what Apple sends beyond [`DEVICE_FIELDS`] stays in
+/// `extra`. Append only: the order is the event snapshot's.
+pub const V10_FIELDS: [(&str, FieldShape); 9] = [
+    ("imei", FieldShape::List),
+    ("meid", FieldShape::List),
+    ("eid", FieldShape::Text),
+    ("wifi_mac_address", FieldShape::List),
+    ("bluetooth_mac_address", FieldShape::List),
+    ("ethernet_mac_address", FieldShape::List),
+    ("is_replacement_device", FieldShape::Bool),
+    ("mdm_migration_deadline", FieldShape::Text),
+    ("released_by_replacement", FieldShape::Bool),
+];
+
 /// What Apple says happened to a device in a sync record (`op_type`).
 ///
 /// Fetch records carry no `op_type`; they describe current membership and are
@@ -132,6 +158,31 @@ impl Device {
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
+
+    /// Normalises the protocol-10 fields as Apple may send them: a plain string where a
+    /// list is documented becomes a one-element list (`""` stays `""`), `"true"`/`"false"`
+    /// become booleans. A difference of shape alone is then no change.
+    pub fn normalise_v10(&mut self) {
+        for (name, shape) in V10_FIELDS {
+            let Some(v) = self.extra.get_mut(name) else {
+                continue;
+            };
+            match (shape, &*v) {
+                (FieldShape::List, Value::String(s)) if !s.is_empty() => {
+                    *v = Value::Array(vec![Value::String(s.clone())]);
+                }
+                (FieldShape::Bool, Value::String(s)) if s == "true" || s == "false" => {
+                    *v = Value::Bool(s == "true");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A protocol-10 field's value, if Apple sent it.
+    pub fn v10(&self, name: &str) -> Option<&Value> {
+        self.extra.get(name).filter(|v| !v.is_null())
+    }
 }
 
 /// One record of a fetch or sync page: the device plus Apple's per-record operation.
@@ -208,6 +259,74 @@ impl EventKind {
 }
 
 impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to a device, beyond which fields changed: every device event's
+/// `reason`. When several apply, the first in [`Reason::ALL`]'s order wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Released by a replacement (`released_by_replacement`), or the original of a
+    /// replacement device.
+    Replaced,
+    /// Deleted with no replacement, and released from the organisation (seen by an
+    /// organisation API account).
+    Released,
+    /// Back to this server after leaving it.
+    Returned,
+    /// Moved to another MDM server or unassigned in ABM/ASM: Apple's `deleted`, or a
+    /// `modified` whose `profile_status` became `removed`.
+    Unassigned,
+    /// New to this server.
+    Assigned,
+    /// `profile_status` became `assigned`.
+    ProfileAssigned,
+    /// `profile_status` became `pushed`.
+    ProfilePushed,
+    /// The profile was cleared back to `empty`.
+    ProfileRemoved,
+    /// Anything else.
+    Updated,
+}
+
+impl Reason {
+    /// Every reason, in precedence order.
+    pub const ALL: [Reason; 9] = [
+        Reason::Replaced,
+        Reason::Released,
+        Reason::Returned,
+        Reason::Unassigned,
+        Reason::Assigned,
+        Reason::ProfileAssigned,
+        Reason::ProfilePushed,
+        Reason::ProfileRemoved,
+        Reason::Updated,
+    ];
+
+    /// The stored and JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Replaced => "replaced",
+            Reason::Released => "released",
+            Reason::Returned => "returned",
+            Reason::Unassigned => "unassigned",
+            Reason::Assigned => "assigned",
+            Reason::ProfileAssigned => "profile_assigned",
+            Reason::ProfilePushed => "profile_pushed",
+            Reason::ProfileRemoved => "profile_removed",
+            Reason::Updated => "updated",
+        }
+    }
+
+    /// The stored name back.
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }

@@ -266,9 +266,14 @@ async fn demo_runs_end_to_end() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("2000 added"), "{text}");
     assert!(text.contains("25 added, 40 modified, 10 deleted"), "{text}");
+    // The organisation: the 2000 ADE devices and 1000 more, then 5 bought, 3 moved, 2 released.
+    assert!(text.contains("3000 devices on 3 MDM servers"), "{text}");
+    assert!(text.contains("5 added, 3 modified, 2 removed"), "{text}");
     let jsonl = std::fs::read_to_string(dir.path().join("demo/events.jsonl")).unwrap();
-    assert_eq!(jsonl.lines().count(), 2075);
+    assert_eq!(jsonl.lines().count(), 2075 + 3010);
     use std::os::unix::fs::PermissionsExt;
+    let org_key = std::fs::metadata(dir.path().join("demo/demo-org-account.pem")).unwrap();
+    assert_eq!(org_key.permissions().mode() & 0o777, 0o600);
     let mode = std::fs::metadata(dir.path().join("demo/demo-token.json"))
         .unwrap()
         .permissions()

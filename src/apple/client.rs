@@ -148,7 +148,8 @@ fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> 
             }
         };
     let mut devices = Vec::with_capacity(records.len());
-    for (i, rec) in records {
+    for (i, mut rec) in records {
+        rec.device.normalise_v10();
         if rec.device.serial_number.trim().is_empty() {
             refused.push((i, format!("record {} has an empty serial number", i + 1)));
         } else {

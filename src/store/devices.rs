@@ -10,8 +10,8 @@ use serde_json::{Map, Value};
 use super::cursors::count_fetch_changes;
 use super::events::PageEvents;
 use super::{insert_many, upsert_state, CursorState, Store, StoreError};
-use crate::events::{decide, Decision, Known};
-use crate::model::{Device, DeviceRecord, EventKind, Phase, DEVICE_FIELDS};
+use crate::events::{decide, reason, Decision, Known, ReasonContext};
+use crate::model::{Device, DeviceRecord, EventKind, FieldShape, Phase, DEVICE_FIELDS, V10_FIELDS};
 
 /// One page to write.
 #[derive(Debug)]
@@ -102,7 +102,53 @@ pub struct DeviceFilter {
 pub(super) const DEVICE_COLUMNS: &str =
     "serial_number, model, description, color, asset_tag, profile_status, \
     profile_uuid, profile_assign_time, profile_push_time, device_assigned_date, \
-    device_assigned_by, os, device_family, extra_json";
+    device_assigned_by, os, device_family, extra_json, imei, meid, eid, wifi_mac_address, \
+    bluetooth_mac_address, ethernet_mac_address, is_replacement_device, \
+    mdm_migration_deadline, released_by_replacement";
+
+/// Columns of [`DEVICE_COLUMNS`]: serial, the named fields, extra_json, protocol 10.
+pub(super) const DEVICE_COLUMN_COUNT: usize = 14 + V10_FIELDS.len();
+
+/// The protocol-10 fields of a device as their columns store them (in [`V10_FIELDS`]
+/// order): lists as JSON text, booleans 0/1, text as text; NULL when Apple sent none.
+pub(super) fn v10_sql(d: &Device) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value as S;
+    V10_FIELDS
+        .iter()
+        .map(|(name, shape)| match (shape, d.v10(name)) {
+            (_, None) => S::Null,
+            (_, Some(Value::String(t))) => S::Text(t.clone()),
+            (FieldShape::Bool, Some(Value::Bool(b))) => S::Integer(*b as i64),
+            (_, Some(Value::Number(n))) if n.is_i64() => S::Integer(n.as_i64().unwrap_or(0)),
+            (_, Some(other)) => S::Text(other.to_string()),
+        })
+        .collect()
+}
+
+/// The protocol-10 columns read back into `extra` (see [`v10_sql`]).
+fn v10_from_row(
+    r: &rusqlite::Row<'_>,
+    start: usize,
+    extra: &mut Map<String, Value>,
+) -> rusqlite::Result<()> {
+    use rusqlite::types::ValueRef;
+    for (i, (name, shape)) in V10_FIELDS.iter().enumerate() {
+        let v = match (shape, r.get_ref(start + i)?) {
+            (_, ValueRef::Null) => continue,
+            (FieldShape::Bool, ValueRef::Integer(n)) => Value::Bool(n != 0),
+            (_, ValueRef::Integer(n)) => Value::from(n),
+            (FieldShape::List, ValueRef::Text(t)) if t.first() == Some(&b'[') => {
+                serde_json::from_slice(t)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(t).into_owned()))
+            }
+            (_, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
+            (_, ValueRef::Real(f)) => Value::from(f),
+            (_, ValueRef::Blob(_)) => continue,
+        };
+        extra.insert((*name).to_owned(), v);
+    }
+    Ok(())
+}
 
 /// The stored state of one device, as needed to diff against an incoming record.
 pub(super) struct Existing {
@@ -136,6 +182,7 @@ pub(super) fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::
             d.extra = m;
         }
     }
+    v10_from_row(r, start + 14, &mut d.extra)?;
     Ok(d)
 }
 
@@ -157,7 +204,11 @@ pub(super) fn write_page(
              profile_status = ?6, profile_uuid = ?7, profile_assign_time = ?8,
              profile_push_time = ?9, device_assigned_date = ?10, device_assigned_by = ?11,
              os = ?12, device_family = ?13, extra_json = ?14,
-             last_op_date = COALESCE(?15, last_op_date), updated_at = ?16";
+             last_op_date = COALESCE(?15, last_op_date), updated_at = ?16,
+             imei = ?17, meid = ?18, eid = ?19, wifi_mac_address = ?20,
+             bluetooth_mac_address = ?21, ethernet_mac_address = ?22,
+             is_replacement_device = ?23, mdm_migration_deadline = ?24,
+             released_by_replacement = ?25";
     let mut update =
         tx.prepare_cached(&format!("UPDATE devices SET {SET_FIELDS} WHERE id = ?1"))?;
     let mut revive = tx.prepare_cached(&format!(
@@ -165,7 +216,8 @@ pub(super) fn write_page(
     ))?;
     let mut touch = tx.prepare_cached("UPDATE devices SET last_op_date = ?2 WHERE id = ?1")?;
     let mut mark_deleted = tx.prepare_cached(
-        "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date)
+        "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date),
+             released_by_replacement = COALESCE(?4, released_by_replacement)
          WHERE id = ?1",
     )?;
     let mut events = PageEvents::default();
@@ -209,14 +261,34 @@ pub(super) fn write_page(
             }
             Decision::Deleted => {
                 if let Some(o) = old {
-                    mark_deleted.execute(params![o.id, page.now, rec.op_date])?;
-                    let stored = o.device(&rec.device);
+                    // The last stored record, and what the deletion itself says
+                    // (`released_by_replacement`), kept with it.
+                    let mut stored = o.device(&rec.device).clone();
+                    let by_replacement = rec.device.v10("released_by_replacement").cloned();
+                    if let Some(v) = &by_replacement {
+                        stored
+                            .extra
+                            .insert("released_by_replacement".into(), v.clone());
+                    }
+                    mark_deleted.execute(params![
+                        o.id,
+                        page.now,
+                        rec.op_date,
+                        by_replacement.as_ref().and_then(Value::as_bool)
+                    ])?;
+                    let why = reason(
+                        &Decision::Deleted,
+                        Some(&stored),
+                        &rec.device,
+                        reason_context(tx, serial)?,
+                    );
                     events.push(
                         serial,
                         EventKind::Deleted,
                         None,
-                        stored,
-                        extra_json(stored).as_deref(),
+                        &stored,
+                        extra_json(&stored).as_deref(),
+                        why,
                     );
                     stats.deleted += 1;
                 }
@@ -224,13 +296,19 @@ pub(super) fn write_page(
             }
             // `added` events store no changes: they are every field of the snapshot.
             Decision::Added { .. } => None,
-            Decision::Modified(diff) => Some(Value::Object(diff).to_string()),
+            Decision::Modified(ref diff) => Some(Value::Object(diff.clone()).to_string()),
         };
         let kind = kind.unwrap_or(EventKind::Added);
         let d = &rec.device;
         let f = d.fields();
         let extra = extra_json(d);
-        events.push(serial, kind, changes, d, extra.as_deref());
+        let why = reason(
+            &decision,
+            old.map(|o| o.device(d)),
+            d,
+            ReasonContext::default(),
+        );
+        events.push(serial, kind, changes, d, extra.as_deref(), why);
         let id = match old {
             None => {
                 let id = match next_id {
@@ -247,10 +325,12 @@ pub(super) fn write_page(
             }
             Some(o) => {
                 let stmt = if o.deleted { &mut revive } else { &mut update };
+                let v10 = v10_sql(d);
                 let values: Vec<&dyn rusqlite::ToSql> = [&o.id as &dyn rusqlite::ToSql]
                     .into_iter()
                     .chain(f.iter().map(|v| *v as &dyn rusqlite::ToSql))
                     .chain([&extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
+                    .chain(v10.iter().map(|v| v as &dyn rusqlite::ToSql))
                     .collect();
                 stmt.execute(rusqlite::params_from_iter(values))?;
                 o.id
@@ -263,8 +343,12 @@ pub(super) fn write_page(
         }
     }
 
-    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(new_devices.len() * 19);
-    for (id, rec, extra) in &new_devices {
+    let v10s: Vec<Vec<rusqlite::types::Value>> = new_devices
+        .iter()
+        .map(|(_, rec, _)| v10_sql(&rec.device))
+        .collect();
+    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(new_devices.len() * 28);
+    for ((id, rec, extra), v10) in new_devices.iter().zip(&v10s) {
         values.extend([
             id as &dyn rusqlite::ToSql,
             &page.token,
@@ -277,14 +361,17 @@ pub(super) fn write_page(
             &page.now,
             &page.now,
         ]);
+        values.extend(v10.iter().map(|v| v as &dyn rusqlite::ToSql));
     }
     insert_many(
         tx,
         "devices (id, token_name, serial_number, model, description, color, asset_tag,
              profile_status, profile_uuid, profile_assign_time, profile_push_time,
              device_assigned_date, device_assigned_by, os, device_family, extra_json,
-             last_op_date, first_seen_at, updated_at)",
-        19,
+             last_op_date, first_seen_at, updated_at, imei, meid, eid, wifi_mac_address,
+             bluetooth_mac_address, ethernet_mac_address, is_replacement_device,
+             mdm_migration_deadline, released_by_replacement)",
+        28,
         &values,
     )?;
     if page.kind == Phase::Fetch {
@@ -314,13 +401,25 @@ pub(super) fn write_page(
         ))?;
         for id in gone {
             let d = read.query_row([id], |r| device_from_row(r, 0))?;
-            mark_deleted.execute(params![id, page.now, Option::<String>::None])?;
+            mark_deleted.execute(params![
+                id,
+                page.now,
+                Option::<String>::None,
+                Option::<bool>::None
+            ])?;
+            let why = reason(
+                &Decision::Deleted,
+                Some(&d),
+                &d,
+                reason_context(tx, &d.serial_number)?,
+            );
             events.push(
                 &d.serial_number,
                 EventKind::Deleted,
                 None,
                 &d,
                 extra_json(&d).as_deref(),
+                why,
             );
             stats.deleted += 1;
         }
@@ -339,6 +438,23 @@ pub(super) fn write_page(
         )?;
     }
     Ok(stats)
+}
+
+/// What the rest of the mirror says about a device leaving: the organisation saw it
+/// released, or a replacement names it as its original.
+fn reason_context(tx: &rusqlite::Transaction<'_>, serial: &str) -> rusqlite::Result<ReasonContext> {
+    let released_from_org = tx
+        .prepare_cached(
+            "SELECT 1 FROM org_devices WHERE serial_number = ?1 AND removed_at IS NOT NULL LIMIT 1",
+        )?
+        .exists([serial])?;
+    let original_of_replacement = tx
+        .prepare_cached("SELECT 1 FROM devices WHERE original_device_serial_number = ?1 LIMIT 1")?
+        .exists([serial])?;
+    Ok(ReasonContext {
+        released_from_org,
+        original_of_replacement,
+    })
 }
 
 /// Device ids per `fetch_seen` chunk (2 KiB of bits).
@@ -402,9 +518,20 @@ pub(super) fn load_seen(
     Ok(SeenIds(chunks))
 }
 
-/// `extra_json` for a device: its extra fields as a JSON object, None when it has none.
+/// `extra_json` for a device: its extra fields beyond the protocol-10 columns as a JSON
+/// object, None when it has none.
 pub(super) fn extra_json(d: &Device) -> Option<String> {
-    (!d.extra.is_empty()).then(|| Value::Object(d.extra.clone()).to_string())
+    let is_v10 = |k: &str| V10_FIELDS.iter().any(|(name, _)| *name == k);
+    if !d.extra.keys().any(|k| is_v10(k)) {
+        return (!d.extra.is_empty()).then(|| Value::Object(d.extra.clone()).to_string());
+    }
+    let rest: Map<String, Value> = d
+        .extra
+        .iter()
+        .filter(|(k, _)| !is_v10(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (!rest.is_empty()).then(|| Value::Object(rest).to_string())
 }
 
 /// Reads the stored rows for a page's serials in one statement.
@@ -437,9 +564,9 @@ pub(super) fn load_existing(
             } else {
                 Some(device_from_row(r, 0)?)
             },
-            last_op_date: r.get(14)?,
-            deleted: r.get_ref(15)? != rusqlite::types::ValueRef::Null,
-            id: r.get(16)?,
+            last_op_date: r.get(DEVICE_COLUMN_COUNT)?,
+            deleted: r.get_ref(DEVICE_COLUMN_COUNT + 1)? != rusqlite::types::ValueRef::Null,
+            id: r.get(DEVICE_COLUMN_COUNT + 2)?,
         };
         map.insert(serial.to_owned(), e);
     }
@@ -456,10 +583,15 @@ pub(super) fn stored_equals(r: &rusqlite::Row<'_>, d: &Device) -> rusqlite::Resu
     }
     // extra_json is written by `extra_json`, so equal extras have equal text.
     let stored = r.get_ref(13)?.as_str_or_null()?;
-    Ok(match stored {
-        None => d.extra.is_empty(),
-        Some(text) => extra_json(d).as_deref() == Some(text),
-    })
+    if stored != extra_json(d).as_deref() {
+        return Ok(false);
+    }
+    for (i, v) in v10_sql(d).into_iter().enumerate() {
+        if r.get::<_, rusqlite::types::Value>(14 + i)? != v {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The device fields as a JSON object map, named columns and extras together.
@@ -520,9 +652,9 @@ impl Store {
                 Ok(StoredDevice {
                     token_name: r.get(0)?,
                     device: device_from_row(r, 1)?,
-                    first_seen_at: r.get(15)?,
-                    updated_at: r.get(16)?,
-                    deleted_at: r.get(17)?,
+                    first_seen_at: r.get(DEVICE_COLUMN_COUNT + 1)?,
+                    updated_at: r.get(DEVICE_COLUMN_COUNT + 2)?,
+                    deleted_at: r.get(DEVICE_COLUMN_COUNT + 3)?,
                 })
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());

@@ -6,25 +6,35 @@ use serde_json::Value;
 
 use super::{insert_many, Store, StoreError};
 use crate::events::{EventScope, StoredEvent};
-use crate::model::{Device, EventKind};
+use crate::model::{Device, EventKind, Reason, V10_FIELDS};
 use crate::orgapi::OrgDevice;
 
 /// Encodes a device for `events.device_json`: `[serial_number, the named fields in
-/// column order, extra_json]`, positional to keep every event small.
+/// column order, extra_json, the protocol-10 fields (JSON text) in column order]`,
+/// positional to keep every event small. Cells are only ever appended, so every event
+/// stored since the first version decodes.
 pub(super) fn encode_snapshot(d: &Device, extra_json: Option<&str>) -> String {
-    let mut cells: Vec<Option<&str>> = Vec::with_capacity(14);
-    cells.push(Some(&d.serial_number));
-    cells.extend(d.fields().into_iter().map(Option::as_deref));
-    cells.push(extra_json);
+    let mut cells: Vec<Option<std::borrow::Cow<'_, str>>> = Vec::with_capacity(SNAPSHOT_CELLS);
+    cells.push(Some(d.serial_number.as_str().into()));
+    cells.extend(d.fields().into_iter().map(|f| f.as_deref().map(Into::into)));
+    cells.push(extra_json.map(Into::into));
+    cells.extend(
+        V10_FIELDS
+            .iter()
+            .map(|(name, _)| d.v10(name).map(|v| v.to_string().into())),
+    );
     serde_json::to_string(&cells).expect("strings always serialise")
 }
+
+/// Cells of a snapshot written since protocol-10 columns (14 before).
+const SNAPSHOT_CELLS: usize = 14 + V10_FIELDS.len();
 
 /// Decodes `events.device_json` (see [`encode_snapshot`]); None if it is not one.
 pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
     let Ok(Value::Array(cells)) = serde_json::from_str::<Value>(text) else {
         return None;
     };
-    if cells.len() != 14 {
+    if cells.len() != 14 && cells.len() != SNAPSHOT_CELLS {
         return None;
     }
     let text_of = |v: &Value| v.as_str().map(str::to_owned);
@@ -40,6 +50,14 @@ pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
             d.extra = m;
         }
     }
+    for ((name, _), cell) in V10_FIELDS.iter().zip(cells.iter().skip(14)) {
+        if let Some(v) = cell
+            .as_str()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        {
+            d.extra.insert((*name).to_owned(), v);
+        }
+    }
     Some(d)
 }
 
@@ -47,8 +65,8 @@ pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
 /// [`insert_many`]), so ids follow record order.
 #[derive(Default)]
 pub(super) struct PageEvents {
-    /// (serial_number, kind, changes, device_json)
-    rows: Vec<(String, EventKind, Option<String>, String)>,
+    /// (serial_number, kind, changes, device_json, reason)
+    rows: Vec<(String, EventKind, Option<String>, String, Reason)>,
 }
 
 impl PageEvents {
@@ -60,9 +78,11 @@ impl PageEvents {
         changes: Option<String>,
         d: &Device,
         extra: Option<&str>,
+        reason: Reason,
     ) {
         let snapshot = encode_snapshot(d, extra);
-        self.rows.push((serial.to_owned(), kind, changes, snapshot));
+        self.rows
+            .push((serial.to_owned(), kind, changes, snapshot, reason));
     }
 
     pub(super) fn insert(
@@ -71,9 +91,13 @@ impl PageEvents {
         token: &str,
         now: &str,
     ) -> rusqlite::Result<()> {
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 6);
-        let kinds: Vec<&str> = self.rows.iter().map(|r| r.1.as_str()).collect();
-        for ((serial, _, changes, snapshot), kind) in self.rows.iter().zip(&kinds) {
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 7);
+        let names: Vec<(&str, &str)> = self
+            .rows
+            .iter()
+            .map(|r| (r.1.as_str(), r.4.as_str()))
+            .collect();
+        for ((serial, _, changes, snapshot, _), (kind, reason)) in self.rows.iter().zip(&names) {
             values.extend([
                 &token as &dyn rusqlite::ToSql,
                 serial,
@@ -81,12 +105,13 @@ impl PageEvents {
                 changes,
                 &now,
                 snapshot,
+                reason,
             ]);
         }
         insert_many(
             tx,
-            "events (token_name, serial_number, kind, changes, occurred_at, device_json)",
-            6,
+            "events (token_name, serial_number, kind, changes, occurred_at, device_json, reason)",
+            7,
             &values,
         )
     }
@@ -118,6 +143,7 @@ fn org_event(
         scope: EventScope::OrgDevice,
         device: None,
         org_device: device,
+        reason: None,
     })
 }
 
@@ -131,7 +157,7 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let sql =
-            "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json, scope
+            "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json, scope, reason
              FROM events WHERE id > ?1 AND (?2 IS NULL OR token_name = ?2)
              ORDER BY id LIMIT ?3";
         let mut stmt = self
@@ -170,6 +196,10 @@ impl Store {
                     scope: EventScope::Device,
                     device,
                     org_device: None,
+                    reason: r
+                        .get::<_, Option<String>>(8)?
+                        .as_deref()
+                        .and_then(Reason::parse),
                 })
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());

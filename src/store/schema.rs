@@ -270,6 +270,44 @@ pub(super) const MIGRATIONS: &[&str] = &[
       LEFT JOIN devices d
         ON d.serial_number = o.serial_number AND d.deleted_at IS NULL;
     "#,
+    // 4: protocol version 10 (docs/apple-dep-api.md §1.1): its fields get columns of their
+    // own, moved out of extra_json for the devices already stored (lists as JSON text, a
+    // plain string as a one-element list; booleans 0/1); what a replacement device
+    // replaced; each event's reason; organisation devices found by serial.
+    r#"
+    ALTER TABLE devices ADD COLUMN imei TEXT;
+    ALTER TABLE devices ADD COLUMN meid TEXT;
+    ALTER TABLE devices ADD COLUMN eid TEXT;
+    ALTER TABLE devices ADD COLUMN wifi_mac_address TEXT;
+    ALTER TABLE devices ADD COLUMN bluetooth_mac_address TEXT;
+    ALTER TABLE devices ADD COLUMN ethernet_mac_address TEXT;
+    ALTER TABLE devices ADD COLUMN is_replacement_device INTEGER;
+    ALTER TABLE devices ADD COLUMN mdm_migration_deadline TEXT;
+    ALTER TABLE devices ADD COLUMN released_by_replacement INTEGER;
+    ALTER TABLE devices ADD COLUMN original_device_serial_number TEXT;
+    ALTER TABLE devices ADD COLUMN replacement_date TEXT;
+    ALTER TABLE devices ADD COLUMN replacement_checked_at TEXT;
+    UPDATE devices SET
+        imei = CASE json_type(extra_json, '$.imei') WHEN 'array' THEN json_extract(extra_json, '$.imei') WHEN 'text' THEN CASE WHEN json_extract(extra_json, '$.imei') = '' THEN '' ELSE json_array(json_extract(extra_json, '$.imei')) END WHEN 'null' THEN NULL ELSE json_extract(extra_json, '$.imei') END,
+        meid = CASE json_type(extra_json, '$.meid') WHEN 'array' THEN json_extract(extra_json, '$.meid') WHEN 'text' THEN CASE WHEN json_extract(extra_json, '$.meid') = '' THEN '' ELSE json_array(json_extract(extra_json, '$.meid')) END WHEN 'null' THEN NULL ELSE json_extract(extra_json, '$.meid') END,
+        eid = json_extract(extra_json, '$.eid'),
+        wifi_mac_address = CASE json_type(extra_json, '$.wifi_mac_address') WHEN 'array' THEN json_extract(extra_json, '$.wifi_mac_address') WHEN 'text' THEN CASE WHEN json_extract(extra_json, '$.wifi_mac_address') = '' THEN '' ELSE json_array(json_extract(extra_json, '$.wifi_mac_address')) END WHEN 'null' THEN NULL ELSE json_extract(extra_json, '$.wifi_mac_address') END,
+        bluetooth_mac_address = CASE json_type(extra_json, '$.bluetooth_mac_address') WHEN 'array' THEN json_extract(extra_json, '$.bluetooth_mac_address') WHEN 'text' THEN CASE WHEN json_extract(extra_json, '$.bluetooth_mac_address') = '' THEN '' ELSE json_array(json_extract(extra_json, '$.bluetooth_mac_address')) END WHEN 'null' THEN NULL ELSE json_extract(extra_json, '$.bluetooth_mac_address') END,
+        ethernet_mac_address = CASE json_type(extra_json, '$.ethernet_mac_address') WHEN 'array' THEN json_extract(extra_json, '$.ethernet_mac_address') WHEN 'text' THEN CASE WHEN json_extract(extra_json, '$.ethernet_mac_address') = '' THEN '' ELSE json_array(json_extract(extra_json, '$.ethernet_mac_address')) END WHEN 'null' THEN NULL ELSE json_extract(extra_json, '$.ethernet_mac_address') END,
+        is_replacement_device = CASE json_type(extra_json, '$.is_replacement_device') WHEN 'true' THEN 1 WHEN 'false' THEN 0 WHEN 'text' THEN CASE json_extract(extra_json, '$.is_replacement_device') WHEN 'true' THEN 1 WHEN 'false' THEN 0 ELSE json_extract(extra_json, '$.is_replacement_device') END ELSE json_extract(extra_json, '$.is_replacement_device') END,
+        mdm_migration_deadline = json_extract(extra_json, '$.mdm_migration_deadline'),
+        released_by_replacement = CASE json_type(extra_json, '$.released_by_replacement') WHEN 'true' THEN 1 WHEN 'false' THEN 0 WHEN 'text' THEN CASE json_extract(extra_json, '$.released_by_replacement') WHEN 'true' THEN 1 WHEN 'false' THEN 0 ELSE json_extract(extra_json, '$.released_by_replacement') END ELSE json_extract(extra_json, '$.released_by_replacement') END
+    WHERE extra_json IS NOT NULL;
+    UPDATE devices SET extra_json = NULLIF(json_remove(extra_json, '$.imei', '$.meid', '$.eid', '$.wifi_mac_address', '$.bluetooth_mac_address', '$.ethernet_mac_address', '$.is_replacement_device', '$.mdm_migration_deadline', '$.released_by_replacement'), '{}')
+    WHERE extra_json IS NOT NULL;
+    CREATE INDEX devices_original ON devices (original_device_serial_number)
+        WHERE original_device_serial_number IS NOT NULL;
+    CREATE INDEX org_devices_serial ON org_devices (serial_number);
+    -- What happened to the device (assigned, returned, unassigned, released, replaced,
+    -- profile_assigned, profile_pushed, profile_removed, updated); NULL for events written
+    -- before this column, whose reason is derived when they are read.
+    ALTER TABLE events ADD COLUMN reason TEXT;
+    "#,
 ];
 
 impl Store {
