@@ -8,7 +8,17 @@ slow simulator is visible, not hidden in adesync's figures). It also measures th
 the same pages downloaded and parsed but not stored, and SQLite inserting the same number
 of rows with a prepared statement in one transaction.
 
-Usage:  bench/bench.py [--quick] [--runs N] [--sizes 10000,100000,1000000] [--markdown FILE]
+With --org-sizes it also measures the organisation inventory (Apple School/Business Manager
+API, `[[org_accounts]]`, requests_per_second = 100, page size 1000) against a simulator
+holding only organisation devices: the first walk into an empty store, a re-walk of the same
+store with nothing changed (checked with sqlite3: org_devices max(updated_at) and the events
+count must not move), and the floor (examples/org_fetch_floor.rs: the same orgDevices pages
+downloaded and parsed through adesync's own client and parser, nothing stored), run
+alternately with the re-walk, and the ratio re-walk / floor (issue target: <= 1.5x).
+
+Usage:  bench/bench.py [--quick] [--runs N] [--sizes 10000,100000,1000000]
+                       [--org-sizes 10000,100000] [--markdown FILE]
+        --org-sizes is off by default, also under --quick; --sizes "" skips the ADE scenarios.
 """
 
 import argparse
@@ -17,6 +27,7 @@ import os
 import resource
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -53,17 +64,21 @@ def proc_cpu(pid):
 
 
 class Simulator:
-    def __init__(self, devices, workdir):
+    def __init__(self, devices, workdir, org_devices=None):
         self.port = free_port()
         self.token = os.path.join(workdir, "token.json")
+        argv = [
+            os.path.join(RELEASE, "adesync-mock"),
+            "--devices", str(devices),
+            "--port", str(self.port),
+            "--seed", "7",
+            "--write-token", self.token,
+        ]
+        if org_devices is not None:
+            # Writes org-account.pem and org-account.json next to the token.
+            argv += ["--org-devices", str(org_devices)]
         self.proc = subprocess.Popen(
-            [
-                os.path.join(RELEASE, "adesync-mock"),
-                "--devices", str(devices),
-                "--port", str(self.port),
-                "--seed", "7",
-                "--write-token", self.token,
-            ],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -101,6 +116,34 @@ def write_config(workdir, sim, db="adesync.db"):
             f'database = "{db}"\n'
             f'[[tokens]]\nname = "bench"\ntoken_file = "{sim.token}"\n'
             f'api_url = "{sim.url}"\npage_size = 1000\n'
+        )
+    return path
+
+
+def write_org_config(workdir, sim, db="adesync.db"):
+    """A config with one [[org_accounts]] entry and no [[tokens]]."""
+    ids_file = os.path.join(workdir, "org-account.json")
+    deadline = time.time() + 30
+    while True:  # the simulator writes the account's files just after it starts listening
+        try:
+            with open(ids_file) as f:
+                ids = json.load(f)
+            if os.path.exists(os.path.join(workdir, "org-account.pem")):
+                break
+        except (OSError, ValueError):
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"the simulator did not write {ids_file}")
+        time.sleep(0.1)
+    path = os.path.join(workdir, "org-config.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'database = "{db}"\n'
+            f'[[org_accounts]]\nname = "org"\n'
+            f'client_id = "{ids["client_id"]}"\nkey_id = "{ids["key_id"]}"\n'
+            f'private_key_file = "{os.path.join(workdir, "org-account.pem")}"\n'
+            f'api_url = "{sim.url}"\ntoken_url = "{sim.url}/auth/oauth2/token"\n'
+            f"requests_per_second = 100\npage_size = 1000\n"
         )
     return path
 
@@ -217,6 +260,76 @@ def floor_sqlite(n, runs):
     return summarize("floor: SQLite prepared inserts, one transaction", n, samples, [0.0])
 
 
+def org_state(db):
+    """(org devices stored, max(updated_at) of org_devices, events count), read-only."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        n, newest = con.execute("SELECT count(*), max(updated_at) FROM org_devices").fetchone()
+        (events,) = con.execute("SELECT count(*) FROM events").fetchone()
+        return n, newest, events
+    finally:
+        con.close()
+
+
+def scenarios_org(n, runs):
+    """First walk, then floor and unchanged re-walk alternately; returns (rows, notes)."""
+    work = tempfile.mkdtemp(prefix="adesync-bench-org-")
+    sim = Simulator(0, work, org_devices=n)
+    try:
+        config = write_org_config(work, sim)
+        db = os.path.join(work, "adesync.db")
+        samples, sim_cpu = [], []
+        for _ in range(runs):
+            for f in ("adesync.db", "adesync.db-wal", "adesync.db-shm"):
+                if os.path.exists(os.path.join(work, f)):
+                    os.remove(os.path.join(work, f))
+            c0 = sim.cpu()
+            samples.append(sync_once(config))
+            sim_cpu.append(sim.cpu() - c0)
+        first = summarize("org first walk, empty store", n, samples, sim_cpu)
+        stored, newest, events = org_state(db)
+        if stored != n or events != n:
+            raise RuntimeError(f"org first walk stored {stored} devices and {events} events, expected {n}")
+        print(table([first]).splitlines()[-1], flush=True)
+
+        exe = os.path.join(RELEASE, "examples", "org_fetch_floor")
+        walk, walk_cpu, floor, floor_cpu = [], [], [], []
+        changed = []
+        for _ in range(runs):
+            c0 = sim.cpu()
+            floor.append(run_measured([exe, config, str(n)]))
+            floor_cpu.append(sim.cpu() - c0)
+            before = org_state(db)
+            c0 = sim.cpu()
+            walk.append(sync_once(config))
+            walk_cpu.append(sim.cpu() - c0)
+            after = org_state(db)
+            if after != before:
+                changed.append((before, after))
+        rewalk = summarize("org re-walk, nothing changed", n, walk, walk_cpu)
+        base = summarize("org floor: download + parse only, nothing stored", n, floor, floor_cpu)
+        for r in (rewalk, base):
+            print(table([r]).splitlines()[-1], flush=True)
+        ratio = rewalk["wall_median"] / base["wall_median"]
+        cpu_ratio = rewalk["cpu_median"] / base["cpu_median"]
+        if changed:
+            written = f"CHANGED the store in {len(changed)} of {runs} re-walks: {changed}"
+        else:
+            written = (
+                f"wrote no row and no event in {runs} of {runs} re-walks "
+                f"(org_devices max(updated_at) {newest}, events {events}, unchanged)"
+            )
+        note = (
+            f"org {n:,}: re-walk / floor = {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU "
+            f"(target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'}); re-walk {written}"
+        )
+        print(note, flush=True)
+        return [first, rewalk, base], [note]
+    finally:
+        sim.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def table(results):
     lines = [
         "| scenario | devices | wall median (min–max) | CPU user+sys | peak RSS | devices/s | CPU µs/device | simulator CPU |",
@@ -235,17 +348,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--org-sizes", default="",
+                    help="organisation inventory sizes, e.g. 10000,100000 (default: none, also under --quick)")
     ap.add_argument("--quick", action="store_true", help="1 run each, sizes 10k and 100k")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.sizes = 1, "10000,100000"
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    org_sizes = [int(s) for s in args.org_sizes.split(",") if s]
     if not args.no_build:
         build()
 
-    results = []
+    results, notes = [], []
     largest = None
     for n in sizes:
         r, ctx = scenario_full_fetch(n, args.runs)
@@ -254,21 +370,28 @@ def main():
         if largest:
             largest[0].stop()
         largest = ctx + (n,)
-    sim, work, config, n = largest
-    try:
-        for r in (
-            floor_parse(sim, n, args.runs),
-            floor_sqlite(n, args.runs),
-            scenario_noop(sim, config, args.runs, n),
-            scenario_incremental(sim, config, args.runs),
-            scenario_reconcile(sim, config, args.runs, n),
-        ):
-            results.append(r)
-            print(table([r]).splitlines()[-1], flush=True)
-    finally:
-        sim.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    if largest:
+        sim, work, config, n = largest
+        try:
+            for r in (
+                floor_parse(sim, n, args.runs),
+                floor_sqlite(n, args.runs),
+                scenario_noop(sim, config, args.runs, n),
+                scenario_incremental(sim, config, args.runs),
+                scenario_reconcile(sim, config, args.runs, n),
+            ):
+                results.append(r)
+                print(table([r]).splitlines()[-1], flush=True)
+        finally:
+            sim.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    for n in org_sizes:
+        rows, note = scenarios_org(n, args.runs)
+        results += rows
+        notes += note
     out = table(results)
+    if notes:
+        out += "\n\n" + "\n".join(f"- {line}" for line in notes)
     print("\n" + out)
     if args.markdown:
         with open(args.markdown, "w") as f:
