@@ -1,5 +1,5 @@
-//! Benchmark floor of the organisation walk: download and parse every orgDevices page,
-//! store nothing.
+//! Benchmark floor of the organisation walk: download and parse everything a walk reads
+//! (the MDM servers, each server's device list, every orgDevices page), store nothing.
 //!
 //! `org_fetch_floor CONFIG EXPECTED` loads CONFIG as `adesync run` does, takes its first
 //! `[[org_accounts]]` entry and pages `GET /v1/orgDevices` (the account's `page_size`)
@@ -22,6 +22,30 @@ async fn main() -> anyhow::Result<()> {
         .first()
         .ok_or_else(|| anyhow::anyhow!("{} has no [[org_accounts]]", args[1]))?;
     let client = OrgClient::new(account, org_client_settings(&config))?;
+    // The servers and their device lists, as the walk reads them first.
+    let mut servers = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = client.mdm_servers(cursor.as_deref()).await?;
+        servers.extend(page.data.into_iter().filter_map(device::mdm_server));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut assigned = 0usize;
+    for server in &servers {
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = client.server_devices(&server.id, cursor.as_deref()).await?;
+            assigned += page.data.iter().filter_map(|r| r.id_text()).count();
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+    }
+    std::hint::black_box(assigned);
     let mut cursor: Option<String> = None;
     let mut devices = 0u64;
     let mut refused = 0u64;

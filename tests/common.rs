@@ -67,9 +67,17 @@ pub fn write_token(path: &Path, creds: &Credentials, days: i64) {
     std::fs::write(path, json).unwrap();
 }
 
-/// The simulator's current devices, sorted by serial, as JSON objects.
+/// The simulator's current devices, sorted by serial, as JSON objects, in the shape the
+/// mirror keeps (protocol-10 MAC addresses as lists, as `Device::normalise_v10` does).
 pub fn truth(mock: &MockHandle) -> Vec<serde_json::Value> {
     mock.devices()
+        .into_iter()
+        .map(|v| {
+            let mut d: adesync::model::Device = serde_json::from_value(v).unwrap();
+            d.normalise_v10();
+            d.to_json()
+        })
+        .collect()
 }
 
 /// The store's assigned devices of `token`, sorted by serial, as Apple-shaped JSON.

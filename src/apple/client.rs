@@ -167,6 +167,20 @@ fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> 
     })
 }
 
+/// `GET /device/replacementDetails` (docs/apple-dep-api.md §4.8).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct ReplacementDetails {
+    /// The replacement device.
+    #[serde(default)]
+    pub serial_number: Option<String>,
+    /// The device it replaced.
+    #[serde(default)]
+    pub original_device_serial_number: Option<String>,
+    /// When, `YYYY-MM-DD`.
+    #[serde(default)]
+    pub replacement_date: Option<String>,
+}
+
 /// `GET /account` (docs/apple-dep-api.md §4.1), the fields adesync uses; everything else is ignored.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Account {
@@ -306,6 +320,30 @@ impl AppleClient {
             parse_page,
         )
         .await
+    }
+
+    /// `GET /device/replacementDetails?device=SERIAL` (protocol 10): what a replacement
+    /// device replaced; `None` when Apple says it is not a replacement (404
+    /// `DEVICE_NOT_FOUND`, docs/apple-dep-api.md §4.8).
+    pub async fn replacement_details(
+        &self,
+        serial: &str,
+    ) -> Result<Option<ReplacementDetails>, ApiError> {
+        let encoded: String = url::form_urlencoded::byte_serialize(serial.as_bytes()).collect();
+        let path = format!("device/replacementDetails?device={encoded}");
+        match self
+            .call(
+                Endpoint::ReplacementDetails,
+                reqwest::Method::GET,
+                &path,
+                None,
+            )
+            .await
+        {
+            Ok(d) => Ok(Some(d)),
+            Err(ApiError::Http { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// `GET /account`.
@@ -486,10 +524,16 @@ impl AppleClient {
         Ok(token)
     }
 
+    /// The URL of `path`, which may end in an already-encoded `?query`.
     fn url(&self, path: &str) -> reqwest::Url {
         let mut url = self.settings.base_url.clone();
         let base_path = url.path().trim_end_matches('/').to_owned();
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
         url.set_path(&format!("{base_path}/{path}"));
+        url.set_query(query);
         url
     }
 

@@ -19,6 +19,8 @@ pub enum Endpoint {
     FetchDevices,
     /// `POST /devices/sync`.
     SyncDevices,
+    /// `GET /device/replacementDetails`.
+    ReplacementDetails,
 }
 
 impl Endpoint {
@@ -29,6 +31,7 @@ impl Endpoint {
             Endpoint::Account => "GET /account",
             Endpoint::FetchDevices => "POST /server/devices",
             Endpoint::SyncDevices => "POST /devices/sync",
+            Endpoint::ReplacementDetails => "GET /device/replacementDetails",
         }
     }
 }

@@ -99,6 +99,9 @@ pub enum Command {
         /// Only this device family: iPhone, iPad, Mac, AppleTV, Vision, iPod (case-insensitive).
         #[arg(long)]
         family: Option<String>,
+        /// Only the device with this IMEI (protocol 10).
+        #[arg(long)]
+        imei: Option<String>,
         /// At most this many rows.
         #[arg(long)]
         limit: Option<u64>,
@@ -151,8 +154,12 @@ pub enum Command {
         #[arg(long)]
         token: Option<String>,
         /// Only this kind: added, modified or deleted (`removed`, the organisation's word, is `deleted`).
-        #[arg(long, value_parser = ["added", "modified", "deleted"])]
+        #[arg(long, value_parser = ["added", "modified", "deleted", "removed"])]
         kind: Option<String>,
+        /// Only this reason: assigned, returned, unassigned, released, replaced,
+        /// profile_assigned, profile_pushed, profile_removed, updated.
+        #[arg(long, value_parser = ["assigned", "returned", "unassigned", "released", "replaced", "profile_assigned", "profile_pushed", "profile_removed", "updated"])]
+        reason: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: u64,
@@ -463,11 +470,13 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             profile_status,
             model,
             family,
+            imei,
             limit,
             format,
         } => {
             let store = open_existing(config_path)?;
             let filter = DeviceFilter {
+                imei,
                 token,
                 serial,
                 deleted: if all {
@@ -491,11 +500,13 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             after,
             token,
             kind,
+            reason,
             limit,
             follow,
             format,
         } => {
             let store = open_existing(config_path)?;
+            let reason = reason.as_deref().and_then(adesync::model::Reason::parse);
             let mut last = after;
             let mut header = format != Format::Json;
             loop {
@@ -506,6 +517,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                     kind.as_deref()
                         .map(|k| if k == "removed" { "deleted" } else { k })
                         .and_then(EventKind::parse),
+                    reason,
                     None,
                     limit,
                 )?;
@@ -549,9 +561,29 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                 );
                 return Ok(ExitCode::FAILURE);
             }
-            let (events, _) =
-                filtered_events(&store, 0, token.as_deref(), None, Some(&serial), u64::MAX)?;
+            let (events, _) = filtered_events(
+                &store,
+                0,
+                token.as_deref(),
+                None,
+                None,
+                Some(&serial),
+                u64::MAX,
+            )?;
             print_device_detail(&devices, &events, format)?;
+            if format != Format::Json && !devices.is_empty() {
+                let (replaced, by) = store.replacement_links(&serial)?;
+                if let Some((original, date)) = replaced {
+                    println!(
+                        "Replaces {} (replaced {})",
+                        adesync::model::printable(&original),
+                        date.as_deref().unwrap_or("on an unknown date")
+                    );
+                }
+                for s in by {
+                    println!("Replaced by {}", adesync::model::printable(&s));
+                }
+            }
             if format == Format::Json {
                 for d in &org_devices {
                     let mut v = org::org_device_json(d);

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::render::{csv_cell, write_table, Format};
 use adesync::config::Config;
-use adesync::model::{printable, EventKind};
+use adesync::model::{printable, EventKind, Reason, V10_FIELDS};
 use adesync::store::Store;
 
 /// Events after `after` matching the filters, up to `limit`, and the last id scanned.
@@ -15,6 +15,7 @@ pub(super) fn filtered_events(
     after: i64,
     token: Option<&str>,
     kind: Option<EventKind>,
+    reason: Option<Reason>,
     serial: Option<&str>,
     limit: u64,
 ) -> anyhow::Result<(Vec<adesync::store::StoredEvent>, i64)> {
@@ -31,7 +32,10 @@ pub(super) fn filtered_events(
         };
         for e in batch {
             last = e.id;
-            if kind.is_none_or(|k| k == e.kind) && serial.is_none_or(|s| s == e.serial_number) {
+            if kind.is_none_or(|k| k == e.kind)
+                && serial.is_none_or(|s| s == e.serial_number)
+                && reason.is_none_or(|r| event_reason(&e) == Some(r))
+            {
                 out.push(e);
                 if out.len() as u64 >= limit {
                     return Ok((out, last));
@@ -40,6 +44,15 @@ pub(super) fn filtered_events(
         }
         last = end;
     }
+}
+
+/// A device event's reason (derived for events stored before reasons); `None` for
+/// organisation events.
+pub(super) fn event_reason(e: &adesync::store::StoredEvent) -> Option<Reason> {
+    (e.scope == adesync::events::EventScope::Device).then(|| {
+        e.reason
+            .unwrap_or_else(|| adesync::events::derived_reason(e.kind, &e.changes))
+    })
 }
 
 pub(super) fn open_existing(config_path: &Path) -> anyhow::Result<Store> {
@@ -85,6 +98,7 @@ pub(super) fn print_devices(
             let mut header: Vec<&str> = vec!["token"];
             header.extend(adesync::store::apple_columns());
             header.extend(["first_seen_at", "updated_at", "deleted_at"]);
+            header.extend(V10_FIELDS.iter().map(|f| f.0));
             writeln!(out, "{}", header.join(","))?;
             for r in rows {
                 let mut cells = vec![csv_cell(&r.token_name), csv_cell(&r.device.serial_number)];
@@ -97,6 +111,14 @@ pub(super) fn print_devices(
                 cells.push(csv_cell(&r.first_seen_at));
                 cells.push(csv_cell(&r.updated_at));
                 cells.push(csv_cell(r.deleted_at.as_deref().unwrap_or("")));
+                for (name, _) in V10_FIELDS {
+                    let cell = match r.device.v10(name) {
+                        None => String::new(),
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(v) => v.to_string(),
+                    };
+                    cells.push(csv_cell(&cell));
+                }
                 writeln!(out, "{}", cells.join(","))?;
             }
         }
@@ -140,18 +162,23 @@ pub(super) fn print_events(
         }
         Format::Csv => {
             if header {
-                writeln!(out, "id,token,serial_number,kind,changes,occurred_at")?;
+                writeln!(
+                    out,
+                    "id,token,serial_number,kind,changes,occurred_at,type,reason"
+                )?;
             }
             for e in events {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{}",
                     e.id,
                     csv_cell(&e.token_name),
                     csv_cell(&e.serial_number),
                     e.kind,
                     csv_cell(&e.changes.to_string()),
-                    csv_cell(&e.occurred_at)
+                    csv_cell(&e.occurred_at),
+                    e.scope.event_type(e.kind),
+                    event_reason(e).map_or("", Reason::as_str)
                 )?;
             }
         }
@@ -163,7 +190,8 @@ pub(super) fn print_events(
                         e.id.to_string(),
                         e.token_name.clone(),
                         e.serial_number.clone(),
-                        e.kind.to_string(),
+                        e.scope.event_type(e.kind).to_owned(),
+                        event_reason(e).map_or("-", Reason::as_str).to_owned(),
                         summarize_changes(e.kind, &e.changes),
                         e.occurred_at.clone(),
                     ]
@@ -173,7 +201,8 @@ pub(super) fn print_events(
                 "id",
                 "token",
                 "serial_number",
-                "kind",
+                "type",
+                "reason",
                 "changes",
                 "occurred_at",
             ];
@@ -231,20 +260,27 @@ pub(super) fn print_device_detail(
             "deleted_at",
             d.deleted_at.as_deref().unwrap_or("(assigned)")
         )?;
-        writeln!(out, "\nHistory:")?;
+        writeln!(out, "\nStory:")?;
         let body: Vec<Vec<String>> = events
             .iter()
-            .filter(|e| e.token_name == d.token_name)
+            .filter(|e| {
+                e.token_name == d.token_name && e.scope == adesync::events::EventScope::Device
+            })
             .map(|e| {
                 vec![
-                    e.id.to_string(),
                     e.occurred_at.clone(),
+                    event_reason(e).map_or("-", Reason::as_str).to_owned(),
                     e.kind.to_string(),
                     summarize_changes(e.kind, &e.changes),
+                    format!("#{}", e.id),
                 ]
             })
             .collect();
-        write_table(&mut out, &["id", "occurred_at", "kind", "changes"], &body)?;
+        write_table(
+            &mut out,
+            &["when", "what", "kind", "changes", "event"],
+            &body,
+        )?;
         writeln!(out)?;
     }
     Ok(())

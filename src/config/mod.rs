@@ -38,8 +38,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/adesync/config.toml";
 pub const DEFAULT_DATABASE: &str = "/var/lib/adesync/adesync.db";
 /// Apple's documented maximum `limit` for fetch/sync (docs/apple-dep-api.md §4.3).
 pub const MAX_PAGE_SIZE: u32 = 1000;
-/// `X-Server-Protocol-Version` sent unless configured (docs/apple-dep-api.md §1.1: 7 reports iPadOS).
-pub const DEFAULT_PROTOCOL_VERSION: u32 = 7;
+/// `X-Server-Protocol-Version` sent unless configured (docs/apple-dep-api.md §1.1: 7 reports
+/// iPadOS; 10 adds IMEI/MEID/EID, MAC addresses and replacement details).
+pub const DEFAULT_PROTOCOL_VERSION: u32 = 10;
 
 /// A configuration problem: which key, and why. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
@@ -789,9 +790,9 @@ fn check_user_agent(ua: &str) -> Result<(), String> {
 }
 
 fn check_protocol(v: u32) -> Result<(), String> {
-    if !(1..=99).contains(&v) {
+    if !(7..=99).contains(&v) {
         return Err(format!(
-            "{v} is not a protocol version Apple knows; use e.g. 7"
+            "{v} is not supported: versions before 7 report iPads as iOS and lack fields adesync stores; use 7 or later (the default, 10, adds IMEI/MEID/EID, MAC addresses and replacement details)"
         ));
     }
     Ok(())
@@ -864,7 +865,7 @@ pub(crate) mod tests {
             "https://mdmenrollment.apple.com/"
         );
         assert_eq!(c.tokens[0].page_size, 1000);
-        assert_eq!(c.tokens[0].protocol_version, 7);
+        assert_eq!(c.tokens[0].protocol_version, 10);
         assert!(c.tokens[0].user_agent.starts_with("adesync/"));
         assert_eq!(c.schedule.longest_gap(), Duration::from_secs(900));
     }

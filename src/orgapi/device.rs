@@ -167,14 +167,15 @@ impl OrgDevice {
     }
 
     /// A digest of everything stored for the device: equal digests, nothing to write.
+    /// Values are serialised straight into the hash, without building strings.
     pub fn content_hash(&self) -> i64 {
         use sha2::Digest as _;
         let mut h = sha2::Sha256::new();
         for v in &self.values {
-            h.update(v.to_string().as_bytes());
+            let _ = serde_json::to_writer(&mut h, v);
             h.update([0]);
         }
-        h.update(Value::Object(self.extra.clone()).to_string().as_bytes());
+        let _ = serde_json::to_writer(&mut h, &self.extra);
         for s in [&self.server_id, &self.server_name] {
             h.update([0, s.is_some() as u8]);
             h.update(s.as_deref().unwrap_or_default().as_bytes());

@@ -95,6 +95,8 @@ pub struct DeviceFilter {
     pub model: Option<String>,
     /// Only this `device_family` (case-insensitive).
     pub family: Option<String>,
+    /// Only the device with this IMEI.
+    pub imei: Option<String>,
     /// At most this many.
     pub limit: Option<u64>,
 }
@@ -637,6 +639,10 @@ impl Store {
                 args.len()
             ));
         }
+        if let Some(s) = &filter.imei {
+            args.push(format!("\"{s}\"").into());
+            sql.push_str(&format!(" AND instr(imei, ?{}) > 0", args.len()));
+        }
         match filter.deleted {
             None => sql.push_str(" AND deleted_at IS NULL"),
             Some(true) => sql.push_str(" AND deleted_at IS NOT NULL"),
@@ -659,6 +665,73 @@ impl Store {
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());
         rows.map_err(self.err("list devices"))
+    }
+
+    /// Up to `limit` assigned replacement devices of `token` whose replacement details
+    /// were never asked for.
+    pub fn replacements_due(&self, token: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT serial_number FROM devices WHERE token_name = ?1 AND deleted_at IS NULL
+                   AND is_replacement_device = 1 AND replacement_checked_at IS NULL
+                 ORDER BY serial_number LIMIT ?2",
+            )
+            .map_err(self.err("read replacement devices"))?;
+        let rows = stmt
+            .query_map(params![token, limit as i64], |r| r.get(0))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+        rows.map_err(self.err("read replacement devices"))
+    }
+
+    /// Stores what a replacement device replaced (`None`: Apple says it is not one).
+    pub fn save_replacement(
+        &mut self,
+        token: &str,
+        serial: &str,
+        original: Option<(&str, Option<&str>)>,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let (original, date) = original.unzip();
+        self.conn
+            .execute(
+                "UPDATE devices SET original_device_serial_number = ?3, replacement_date = ?4,
+                     replacement_checked_at = ?5
+                 WHERE token_name = ?1 AND serial_number = ?2",
+                params![token, serial, original, date.flatten(), now],
+            )
+            .map(drop)
+            .map_err(self.err("store replacement details"))
+    }
+
+    /// The replacement link of a serial: (the device it replaced, when) and the devices
+    /// that replaced it, over every token.
+    #[allow(clippy::type_complexity)]
+    pub fn replacement_links(
+        &self,
+        serial: &str,
+    ) -> Result<(Option<(String, Option<String>)>, Vec<String>), StoreError> {
+        let replaced = self
+            .conn
+            .query_row(
+                "SELECT original_device_serial_number, replacement_date FROM devices
+                 WHERE serial_number = ?1 AND original_device_serial_number IS NOT NULL LIMIT 1",
+                [serial],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err("read replacement details"))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT serial_number FROM devices WHERE original_device_serial_number = ?1 ORDER BY 1",
+            )
+            .map_err(self.err("read replacement details"))?;
+        let by = stmt
+            .query_map([serial], |r| r.get(0))
+            .and_then(|it| it.collect::<Result<Vec<String>, _>>())
+            .map_err(self.err("read replacement details"))?;
+        Ok((replaced, by))
     }
 
     /// Counts of stored devices per token: (assigned, deleted).

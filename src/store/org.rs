@@ -6,10 +6,14 @@
 use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
-use super::devices::{load_seen, mark_seen};
+use super::devices::{
+    device_from_row as ade_device_from_row, extra_json as ade_extra_json, load_seen, mark_seen,
+    DEVICE_COLUMNS,
+};
+use super::events::PageEvents;
 use super::{Store, StoreError};
 use crate::events::EventScope;
-use crate::model::EventKind;
+use crate::model::{EventKind, Reason};
 use crate::orgapi::device::{Shape, COVERAGE_COLUMNS, ORG_COLUMNS};
 use crate::orgapi::{Coverage, MdmServer, OrgDevice};
 
@@ -240,31 +244,6 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredOrgDevice> {
 
 fn extra_text(d: &OrgDevice) -> Option<String> {
     (!d.extra.is_empty()).then(|| Value::Object(d.extra.clone()).to_string())
-}
-
-/// Inserts an organisation event; its id follows every event before it.
-fn insert_event(
-    tx: &rusqlite::Transaction<'_>,
-    account: &str,
-    d: &OrgDevice,
-    kind: EventKind,
-    changes: Option<&Map<String, Value>>,
-    now: &str,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json, scope)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        account,
-        d.serial_number,
-        kind.as_str(),
-        changes.map(|c| Value::Object(c.clone()).to_string()),
-        now,
-        d.to_json().to_string(),
-        EventScope::OrgDevice.stored(),
-    ])?;
-    Ok(())
 }
 
 impl Store {
@@ -645,6 +624,111 @@ impl Store {
     }
 }
 
+/// One page's organisation events, inserted together at the end of the page (ids follow
+/// the page's order).
+#[derive(Default)]
+struct OrgEvents {
+    /// (serial, kind, changes, device JSON)
+    rows: Vec<(String, EventKind, Option<String>, String)>,
+}
+
+impl OrgEvents {
+    fn push(&mut self, d: &OrgDevice, kind: EventKind, changes: Option<&Map<String, Value>>) {
+        self.rows.push((
+            d.serial_number.clone(),
+            kind,
+            changes.map(|c| Value::Object(c.clone()).to_string()),
+            d.to_json().to_string(),
+        ));
+    }
+
+    fn insert(
+        self,
+        tx: &rusqlite::Transaction<'_>,
+        account: &str,
+        now: &str,
+    ) -> rusqlite::Result<()> {
+        let scope = EventScope::OrgDevice.stored();
+        let kinds: Vec<&str> = self.rows.iter().map(|r| r.1.as_str()).collect();
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 7);
+        for ((serial, _, changes, device), kind) in self.rows.iter().zip(&kinds) {
+            values.extend([
+                &account as &dyn rusqlite::ToSql,
+                serial,
+                kind,
+                changes,
+                &now,
+                device,
+                &scope,
+            ]);
+        }
+        super::insert_many(
+            tx,
+            "events (token_name, serial_number, kind, changes, occurred_at, device_json, scope)",
+            7,
+            &values,
+        )
+    }
+}
+
+/// Devices the organisation released that an ADE token had already seen leave (without a
+/// replacement): their story ends with a `released` event of their own (a later ADE
+/// deletion is `released` by itself, see `devices::reason_context`).
+fn released_from_org(
+    tx: &rusqlite::Transaction<'_>,
+    serials: &[String],
+    now: &str,
+) -> rusqlite::Result<()> {
+    if serials.is_empty() {
+        return Ok(());
+    }
+    let tokens: Vec<String> = tx
+        .prepare_cached("SELECT token_name FROM sync_state ORDER BY 1")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut find = tx.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices
+         WHERE token_name = ?1 AND serial_number = ?2 AND deleted_at IS NOT NULL
+           AND released_by_replacement IS NOT 1"
+    ))?;
+    let mut replaced = tx
+        .prepare_cached("SELECT 1 FROM devices WHERE original_device_serial_number = ?1 LIMIT 1")?;
+    for token in &tokens {
+        let mut events = PageEvents::default();
+        for serial in serials {
+            let Some(d) = find
+                .query_row(params![token, serial], |r| ade_device_from_row(r, 0))
+                .optional()?
+            else {
+                continue;
+            };
+            if replaced.exists([serial])? {
+                continue;
+            }
+            events.push(
+                serial,
+                EventKind::Deleted,
+                None,
+                &d,
+                ade_extra_json(&d).as_deref(),
+                Reason::Released,
+            );
+        }
+        events.insert(tx, token, now)?;
+    }
+    Ok(())
+}
+
+/// The page's serials as a JSON array, for `IN (SELECT value FROM json_each(?))`.
+fn serial_list(devices: &[OrgDevice], more: &[String]) -> String {
+    let all: Vec<&str> = devices
+        .iter()
+        .map(|d| d.serial_number.as_str())
+        .chain(more.iter().map(String::as_str))
+        .collect();
+    serde_json::to_string(&all).expect("strings always serialise")
+}
+
 fn write_org_page(
     tx: &rusqlite::Transaction<'_>,
     account: &str,
@@ -668,14 +752,27 @@ fn write_org_page(
             keep
         });
     }
-    let mut staged = tx.prepare_cached(
-        "SELECT s.server_id, m.server_name FROM org_server_devices s
-         LEFT JOIN mdm_servers m ON m.account_name = s.account_name AND m.id = s.server_id
-         WHERE s.account_name = ?1 AND s.serial_number = ?2",
-    )?;
-    let mut find = tx.prepare_cached(
-        "SELECT id, content_hash, removed_at FROM org_devices WHERE account_name = ?1 AND serial_number = ?2",
-    )?;
+    let serials = serial_list(&devices, unreadable);
+    // The page's staged servers and stored rows, one statement each.
+    let mut staged: std::collections::HashMap<String, (String, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT s.serial_number, s.server_id, m.server_name FROM org_server_devices s
+             LEFT JOIN mdm_servers m ON m.account_name = s.account_name AND m.id = s.server_id
+             WHERE s.account_name = ?1 AND s.serial_number IN (SELECT value FROM json_each(?2))",
+        )?
+        .query_map(params![account, serials], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?)))
+        })?
+        .collect::<Result<_, _>>()?;
+    let stored: std::collections::HashMap<String, (i64, i64, bool)> = tx
+        .prepare_cached(
+            "SELECT serial_number, id, content_hash, removed_at IS NOT NULL FROM org_devices
+             WHERE account_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))",
+        )?
+        .query_map(params![account, serials], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
+        })?
+        .collect::<Result<_, _>>()?;
     let mut read = tx.prepare_cached(&format!(
         "SELECT {} FROM org_devices WHERE id = ?1",
         device_columns()
@@ -692,76 +789,66 @@ fn write_org_page(
         .enumerate()
         .map(|(i, c)| format!("{c} = ?{}", i + 3))
         .collect();
-    let width = ORG_COLUMNS.len() + 4;
     let mut update = tx.prepare_cached(&format!(
         "UPDATE org_devices SET {}, updated_at = ?2, removed_at = NULL WHERE id = ?1",
         set_list.join(", ")
     ))?;
-    let insert_cols: Vec<&str> = ORG_COLUMNS
-        .iter()
-        .map(|c| c.0)
-        .chain([
-            "extra_json",
-            "assigned_server_id",
-            "assigned_server_name",
-            "content_hash",
-        ])
-        .collect();
-    let mut insert = tx.prepare_cached(&format!(
-        "INSERT INTO org_devices (account_name, serial_number, first_seen_at, updated_at, {}) VALUES (?1, ?2, ?3, ?3, {}) RETURNING id",
-        insert_cols.join(", "),
-        (0..width).map(|i| format!("?{}", i + 4)).collect::<Vec<_>>().join(", ")
-    ))?;
+    let row_values = |d: &OrgDevice, hash: i64| -> Vec<rusqlite::types::Value> {
+        let mut v: Vec<rusqlite::types::Value> = Vec::with_capacity(ORG_COLUMNS.len() + 4);
+        v.extend(d.values.iter().map(sql_value));
+        v.push(extra_text(d).into());
+        v.push(d.server_id.clone().into());
+        v.push(d.server_name.clone().into());
+        v.push(hash.into());
+        v
+    };
+    let mut events = OrgEvents::default();
     let mut seen = Vec::with_capacity(devices.len() + unreadable.len());
+    // New rows: ids given here, inserted many per statement at the end of the page.
+    let mut new_rows: Vec<Vec<rusqlite::types::Value>> = Vec::new();
+    let mut next_id: Option<i64> = None;
     for mut d in devices {
-        if let Some((id, name)) = staged
-            .query_row(params![account, d.serial_number], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-            })
-            .optional()?
-        {
+        if let Some((id, name)) = staged.remove(&d.serial_number) {
             d.server_id = Some(id);
             d.server_name = name;
         }
         let hash = d.content_hash();
-        let row_values = |d: &OrgDevice| -> Vec<rusqlite::types::Value> {
-            let mut v: Vec<rusqlite::types::Value> = d.values.iter().map(sql_value).collect();
-            v.push(extra_text(d).into());
-            v.push(d.server_id.clone().into());
-            v.push(d.server_name.clone().into());
-            v.push(hash.into());
-            v
-        };
-        let existing: Option<(i64, i64, Option<String>)> = find
-            .query_row(params![account, d.serial_number], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        match existing {
+        match stored.get(&d.serial_number) {
             None => {
-                let mut vals: Vec<rusqlite::types::Value> = vec![
+                let id = match next_id {
+                    Some(id) => id,
+                    None => tx.query_row(
+                        "SELECT COALESCE(MAX(id), 0) + 1 FROM org_devices",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                };
+                next_id = Some(id + 1);
+                let mut row: Vec<rusqlite::types::Value> = vec![
+                    id.into(),
                     account.to_owned().into(),
                     d.serial_number.clone().into(),
                     now.to_owned().into(),
+                    now.to_owned().into(),
                 ];
-                vals.extend(row_values(&d));
-                let id: i64 = insert.query_row(rusqlite::params_from_iter(vals), |r| r.get(0))?;
+                row.extend(row_values(&d, hash));
+                new_rows.push(row);
                 seen.push(id);
-                insert_event(tx, account, &d, EventKind::Added, None, now)?;
+                events.push(&d, EventKind::Added, None);
                 stats.added += 1;
             }
-            Some((id, stored_hash, removed)) => {
+            Some(&(id, stored_hash, removed)) => {
                 seen.push(id);
-                if stored_hash == hash && removed.is_none() {
+                if stored_hash == hash && !removed {
                     stats.unchanged += 1;
                     continue;
                 }
                 let old = read.query_row([id], device_from_row)?;
                 let mut vals: Vec<rusqlite::types::Value> = vec![id.into(), now.to_owned().into()];
-                vals.extend(row_values(&d));
+                vals.extend(row_values(&d, hash));
                 update.execute(rusqlite::params_from_iter(vals))?;
-                if removed.is_some() {
-                    insert_event(tx, account, &d, EventKind::Added, None, now)?;
+                if removed {
+                    events.push(&d, EventKind::Added, None);
                     stats.added += 1;
                 } else {
                     let changes = d.changes_from(&old.device);
@@ -769,7 +856,7 @@ fn write_org_page(
                         // Only attributes beyond the columns changed: stored, no event.
                         stats.unchanged += 1;
                     } else {
-                        insert_event(tx, account, &d, EventKind::Modified, Some(&changes), now)?;
+                        events.push(&d, EventKind::Modified, Some(&changes));
                         stats.modified += 1;
                     }
                 }
@@ -777,18 +864,38 @@ fn write_org_page(
         }
     }
     for serial in unreadable {
-        if let Some((id, _, _)) = find
-            .query_row(params![account, serial], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                ))
-            })
-            .optional()?
-        {
-            seen.push(id);
+        if let Some((id, _, _)) = stored.get(serial) {
+            seen.push(*id);
         }
+    }
+    if !new_rows.is_empty() {
+        let cols: Vec<&str> = [
+            "id",
+            "account_name",
+            "serial_number",
+            "first_seen_at",
+            "updated_at",
+        ]
+        .into_iter()
+        .chain(ORG_COLUMNS.iter().map(|c| c.0))
+        .chain([
+            "extra_json",
+            "assigned_server_id",
+            "assigned_server_name",
+            "content_hash",
+        ])
+        .collect();
+        let values: Vec<&dyn rusqlite::ToSql> = new_rows
+            .iter()
+            .flatten()
+            .map(|v| v as &dyn rusqlite::ToSql)
+            .collect();
+        super::insert_many(
+            tx,
+            &format!("org_devices ({})", cols.join(", ")),
+            cols.len(),
+            &values,
+        )?;
     }
     mark_seen(tx, account, walk_run, seen)?;
     match next {
@@ -810,12 +917,15 @@ fn write_org_page(
             let mut remove = tx.prepare_cached(
                 "UPDATE org_devices SET removed_at = ?2, updated_at = ?2 WHERE id = ?1",
             )?;
+            let mut released = Vec::new();
             for id in alive.into_iter().filter(|id| !listed.contains(*id)) {
                 let old = read.query_row([id], device_from_row)?;
                 remove.execute(params![id, now])?;
-                insert_event(tx, account, &old.device, EventKind::Deleted, None, now)?;
+                events.push(&old.device, EventKind::Deleted, None);
+                released.push(old.device.serial_number);
                 stats.removed += 1;
             }
+            released_from_org(tx, &released, now)?;
             tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [account])?;
             tx.execute(
                 "DELETE FROM org_server_devices WHERE account_name = ?1",
@@ -829,5 +939,6 @@ fn write_org_page(
             )?;
         }
     }
+    events.insert(tx, account, now)?;
     Ok(stats)
 }

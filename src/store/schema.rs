@@ -187,6 +187,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         applecare_checked_at              TEXT,
         UNIQUE (account_name, serial_number)
     );
+    -- The listed devices of an account: what a complete walk checks for removals.
+    CREATE INDEX org_devices_listed ON org_devices (account_name) WHERE removed_at IS NULL;
 
     CREATE TABLE mdm_servers (
         account_name      TEXT NOT NULL,

@@ -110,6 +110,8 @@ pub struct RunSummary {
     pub full_refetch: bool,
     /// The pass stopped on Apple's repeated-cursor bug.
     pub stopped_on_same_cursor: bool,
+    /// Replacement devices whose details were read.
+    pub replacements: u64,
     /// Wall time.
     pub duration: Duration,
 }
@@ -293,8 +295,76 @@ async fn run_inner(
     // A writer error is the root cause when both failed (the driver saw a closed channel).
     summary.stats = written?;
     driven?;
+    if token.protocol_version >= 10 {
+        summary.replacements = replacements(&client, config, token, cancel).await;
+    }
     summary.duration = started.elapsed();
     Ok(summary)
+}
+
+/// Most replacement devices asked about per run; the rest wait for the next run.
+const MAX_REPLACEMENT_LOOKUPS: usize = 200;
+
+/// Asks Apple once what each new replacement device replaced (protocol 10,
+/// docs/apple-dep-api.md §4.8) and stores the link. Best effort: a failure is logged and
+/// the devices are asked about on the next run; it never fails the sync.
+async fn replacements(
+    client: &AppleClient,
+    config: &Config,
+    token: &TokenConfig,
+    cancel: &CancellationToken,
+) -> u64 {
+    let (db, name) = (config.database.clone(), token.name.clone());
+    let due =
+        match blocking(move || Store::open(&db)?.replacements_due(&name, MAX_REPLACEMENT_LOOKUPS))
+            .await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(token = %token.name, error = %e, "cannot read replacement devices");
+                return 0;
+            }
+            Err(e) => {
+                tracing::warn!(token = %token.name, error = %e, "cannot read replacement devices");
+                return 0;
+            }
+        };
+    let mut done = 0;
+    for serial in due {
+        let details = tokio::select! {
+            r = client.replacement_details(&serial) => r,
+            _ = cancel.cancelled() => return done,
+        };
+        let details = match details {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(token = %token.name, serial = %crate::model::printable(&serial), error = %e,
+                    "cannot read a replacement device's details; asked again next run");
+                return done;
+            }
+        };
+        let (db, name) = (config.database.clone(), token.name.clone());
+        let saved = blocking(move || {
+            let original = details.as_ref().and_then(|d| {
+                d.original_device_serial_number
+                    .as_deref()
+                    .map(|o| (o, d.replacement_date.as_deref()))
+            });
+            Store::open(&db)?.save_replacement(
+                &name,
+                &serial,
+                original,
+                &format_time(chrono::Utc::now()),
+            )
+        })
+        .await;
+        if !matches!(saved, Ok(Ok(()))) {
+            tracing::warn!(token = %token.name, "cannot store a replacement device's details");
+            return done;
+        }
+        done += 1;
+    }
+    done
 }
 
 async fn drive(

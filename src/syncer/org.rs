@@ -317,10 +317,10 @@ async fn walk(
         })
         .await?,
     );
-    let mut pending: Option<JoinHandle<Result<(Store, OrgPageStats), StoreError>>> = None;
+    let mut pending: Option<JoinHandle<Result<PageDone, StoreError>>> = None;
     let mut restarted = false;
     let mut pages = 0u64;
-    let finish = |pending: Option<JoinHandle<Result<(Store, OrgPageStats), StoreError>>>| async move {
+    let finish = |pending: Option<JoinHandle<Result<PageDone, StoreError>>>| async move {
         match pending {
             None => Ok(None),
             Some(h) => h
@@ -338,9 +338,8 @@ async fn walk(
         }
         let fetched = or_cancel(cancel, client.org_devices(cursor.as_deref())).await;
         // The previous page's commit ran while this page downloaded.
-        if let Some((s, stats)) = finish(pending.take()).await? {
-            summary.stats.add(stats);
-            store = Some(s);
+        if let Some(done) = finish(pending.take()).await? {
+            store = Some(summary.count(done));
         }
         let page: ListPage = match fetched {
             Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
@@ -356,30 +355,23 @@ async fn walk(
             other => other?,
         };
         let next = next_of(page.next_cursor, &cursor, "GET /v1/orgDevices")?;
-        let mut devices: Vec<OrgDevice> = Vec::with_capacity(page.data.len());
-        let mut unreadable = Vec::new();
-        for r in page.data {
-            let id = r.id_text();
-            match device::org_device(r) {
-                Ok(d) => devices.push(d),
-                Err(refused) => {
-                    summary.refused += 1;
-                    tracing::warn!(account = %name, id = refused.id.as_deref().unwrap_or("-"), reason = %refused.reason, "an org device could not be read; skipped (it is not removed for it)");
-                    if let Some(id) = id.filter(|i| i.len() <= 64) {
-                        unreadable.push(id);
-                    }
-                }
-            }
-        }
         summary.pages += 1;
-        summary.devices += devices.len() as u64;
         let (n, nx, mut s) = (name.clone(), next.clone(), store.take().expect("store"));
         let walk_run = state.walk_run;
+        // Resources become rows on the writer's thread, so the next page downloads
+        // meanwhile.
         pending = Some(tokio::task::spawn_blocking(move || {
+            let (devices, unreadable, refused) = to_devices(&n, page.data);
+            let read = devices.len() as u64;
             let now = format_time(chrono::Utc::now());
             let stats =
                 s.apply_org_page(&n, walk_run, devices, &unreadable, nx.as_deref(), &now)?;
-            Ok((s, stats))
+            Ok(PageDone {
+                store: s,
+                stats,
+                devices: read,
+                refused,
+            })
         }));
         match next {
             Some(c) => cursor = Some(c),
@@ -390,9 +382,8 @@ async fn walk(
             return Err(OrgSyncError::Cancelled);
         }
     }
-    if let Some((s, stats)) = finish(pending.take()).await? {
-        summary.stats.add(stats);
-        store = Some(s);
+    if let Some(done) = finish(pending.take()).await? {
+        store = Some(summary.count(done));
     }
     summary.complete = true;
     tracing::info!(
@@ -410,6 +401,49 @@ async fn walk(
         summary.applecare = applecare(client, &account, store, cancel).await?;
     }
     Ok(summary)
+}
+
+/// A committed page: the store back, and what the page did.
+struct PageDone {
+    store: Store,
+    stats: OrgPageStats,
+    devices: u64,
+    refused: u64,
+}
+
+impl OrgRunSummary {
+    /// Adds a committed page's counts; gives the store back.
+    fn count(&mut self, done: PageDone) -> Store {
+        self.stats.add(done.stats);
+        self.devices += done.devices;
+        self.refused += done.refused;
+        done.store
+    }
+}
+
+/// A page's resources as rows; the ids of those that could not be read (kept, never
+/// removed for it), and how many.
+fn to_devices(
+    account: &str,
+    data: Vec<crate::orgapi::Resource>,
+) -> (Vec<OrgDevice>, Vec<String>, u64) {
+    let mut devices: Vec<OrgDevice> = Vec::with_capacity(data.len());
+    let mut unreadable = Vec::new();
+    let mut refused = 0;
+    for r in data {
+        let id = r.id_text();
+        match device::org_device(r) {
+            Ok(d) => devices.push(d),
+            Err(why) => {
+                refused += 1;
+                tracing::warn!(account = %account, id = why.id.as_deref().unwrap_or("-"), reason = %why.reason, "an org device could not be read; skipped (it is not removed for it)");
+                if let Some(id) = id.filter(|i| i.len() <= 64) {
+                    unreadable.push(id);
+                }
+            }
+        }
+    }
+    (devices, unreadable, refused)
 }
 
 /// The cursor of the next page: `None` at the end; the same cursor again is Apple's bug,
