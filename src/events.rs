@@ -319,6 +319,66 @@ pub fn test_event(token: &str, now: &str) -> Value {
     })
 }
 
+/// The CloudEvents specification version of [`cloudevent`]'s envelope.
+pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
+/// Prefix of a CloudEvent's `type`: the event's own `type` follows it
+/// (`com.github.adesync.device.added`).
+pub const CLOUDEVENTS_TYPE_PREFIX: &str = "com.github.adesync.";
+/// Digits of a CloudEvent's `sequence`: the event id, zero-padded so that comparing two
+/// as strings orders them as numbers (the extension's rule).
+const SEQUENCE_DIGITS: usize = 20;
+
+/// An event object ([`event_json`] or [`test_event`]) as a CloudEvents 1.0 event in
+/// structured-mode JSON:
+///
+/// - `specversion` `"1.0"`; `id` the event id as a string (for the test event
+///   `sink-test-<occurred_at>`, so each test is a new event);
+/// - `source` `urn:adesync:<instance>:token:<token>`, or `…:org_account:<account>` for an
+///   organisation device event, so `source` + `id` is unique;
+/// - `type` [`CLOUDEVENTS_TYPE_PREFIX`] + the event's `type`; `subject` the serial number;
+///   `time` `occurred_at`; `datacontenttype` `application/json`; `data` the event object;
+/// - the `sequence` extension: the id zero-padded to 20 digits (absent on the test event,
+///   which is outside the sequence).
+pub fn cloudevent(event: Value, instance: &str) -> Value {
+    let id = event["id"].as_i64().unwrap_or(0);
+    let text = |k: &str| event[k].as_str().unwrap_or_default().to_owned();
+    let occurred_at = text("occurred_at");
+    let source = match (event["account"].as_str(), event["token"].as_str()) {
+        (Some(account), _) => format!("urn:adesync:{instance}:org_account:{account}"),
+        (None, Some(token)) if !token.is_empty() => {
+            format!("urn:adesync:{instance}:token:{token}")
+        }
+        _ => format!("urn:adesync:{instance}"),
+    };
+    let mut ce = Map::new();
+    ce.insert("specversion".into(), CLOUDEVENTS_SPEC_VERSION.into());
+    ce.insert(
+        "id".into(),
+        if id > 0 {
+            id.to_string()
+        } else {
+            format!("sink-test-{occurred_at}")
+        }
+        .into(),
+    );
+    ce.insert("source".into(), source.into());
+    ce.insert(
+        "type".into(),
+        format!("{CLOUDEVENTS_TYPE_PREFIX}{}", text("type")).into(),
+    );
+    ce.insert("subject".into(), text("serial_number").into());
+    ce.insert("time".into(), occurred_at.into());
+    ce.insert("datacontenttype".into(), "application/json".into());
+    if id > 0 {
+        ce.insert(
+            "sequence".into(),
+            format!("{id:0width$}", width = SEQUENCE_DIGITS).into(),
+        );
+    }
+    ce.insert("data".into(), event);
+    Value::Object(ce)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,5 +692,42 @@ mod tests {
         }
         assert_eq!(Decision::Deleted.event_kind(), Some(EventKind::Deleted));
         assert_eq!(Decision::Stale.event_kind(), None);
+    }
+
+    #[test]
+    fn cloudevents_wrap_the_event_with_its_source_type_and_sequence() {
+        let event = json!({"version": 1, "id": 42, "type": "device.added", "token": "acme",
+            "serial_number": "C02X", "occurred_at": "2026-01-01T00:00:00.000Z",
+            "changes": {}, "device": {}});
+        let ce = cloudevent(event.clone(), "mdm-1");
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["id"], "42");
+        assert_eq!(ce["source"], "urn:adesync:mdm-1:token:acme");
+        assert_eq!(ce["type"], "com.github.adesync.device.added");
+        assert_eq!(ce["subject"], "C02X");
+        assert_eq!(ce["time"], "2026-01-01T00:00:00.000Z");
+        assert_eq!(ce["datacontenttype"], "application/json");
+        assert_eq!(ce["sequence"], "00000000000000000042");
+        assert_eq!(ce["data"], event);
+        // Sequences compare as strings the way ids compare as numbers.
+        let seq = |id: i64| {
+            let mut e = event.clone();
+            e["id"] = id.into();
+            cloudevent(e, "h")["sequence"].as_str().unwrap().to_owned()
+        };
+        assert!(seq(9) < seq(10) && seq(99_999) < seq(100_000));
+
+        let mut org = event.clone();
+        org.as_object_mut().unwrap().remove("token");
+        org["account"] = "acme-org".into();
+        org["type"] = "org_device.removed".into();
+        let ce = cloudevent(org, "mdm-1");
+        assert_eq!(ce["source"], "urn:adesync:mdm-1:org_account:acme-org");
+        assert_eq!(ce["type"], "com.github.adesync.org_device.removed");
+
+        let ce = cloudevent(test_event("acme", "2026-01-01T00:00:00.000Z"), "mdm-1");
+        assert_eq!(ce["id"], "sink-test-2026-01-01T00:00:00.000Z");
+        assert_eq!(ce["type"], "com.github.adesync.sink.test");
+        assert!(ce.get("sequence").is_none());
     }
 }

@@ -12,8 +12,9 @@
 //!   systemd, the `/metrics` and `/healthz` listener.
 //! - [`syncer`]: one pass for one token: the cursor state machine, the writer thread, the
 //!   start-of-run checks.
-//! - [`sinks`]: delivery of events to other systems (jsonl, signed webhooks, commands),
-//!   at least once and in order, each sink with its own cursor; retention.
+//! - [`sinks`]: delivery of events to other systems (jsonl, webhooks signed per Standard
+//!   Webhooks, commands; adesync's event object or CloudEvents), at least once and in
+//!   order, each sink with its own cursor; retention.
 //! - [`status`]: the rules shared by every surface that reports on tokens: attention,
 //!   expiry, overdue, durations for people.
 //! - [`store`]: all SQL, one file per table family; a page's rows, events and cursor in one

@@ -1,7 +1,8 @@
 //! Event delivery end to end: syncs against the Apple simulator, then sinks that deliver
-//! to a real HTTP receiver on 127.0.0.1 (which checks every signature itself), to a
-//! program, and to a file — including receivers that are down, failing, refusing, slow,
-//! and a process killed while delivering.
+//! to a real HTTP receiver on 127.0.0.1 (which checks every signature itself, with the
+//! `standardwebhooks` crate or an HMAC of its own), to a program, and to a file —
+//! including receivers that are down, failing, refusing, slow, and a process killed
+//! while delivering; and CloudEvents checked with the `cloudevents-sdk` crate.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ use adesync_mock::MockConfig;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use cloudevents::AttributesReader;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -22,7 +25,19 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::common::{adesync, free_port, output, Env};
 
+/// The secret of `hook.secret`, in the raw form (the key is the text itself).
 const SECRET: &str = "receiver-shared-secret-0123456789";
+
+/// A `whsec_` secret: the key is the base64-decoded rest.
+fn whsec(seed: u8) -> String {
+    let key: Vec<u8> = (0..32)
+        .map(|i| seed.wrapping_mul(31).wrapping_add(i))
+        .collect();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
 
 /// How the receiver answers one request.
 #[derive(Clone, Debug)]
@@ -33,18 +48,86 @@ enum Reply {
     Hold,
 }
 
+/// How the receiver checks signatures: as the README tells receivers to.
+#[derive(Clone, Debug)]
+enum Verifier {
+    /// Standard Webhooks, by the `standardwebhooks` crate, knowing this one secret as
+    /// written in adesync's secret file (`whsec_…` or raw text).
+    Standard(String),
+    /// adesync-v1, recomputed here with HMAC-SHA256 over "<timestamp>.<body>".
+    AdesyncV1(String),
+}
+
+/// Checks one request's signature independently of adesync's own code.
+fn verified(verifier: &Verifier, headers: &HeaderMap, body: &[u8]) -> bool {
+    match verifier {
+        Verifier::Standard(secret) => {
+            let wh = if secret.starts_with("whsec_") {
+                standardwebhooks::Webhook::new(secret).unwrap()
+            } else {
+                standardwebhooks::Webhook::from_bytes(secret.as_bytes().to_vec()).unwrap()
+            };
+            wh.verify(body, headers).is_ok()
+        }
+        Verifier::AdesyncV1(secret) => {
+            // The key: a whsec_ secret's decoded bytes, else the text itself.
+            let key = match secret.strip_prefix("whsec_") {
+                Some(b64) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+                None => secret.as_bytes().to_vec(),
+            };
+            let header = |n: &str| {
+                headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let (ts, sig) = (header("x-adesync-timestamp"), header("x-adesync-signature"));
+            let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+            mac.update(format!("{ts}.").as_bytes());
+            mac.update(body);
+            let want: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let fresh = ts
+                .parse::<i64>()
+                .is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() <= 300);
+            fresh && sig.split(',').any(|s| s.trim() == format!("v1={want}"))
+        }
+    }
+}
+
 /// One request the receiver saw, in arrival order.
 #[derive(Clone, Debug)]
 struct Seen {
     /// The answer (0 while held).
     status: u16,
+    /// The request's headers.
+    headers: HeaderMap,
     /// The raw body.
     body: Vec<u8>,
-    /// The events in it.
+    /// The adesync events in it (for CloudEvents, each one's `data`).
     events: Vec<Value>,
+    /// The CloudEvents in it, as sent (empty for the adesync format).
+    cloudevents: Vec<Value>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
 }
 
 struct Shared {
+    verifier: Verifier,
     script: Mutex<VecDeque<Reply>>,
     seen: Mutex<Vec<Seen>>,
     bad_signatures: Mutex<u32>,
@@ -71,28 +154,7 @@ async fn hook(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, HeaderMap, String) {
-    let header = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let (ts, sig) = (header("x-adesync-timestamp"), header("x-adesync-signature"));
-    // The README's recipe, done independently of adesync's own code.
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(format!("{ts}.").as_bytes());
-    mac.update(&body);
-    let want: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let fresh = ts
-        .parse::<i64>()
-        .is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() <= 300);
-    if !fresh || sig != format!("v1={want}") {
+    if !verified(&s.verifier, &headers, &body) {
         *s.bad_signatures.lock().unwrap() += 1;
         return (
             StatusCode::UNAUTHORIZED,
@@ -100,17 +162,28 @@ async fn hook(
             "bad signature".into(),
         );
     }
-    let events = match serde_json::from_slice::<Value>(&body).unwrap() {
+    let items = match serde_json::from_slice::<Value>(&body).unwrap() {
         Value::Array(items) => items,
         one => vec![one],
+    };
+    let cloud = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/cloudevents"));
+    let (events, cloudevents) = if cloud {
+        (items.iter().map(|ce| ce["data"].clone()).collect(), items)
+    } else {
+        (items, Vec::new())
     };
     let reply = s.script.lock().unwrap().pop_front();
     let index = {
         let mut seen = s.seen.lock().unwrap();
         seen.push(Seen {
             status: 0,
+            headers: headers.clone(),
             body: body.to_vec(),
             events,
+            cloudevents,
         });
         seen.len() - 1
     };
@@ -132,9 +205,15 @@ async fn hook(
 }
 
 impl Receiver {
+    /// A receiver that knows `hook.secret` and checks the default scheme.
     async fn start(script: Vec<Reply>) -> Receiver {
+        Self::verifying(Verifier::Standard(SECRET.into()), script).await
+    }
+
+    async fn verifying(verifier: Verifier, script: Vec<Reply>) -> Receiver {
         Self::on(
             tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            verifier,
             script,
         )
     }
@@ -143,11 +222,12 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
-        Self::on(listener, script)
+        Self::on(listener, Verifier::Standard(SECRET.into()), script)
     }
 
-    fn on(listener: tokio::net::TcpListener, script: Vec<Reply>) -> Receiver {
+    fn on(listener: tokio::net::TcpListener, verifier: Verifier, script: Vec<Reply>) -> Receiver {
         let shared = Arc::new(Shared {
+            verifier,
             script: Mutex::new(script.into()),
             seen: Mutex::default(),
             bad_signatures: Mutex::default(),
@@ -177,12 +257,12 @@ impl Receiver {
     }
 
     fn seen(&self) -> Vec<Seen> {
-        assert_eq!(
-            *self.shared.bad_signatures.lock().unwrap(),
-            0,
-            "a request had a bad signature"
-        );
+        assert_eq!(self.bad_signatures(), 0, "a request had a bad signature");
         self.shared.seen.lock().unwrap().clone()
+    }
+
+    fn bad_signatures(&self) -> u32 {
+        *self.shared.bad_signatures.lock().unwrap()
     }
 
     /// Ids of the events it accepted (answered 2xx), in arrival order.
@@ -363,8 +443,14 @@ async fn server_errors_are_retried_and_a_long_retry_after_is_respected() {
         seen.iter().map(|s| s.status).collect::<Vec<_>>(),
         [500, 503, 200, 200, 200, 200, 200]
     );
-    // A retry carries the very same body; max_batch = 1 sends single objects.
+    // A retry carries the very same body and webhook-id; max_batch = 1 sends single objects.
     assert_eq!(seen[0].body, seen[2].body);
+    assert_eq!(
+        (seen[0].header("webhook-id"), seen[2].header("webhook-id")),
+        ("evt_1_1", "evt_1_1")
+    );
+    assert_eq!(seen[3].header("webhook-id"), "evt_2_2");
+    assert_eq!(seen[0].header("content-type"), "application/json");
     assert!(seen[0].body.starts_with(b"{"));
     assert_eq!(receiver.accepted_ids(), [1, 2, 3, 4, 5]);
 
@@ -451,6 +537,337 @@ async fn a_refused_batch_parks_the_sink_and_other_sinks_carry_on() {
     );
     assert_eq!(receiver.accepted_ids(), all_ids(&env));
     assert_eq!(status_of(&env, "hook").state, SinkState::Ok);
+}
+
+/// Writes a secret file (mode 0600) into the env's folder.
+fn write_secret(env: &Env, name: &str, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = env.path(name);
+    std::fs::write(&p, format!("{text}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_secrets_sign_every_request_for_receivers_knowing_either() {
+    let (new, old) = (whsec(1), whsec(2));
+    let knows_new = Receiver::verifying(Verifier::Standard(new.clone()), vec![]).await;
+    let knows_old = Receiver::verifying(Verifier::Standard(old.clone()), vec![]).await;
+    let knows_neither = Receiver::verifying(Verifier::Standard(whsec(3)), vec![]).await;
+    let legacy = Receiver::verifying(Verifier::AdesyncV1(SECRET.into()), vec![]).await;
+    let rotating = |name: &str, url: String| {
+        format!(
+            "[[sinks]]\nname = \"{name}\"\ntype = \"webhook\"\nurl = \"{url}\"\n\
+             secret_files = [\"new.secret\", \"old.secret\"]\nmax_batch = 3\ntimeout = \"5s\"\n"
+        )
+    };
+    let sinks = format!(
+        "{}{}{}[[sinks]]\nname = \"legacy\"\ntype = \"webhook\"\nurl = \"{}\"\nsignature = \"adesync-v1\"\n\
+         secret_files = [\"new.secret\", \"hook.secret\"]\nmax_batch = 3\ntimeout = \"5s\"\n",
+        rotating("to-new", knows_new.url()),
+        rotating("to-old", knows_old.url()),
+        rotating("to-stranger", knows_neither.url()),
+        legacy.url(),
+    );
+    let env = env_with(7, "").await;
+    write_secret(&env, "new.secret", &new);
+    write_secret(&env, "old.secret", &old);
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::write(&env.config_path, format!("{text}{sinks}")).unwrap();
+    sync(&env).await;
+
+    let results = deliver_all(&env.config()).await;
+    let ids = all_ids(&env);
+    for (name, receiver) in [
+        ("to-new", &knows_new),
+        ("to-old", &knows_old),
+        ("legacy", &legacy),
+    ] {
+        assert_eq!(result_of(&results, name).as_ref().unwrap(), &7, "{name}");
+        assert_eq!(receiver.accepted_ids(), ids, "{name}");
+    }
+    // Each request: one signature per secret, an id naming its events, a fresh timestamp.
+    for s in knows_new.seen() {
+        let signatures: Vec<&str> = s.header("webhook-signature").split(' ').collect();
+        assert_eq!(signatures.len(), 2, "{signatures:?}");
+        assert!(signatures.iter().all(|v| v.starts_with("v1,")));
+        let first = s.events[0]["id"].as_i64().unwrap();
+        let last = s.events.last().unwrap()["id"].as_i64().unwrap();
+        assert_eq!(s.header("webhook-id"), format!("evt_{first}_{last}"));
+        let ts: i64 = s.header("webhook-timestamp").parse().unwrap();
+        assert!((chrono::Utc::now().timestamp() - ts).abs() < 60);
+        assert!(s.header("x-adesync-signature").is_empty());
+    }
+    // adesync-v1: comma-separated v1= signatures, which adesync's own verify accepts too.
+    for s in legacy.seen() {
+        let sig = s.header("x-adesync-signature");
+        assert_eq!(sig.matches("v1=").count(), 2, "{sig}");
+        let now = chrono::Utc::now().timestamp();
+        let ts = s.header("x-adesync-timestamp");
+        adesync::sinks::verify(
+            SECRET.as_bytes(),
+            ts,
+            sig,
+            &s.body,
+            now,
+            adesync::sinks::DEFAULT_TOLERANCE,
+        )
+        .unwrap();
+        assert!(s.header("webhook-signature").is_empty());
+    }
+    // A receiver that knows neither secret refuses every request: the sink parks.
+    assert!(knows_neither.bad_signatures() > 0);
+    let err = result_of(&results, "to-stranger")
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("parked") && err.contains("401"), "{err}");
+
+    // A changed body, or a changed id, no longer verifies.
+    let s = &knows_new.seen()[0];
+    let wh = standardwebhooks::Webhook::new(&new).unwrap();
+    wh.verify(&s.body, &s.headers).unwrap();
+    let mut tampered = s.body.clone();
+    let at = tampered.iter().position(|b| b.is_ascii_digit()).unwrap();
+    tampered[at] = if tampered[at] == b'9' {
+        b'8'
+    } else {
+        tampered[at] + 1
+    };
+    assert!(wh.verify(&tampered, &s.headers).is_err());
+    let mut other_id = s.headers.clone();
+    other_id.insert("webhook-id", "evt_1_99".parse().unwrap());
+    assert!(wh.verify(&s.body, &other_id).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_parks_the_sink_saying_the_endpoint_is_gone() {
+    let receiver = Receiver::start(vec![Reply::Status(410, None, "")]).await;
+    let env = env_with(3, &webhook_toml("hook", &receiver.url(), 1, "5s")).await;
+    sync(&env).await;
+    let results = deliver_all(&env.config()).await;
+    let err = result_of(&results, "hook").as_ref().unwrap_err();
+    assert!(matches!(err, SinkError::Parked { .. }), "{err}");
+    let err = err.to_string();
+    assert!(
+        err.contains("410 Gone") && err.contains("the receiver says this endpoint is gone"),
+        "{err}"
+    );
+    assert!(err.contains("url"), "{err}");
+    assert_eq!(err.matches("adesync sinks resume hook").count(), 1, "{err}");
+    assert_eq!(receiver.seen().len(), 1, "not retried");
+    let st = status_of(&env, "hook");
+    assert_eq!((st.state, st.cursor), (SinkState::Parked, 0));
+    assert!(st.last_error.unwrap().contains("endpoint is gone"));
+}
+
+/// Parses a CloudEvent with the `cloudevents-sdk` crate, checks its attributes against
+/// its data, and the data against the event schema; returns the data.
+fn checked_cloudevent(schema: &jsonschema::Validator, ce: &Value, instance: &str) -> Value {
+    let event: cloudevents::Event = serde_json::from_value(ce.clone())
+        .unwrap_or_else(|e| panic!("{ce} is not a CloudEvent: {e}"));
+    let cloudevents::Data::Json(data) = event.data().expect("data").clone() else {
+        panic!("{ce}: data is not JSON")
+    };
+    assert_valid(schema, &data);
+    assert_eq!(event.specversion(), cloudevents::event::SpecVersion::V10);
+    let id = data["id"].as_i64().unwrap();
+    let owner = match data["account"].as_str() {
+        Some(a) => format!("org_account:{a}"),
+        None => format!("token:{}", data["token"].as_str().unwrap()),
+    };
+    assert_eq!(
+        event.source().to_string(),
+        format!("urn:adesync:{instance}:{owner}")
+    );
+    assert_eq!(
+        event.ty(),
+        format!("com.github.adesync.{}", data["type"].as_str().unwrap())
+    );
+    assert_eq!(event.subject(), data["serial_number"].as_str());
+    assert_eq!(event.datacontenttype(), Some("application/json"));
+    let occurred: chrono::DateTime<chrono::Utc> =
+        data["occurred_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(event.time(), Some(&occurred));
+    if id > 0 {
+        assert_eq!(event.id(), id.to_string());
+        assert_eq!(
+            event.extension("sequence"),
+            Some(&cloudevents::event::ExtensionValue::String(format!(
+                "{id:020}"
+            )))
+        );
+    } else {
+        assert!(event.id().starts_with("sink-test-"), "{}", event.id());
+        assert!(event.extension("sequence").is_none());
+    }
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_reach_webhooks_files_and_programs() {
+    let single = Receiver::start(vec![]).await;
+    let batched = Receiver::start(vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let piped = dir.path().join("piped.jsonl");
+    let cloud = |toml: String| format!("{toml}format = \"cloudevents\"\n");
+    let sinks = format!(
+        "{}{}{}{}",
+        cloud(webhook_toml("one", &single.url(), 1, "5s")),
+        cloud(webhook_toml("batch", &batched.url(), 4, "5s")),
+        cloud("[[sinks]]\nname = \"lines\"\ntype = \"jsonl\"\npath = \"ce.jsonl\"\n".into()),
+        cloud(format!(
+            "[[sinks]]\nname = \"program\"\ntype = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >> \\\"$0\\\"\", {:?}]\n",
+            piped.display().to_string()
+        )),
+    );
+    let env = env_with(8, &sinks).await;
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::write(&env.config_path, format!("instance = \"mdm-test\"\n{text}")).unwrap();
+    sync(&env).await;
+    let serials = env.mock.serials();
+    env.mock.modify_devices(&serials[..2]);
+    env.mock.delete_devices(&serials[5..6]);
+    sync(&env).await;
+
+    let results = deliver_all(&env.config()).await;
+    for name in ["one", "batch", "lines", "program"] {
+        assert_eq!(result_of(&results, name).as_ref().unwrap(), &11, "{name}");
+    }
+    let stored = env.store().events_after(0, None, 100).unwrap();
+    let want: Vec<Value> = stored.iter().map(adesync::events::event_json).collect();
+    for k in ["added", "modified", "deleted"] {
+        assert!(stored.iter().any(|e| e.kind.as_str() == k), "no {k} event");
+    }
+    let schema = schema();
+
+    // A webhook with max_batch = 1: one CloudEvent per request; larger: a JSON array.
+    for (receiver, content_type, opener) in [
+        (&single, "application/cloudevents+json", b'{'),
+        (&batched, "application/cloudevents-batch+json", b'['),
+    ] {
+        let seen = receiver.seen();
+        let mut sent = Vec::new();
+        for s in &seen {
+            assert_eq!(s.header("content-type"), content_type);
+            assert_eq!(s.body[0], opener);
+            assert!(!s.header("webhook-signature").is_empty(), "signed");
+            for ce in &s.cloudevents {
+                sent.push(ce.clone());
+                assert_eq!(checked_cloudevent(&schema, ce, "mdm-test"), ce["data"]);
+            }
+        }
+        assert_eq!(
+            sent.iter().map(|ce| ce["data"].clone()).collect::<Vec<_>>(),
+            want
+        );
+    }
+    assert!(batched.seen().iter().all(|s| s.events.len() <= 4));
+
+    // A file and a program get the same CloudEvents, one per line.
+    let reference: Vec<Value> = single
+        .seen()
+        .iter()
+        .flat_map(|s| s.cloudevents.clone())
+        .collect();
+    for file in [env.path("ce.jsonl"), piped.clone()] {
+        let lines: Vec<Value> = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for ce in &lines {
+            checked_cloudevent(&schema, ce, "mdm-test");
+        }
+        assert_eq!(lines, reference, "{}", file.display());
+    }
+
+    // The test event comes in the sink's format too, with a webhook-id of its own.
+    for name in ["lines", "one"] {
+        let out = output({
+            let mut c = adesync(&env);
+            c.args(["sinks", "test", name]);
+            c
+        })
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let last_line = std::fs::read_to_string(env.path("ce.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(last_line.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "com.github.adesync.sink.test");
+    checked_cloudevent(&schema, &last, "mdm-test");
+    let test = single.seen().last().unwrap().clone();
+    assert!(
+        test.header("webhook-id").starts_with("test_"),
+        "{:?}",
+        test.headers
+    );
+    assert_eq!(test.header("content-type"), "application/cloudevents+json");
+    assert_eq!(
+        checked_cloudevent(&schema, &test.cloudevents[0], "mdm-test")["id"],
+        0
+    );
+    assert_eq!(all_ids(&env).len(), 11, "test events are not stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_signing_and_format_settings_exit_78_naming_the_key() {
+    let env = env_with(1, "").await;
+    write_secret(&env, "new.secret", &whsec(1));
+    write_secret(&env, "short.secret", "whsec_c2hvcnQ=");
+    write_secret(&env, "garbled.secret", "whsec_%%%not-base64%%%");
+    let base = std::fs::read_to_string(&env.config_path).unwrap();
+    let hook = "[[sinks]]\nname = \"h\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n";
+    let cases = [
+        (
+            format!("{base}{hook}secret_file = \"hook.secret\"\nsignature = \"sha256\"\n"),
+            "sinks[0].signature",
+        ),
+        (
+            format!("{base}{hook}secret_file = \"hook.secret\"\nformat = \"cloudevent\"\n"),
+            "sinks[0].format",
+        ),
+        (
+            format!("{base}{hook}secret_file = \"hook.secret\"\nsecret_files = [\"new.secret\"]\n"),
+            "sinks[0].secret_files",
+        ),
+        (
+            format!("{base}{hook}secret_files = []\n"),
+            "sinks[0].secret_files",
+        ),
+        (
+            format!("{base}{hook}secret_files = [\"new.secret\", \"short.secret\"]\n"),
+            "sinks[0].secret_files[1]",
+        ),
+        (
+            format!("{base}{hook}secret_file = \"garbled.secret\"\n"),
+            "sinks[0].secret_file",
+        ),
+        (
+            format!("{base}[[sinks]]\nname = \"j\"\ntype = \"jsonl\"\nformat = \"xml\"\n"),
+            "sinks[0].format",
+        ),
+        (format!("instance = \"my host\"\n{base}"), "instance"),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&env.config_path, &text).unwrap();
+        let out = output({
+            let mut c = adesync(&env);
+            c.arg("check-config");
+            c
+        })
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{key}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        assert!(
+            !err.contains(&whsec(1)[6..]) && !err.contains("not-base64"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,6 +957,11 @@ async fn a_process_killed_mid_delivery_resends_only_the_batch_in_flight() {
     assert_eq!(
         seen[1].body, seen[2].body,
         "the held batch was sent again unchanged"
+    );
+    assert_eq!(
+        (seen[1].header("webhook-id"), seen[2].header("webhook-id")),
+        ("evt_11_20", "evt_11_20"),
+        "with the same webhook-id, across processes"
     );
     assert_eq!(status_of(&env, "hook").cursor, 30);
 }

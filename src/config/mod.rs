@@ -22,8 +22,8 @@ pub use org::{
 };
 pub use schedule::{parse_schedule, parse_timezone, CronSchedule, Schedule};
 pub use sinks::{
-    CommandConfig, JsonlTarget, SinkConfig, SinkKind, WebhookConfig, WebhookSecret,
-    DEFAULT_EVENT_RETENTION, MAX_BATCH_LIMIT,
+    CommandConfig, EventFormat, JsonlTarget, SignatureScheme, SinkConfig, SinkKind, WebhookConfig,
+    WebhookSecret, DEFAULT_EVENT_RETENTION, MAX_BATCH_LIMIT, WHSEC_PREFIX,
 };
 
 /// Default `max_response_size`: a page of 1,000 devices is about 400 KB, so 16 MiB is a
@@ -77,6 +77,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     database: Option<PathBuf>,
+    instance: Option<String>,
     user_agent: Option<String>,
     protocol_version: Option<u32>,
     request_timeout: Option<String>,
@@ -131,6 +132,9 @@ struct RawToken {
 pub struct Config {
     /// The file it came from.
     pub source: PathBuf,
+    /// This adesync installation's name in the events it sends (`instance`; default: the
+    /// machine's host name), e.g. in a CloudEvent's `source`.
+    pub instance: String,
     /// SQLite database file (created if missing).
     pub database: PathBuf,
     /// Default schedule of each token's syncs in daemon mode.
@@ -288,6 +292,13 @@ impl Config {
                 }
                 p
             }
+        };
+        let instance = match raw.instance {
+            Some(name) => {
+                check_instance(&name).map_err(|r| invalid("instance", r))?;
+                name
+            }
+            None => default_instance(),
         };
         let user_agent = raw.user_agent.unwrap_or_else(default_user_agent);
         check_user_agent(&user_agent).map_err(|r| invalid("user_agent", r))?;
@@ -499,6 +510,7 @@ impl Config {
 
         Ok(Config {
             source: path.to_owned(),
+            instance,
             database,
             schedule,
             full_fetch,
@@ -523,6 +535,7 @@ impl Config {
             "# effective configuration from {}",
             self.source.display()
         );
+        let _ = writeln!(s, "instance = {:?}", self.instance);
         let _ = writeln!(s, "database = {:?}", self.database.display().to_string());
         let _ = writeln!(s, "schedule = {:?}", self.schedule.to_config_text());
         let _ = writeln!(s, "timezone = {:?}", self.timezone.name());
@@ -779,6 +792,58 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest `instance` accepted (a DNS name's limit).
+const MAX_INSTANCE_LEN: usize = 253;
+
+/// Checks an `instance` name: 1-253 characters of a-z, A-Z, 0-9, `.`, `_` and `-`, so it
+/// fits in a URI as it is.
+fn check_instance(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_INSTANCE_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "{name:?} is not a valid instance name; use 1-{MAX_INSTANCE_LEN} characters of a-z, A-Z, 0-9, ., _ and - (e.g. the machine's host name, the default)"
+        ));
+    }
+    Ok(())
+}
+
+/// The default `instance`: the machine's host name (as `uname -n` gives it), with any
+/// character an instance name cannot hold replaced by `-`; `"adesync"` when there is none.
+fn default_instance() -> String {
+    let name = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| {
+            let text = std::fs::read_to_string(p).ok()?;
+            let name = text.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or_default();
+    instance_from_host_name(&name)
+}
+
+fn instance_from_host_name(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .take(MAX_INSTANCE_LEN)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "adesync".to_owned()
+    } else {
+        name
+    }
+}
+
 fn check_user_agent(ua: &str) -> Result<(), String> {
     if ua.trim().is_empty() {
         return Err("must not be empty: Apple rejects requests without a User-Agent".into());
@@ -868,6 +933,32 @@ pub(crate) mod tests {
         assert_eq!(c.tokens[0].protocol_version, 10);
         assert!(c.tokens[0].user_agent.starts_with("adesync/"));
         assert_eq!(c.schedule.longest_gap(), Duration::from_secs(900));
+    }
+
+    #[test]
+    fn instance_defaults_to_the_host_name_and_is_checked() {
+        let dir = dir_with_token();
+        let c = parse(&dir, MINIMAL).unwrap();
+        assert!(check_instance(&c.instance).is_ok(), "{}", c.instance);
+        let c = parse(
+            &dir,
+            &format!("instance = \"mdm-1.example.com\"\n{MINIMAL}"),
+        )
+        .unwrap();
+        assert_eq!(c.instance, "mdm-1.example.com");
+        assert!(c
+            .to_redacted_toml()
+            .contains("instance = \"mdm-1.example.com\""));
+        for bad in ["", "a b", "urn:x", "é", &"x".repeat(254)] {
+            let e = parse(&dir, &format!("instance = {bad:?}\n{MINIMAL}")).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { key, .. } if key == "instance"),
+                "{bad:?}: {e}"
+            );
+        }
+        assert_eq!(instance_from_host_name("host_1.lan"), "host_1.lan");
+        assert_eq!(instance_from_host_name("a b:c"), "a-b-c");
+        assert_eq!(instance_from_host_name(""), "adesync");
     }
 
     #[test]

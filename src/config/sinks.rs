@@ -1,9 +1,9 @@
 //! The `[[sinks]]` tables and `event_retention`: raw TOML → typed [`SinkConfig`]s.
 //!
 //! Each sink type accepts only its own keys, and every value is checked here, so a
-//! delivery pass never meets a bad setting. A webhook's signing secret is read from its
-//! file at load time (the file must be private to its owner) and is never printed: its
-//! type's `Debug` redacts it and no error quotes it.
+//! delivery pass never meets a bad setting. A webhook's signing secrets are read from
+//! their files at load time (each file must be private to its owner) and are never
+//! printed: their type's `Debug` redacts them and no error quotes them.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,17 @@ use super::{duration, duration_in, parse_api_url, resolve, ConfigError};
 pub const MAX_BATCH_LIMIT: usize = 1000;
 /// Events kept by default after every sink has them: 90 days.
 pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Shortest signing secret accepted, in bytes.
+/// Shortest signing secret accepted in its raw form (the file's text), in bytes.
 const MIN_SECRET_LEN: usize = 16;
+/// Prefix of a secret in the Standard Webhooks form: `whsec_` and the key in base64.
+pub const WHSEC_PREFIX: &str = "whsec_";
+/// Key lengths the Standard Webhooks specification allows for a `whsec_` secret, in bytes.
+const WHSEC_KEY_LEN: std::ops::RangeInclusive<usize> = 24..=64;
+
+/// The command that makes a secret in `file`, for messages.
+fn make_secret(file: &str) -> String {
+    format!("(umask 077; echo \"{WHSEC_PREFIX}$(openssl rand -base64 32)\" > {file})")
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +38,9 @@ pub(super) struct RawSink {
     path: Option<String>,
     url: Option<String>,
     secret_file: Option<PathBuf>,
+    secret_files: Option<Vec<PathBuf>>,
+    signature: Option<String>,
+    format: Option<String>,
     command: Option<Vec<String>>,
     max_batch: Option<i64>,
     timeout: Option<String>,
@@ -41,8 +53,51 @@ pub struct SinkConfig {
     pub name: String,
     /// What kind of sink, and its settings.
     pub kind: SinkKind,
+    /// The shape of each event it receives (`format`).
+    pub format: EventFormat,
 }
 
+/// The shape of each event a sink receives (`format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EventFormat {
+    /// adesync's own event object (`schema/event.schema.json`).
+    #[default]
+    Adesync,
+    /// A CloudEvents 1.0 event in structured-mode JSON whose `data` is that object.
+    CloudEvents,
+}
+
+impl EventFormat {
+    /// The `format` value in the config file.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            EventFormat::Adesync => "adesync",
+            EventFormat::CloudEvents => "cloudevents",
+        }
+    }
+}
+
+/// How a webhook request is signed (`signature`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SignatureScheme {
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp` and `webhook-signature`
+    /// (`v1,<base64 HMAC-SHA256>`, one per secret, space-separated).
+    #[default]
+    StandardWebhooks,
+    /// adesync's first scheme: `X-Adesync-Timestamp` and `X-Adesync-Signature`
+    /// (`v1=<hex HMAC-SHA256>`, one per secret, comma-separated).
+    AdesyncV1,
+}
+
+impl SignatureScheme {
+    /// The `signature` value in the config file.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            SignatureScheme::StandardWebhooks => "standard-webhooks",
+            SignatureScheme::AdesyncV1 => "adesync-v1",
+        }
+    }
+}
 /// The sink types.
 #[derive(Clone, Debug)]
 pub enum SinkKind {
@@ -79,10 +134,16 @@ pub enum JsonlTarget {
 pub struct WebhookConfig {
     /// Where events are POSTed (https; plain http only to loopback).
     pub url: reqwest::Url,
-    /// The file the signing secret was read from (for messages; never its content).
-    pub secret_file: PathBuf,
-    /// The HMAC-SHA256 signing secret.
-    pub secret: WebhookSecret,
+    /// The files the signing secrets were read from, the newest first (for messages;
+    /// never their content).
+    pub secret_files: Vec<PathBuf>,
+    /// Whether they were given as `secret_files` (a list) rather than `secret_file`.
+    pub secret_list: bool,
+    /// The HMAC-SHA256 keys, one per file in the same order: every request is signed
+    /// with each, so a receiver may know any one of them (a key being rotated).
+    pub secrets: Vec<WebhookSecret>,
+    /// How requests are signed.
+    pub signature: SignatureScheme,
     /// Events per request: 1 sends one event object, more sends a JSON array.
     pub max_batch: usize,
     /// Timeout of one request (connect + response).
@@ -100,7 +161,8 @@ pub struct CommandConfig {
     pub timeout: Duration,
 }
 
-/// A webhook signing secret. `Debug` and `Display` never show it.
+/// A webhook signing key: the bytes HMAC-SHA256 is keyed with (for a `whsec_` secret the
+/// decoded base64, otherwise the file's text). `Debug` never shows it.
 #[derive(Clone)]
 pub struct WebhookSecret(Vec<u8>);
 
@@ -161,9 +223,17 @@ pub(super) fn resolve_sink(
     };
     // Keys a type does not take are refused by name, so a typo cannot pass silently.
     let allowed: &[&str] = match raw.kind.as_str() {
-        "jsonl" => &["path"],
-        "webhook" => &["url", "secret_file", "max_batch", "timeout"],
-        "command" => &["command", "max_batch", "timeout"],
+        "jsonl" => &["path", "format"],
+        "webhook" => &[
+            "url",
+            "secret_file",
+            "secret_files",
+            "signature",
+            "format",
+            "max_batch",
+            "timeout",
+        ],
+        "command" => &["command", "format", "max_batch", "timeout"],
         other => {
             return Err(invalid(
                 "type",
@@ -175,6 +245,9 @@ pub(super) fn resolve_sink(
         ("path", raw.path.is_some()),
         ("url", raw.url.is_some()),
         ("secret_file", raw.secret_file.is_some()),
+        ("secret_files", raw.secret_files.is_some()),
+        ("signature", raw.signature.is_some()),
+        ("format", raw.format.is_some()),
         ("command", raw.command.is_some()),
         ("max_batch", raw.max_batch.is_some()),
         ("timeout", raw.timeout.is_some()),
@@ -198,6 +271,16 @@ pub(super) fn resolve_sink(
             "max_batch",
             format!("{n} is out of range; use 1..={MAX_BATCH_LIMIT}"),
         )),
+    };
+    let format = match raw.format.as_deref() {
+        None | Some("adesync") => EventFormat::Adesync,
+        Some("cloudevents") => EventFormat::CloudEvents,
+        Some(other) => {
+            return Err(invalid(
+                "format",
+                format!("unknown event format {other:?}; supported: \"adesync\" (adesync's event object, the default), \"cloudevents\" (CloudEvents 1.0, structured-mode JSON)"),
+            ))
+        }
     };
     let timeout = |default: Duration| {
         duration_in(
@@ -246,20 +329,58 @@ pub(super) fn resolve_sink(
                     "must not carry a user name or password: it would show in logs; receivers authenticate requests by their signature".into(),
                 ));
             }
-            let secret_file = resolve(
-                base,
-                raw.secret_file.clone().ok_or_else(|| {
-                    invalid(
+            let signature = match raw.signature.as_deref() {
+                None | Some("standard-webhooks") => SignatureScheme::StandardWebhooks,
+                Some("adesync-v1") => SignatureScheme::AdesyncV1,
+                Some(other) => {
+                    return Err(invalid(
+                        "signature",
+                        format!("unknown signature scheme {other:?}; supported: \"standard-webhooks\" (the default; webhook-id, webhook-timestamp and webhook-signature headers), \"adesync-v1\" (the X-Adesync-Timestamp and X-Adesync-Signature headers of earlier versions)"),
+                    ))
+                }
+            };
+            let files: Vec<(String, PathBuf)> = match (raw.secret_file.clone(), raw.secret_files.clone()) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "secret_files",
+                        "give either secret_file (one secret) or secret_files (several, the newest first, while the receiver switches to a new one), not both".into(),
+                    ))
+                }
+                (None, None) => {
+                    return Err(invalid(
                         "secret_file",
-                        "a webhook sink needs secret_file, a file (mode 0600) holding the signing secret; create one with `openssl rand -hex 32 > FILE && chmod 600 FILE`".into(),
-                    )
-                })?,
-            );
-            let secret = read_secret(&secret_file).map_err(|r| invalid("secret_file", r))?;
+                        format!("a webhook sink needs secret_file, a file (mode 0600) holding the signing secret; create one with `{}`", make_secret("FILE")),
+                    ))
+                }
+                (Some(f), None) => vec![("secret_file".to_owned(), f)],
+                (None, Some(list)) if list.is_empty() => {
+                    return Err(invalid(
+                        "secret_files",
+                        "is empty; list at least one secret file, the newest first (or use secret_file for a single one)".into(),
+                    ))
+                }
+                (None, Some(list)) => list
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, f)| (format!("secret_files[{j}]"), f))
+                    .collect(),
+            };
+            let mut secret_files = Vec::with_capacity(files.len());
+            let mut secrets = Vec::with_capacity(files.len());
+            for (key, file) in files {
+                let file = resolve(base, file);
+                if secret_files.contains(&file) {
+                    return Err(invalid(&key, format!("{} is listed twice", file.display())));
+                }
+                secrets.push(read_secret(&file).map_err(|r| invalid(&key, r))?);
+                secret_files.push(file);
+            }
             SinkKind::Webhook(WebhookConfig {
                 url,
-                secret_file,
-                secret,
+                secret_files,
+                secret_list: raw.secret_files.is_some(),
+                secrets,
+                signature,
                 max_batch: max_batch(1)?,
                 timeout: timeout(Duration::from_secs(10))?,
             })
@@ -305,12 +426,16 @@ pub(super) fn resolve_sink(
     Ok(SinkConfig {
         name: raw.name,
         kind,
+        format,
     })
 }
 
-/// Reads a signing secret: the file must be private to its owner, and the secret (its
-/// content without surrounding whitespace) long enough. Messages never quote it.
+/// Reads a signing secret: the file must be private to its owner. Its content without
+/// surrounding whitespace is either `whsec_` and the base64 of a 24 to 64-byte key (the
+/// Standard Webhooks form; the key is the decoded bytes), or any other text of at least
+/// [`MIN_SECRET_LEN`] bytes (the key is that text). Messages never quote it.
 fn read_secret(path: &Path) -> Result<WebhookSecret, String> {
+    use base64::Engine;
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
     let meta =
@@ -323,10 +448,37 @@ fn read_secret(path: &Path) -> Result<WebhookSecret, String> {
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
     let secret = bytes.trim_ascii();
+    if let Some(encoded) = secret.strip_prefix(WHSEC_PREFIX.as_bytes()) {
+        // The decoder's own error is not quoted: it names the offending byte.
+        let engines = [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+        ];
+        let key = engines
+            .iter()
+            .find_map(|e| e.decode(encoded).ok())
+            .ok_or_else(|| {
+                format!(
+                    "secret file {shown} starts with {WHSEC_PREFIX} but the rest is not base64; a Standard Webhooks secret is {WHSEC_PREFIX} followed by the base64 of 24 to 64 random bytes: `{}`",
+                    make_secret(&shown.to_string())
+                )
+            })?;
+        if !WHSEC_KEY_LEN.contains(&key.len()) {
+            return Err(format!(
+                "the {WHSEC_PREFIX} secret in {shown} decodes to {} bytes; Standard Webhooks secrets are {} to {} bytes: `{}`",
+                key.len(),
+                WHSEC_KEY_LEN.start(),
+                WHSEC_KEY_LEN.end(),
+                make_secret(&shown.to_string())
+            ));
+        }
+        return Ok(WebhookSecret::new(key));
+    }
     if secret.len() < MIN_SECRET_LEN {
         return Err(format!(
-            "secret file {shown} holds {} bytes; a signing secret needs at least {MIN_SECRET_LEN}: `openssl rand -hex 32 > {shown}`",
-            secret.len()
+            "secret file {shown} holds {} bytes; a signing secret needs at least {MIN_SECRET_LEN}: `{}`",
+            secret.len(),
+            make_secret(&shown.to_string())
         ));
     }
     Ok(WebhookSecret::new(secret))
@@ -338,6 +490,7 @@ pub(super) fn sink_to_toml(out: &mut String, k: &SinkConfig) {
     let _ = writeln!(out, "\n[[sinks]]");
     let _ = writeln!(out, "name = {:?}", k.name);
     let _ = writeln!(out, "type = \"{}\"", k.kind.type_name());
+    let _ = writeln!(out, "format = \"{}\"", k.format.config_name());
     let secs = |d: Duration| humantime::format_duration(d).to_string();
     match &k.kind {
         SinkKind::Jsonl(JsonlTarget::Stdout) => {
@@ -348,11 +501,17 @@ pub(super) fn sink_to_toml(out: &mut String, k: &SinkConfig) {
         }
         SinkKind::Webhook(w) => {
             let _ = writeln!(out, "url = {:?}", w.url.as_str());
-            let _ = writeln!(
-                out,
-                "secret_file = {:?}  # secret redacted",
-                w.secret_file.display().to_string()
-            );
+            let files: Vec<String> = w
+                .secret_files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            if w.secret_list {
+                let _ = writeln!(out, "secret_files = {files:?}  # secrets redacted");
+            } else {
+                let _ = writeln!(out, "secret_file = {:?}  # secret redacted", files[0]);
+            }
+            let _ = writeln!(out, "signature = \"{}\"", w.signature.config_name());
             let _ = writeln!(out, "max_batch = {}", w.max_batch);
             let _ = writeln!(out, "timeout = {:?}", secs(w.timeout));
         }
@@ -410,13 +569,62 @@ mod tests {
         let SinkKind::Webhook(w) = &c.sinks[0].kind else {
             panic!("not a webhook")
         };
-        assert_eq!(w.secret.expose(), SECRET.as_bytes(), "whitespace trimmed");
+        assert_eq!(w.secrets.len(), 1);
+        assert_eq!(
+            w.secrets[0].expose(),
+            SECRET.as_bytes(),
+            "whitespace trimmed"
+        );
         assert_eq!((w.max_batch, w.timeout), (50, Duration::from_secs(10)));
+        assert_eq!(
+            w.signature,
+            SignatureScheme::StandardWebhooks,
+            "the default"
+        );
+        assert_eq!(c.sinks[0].format, EventFormat::Adesync, "the default");
         assert!(!format!("{c:?}").contains(SECRET));
         let shown = c.to_redacted_toml();
         assert!(!shown.contains(SECRET), "{shown}");
         assert!(shown.contains("type = \"webhook\""), "{shown}");
+        assert!(
+            shown.contains("signature = \"standard-webhooks\""),
+            "{shown}"
+        );
+        assert!(shown.contains("format = \"adesync\""), "{shown}");
         assert!(shown.contains("event_retention = \"90d\""), "{shown}");
+    }
+
+    #[test]
+    fn whsec_secrets_are_decoded_and_rotation_signs_with_each() {
+        use base64::Engine;
+        let d = dir();
+        let key: Vec<u8> = (0u8..32).collect();
+        let whsec = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(&key)
+        );
+        write_secret(&d, "new.secret", &format!("{whsec}\n"), 0o600);
+        let c = parse(
+            &d,
+            "[[sinks]]\nname = \"h\"\ntype = \"webhook\"\nurl = \"https://x.example/\"\n\
+             secret_files = [\"new.secret\", \"hook.secret\"]\nsignature = \"adesync-v1\"\nformat = \"cloudevents\"\n\
+             [[sinks]]\nname = \"j\"\ntype = \"jsonl\"\nformat = \"cloudevents\"\n\
+             [[sinks]]\nname = \"c\"\ntype = \"command\"\ncommand = [\"cat\"]\nformat = \"cloudevents\"\n",
+        )
+        .unwrap();
+        let SinkKind::Webhook(w) = &c.sinks[0].kind else {
+            panic!("not a webhook")
+        };
+        let keys: Vec<&[u8]> = w.secrets.iter().map(WebhookSecret::expose).collect();
+        assert_eq!(keys, [&key[..], SECRET.as_bytes()], "the newest first");
+        assert_eq!(w.signature, SignatureScheme::AdesyncV1);
+        assert!(c.sinks.iter().all(|s| s.format == EventFormat::CloudEvents));
+        let shown = format!("{c:?}{}", c.to_redacted_toml());
+        assert!(
+            !shown.contains(&whsec[6..]) && !shown.contains(SECRET),
+            "{shown}"
+        );
+        assert!(shown.contains("secret_files = ["), "{shown}");
     }
 
     #[test]
@@ -442,6 +650,9 @@ mod tests {
     fn bad_sink_settings_name_their_key() {
         let d = dir();
         write_secret(&d, "short.secret", "abc", 0o600);
+        // Not base64, and base64 of 16 bytes (Standard Webhooks wants 24 to 64).
+        write_secret(&d, "garbled.secret", "whsec_not*base64*at*all!", 0o600);
+        write_secret(&d, "weak.secret", "whsec_AAAAAAAAAAAAAAAAAAAAAA==", 0o600);
         write_secret(&d, "plain.txt", "not a program", 0o644);
         let hook = "[[sinks]]\nname = \"h\"\ntype = \"webhook\"\n";
         let cases = [
@@ -449,6 +660,15 @@ mod tests {
             (format!("{hook}url = \"https://u:p@x.example/\"\nsecret_file = \"hook.secret\"\n"), "sinks[0].url"),
             (format!("{hook}url = \"https://x.example/\"\n"), "sinks[0].secret_file"),
             (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"short.secret\"\n"), "sinks[0].secret_file"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"garbled.secret\"\n"), "sinks[0].secret_file"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_files = [\"hook.secret\", \"weak.secret\"]\n"), "sinks[0].secret_files[1]"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_files = [\"hook.secret\", \"hook.secret\"]\n"), "sinks[0].secret_files[1]"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_files = []\n"), "sinks[0].secret_files"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\nsecret_files = [\"hook.secret\"]\n"), "sinks[0].secret_files"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\nsignature = \"hmac\"\n"), "sinks[0].signature"),
+            (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\nformat = \"cloudevent\"\n"), "sinks[0].format"),
+            ("[[sinks]]\nname = \"j\"\ntype = \"jsonl\"\nsignature = \"adesync-v1\"\n".into(), "sinks[0].signature"),
+            ("[[sinks]]\nname = \"j\"\ntype = \"jsonl\"\nformat = \"xml\"\n".into(), "sinks[0].format"),
             (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\nmax_batch = 0\n"), "sinks[0].max_batch"),
             (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\npath = \"x\"\n"), "sinks[0].path"),
             (format!("{hook}url = \"https://x.example/\"\nsecret_file = \"hook.secret\"\ntimeout = \"0s\"\n"), "sinks[0].timeout"),
@@ -464,6 +684,10 @@ mod tests {
         for (text, key) in cases {
             let (k, reason) = key_of(parse(&d, &text).unwrap_err());
             assert_eq!(k, key, "{reason}");
+            assert!(
+                !reason.contains(SECRET) && !reason.contains("base64*at"),
+                "{reason}"
+            );
         }
         // A top-level key goes before the first table.
         let text = "event_retention = \"10m\"\ndatabase = \"a.db\"\n[[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\n";

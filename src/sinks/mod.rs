@@ -13,7 +13,8 @@
 //! while a receiver is talked to, so a slow or dead receiver never delays a sync, nor
 //! another sink.
 //!
-//! - `jsonl`, `webhook`, `command`: how one batch reaches each kind of receiver.
+//! - `jsonl`, `webhook`, `command`: how one batch reaches each kind of receiver; each
+//!   event is in the sink's `format` (adesync's object, or a CloudEvent around it).
 //! - [`deliver_all`]: one pass over every sink, then retention of delivered events.
 //! - [`sink_status`]: each sink's cursor, backlog and health, for people and metrics.
 //! - [`replay`], [`resume`], [`send_test`]: the operator's tools.
@@ -22,7 +23,8 @@ pub(crate) mod command;
 pub(crate) mod jsonl;
 pub(crate) mod webhook;
 
-/// How a receiver checks the `X-Adesync-Signature` of a webhook request.
+/// How a receiver checks the `X-Adesync-Signature` of a webhook request (the
+/// `adesync-v1` scheme; for the default, Standard Webhooks, use any of its libraries).
 pub use webhook::{verify, VerifyError, DEFAULT_TOLERANCE};
 
 use std::collections::BTreeSet;
@@ -34,8 +36,8 @@ use backon::BackoffBuilder;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::config::{Config, RetryPolicy, SinkConfig, SinkKind};
-use crate::events::event_json;
+use crate::config::{Config, EventFormat, RetryPolicy, SinkConfig, SinkKind};
+use crate::events::{cloudevent, event_json};
 use crate::model::{format_time, parse_time, SinkState};
 use crate::store::{Store, StoreError};
 
@@ -60,7 +62,7 @@ pub enum SinkError {
         message: String,
     },
     /// The receiver refused a batch for good; delivery to this sink waits for a person.
-    #[error("sink \"{sink}\" is parked: {message}; fix the receiver (or what it refuses), then run `adesync sinks resume {sink}`")]
+    #[error("sink \"{sink}\" is parked: {}", parked(sink, message))]
     Parked {
         /// Sink name.
         sink: String,
@@ -109,6 +111,16 @@ pub enum SinkError {
     },
 }
 
+/// A parked sink's message with what to do, unless the message says it already.
+fn parked(sink: &str, message: &str) -> String {
+    let resume = format!("`adesync sinks resume {sink}`");
+    if message.contains(&resume) {
+        message.to_owned()
+    } else {
+        format!("{message}; fix the receiver (or what it refuses), then run {resume}")
+    }
+}
+
 /// Why one attempt to hand a batch to a receiver failed.
 #[derive(Debug)]
 pub(crate) enum Failure {
@@ -146,7 +158,9 @@ impl Transport {
     fn new(sink: &SinkConfig) -> Result<Self, Failure> {
         Ok(match &sink.kind {
             SinkKind::Jsonl(t) => Transport::Jsonl(jsonl::JsonlWriter::new(t.clone())),
-            SinkKind::Webhook(w) => Transport::Webhook(webhook::WebhookClient::new(w)?),
+            SinkKind::Webhook(w) => {
+                Transport::Webhook(webhook::WebhookClient::new(&sink.name, w, sink.format)?)
+            }
             SinkKind::Command(c) => {
                 Transport::Command(command::CommandRunner::new(&sink.name, c.clone()))
             }
@@ -162,13 +176,31 @@ impl Transport {
     }
 
     /// Hands over one batch of serialized events (each one JSON object, no newline).
-    async fn send(&self, events: &[Vec<u8>]) -> Result<(), Failure> {
+    /// `batch_id` is the same for every attempt of the same events (a webhook's
+    /// `webhook-id`).
+    async fn send(&self, batch_id: &str, events: &[Vec<u8>]) -> Result<(), Failure> {
         match self {
             Transport::Jsonl(j) => j.send(events).await,
-            Transport::Webhook(w) => w.send(events).await,
+            Transport::Webhook(w) => w.send(batch_id, events).await,
             Transport::Command(c) => c.send(events).await,
         }
     }
+}
+
+/// One event as the sink's `format` wants it, serialized.
+fn render(format: EventFormat, event: serde_json::Value, instance: &str) -> Vec<u8> {
+    match format {
+        EventFormat::Adesync => event,
+        EventFormat::CloudEvents => cloudevent(event, instance),
+    }
+    .to_string()
+    .into_bytes()
+}
+
+/// The id of the batch of events `first..=last`, derived from the events it carries: every
+/// attempt at the same batch (a retry, or a re-send after a restart) has the same id.
+fn batch_id(first: i64, last: i64) -> String {
+    format!("evt_{first}_{last}")
 }
 
 /// A store shared by one sink's pass, reached off the executor.
@@ -275,7 +307,12 @@ pub async fn deliver_all(config: &Config) -> Vec<(String, Result<u64, SinkError>
         .sinks
         .iter()
         .map(|s| {
-            let pass = deliver_sink(config.database.clone(), s.clone(), config.retry.clone());
+            let pass = deliver_sink(
+                config.database.clone(),
+                s.clone(),
+                config.retry.clone(),
+                config.instance.clone(),
+            );
             (s.name.clone(), tokio::spawn(pass))
         })
         .collect();
@@ -298,7 +335,12 @@ pub async fn deliver_all(config: &Config) -> Vec<(String, Result<u64, SinkError>
 }
 
 /// Delivers one sink's backlog (used by [`deliver_all`] and [`replay`]).
-async fn deliver_sink(db: PathBuf, sink: SinkConfig, retry: RetryPolicy) -> Result<u64, SinkError> {
+async fn deliver_sink(
+    db: PathBuf,
+    sink: SinkConfig,
+    retry: RetryPolicy,
+    instance: String,
+) -> Result<u64, SinkError> {
     let Some(_claim) = Claim::take(&db, &sink.name) else {
         // Another pass of this process is on it and will deliver the backlog.
         tracing::debug!(sink = %sink.name, "already being delivered");
@@ -355,9 +397,10 @@ async fn deliver_sink(db: PathBuf, sink: SinkConfig, retry: RetryPolicy) -> Resu
         let (first, last) = (first.id, last.id);
         let payload: Vec<Vec<u8>> = events
             .iter()
-            .map(|e| event_json(e).to_string().into_bytes())
+            .map(|e| render(sink.format, event_json(e), &instance))
             .collect();
-        match send_with_retries(&transport, &name, &payload, &retry).await {
+        let id = batch_id(first, last);
+        match send_with_retries(&transport, &name, &id, &payload, &retry).await {
             Ok(()) => {}
             Err(Failure::Refused { message }) => {
                 let message = format!("events {first}..={last} were refused: {message}");
@@ -411,6 +454,7 @@ async fn deliver_sink(db: PathBuf, sink: SinkConfig, retry: RetryPolicy) -> Resu
 async fn send_with_retries(
     transport: &Transport,
     sink: &str,
+    batch_id: &str,
     payload: &[Vec<u8>],
     retry: &RetryPolicy,
 ) -> Result<(), Failure> {
@@ -423,7 +467,7 @@ async fn send_with_retries(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (message, retry_after) = match transport.send(payload).await {
+        let (message, retry_after) = match transport.send(batch_id, payload).await {
             Ok(()) => return Ok(()),
             Err(refused @ Failure::Refused { .. }) => return Err(refused),
             Err(Failure::Retry {
@@ -618,7 +662,13 @@ pub async fn replay(config: &Config, name: &str, from: i64) -> Result<u64, SinkE
             reason,
         });
     }
-    deliver_sink(config.database.clone(), sink, config.retry.clone()).await
+    deliver_sink(
+        config.database.clone(),
+        sink,
+        config.retry.clone(),
+        config.instance.clone(),
+    )
+    .await
 }
 
 /// Un-parks a sink (and drops a Retry-After pause): the next pass delivers again,
@@ -632,8 +682,9 @@ pub async fn resume(config: &Config, name: &str) -> Result<bool, SinkError> {
     .await
 }
 
-/// Sends one test event (id 0, type `sink.test`, never stored) to a sink, once, and
-/// says whether the receiver accepted it. The sink's cursor and state are not touched.
+/// Sends one test event (id 0, type `sink.test`, never stored) to a sink in its format,
+/// once, and says whether the receiver accepted it. The sink's cursor and state are not
+/// touched. Its batch id (a webhook's `webhook-id`) is new each time, `test_<unix ms>`.
 pub async fn send_test(config: &Config, name: &str) -> Result<(), SinkError> {
     let sink = find(config, name)?;
     let failed = |f: Failure| SinkError::TestFailed {
@@ -642,9 +693,11 @@ pub async fn send_test(config: &Config, name: &str) -> Result<(), SinkError> {
     };
     let transport = Transport::new(sink).map_err(failed)?;
     let token = config.tokens.first().map_or("", |t| t.name.as_str());
-    let event = crate::events::test_event(token, &format_time(Utc::now()));
+    let now = Utc::now();
+    let event = crate::events::test_event(token, &format_time(now));
+    let event = render(sink.format, event, &config.instance);
     transport
-        .send(&[event.to_string().into_bytes()])
+        .send(&format!("test_{}", now.timestamp_millis()), &[event])
         .await
         .map_err(failed)
 }
