@@ -9,6 +9,9 @@
 //! create, where a million pre-serialised records (~400 MB) take about a second just to be
 //! paged into memory. Once edited, a device is kept as its serialised JSON. Either way a page
 //! costs O(page). Optional fields are omitted, never null.
+//!
+//! The protocol-10 hardware identifiers (IMEI, MEID, EID, MAC addresses) are not stored: they
+//! are derived from the serial when a page is written (`hardware_ids`, `org::catalogue`).
 
 use std::sync::Arc;
 
@@ -16,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
+use crate::org::catalogue;
 use crate::rfc3339;
 
 /// Device assignment dates of the initial devices are spread over this range (2022–2024), a
@@ -34,8 +38,10 @@ const ASSIGNERS: [&str; 4] = [
     "procurement@example.com",
 ];
 
-/// The order keys are written in, as in Apple's samples; unknown keys follow, sorted.
-const KEY_ORDER: [&str; 13] = [
+/// The order keys are written in, as in Apple's samples; unknown keys follow, sorted. The
+/// protocol-10 keys come last ([`V10_KEYS`]), so in a device we serialised they form one
+/// contiguous run that older protocols cut out.
+const KEY_ORDER: [&str; 21] = [
     "serial_number",
     "model",
     "description",
@@ -49,7 +55,24 @@ const KEY_ORDER: [&str; 13] = [
     "profile_push_time",
     "device_assigned_by",
     "device_assigned_date",
+    "imei",
+    "meid",
+    "eid",
+    "wifi_mac_address",
+    "bluetooth_mac_address",
+    "ethernet_mac_address",
+    "is_replacement_device",
+    "released_by_replacement",
 ];
+
+/// The device fields protocol version 10 added (docs/apple-dep-api.md §1.1, §4.2), the tail of
+/// [`KEY_ORDER`]. `released_by_replacement` belongs to `deleted` sync records, not to devices;
+/// it is listed so that an edit adding it is hidden from older protocols too.
+const V10_KEYS: &[&str] = KEY_ORDER.as_slice().split_at(13).1;
+
+/// Protocol version that added the hardware identifiers, `is_replacement_device`,
+/// `released_by_replacement` and `GET /device/replacementDetails` (docs/apple-dep-api.md §1.1).
+pub(crate) const PROTOCOL_V10: u32 = 10;
 
 /// `(device_family, model, color, cellular)` of a generated device.
 pub(crate) type Summary = (&'static str, &'static str, &'static str, bool);
@@ -87,6 +110,27 @@ impl Family {
             Family::AppleTv => "tvOS",
             Family::Vision => "visionOS",
         }
+    }
+
+    const ALL: [Family; 5] = [
+        Family::Mac,
+        Family::IPhone,
+        Family::IPad,
+        Family::AppleTv,
+        Family::Vision,
+    ];
+
+    /// The family of an edited device: its `device_family`, else the look of its serial.
+    fn of(device_family: Option<&str>, serial: &str) -> Family {
+        Family::ALL
+            .into_iter()
+            .find(|f| Some(f.device_family()) == device_family)
+            .or_else(|| {
+                Family::ALL
+                    .into_iter()
+                    .find(|f| f.serial_prefixes().iter().any(|p| serial.starts_with(p)))
+            })
+            .unwrap_or(Family::Mac)
     }
 
     fn device_family(self) -> &'static str {
@@ -213,6 +257,8 @@ pub(crate) struct Generated {
     assign_time: i64,
     /// Meaningful when pushed.
     push_time: i64,
+    /// Apple's replacement for another device (`is_replacement_device`, protocol 10).
+    replacement: bool,
 }
 
 impl Generated {
@@ -232,6 +278,9 @@ pub(crate) enum Device {
         /// Same as the JSON's `serial_number`, kept for lookups without parsing.
         serial: Serial,
         json: Arc<str>,
+        /// Byte range of the protocol-10 fields in `json` (with their leading comma),
+        /// which clients before protocol 10 must not see; empty if there are none.
+        v10: (u32, u32),
     },
 }
 
@@ -294,12 +343,13 @@ pub(crate) const LATEST_PROTOCOL: u32 = u32::MAX;
 
 impl Device {
     /// Appends the device's JSON object as a client speaking protocol version `proto` sees
-    /// it (docs/apple-dep-api.md §1.1): before 2 no `os` / `device_family`; before 7 iPads say `iOS`.
+    /// it (docs/apple-dep-api.md §1.1): before 2 no `os` / `device_family`; before 7 iPads say
+    /// `iOS`; before 10 none of the protocol-10 fields ([`V10_KEYS`]).
     /// `profiles` are the organisation's profile UUIDs.
     pub fn render(&self, out: &mut String, proto: u32, profiles: &[String]) {
         match self {
             Device::Generated(g) => g.render(out, proto, profiles),
-            Device::Json { json, .. } => render_json(out, json, proto),
+            Device::Json { json, v10, .. } => render_json(out, json, *v10, proto),
         }
     }
 
@@ -324,6 +374,62 @@ impl Device {
                 ))
             }
             Device::Json { .. } => None,
+        }
+    }
+
+    /// An edited device with the fields of `map` (whose `serial_number` is `serial`).
+    pub fn from_map(serial: Serial, map: &Map<String, Value>) -> Self {
+        let (json, v10) = write_json(map);
+        Device::Json {
+            serial,
+            json: json.into(),
+            v10,
+        }
+    }
+
+    /// `(family, model index)`, for a replacement of the same model: as generated, or for
+    /// an edited device as its `device_family` and `description` (else `model`) name them.
+    fn family_model(&self) -> (Family, u8) {
+        match self {
+            Device::Generated(g) => (g.family, g.model),
+            Device::Json { serial, json, .. } => {
+                let map: Map<String, Value> =
+                    serde_json::from_str(json).expect("stored devices are JSON objects");
+                let text = |k: &str| map.get(k).and_then(Value::as_str);
+                let family = Family::of(text("device_family"), serial_str(serial));
+                let models = family.models();
+                let model = models
+                    .iter()
+                    .position(|m| Some(m.1) == text("description"))
+                    .or_else(|| models.iter().position(|m| Some(m.0) == text("model")))
+                    .unwrap_or(0);
+                (family, model as u8)
+            }
+        }
+    }
+
+    /// The device as it comes back to the MDM server at `now` after having left it:
+    /// `device_assigned_date` is now and, the profile assignment having gone with the old
+    /// assignment, `profile_status` is `empty` (docs/apple-dep-api.md §4.2, §7.1).
+    pub fn returned(&self, now: i64, profiles: &[String]) -> Device {
+        match self {
+            Device::Generated(g) => Device::Generated(Generated {
+                assigned_at: now,
+                profile: ProfileState::Empty,
+                ..*g
+            }),
+            Device::Json { serial, .. } => {
+                let mut map = self.to_map(profiles);
+                map.insert(
+                    "device_assigned_date".into(),
+                    Value::String(rfc3339::format(now)),
+                );
+                map.insert("profile_status".into(), "empty".into());
+                for key in ["profile_uuid", "profile_assign_time", "profile_push_time"] {
+                    map.remove(key);
+                }
+                Device::from_map(*serial, &map)
+            }
         }
     }
 
@@ -384,14 +490,91 @@ impl Generated {
         }
         w.str("device_assigned_by", ASSIGNERS[usize::from(self.assigner)]);
         w.time("device_assigned_date", self.assigned_at);
+        if proto >= PROTOCOL_V10 {
+            self.render_v10(&mut w, description);
+        }
         w.finish();
+    }
+
+    /// The protocol-10 fields (docs/apple-dep-api.md §4.2), derived from the serial alone so
+    /// that a generated device needs no memory for them: IMEIs (two on ~70% of iPhones) and
+    /// an EID on iPhones and cellular iPads, an MEID on iPhones, Wi-Fi and Bluetooth MACs on
+    /// every device, an Ethernet MAC on Macs.
+    fn render_v10(&self, w: &mut ObjectWriter<'_>, description: &str) {
+        let ids = hardware_ids(&self.serial);
+        let cellular = match self.family {
+            Family::IPhone => true,
+            Family::IPad => description.contains("CELLULAR"),
+            _ => false,
+        };
+        let string = |w: &mut ObjectWriter<'_>, key: &str, push: &dyn Fn(&mut String)| {
+            let out = w.key(key);
+            out.push('"');
+            push(out);
+            out.push('"');
+        };
+        if cellular {
+            let iphone = matches!(self.family, Family::IPhone);
+            let out = w.key("imei");
+            out.push_str("[\"");
+            let first = out.len();
+            catalogue::push_imei(out, ids, 0);
+            // An MEID is the first 14 digits of the IMEI on Apple's dual-mode phones.
+            let meid = iphone.then(|| out[first..first + 14].to_owned());
+            if iphone && catalogue::mix(ids, 1) % 10 < 7 {
+                out.push_str("\",\"");
+                catalogue::push_imei(out, ids, 1);
+            }
+            out.push_str("\"]");
+            if let Some(meid) = meid {
+                let out = w.key("meid");
+                out.push_str("[\"");
+                out.push_str(&meid);
+                out.push_str("\"]");
+            }
+            string(w, "eid", &|out| catalogue::push_eid(out, ids));
+        }
+        string(w, "wifi_mac_address", &|out| {
+            catalogue::push_mac(out, ids, 0, 0)
+        });
+        string(w, "bluetooth_mac_address", &|out| {
+            catalogue::push_mac(out, ids, 0, 1)
+        });
+        if matches!(self.family, Family::Mac) {
+            string(w, "ethernet_mac_address", &|out| {
+                catalogue::push_mac(out, ids, 1, 0)
+            });
+        }
+        w.key("is_replacement_device")
+            .push_str(if self.replacement { "true" } else { "false" });
     }
 }
 
+/// The seed of a device's hardware identifiers (see `catalogue::mix`): a hash of its serial,
+/// itself drawn from the store's seed.
+fn hardware_ids(serial: &Serial) -> u64 {
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&serial[..8]);
+    let mut tail = [0u8; 8];
+    tail[..4].copy_from_slice(&serial[8..]);
+    catalogue::mix(
+        u64::from_le_bytes(head) ^ catalogue::mix(u64::from_le_bytes(tail), 0),
+        70,
+    )
+}
+
 /// [`Device::render`] for an edited device, whose JSON we wrote ourselves (compact, so the
-/// `os` pair has exactly one spelling).
-fn render_json(out: &mut String, json: &str, proto: u32) {
+/// `os` pair has exactly one spelling); `v10` is the byte range of its protocol-10 fields.
+fn render_json(out: &mut String, json: &str, v10: (u32, u32), proto: u32) {
     const IPADOS: &str = r#""os":"iPadOS""#;
+    let (start, end) = (v10.0 as usize, v10.1 as usize);
+    let cut;
+    let json = if proto >= PROTOCOL_V10 || start == end {
+        json
+    } else {
+        cut = [&json[..start], &json[end..]].concat();
+        cut.as_str()
+    };
     if proto >= 7 || (proto >= 2 && !json.contains(IPADOS)) {
         out.push_str(json);
     } else if proto >= 2 {
@@ -477,6 +660,28 @@ impl Generator {
         self.device(now)
     }
 
+    /// Apple's replacement for `original`, assigned to the MDM server at `now`: the same
+    /// family and model under a new serial, no asset tag or profile yet, flagged
+    /// `is_replacement_device`. Its serial may collide, as with [`Self::existing`].
+    pub fn replacement(&mut self, original: &Device, now: i64) -> Generated {
+        let (family, model) = original.family_model();
+        let serial = self.serial(family);
+        let assigner = self.rng.random_range(0..ASSIGNERS.len()) as u8;
+        Generated {
+            serial,
+            family,
+            model,
+            assigner,
+            profile: ProfileState::Empty,
+            uuid: 0,
+            asset_tag: None,
+            assigned_at: now,
+            assign_time: 0,
+            push_time: 0,
+            replacement: true,
+        }
+    }
+
     fn device(&mut self, assigned_at: i64) -> Generated {
         let family = self.family();
         let model = self.rng.random_range(0..family.models().len()) as u8;
@@ -497,6 +702,7 @@ impl Generator {
             assigned_at,
             assign_time: 0,
             push_time: 0,
+            replacement: false,
         }
     }
 }
@@ -556,8 +762,14 @@ pub(crate) fn realistic_change(
 
 /// Serialises a device edited as a map, known keys in Apple's order, then any others.
 pub(crate) fn to_json(device: &Map<String, Value>) -> String {
+    write_json(device).0
+}
+
+/// [`to_json`], with the byte range of the protocol-10 fields: from the comma before the
+/// first to the end of the last (they are contiguous, see [`KEY_ORDER`]); empty if none.
+fn write_json(device: &Map<String, Value>) -> (String, (u32, u32)) {
     let mut out = String::from("{");
-    let mut put = |key: &str, value: &Value| {
+    let put = |out: &mut String, key: &str, value: &Value| {
         if out.len() > 1 {
             out.push(',');
         }
@@ -565,9 +777,15 @@ pub(crate) fn to_json(device: &Map<String, Value>) -> String {
         out.push(':');
         out.push_str(&value.to_string());
     };
+    let mut v10: Option<(usize, usize)> = None;
     for key in KEY_ORDER {
         if let Some(v) = device.get(key) {
-            put(key, v);
+            let start = out.len();
+            put(&mut out, key, v);
+            if V10_KEYS.contains(&key) {
+                let span = v10.get_or_insert((start, start));
+                span.1 = out.len();
+            }
         }
     }
     // Sorted explicitly: serde_json's map order depends on a crate feature.
@@ -577,10 +795,22 @@ pub(crate) fn to_json(device: &Map<String, Value>) -> String {
         .collect();
     others.sort_by(|a, b| a.0.cmp(b.0));
     for (key, value) in others {
-        put(key, value);
+        put(&mut out, key, value);
     }
     out.push('}');
-    out
+    let (mut start, mut end) = v10.unwrap_or((0, 0));
+    if start == 1 && end > start && out.as_bytes()[end] == b',' {
+        // The run opens the object, so it has no leading comma: take the following one.
+        end += 1;
+    }
+    if start == end {
+        (start, end) = (0, 0);
+    }
+    let span = (
+        u32::try_from(start).expect("devices are small"),
+        u32::try_from(end).expect("devices are small"),
+    );
+    (out, span)
 }
 
 #[cfg(test)]
@@ -656,6 +886,7 @@ mod tests {
         let edited = Device::Json {
             serial: serial_key("DMP000000001").unwrap(),
             json: json.into(),
+            v10: (0, 0),
         };
         let mut g = Generator::new(1);
         let ipad = loop {
@@ -675,6 +906,62 @@ mod tests {
             assert_eq!(at(3)["device_family"], "iPad");
             assert!(!at(1).contains_key("os") && !at(1).contains_key("device_family"));
         }
+    }
+
+    #[test]
+    fn a_device_handle_stays_compact() {
+        // A million of them live in the store; protocol 10 added one flag and no more.
+        assert!(
+            std::mem::size_of::<Device>() <= 64,
+            "{}",
+            std::mem::size_of::<Device>()
+        );
+    }
+
+    #[test]
+    fn edited_devices_hide_their_protocol_10_fields_from_older_protocols() {
+        let profiles: Arc<[String]> = vec!["0".repeat(32)].into();
+        let mut g = Generator::new(3);
+        let iphone = loop {
+            let d = g.new_arrival(0);
+            if matches!(d.family, Family::IPhone) {
+                break Device::Generated(d);
+            }
+        };
+        let mut map = iphone.to_map(&profiles);
+        assert!(map.contains_key("imei") && map.contains_key("meid"));
+        map.insert("asset_tag".into(), "EDITED".into());
+        map.insert("zz_custom".into(), 1.into());
+        let edited = Device::from_map(iphone.serial(), &map);
+        let at = |device: &Device, proto| {
+            let mut out = String::new();
+            device.render(&mut out, proto, &profiles);
+            parse(&out)
+        };
+        assert_eq!(at(&edited, 10), map);
+        let mut old = map.clone();
+        old.retain(|k, _| !V10_KEYS.contains(&k.as_str()));
+        assert_eq!(at(&edited, 9), old);
+        assert_eq!(at(&edited, 1)["zz_custom"], 1);
+        assert!(at(&edited, 1).get("os").is_none());
+        // Generated and edited agree at every protocol where nothing was edited.
+        let plain = Device::from_map(iphone.serial(), &iphone.to_map(&profiles));
+        for proto in [1, 7, 9, 10] {
+            assert_eq!(at(&plain, proto), at(&iphone, proto));
+        }
+        // A run of protocol-10 fields that opens the object takes the comma after it.
+        let mut odd = Map::new();
+        odd.insert("eid".into(), "1".into());
+        odd.insert("zz".into(), 2.into());
+        let (json, span) = write_json(&odd);
+        let mut out = String::new();
+        render_json(&mut out, &json, span, 7);
+        assert_eq!(out, r#"{"zz":2}"#);
+        odd.remove("zz");
+        let (json, span) = write_json(&odd);
+        out.clear();
+        render_json(&mut out, &json, span, 7);
+        assert_eq!(out, "{}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub enum Endpoint {
     FetchDevices,
     /// `POST /devices/sync`.
     SyncDevices,
+    /// `GET /device/replacementDetails` (protocol 10 and later).
+    ReplacementDetails,
     /// Faults: any of the above (consulted after the endpoint's own queue). Counts and
     /// records: every request, including paths the service does not know.
     Any,
@@ -32,6 +34,7 @@ impl Endpoint {
             "/account" => Some(Endpoint::Account),
             "/server/devices" => Some(Endpoint::FetchDevices),
             "/devices/sync" => Some(Endpoint::SyncDevices),
+            "/device/replacementDetails" => Some(Endpoint::ReplacementDetails),
             _ => None,
         }
     }
@@ -43,21 +46,26 @@ impl Endpoint {
             Endpoint::Account => "account",
             Endpoint::FetchDevices => "fetch_devices",
             Endpoint::SyncDevices => "sync_devices",
+            Endpoint::ReplacementDetails => "replacement_details",
             Endpoint::Any => "any",
         }
     }
 
+    /// Every endpoint but [`Endpoint::Any`].
+    pub(crate) const APPLE: [Endpoint; 5] = [
+        Endpoint::Session,
+        Endpoint::Account,
+        Endpoint::FetchDevices,
+        Endpoint::SyncDevices,
+        Endpoint::ReplacementDetails,
+    ];
+
     /// Inverse of [`Self::name`].
     pub(crate) fn from_name(name: &str) -> Option<Self> {
-        [
-            Endpoint::Session,
-            Endpoint::Account,
-            Endpoint::FetchDevices,
-            Endpoint::SyncDevices,
-            Endpoint::Any,
-        ]
-        .into_iter()
-        .find(|e| e.name() == name)
+        Self::APPLE
+            .into_iter()
+            .chain([Endpoint::Any])
+            .find(|e| e.name() == name)
     }
 }
 

@@ -6,7 +6,17 @@
 //! `POST /server/devices` (fetch) and `POST /devices/sync` over a device store with a change
 //! log, Apple's cursor errors, session rotation and expiry, protocol-version gates, and
 //! scripted faults. A [`MockHandle`] changes the world between calls (devices added, modified,
-//! deleted or silently released; the clock advanced) and shows what the client sent.
+//! deleted or silently released, replaced by Apple or assigned again; the clock advanced) and
+//! shows what the client sent.
+//!
+//! Protocol 10 (`X-Server-Protocol-Version: 10` and up, docs/apple-dep-api.md §1.1, §4.2):
+//! every device record, on fetch and sync pages, carries `imei` (one or two, iPhones and
+//! cellular iPads), `meid` (iPhones), `eid` (cellular devices), `wifi_mac_address` and
+//! `bluetooth_mac_address` (every device), `ethernet_mac_address` (Macs) and
+//! `is_replacement_device`, all derived from the serial; `deleted` sync records add
+//! `released_by_replacement`; `GET /device/replacementDetails?device=SERIAL` exists (see
+//! [`MockHandle::replace_devices`]). Earlier protocols see none of these, edited devices
+//! included, and get `404` (empty body) for that path, as for any unknown one.
 //!
 //! On the same listener it also simulates Apple's newer "Apple School Manager and Apple
 //! Business API" (AxM) for the accounts in [`MockConfig::org_accounts`]: OAuth 2 client
@@ -155,8 +165,12 @@ impl MockHandle {
         self.shared.modify_devices(serials)
     }
 
-    /// Edits one device arbitrarily (sync: `modified`); `false` if it is not assigned.
-    /// `serial_number` is the device's identity and is restored if `f` changes it.
+    /// Edits one device arbitrarily (sync: `modified`, one record per call, even when `f`
+    /// changes nothing); `false` if it is not assigned. `f` sees every field of the newest
+    /// protocol (e.g. set `profile_status` to `assigned`, `pushed`, `removed` or `empty`,
+    /// and the profile fields to match). `serial_number` is the device's identity and is
+    /// restored if `f` changes it; `op_type`, `op_date` and `released_by_replacement` belong
+    /// to sync records and are dropped.
     pub fn modify_device(&self, serial: &str, f: impl FnOnce(&mut Map<String, Value>)) -> bool {
         let mut s = self.shared.lock();
         let now = s.now().timestamp();
@@ -175,10 +189,47 @@ impl MockHandle {
         self.shared.remove_silently(serials)
     }
 
+    /// Apple replaces each listed assigned device now: the original leaves (sync: `deleted`,
+    /// with `released_by_replacement: true` at protocol 10) and a new device of the same
+    /// family and model is assigned (sync: `added`, `is_replacement_device: true`), whose
+    /// `GET /device/replacementDetails` names the original and the simulated clock's date.
+    /// Returns the new serials, in the order of the originals; unassigned serials are skipped.
+    pub fn replace_devices(&self, serials: &[String]) -> Vec<String> {
+        self.shared
+            .replace_devices(serials)
+            .into_iter()
+            .map(|(_, new)| new)
+            .collect()
+    }
+
+    /// Devices that left the server (deleted, released silently or replaced) are assigned
+    /// again now, same serial and hardware (sync: `added`; fetch lists them again, last).
+    /// `device_assigned_date` becomes now and, as for any arrival, `profile_status` is
+    /// `empty` with no profile fields. Returns how many of the serials had left.
+    pub fn reassign_devices(&self, serials: &[String]) -> usize {
+        self.shared.reassign_devices(serials)
+    }
+
+    /// What `GET /device/replacementDetails?device=SERIAL` answers for a replacement device
+    /// (`serial_number`, `original_device_serial_number`, `replacement_date`); `None` (the
+    /// endpoint's `404 DEVICE_NOT_FOUND`) for any other serial. Replacements keep their
+    /// details after leaving the server.
+    pub fn replacement_details(&self, serial: &str) -> Option<Value> {
+        self.shared.replacement_details(serial)
+    }
+
     /// The truth: every assigned device in fetch form (no `op_type` / `op_date`), sorted by
-    /// serial number.
+    /// serial number, with every field of the newest protocol (the protocol-10 hardware
+    /// identifiers and `is_replacement_device` included). To compare with what a client of
+    /// an older protocol stored, use [`Self::devices_at`].
     pub fn devices(&self) -> Vec<Value> {
-        serde_json::from_str(&self.shared.devices_array()).expect("devices render as JSON")
+        self.devices_at(u32::MAX)
+    }
+
+    /// Every assigned device in fetch form, sorted by serial number, exactly as a fetch with
+    /// `X-Server-Protocol-Version: proto` shows it.
+    pub fn devices_at(&self, proto: u32) -> Vec<Value> {
+        serde_json::from_str(&self.shared.devices_array(proto)).expect("devices render as JSON")
     }
 
     /// Serial numbers of every assigned device, sorted.

@@ -15,15 +15,23 @@ use adesync_mock::{MockConfig, MockHandle, OrgAccountConfig};
 /// A simulator of Apple's ADE/DEP device-assignment service (mdmenrollment.apple.com).
 ///
 /// Serves GET /session (OAuth 1.0a, depsim's public credentials), GET /account,
-/// POST /server/devices and POST /devices/sync over a generated device population.
+/// POST /server/devices and POST /devices/sync over a generated device population; with
+/// X-Server-Protocol-Version 10 or later also the v10 device fields (imei, meid, eid, MAC
+/// addresses, is_replacement_device, released_by_replacement on deletions) and
+/// GET /device/replacementDetails?device=SERIAL (404 below version 10).
 /// An admin API under /_mock changes the world while a client syncs:
 ///
 ///   POST /_mock/devices {"count":n}            assign n new devices
 ///   POST /_mock/devices/modify {"count":n}     change n devices (or {"serials":[..]})
 ///   POST /_mock/devices/delete {"count":n}     unassign (a sync reports "deleted")
 ///   POST /_mock/devices/release {"count":n}    remove with no sync record
+///   POST /_mock/devices/replace {"count":n}    Apple replaces devices: "deleted" original,
+///                                              "added" replacement (or {"serials":[..]})
+///   POST /_mock/devices/reassign {"serials":[..]}   devices that left come back ("added")
 ///   POST /_mock/clock/advance {"seconds":n}    move the simulated clock
 ///   POST /_mock/faults {"endpoint":"fetch_devices","status":503,"headers":[["Retry-After","1"]]}
+///                          (endpoints: session, account, fetch_devices, sync_devices,
+///                          replacement_details, any)
 ///   POST /_mock/sessions/expire                forget every session token
 ///   GET  /_mock/devices | /_mock/stats         the truth; counters
 ///

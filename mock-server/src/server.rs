@@ -1,7 +1,16 @@
 //! The HTTP face of the simulator: Apple's endpoints (`GET /session`, `GET /account`,
-//! `POST /server/devices`, `POST /devices/sync`) with Apple's checks in Apple's order, and the
-//! admin API under `/_mock` that the binary and demos drive. All state sits behind one std
-//! mutex held only for short, non-async sections; responses are rendered after it is released.
+//! `POST /server/devices`, `POST /devices/sync`, and from protocol 10
+//! `GET /device/replacementDetails`) with Apple's checks in Apple's order, and the admin API
+//! under `/_mock` that the binary and demos drive. All state sits behind one std mutex held
+//! only for short, non-async sections; responses are rendered after it is released.
+//!
+//! `GET /device/replacementDetails?device=SERIAL` (docs/apple-dep-api.md §4.8) answers `200
+//! {"serial_number","original_device_serial_number","replacement_date":"YYYY-MM-DD"}` for a
+//! replacement device, `404 DEVICE_NOT_FOUND` for any other serial and `400
+//! DEVICE_ID_REQUIRED` without a `device` (the token the other single-device endpoints use
+//! for a missing device; Apple documents none for this one). Below protocol 10 it does not
+//! exist: `404` with an empty body, before any other check, exactly as for a path the service
+//! does not serve (what Apple answers is undocumented).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,7 +29,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
 use crate::config::MockConfig;
-use crate::devices::LATEST_PROTOCOL;
+use crate::devices::{LATEST_PROTOCOL, PROTOCOL_V10};
 use crate::faults::{Endpoint, Fault, FaultKind, FaultQueues, RecordedRequest};
 use crate::oauth::{self, OAuthError, SignedRequest, Verifier};
 use crate::org::{self, OrgWorld};
@@ -122,8 +131,34 @@ impl Shared {
         self.lock().store.remove_silently(serials)
     }
 
-    /// Every device as one JSON array, sorted by serial.
-    pub fn devices_array(&self) -> String {
+    /// Apple replaces the listed devices now; `(original, replacement)` pairs.
+    pub fn replace_devices(&self, serials: &[String]) -> Vec<(String, String)> {
+        let mut s = self.lock();
+        let now = s.now().timestamp();
+        s.store.replace(serials, now)
+    }
+
+    /// Departed devices are assigned again now; how many had departed.
+    pub fn reassign_devices(&self, serials: &[String]) -> usize {
+        let mut s = self.lock();
+        let now = s.now().timestamp();
+        s.store.reassign(serials, now)
+    }
+
+    /// The `GET /device/replacementDetails` body for `serial`, if it is a replacement.
+    pub fn replacement_details(&self, serial: &str) -> Option<Value> {
+        let (original, date) = self.lock().store.replacement(serial)?;
+        let date = DateTime::from_timestamp(date, 0).unwrap_or_default();
+        Some(json!({
+            "serial_number": serial,
+            "original_device_serial_number": original,
+            "replacement_date": date.format("%Y-%m-%d").to_string(),
+        }))
+    }
+
+    /// Every device as one JSON array, sorted by serial, as a client speaking protocol
+    /// `proto` sees them.
+    pub fn devices_array(&self, proto: u32) -> String {
         // Copy out handles under the lock; write JSON after releasing it.
         let (all, profiles) = self.lock().store.snapshot_by_serial();
         let mut out = String::with_capacity(all.len() * 420 + 2);
@@ -132,7 +167,7 @@ impl Shared {
             if i > 0 {
                 out.push(',');
             }
-            device.render(&mut out, LATEST_PROTOCOL, &profiles);
+            device.render(&mut out, proto, &profiles);
         }
         out.push(']');
         out
@@ -146,6 +181,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_mock/devices/modify", post(admin_modify))
         .route("/_mock/devices/delete", post(admin_delete))
         .route("/_mock/devices/release", post(admin_release))
+        .route("/_mock/devices/replace", post(admin_replace))
+        .route("/_mock/devices/reassign", post(admin_reassign))
         .route("/_mock/clock/advance", post(admin_clock))
         .route("/_mock/faults", post(admin_faults))
         .route("/_mock/sessions/expire", post(admin_expire))
@@ -166,7 +203,11 @@ async fn apple(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Respo
     let (parts, body) = req.into_parts();
     let endpoint = Endpoint::from_path(parts.uri.path());
     let body = axum::body::to_bytes(body, MAX_BODY).await;
-    let response = match (&body, endpoint) {
+    // Before protocol 10 replacementDetails is a path like any unknown one (see the module
+    // docs); it is still journalled as that endpoint.
+    let served = endpoint
+        .filter(|e| *e != Endpoint::ReplacementDetails || protocol(&parts.headers) >= PROTOCOL_V10);
+    let response = match (&body, served) {
         (_, None) => StatusCode::NOT_FOUND.into_response(),
         (Err(_), Some(_)) => apple_error(
             &shared.config,
@@ -268,7 +309,7 @@ async fn respond(
 ) -> Response {
     let config = &shared.config;
     let allowed = match endpoint {
-        Endpoint::Session | Endpoint::Account => Method::GET,
+        Endpoint::Session | Endpoint::Account | Endpoint::ReplacementDetails => Method::GET,
         _ => Method::POST,
     };
     if *method != allowed {
@@ -309,15 +350,19 @@ async fn respond(
         None => None,
     };
 
-    // docs/apple-dep-api.md §1.1: absent → 2 (what Apple assumes is unconfirmed); garbage is treated alike.
-    let proto = header_str(headers, "x-server-protocol-version")
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .unwrap_or(2);
-
+    let proto = protocol(headers);
     match endpoint {
         Endpoint::Session => session(shared, method, uri, headers),
-        _ => authenticated(shared, endpoint, headers, body, proto, page_fault),
+        _ => authenticated(shared, endpoint, uri, headers, body, proto, page_fault),
     }
+}
+
+/// The client's `X-Server-Protocol-Version`. docs/apple-dep-api.md §1.1: absent → 2 (what
+/// Apple assumes is unconfirmed); garbage is treated alike.
+fn protocol(headers: &HeaderMap) -> u32 {
+    header_str(headers, "x-server-protocol-version")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(2)
 }
 
 fn status_fault(status: u16, body: String, headers: &[(String, String)]) -> Response {
@@ -392,9 +437,11 @@ struct PageRequest {
 }
 
 /// Endpoints behind `X-ADM-Auth-Session` (docs/apple-dep-api.md §3.2).
+#[allow(clippy::too_many_arguments)]
 fn authenticated(
     shared: &Shared,
     endpoint: Endpoint,
+    uri: &axum::http::Uri,
     headers: &HeaderMap,
     body: &Bytes,
     proto: u32,
@@ -431,6 +478,10 @@ fn authenticated(
         Endpoint::Account => {
             drop(state);
             json_ok(account(config, proto).to_string())
+        }
+        Endpoint::ReplacementDetails => {
+            drop(state);
+            replacement_details(shared, uri.query())
         }
         _ => {
             let request: PageRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -474,6 +525,23 @@ fn authenticated(
         }
     };
     with_session(response, rotated)
+}
+
+/// `GET /device/replacementDetails?device=SERIAL` (docs/apple-dep-api.md §4.8), past the
+/// protocol gate and the session check.
+fn replacement_details(shared: &Shared, query: Option<&str>) -> Response {
+    let config = &shared.config;
+    let device = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "device")
+        .map(|(_, v)| v.trim().to_owned())
+        .filter(|v| !v.is_empty());
+    let Some(device) = device else {
+        return apple_error(config, StatusCode::BAD_REQUEST, "DEVICE_ID_REQUIRED");
+    };
+    match shared.replacement_details(&device) {
+        Some(details) => json_ok(details.to_string()),
+        None => apple_error(config, StatusCode::NOT_FOUND, "DEVICE_NOT_FOUND"),
+    }
 }
 
 fn cursor_error(config: &MockConfig, e: CursorError) -> Response {
@@ -526,6 +594,11 @@ fn account(config: &MockConfig, proto: u32) -> Value {
                 { "uri": "/profile/devices", "http_method": ["DELETE", "POST", "PUT"] },
             ]),
         );
+        if proto >= PROTOCOL_V10 {
+            if let Some(Value::Array(urls)) = v.get_mut("urls") {
+                urls.push(json!({ "uri": "/device/replacementDetails", "http_method": ["GET"] }));
+            }
+        }
     }
     Value::Object(v)
 }
@@ -579,7 +652,7 @@ fn ade_selection(shared: &Shared, v: &Value) -> Result<Vec<String>, String> {
 }
 
 async fn admin_devices(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
-    json_ok(shared.devices_array())
+    json_ok(shared.devices_array(LATEST_PROTOCOL))
 }
 
 async fn admin_add(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
@@ -617,6 +690,26 @@ async fn admin_release(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -
     })
 }
 
+async fn admin_replace(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    with_body(&body, |v| {
+        let serials = ade_selection(&shared, v)?;
+        let (originals, new): (Vec<String>, Vec<String>) =
+            shared.replace_devices(&serials).into_iter().unzip();
+        Ok(json!({ "replaced": new.len(), "serials": new, "originals": originals }))
+    })
+}
+
+async fn admin_reassign(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    with_body(&body, |v| {
+        let serials: Vec<String> = v
+            .get("serials")
+            .and_then(|list| serde_json::from_value(list.clone()).ok())
+            .ok_or("expected {\"serials\": [..]} (devices that left)")?;
+        let n = shared.reassign_devices(&serials);
+        Ok(json!({ "reassigned": n, "serials": serials }))
+    })
+}
+
 async fn admin_clock(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
     with_body(&body, |v| {
         let seconds = v
@@ -636,7 +729,10 @@ async fn admin_clock(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> 
 fn parse_fault(v: &Value) -> Result<(Endpoint, Fault), String> {
     let endpoint_name = v.get("endpoint").and_then(Value::as_str).unwrap_or("any");
     let endpoint = Endpoint::from_name(endpoint_name).ok_or_else(|| {
-        format!("unknown endpoint {endpoint_name:?} (session, account, fetch_devices, sync_devices, any)")
+        format!(
+            "unknown endpoint {endpoint_name:?} (session, account, fetch_devices, \
+             sync_devices, replacement_details, any)"
+        )
     })?;
     Ok((endpoint, parse_fault_body(v)?))
 }
@@ -702,12 +798,7 @@ async fn admin_expire(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
 async fn admin_stats(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
     let s = shared.lock();
     let mut counts = Map::new();
-    for e in [
-        Endpoint::Session,
-        Endpoint::Account,
-        Endpoint::FetchDevices,
-        Endpoint::SyncDevices,
-    ] {
+    for e in Endpoint::APPLE {
         let n = s.requests.iter().filter(|r| r.endpoint == e).count();
         counts.insert(e.name().to_owned(), n.into());
     }

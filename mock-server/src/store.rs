@@ -5,6 +5,11 @@
 //! fetch page is a range query: O(page), never O(devices). The change log holds
 //! `(op_type, op_date, snapshot)`; sync pages are slices of it. Pages copy out cheap device
 //! handles under the lock and are written as JSON after it is released.
+//!
+//! Devices that leave are remembered (`departed`) so that they can be assigned again, and
+//! replacement devices Apple assigns keep their original's serial and date (`replacements`)
+//! for `GET /device/replacementDetails`; both hold only devices that changed, never the
+//! initial population.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -17,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
 use crate::cursor::{Cursor, Position};
-use crate::devices::{self, serial_key, serial_str, Device, Generator, Serial};
+use crate::devices::{self, serial_key, serial_str, Device, Generator, Serial, PROTOCOL_V10};
 use crate::rfc3339;
 
 /// Sync record kinds (docs/apple-dep-api.md §4.2 `op_type`).
@@ -49,6 +54,9 @@ struct LogEntry {
     /// For `modified`: the device before the change, the genuinely older record a
     /// duplicate-serial fault replays.
     prev: Option<Device>,
+    /// For `deleted`: the device left because Apple replaced it
+    /// (`released_by_replacement`, protocol 10).
+    by_replacement: bool,
 }
 
 /// One device in a page: fetch records carry no op, sync records do.
@@ -56,6 +64,17 @@ struct LogEntry {
 pub(crate) struct Record {
     device: Device,
     op: Option<(OpType, i64)>,
+    /// `released_by_replacement` of a `deleted` record.
+    by_replacement: bool,
+}
+
+/// What `GET /device/replacementDetails` tells about a replacement device.
+#[derive(Clone, Copy)]
+struct Replacement {
+    /// The device it replaced.
+    original: Serial,
+    /// When it was assigned in its original's place, Unix seconds (simulated clock).
+    date: i64,
 }
 
 /// A page ready to be rendered.
@@ -131,11 +150,17 @@ impl Hasher for SerialHasher {
 }
 
 type SerialIndex = HashMap<Serial, u64, BuildHasherDefault<SerialHasher>>;
+type SerialMap<T> = HashMap<Serial, T, BuildHasherDefault<SerialHasher>>;
 
 /// Devices, change log, and the random streams that shape them.
 pub(crate) struct Store {
     members: BTreeMap<u64, Device>,
     index: SerialIndex,
+    /// Devices that were assigned once and are not now (deleted, released or replaced),
+    /// with their last fields, so that they can return.
+    departed: SerialMap<Device>,
+    /// Replacement devices Apple assigned, by serial; kept once they leave, as history.
+    replacements: SerialMap<Replacement>,
     next_seq: u64,
     log: Vec<LogEntry>,
     generator: Generator,
@@ -166,6 +191,8 @@ impl Store {
             // Sorted input: built in bulk, much faster than a million inserts.
             members: members.into_iter().collect(),
             index,
+            departed: SerialMap::default(),
+            replacements: SerialMap::default(),
             next_seq: n as u64 + 1,
             log: Vec::new(),
             generator,
@@ -193,22 +220,35 @@ impl Store {
         let mut serials = Vec::with_capacity(n);
         while serials.len() < n {
             let device = self.generator.new_arrival(now);
-            let seq = self.next_seq;
-            if let Entry::Vacant(e) = self.index.entry(device.serial()) {
-                e.insert(seq);
-                self.next_seq += 1;
+            if self.admit(Device::Generated(device), now) {
                 serials.push(serial_str(&device.serial()).to_owned());
-                let device = Device::Generated(device);
-                self.members.insert(seq, device.clone());
-                self.log.push(LogEntry {
-                    op: OpType::Added,
-                    op_date: now,
-                    device,
-                    prev: None,
-                });
             }
         }
         serials
+    }
+
+    /// Makes `device` a member at the end of the fetch order, logged `added` at `now`;
+    /// `false` (nothing done) if its serial is taken, by a member or a departed device.
+    fn admit(&mut self, device: Device, now: i64) -> bool {
+        let serial = device.serial();
+        if self.departed.contains_key(&serial) {
+            return false;
+        }
+        let Entry::Vacant(e) = self.index.entry(serial) else {
+            return false;
+        };
+        let seq = self.next_seq;
+        e.insert(seq);
+        self.next_seq += 1;
+        self.members.insert(seq, device.clone());
+        self.log.push(LogEntry {
+            op: OpType::Added,
+            op_date: now,
+            device,
+            prev: None,
+            by_replacement: false,
+        });
+        true
     }
 
     /// Applies `edit` to the device with `serial` and logs `modified` at `now`; `false` if the
@@ -230,16 +270,18 @@ impl Store {
             "serial_number".into(),
             Value::String(serial_str(&current.serial()).to_owned()),
         );
-        let device = Device::Json {
-            serial: current.serial(),
-            json: devices::to_json(&map).into(),
-        };
+        // Per-record fields, not the device's: the page writes them.
+        for key in ["op_type", "op_date", "released_by_replacement"] {
+            map.remove(key);
+        }
+        let device = Device::from_map(current.serial(), &map);
         let prev = std::mem::replace(current, device.clone());
         self.log.push(LogEntry {
             op: OpType::Modified,
             op_date: now,
             device,
             prev: Some(prev),
+            by_replacement: false,
         });
         true
     }
@@ -256,27 +298,92 @@ impl Store {
             .count()
     }
 
+    /// Unassigns the device, remembering it among the departed.
     fn remove(&mut self, serial: &str) -> Option<Device> {
-        let seq = self.index.remove(&serial_key(serial)?)?;
-        self.members.remove(&seq)
+        let key = serial_key(serial)?;
+        let seq = self.index.remove(&key)?;
+        let device = self.members.remove(&seq).expect("index and members agree");
+        self.departed.insert(key, device.clone());
+        Some(device)
+    }
+
+    /// Unassigns `serial`, logged `deleted` at `now` with its last fields; `None` if it is
+    /// not assigned.
+    fn delete_one(&mut self, serial: &str, now: i64, by_replacement: bool) -> Option<Device> {
+        let device = self.remove(serial)?;
+        self.log.push(LogEntry {
+            op: OpType::Deleted,
+            op_date: now,
+            device: device.clone(),
+            prev: None,
+            by_replacement,
+        });
+        Some(device)
     }
 
     /// Unassigns the listed devices, logged `deleted` with their last fields; returns how many
     /// were assigned.
     pub fn delete(&mut self, serials: &[String], now: i64) -> usize {
+        serials
+            .iter()
+            .filter(|s| self.delete_one(s, now, false).is_some())
+            .count()
+    }
+
+    /// Apple replaces each listed assigned device: the original is logged `deleted` (released
+    /// by replacement) and a new device of the same family and model is logged `added` (a
+    /// replacement device whose details name the original and `now`'s date). Returns
+    /// `(original, replacement)` pairs in order; unassigned serials are skipped.
+    pub fn replace(&mut self, serials: &[String], now: i64) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        for serial in serials {
+            let Some(original) = self.delete_one(serial, now, true) else {
+                continue;
+            };
+            let new = loop {
+                let device = self.generator.replacement(&original, now);
+                let key = device.serial();
+                if self.admit(Device::Generated(device), now) {
+                    break key;
+                }
+            };
+            self.replacements.insert(
+                new,
+                Replacement {
+                    original: original.serial(),
+                    date: now,
+                },
+            );
+            pairs.push((serial.clone(), serial_str(&new).to_owned()));
+        }
+        pairs
+    }
+
+    /// Devices that left (deleted, released or replaced) are assigned again at `now`, same
+    /// serial and hardware, logged `added` (see [`Device::returned`]); returns how many of
+    /// the serials had left. Assigned or never-seen serials are skipped.
+    pub fn reassign(&mut self, serials: &[String], now: i64) -> usize {
+        let profiles = self.profiles().clone();
         let mut n = 0;
         for serial in serials {
-            if let Some(device) = self.remove(serial) {
-                self.log.push(LogEntry {
-                    op: OpType::Deleted,
-                    op_date: now,
-                    device,
-                    prev: None,
-                });
-                n += 1;
-            }
+            let Some(key) = serial_key(serial) else {
+                continue;
+            };
+            let Some(device) = self.departed.remove(&key) else {
+                continue;
+            };
+            let admitted = self.admit(device.returned(now, &profiles), now);
+            debug_assert!(admitted, "a departed serial is free");
+            n += 1;
         }
         n
+    }
+
+    /// The original's serial and the replacement date (Unix seconds) of replacement device
+    /// `serial`; `None` if it is not one.
+    pub fn replacement(&self, serial: &str) -> Option<(String, i64)> {
+        let r = self.replacements.get(&serial_key(serial)?)?;
+        Some((serial_str(&r.original).to_owned(), r.date))
     }
 
     /// Unassigns without a log entry, as releasing a device from the organisation in ABM
@@ -405,6 +512,7 @@ impl Store {
             records.push(Record {
                 device: device.clone(),
                 op: None,
+                by_replacement: false,
             });
             new_last = seq;
         }
@@ -471,6 +579,7 @@ impl Store {
             .map(|e| Record {
                 device: e.device.clone(),
                 op: Some((e.op, e.op_date)),
+                by_replacement: e.by_replacement,
             })
             .collect();
         let more = end < self.log.len();
@@ -513,6 +622,7 @@ fn stale_twin(newest: &LogEntry) -> Record {
     Record {
         device,
         op: Some((op, newest.op_date - 60)),
+        by_replacement: false,
     }
 }
 
@@ -536,7 +646,16 @@ impl Page {
                 out.push_str(op.as_str());
                 out.push_str(r#"","op_date":""#);
                 rfc3339::push(&mut out, op_date);
-                out.push_str("\"}");
+                out.push('"');
+                if op == OpType::Deleted && proto >= PROTOCOL_V10 {
+                    out.push_str(r#","released_by_replacement":"#);
+                    out.push_str(if record.by_replacement {
+                        "true"
+                    } else {
+                        "false"
+                    });
+                }
+                out.push('}');
             }
         }
         out.push_str(r#"],"cursor":"#);

@@ -138,6 +138,16 @@ impl Client {
         reply(req).await
     }
 
+    async fn get(&self, path_and_query: &str) -> Reply {
+        let req = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .header("User-Agent", "adesync-test/1")
+            .header("X-Server-Protocol-Version", self.proto)
+            .header("X-ADM-Auth-Session", &self.session);
+        reply(req).await
+    }
+
     async fn fetch(&self, cursor: Option<&str>, limit: u32) -> Reply {
         let mut body = json!({ "limit": limit });
         if let Some(c) = cursor {
@@ -708,6 +718,492 @@ async fn protocol_version_gates_ipad_os_and_device_family() {
         .unwrap()
         .iter()
         .all(|d| d.get("os").is_none() && d.get("device_family").is_none()));
+}
+
+/// The device fields protocol 10 added (docs/apple-dep-api.md §4.2).
+const V10_FIELDS: [&str; 8] = [
+    "imei",
+    "meid",
+    "eid",
+    "wifi_mac_address",
+    "bluetooth_mac_address",
+    "ethernet_mac_address",
+    "is_replacement_device",
+    "released_by_replacement",
+];
+
+fn records(r: &Reply) -> Vec<Value> {
+    r.json()["devices"].as_array().unwrap().clone()
+}
+
+fn is_mac_address(v: &Value) -> bool {
+    let s = v.as_str().unwrap_or("");
+    s.len() == 17
+        && s.split(':').count() == 6
+        && s.split(':').all(|o| {
+            o.len() == 2
+                && o.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+        })
+}
+
+/// A protocol-10 device record has the hardware fields its family implies.
+fn assert_v10_device(d: &Value) {
+    let family = d["device_family"].as_str().unwrap();
+    let cellular = family == "iPhone"
+        || (family == "iPad" && d["description"].as_str().unwrap().contains("CELLULAR"));
+    assert!(is_mac_address(&d["wifi_mac_address"]), "{d}");
+    assert!(is_mac_address(&d["bluetooth_mac_address"]), "{d}");
+    assert_ne!(d["wifi_mac_address"], d["bluetooth_mac_address"]);
+    assert_eq!(
+        d.get("ethernet_mac_address").is_some(),
+        family == "Mac",
+        "{d}"
+    );
+    if family == "Mac" {
+        assert!(is_mac_address(&d["ethernet_mac_address"]));
+    }
+    assert!(d["is_replacement_device"].is_boolean(), "{d}");
+    assert_eq!(d.get("imei").is_some(), cellular, "{d}");
+    assert_eq!(d.get("eid").is_some(), cellular, "{d}");
+    assert_eq!(d.get("meid").is_some(), family == "iPhone", "{d}");
+    if cellular {
+        let imei = d["imei"].as_array().unwrap();
+        assert!((1..=2).contains(&imei.len()));
+        assert!(imei.iter().all(|i| {
+            let i = i.as_str().unwrap();
+            i.len() == 15 && i.bytes().all(|b| b.is_ascii_digit())
+        }));
+        assert_eq!(d["eid"].as_str().unwrap().len(), 32);
+    }
+    if family == "iPhone" {
+        let meid = d["meid"].as_array().unwrap();
+        assert_eq!(meid.len(), 1);
+        assert_eq!(
+            meid[0].as_str().unwrap(),
+            &d["imei"][0].as_str().unwrap()[..14]
+        );
+    }
+}
+
+fn has_no_v10_field(d: &Value) -> bool {
+    V10_FIELDS.iter().all(|k| d.get(k).is_none())
+}
+
+#[tokio::test]
+async fn protocol_10_fields_are_on_every_record_at_10_and_on_none_at_7() {
+    let m = mock(MockConfig {
+        devices: 300,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    c.proto = "10";
+    let v10 = records(&c.fetch(None, 300).await);
+    assert_eq!(v10.len(), 300);
+    for d in &v10 {
+        assert_v10_device(d);
+        assert_eq!(d["is_replacement_device"], false);
+        assert!(d.get("released_by_replacement").is_none());
+    }
+    for family in ["iPhone", "iPad", "Mac", "AppleTV"] {
+        assert!(v10.iter().any(|d| d["device_family"] == family));
+    }
+    assert!(v10
+        .iter()
+        .any(|d| d["imei"].as_array().is_some_and(|i| i.len() == 2)));
+    assert!(v10
+        .iter()
+        .any(|d| d["device_family"] == "iPad" && d.get("imei").is_some()));
+    // Derived from the serial: the same on every page, and in the truth.
+    assert_eq!(records(&c.fetch(None, 300).await), v10);
+    let mut truth = m.devices();
+    let mut sorted = v10.clone();
+    sorted.sort_by_key(|d| d["serial_number"].as_str().unwrap().to_owned());
+    truth.truncate(300);
+    assert_eq!(truth, sorted);
+
+    c.proto = "7";
+    let v7 = records(&c.fetch(None, 300).await);
+    assert!(v7.iter().all(has_no_v10_field));
+    assert_eq!(Value::Array(m.devices_at(7)), {
+        let mut v = v7.clone();
+        v.sort_by_key(|d| d["serial_number"].as_str().unwrap().to_owned());
+        Value::Array(v)
+    });
+
+    // Sync records: added, modified (an edited device, stored as JSON), deleted.
+    let (_, cursor, _) = c.fetch_all(1000).await;
+    let existing = m.serials();
+    m.add_devices(1);
+    assert!(m.modify_device(&existing[0], |d| {
+        d.insert("asset_tag".into(), "EDITED".into());
+        d.insert("zz_unknown".into(), "kept".into());
+    }));
+    m.delete_devices(&existing[1..2]);
+    m.modify_devices(&existing[2..3]);
+    let at7 = records(&c.sync(&cursor).await);
+    assert_eq!(at7.len(), 4);
+    assert!(at7.iter().all(has_no_v10_field), "{at7:?}");
+    assert_eq!(at7[1]["zz_unknown"], "kept");
+    c.proto = "10";
+    let at10 = records(&c.sync(&cursor).await);
+    let ops: Vec<&str> = at10
+        .iter()
+        .map(|d| d["op_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["added", "modified", "deleted", "modified"]);
+    for d in &at10 {
+        assert_v10_device(d);
+        assert_eq!(
+            d.get("released_by_replacement").is_some(),
+            d["op_type"] == "deleted"
+        );
+    }
+    assert_eq!(at10[1]["zz_unknown"], "kept");
+    assert_eq!(at10[2]["released_by_replacement"], false);
+    // The edit kept the identifiers the device had.
+    let before = v10
+        .iter()
+        .find(|d| d["serial_number"] == existing[0].as_str());
+    if let Some(before) = before {
+        assert_eq!(before["wifi_mac_address"], at10[1]["wifi_mac_address"]);
+    }
+    // Besides the protocol-10 fields, the records at 7 and 10 are the same.
+    for (old, new) in at7.iter().zip(&at10) {
+        let mut new = new.as_object().unwrap().clone();
+        new.retain(|k, _| !V10_FIELDS.contains(&k.as_str()));
+        assert_eq!(old, &Value::Object(new));
+    }
+}
+
+#[tokio::test]
+async fn a_replacement_is_a_released_deletion_and_a_replacement_addition_with_details() {
+    let m = mock(MockConfig {
+        devices: 20,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    c.proto = "10";
+    let (_, cursor, _) = c.fetch_all(100).await;
+    let original = m.serials()[4].clone();
+    let before = m
+        .devices()
+        .into_iter()
+        .find(|d| d["serial_number"] == original.as_str())
+        .unwrap();
+    m.advance_clock(chrono::Duration::days(3));
+    let new = m.replace_devices(&[original.clone(), "NOSUCHSERIAL".into()]);
+    assert_eq!(new.len(), 1);
+    let new = new[0].clone();
+    assert_ne!(new, original);
+    assert!(!m.serials().contains(&original));
+    assert!(m.serials().contains(&new));
+
+    let sync = c.sync(&cursor).await;
+    let recs = records(&sync);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    let (gone, added) = (&recs[0], &recs[1]);
+    assert_eq!(gone["serial_number"], original.as_str());
+    assert_eq!(gone["op_type"], "deleted");
+    assert_eq!(gone["released_by_replacement"], true);
+    assert_eq!(gone["is_replacement_device"], false);
+    assert_eq!(gone["model"], before["model"]);
+    assert_eq!(added["serial_number"], new.as_str());
+    assert_eq!(added["op_type"], "added");
+    assert_eq!(added["is_replacement_device"], true);
+    assert!(added.get("released_by_replacement").is_none());
+    assert_v10_device(added);
+    for key in ["model", "description", "color", "os", "device_family"] {
+        assert_eq!(added[key], before[key], "{key}");
+    }
+    assert_eq!(added["profile_status"], "empty");
+    assert_eq!(added["op_date"], added["device_assigned_date"]);
+    assert_ne!(added["wifi_mac_address"], before["wifi_mac_address"]);
+    // At protocol 7 the same two records, without the flags.
+    c.proto = "7";
+    let old = records(&c.sync(&cursor).await);
+    assert!(old.iter().all(has_no_v10_field));
+    c.proto = "10";
+
+    let today = m.now().format("%Y-%m-%d").to_string();
+    let r = c
+        .get(&format!("/device/replacementDetails?device={new}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.headers["content-type"], "application/json;charset=UTF8");
+    assert_eq!(
+        r.json(),
+        json!({
+            "serial_number": new,
+            "original_device_serial_number": original,
+            "replacement_date": today,
+        })
+    );
+    assert_eq!(m.replacement_details(&new), Some(r.json()));
+    for serial in [original.as_str(), m.serials()[0].as_str(), "NOSUCHSERIAL"] {
+        let r = c
+            .get(&format!("/device/replacementDetails?device={serial}"))
+            .await;
+        assert_eq!(
+            (r.status, r.text.as_str()),
+            (StatusCode::NOT_FOUND, "DEVICE_NOT_FOUND")
+        );
+    }
+    assert_eq!(m.replacement_details(&original), None);
+    for path in [
+        "/device/replacementDetails",
+        "/device/replacementDetails?device=",
+    ] {
+        let r = c.get(path).await;
+        assert_eq!(
+            (r.status, r.text.as_str()),
+            (StatusCode::BAD_REQUEST, "DEVICE_ID_REQUIRED")
+        );
+    }
+    // Before protocol 10 the endpoint does not exist.
+    c.proto = "9";
+    let r = c
+        .get(&format!("/device/replacementDetails?device={new}"))
+        .await;
+    assert_eq!((r.status, r.text.as_str()), (StatusCode::NOT_FOUND, ""));
+    c.proto = "10";
+    // Faults, journal, session.
+    m.push_fault(
+        Endpoint::ReplacementDetails,
+        Fault {
+            times: 1,
+            kind: FaultKind::Status {
+                status: 503,
+                body: String::new(),
+                headers: vec![],
+            },
+        },
+    );
+    let path = format!("/device/replacementDetails?device={new}");
+    assert_eq!(c.get(&path).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(c.get(&path).await.status, StatusCode::OK);
+    assert_eq!(m.count_requests(Endpoint::ReplacementDetails), 9);
+    let last = m.requests().pop().unwrap();
+    assert_eq!(
+        (last.endpoint, last.path.as_str(), last.status),
+        (
+            Endpoint::ReplacementDetails,
+            "/device/replacementDetails",
+            200
+        )
+    );
+    m.expire_sessions();
+    assert_eq!(c.get(&path).await.status, StatusCode::UNAUTHORIZED);
+    let r = reply(
+        c.http
+            .post(format!("{}{path}", c.base))
+            .header("User-Agent", "t")
+            .header("X-Server-Protocol-Version", "10"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    // Protocol 10 lists the endpoint in /account.
+    c.login(&Credentials::depsim()).await;
+    let urls = c.get("/account").await.json()["urls"].clone();
+    assert!(urls
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["uri"] == "/device/replacementDetails"));
+}
+
+#[tokio::test]
+async fn replacement_details_respect_quoted_errors() {
+    let m = mock(MockConfig {
+        devices: 3,
+        quoted_errors: true,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    c.proto = "10";
+    let r = c
+        .get("/device/replacementDetails?device=C02000000000")
+        .await;
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (StatusCode::NOT_FOUND, "\"DEVICE_NOT_FOUND\"")
+    );
+}
+
+#[tokio::test]
+async fn devices_that_left_are_reassigned_with_an_added_record() {
+    let m = mock(MockConfig {
+        devices: 10,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    c.proto = "10";
+    let serials = m.serials();
+    let before = m.devices();
+    let (_, cursor, _) = c.fetch_all(100).await;
+    assert_eq!(m.delete_devices(&serials[0..1]), 1);
+    assert_eq!(m.remove_silently(&serials[1..2]), 1);
+    let replacement = m.replace_devices(&serials[2..3]);
+    assert!(m.modify_device(&serials[3], |d| {
+        d.insert("asset_tag".into(), "EDITED".into());
+    }));
+    assert_eq!(m.delete_devices(&serials[3..4]), 1);
+    m.advance_clock(chrono::Duration::hours(1));
+    let back = vec![
+        serials[0].clone(),
+        serials[1].clone(),
+        serials[2].clone(),
+        serials[3].clone(),
+        serials[5].clone(), // still assigned
+        "NOSUCHSERIAL".into(),
+    ];
+    assert_eq!(m.reassign_devices(&back), 4);
+    // Once back, it cannot come back again.
+    assert_eq!(m.reassign_devices(&back[..1]), 0);
+    assert_eq!(m.serials().len(), 11);
+
+    let recs = records(&c.sync(&cursor).await);
+    let tail: Vec<(String, String)> = recs[recs.len() - 4..]
+        .iter()
+        .map(|d| {
+            (
+                d["serial_number"].as_str().unwrap().to_owned(),
+                d["op_type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        (0..4)
+            .map(|i| (serials[i].clone(), "added".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    let now = &recs[recs.len() - 1]["op_date"];
+    for d in &recs[recs.len() - 4..] {
+        let was = before
+            .iter()
+            .find(|b| b["serial_number"] == d["serial_number"])
+            .unwrap();
+        for key in ["model", "description", "device_family", "wifi_mac_address"] {
+            assert_eq!(d[key], was[key], "{key}");
+        }
+        assert_eq!(&d["device_assigned_date"], now);
+        assert_eq!(d["profile_status"], "empty");
+        assert!(d.get("profile_uuid").is_none());
+        assert_eq!(d["is_replacement_device"], false);
+    }
+    assert_eq!(recs[recs.len() - 1]["asset_tag"], "EDITED");
+    // Fetch lists them again, after the others.
+    let (fetched, _, _) = c.fetch_all(100).await;
+    assert_eq!(fetched.len(), 11);
+    assert_eq!(fetched[7..], serials[..4]);
+    assert!(fetched.contains(&replacement[0]));
+}
+
+#[tokio::test]
+async fn modify_device_walks_the_profile_states_with_a_modified_record_each() {
+    let m = mock(MockConfig {
+        devices: 3,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let (_, mut cursor, _) = c.fetch_all(100).await;
+    let serial = m.serials()[0].clone();
+    let uuid = "C1F123098EB5074580041E69883004C3";
+    let at = m.now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    for status in ["assigned", "pushed", "removed", "empty"] {
+        assert!(m.modify_device(&serial, |d| {
+            d.insert("profile_status".into(), status.into());
+            match status {
+                "assigned" => {
+                    d.insert("profile_uuid".into(), uuid.into());
+                    d.insert("profile_assign_time".into(), at.clone().into());
+                    d.remove("profile_push_time");
+                }
+                "pushed" => {
+                    d.insert("profile_push_time".into(), at.clone().into());
+                }
+                _ => {
+                    for k in ["profile_uuid", "profile_assign_time", "profile_push_time"] {
+                        d.remove(k);
+                    }
+                }
+            }
+        }));
+        let r = c.sync(&cursor).await;
+        let recs = records(&r);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0]["serial_number"], serial.as_str());
+        assert_eq!(recs[0]["op_type"], "modified");
+        assert_eq!(recs[0]["profile_status"], status);
+        assert_eq!(
+            recs[0].get("profile_uuid").is_some(),
+            status == "assigned" || status == "pushed"
+        );
+        assert_eq!(
+            recs[0].get("profile_push_time").is_some(),
+            status == "pushed"
+        );
+        cursor = r.cursor();
+    }
+    assert!(!m.modify_device("NOSUCHSERIAL", |_| {}));
+}
+
+#[tokio::test]
+async fn the_admin_api_replaces_and_reassigns() {
+    let m = mock(MockConfig {
+        devices: 10,
+        ..Default::default()
+    })
+    .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = |path: &str, body: Value| {
+        http.post(format!("{}/_mock/{path}", m.base_url()))
+            .body(body.to_string())
+    };
+    let r = reply(admin("devices/replace", json!({ "count": 2 })))
+        .await
+        .json();
+    assert_eq!(r["replaced"], 2);
+    let originals: Vec<String> = serde_json::from_value(r["originals"].clone()).unwrap();
+    let new: Vec<String> = serde_json::from_value(r["serials"].clone()).unwrap();
+    assert_eq!((originals.len(), new.len()), (2, 2));
+    for (o, n) in originals.iter().zip(&new) {
+        assert_eq!(
+            m.replacement_details(n).unwrap()["original_device_serial_number"],
+            o.as_str()
+        );
+    }
+    let r = reply(admin(
+        "devices/replace",
+        json!({ "serials": ["NOSUCHSERIAL"] }),
+    ))
+    .await
+    .json();
+    assert_eq!(r, json!({ "replaced": 0, "serials": [], "originals": [] }));
+    let r = reply(admin("devices/reassign", json!({ "serials": originals })))
+        .await
+        .json();
+    assert_eq!(r["reassigned"], 2);
+    assert_eq!(m.serials().len(), 12);
+    let bad = reply(admin("devices/reassign", json!({ "count": 1 }))).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let fault = reply(admin(
+        "faults",
+        json!({ "endpoint": "replacement_details", "status": 500 }),
+    ))
+    .await;
+    assert_eq!(fault.status, StatusCode::OK, "{}", fault.text);
+    let stats = reply(http.get(format!("{}/_mock/stats", m.base_url())))
+        .await
+        .json();
+    assert_eq!(stats["requests"]["replacement_details"], 0);
+    assert_eq!(stats["log_length"], 6);
 }
 
 #[tokio::test]

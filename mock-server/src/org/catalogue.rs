@@ -196,14 +196,30 @@ pub(crate) fn mix(ids: u64, k: u64) -> u64 {
 /// IMEI number `k` of a device: 15 digits, a plausible Apple TAC (the same for both of a
 /// dual-SIM device), a serial, and the Luhn check digit.
 pub(crate) fn imei(ids: u64, k: u64) -> String {
+    let mut out = String::with_capacity(15);
+    push_imei(&mut out, ids, k);
+    out
+}
+
+/// [`imei`], appended to `out`.
+pub(crate) fn push_imei(out: &mut String, ids: u64, k: u64) {
     const TACS: [&str; 4] = ["35325811", "35391110", "35467111", "35882731"];
     let tac = mix(ids, 9) % TACS.len() as u64;
     let r = mix(ids, 10 + k);
-    let mut digits = String::with_capacity(15);
-    digits.push_str(TACS[tac as usize]);
-    let _ = write!(digits, "{:06}", r % 1_000_000);
-    digits.push(char::from(b'0' + luhn(&digits)));
-    digits
+    let start = out.len();
+    out.push_str(TACS[tac as usize]);
+    push_digits(out, r % 1_000_000, 6);
+    let check = luhn(&out[start..]);
+    out.push(char::from(b'0' + check));
+}
+
+/// `n` as exactly `width` decimal digits (leading zeros; higher digits dropped).
+fn push_digits(out: &mut String, n: u64, width: u32) {
+    let mut div = 10u64.pow(width - 1);
+    while div > 0 {
+        out.push(char::from(b'0' + (n / div % 10) as u8));
+        div /= 10;
+    }
 }
 
 /// The Luhn check digit for `digits`.
@@ -227,17 +243,29 @@ fn luhn(digits: &str) -> u8 {
 
 /// A 32-digit eUICC id.
 pub(crate) fn eid(ids: u64) -> String {
+    let mut out = String::with_capacity(32);
+    push_eid(&mut out, ids);
+    out
+}
+
+/// [`eid`], appended to `out`.
+pub(crate) fn push_eid(out: &mut String, ids: u64) {
     let (a, b) = (mix(ids, 20), mix(ids, 21));
-    format!(
-        "89049032{:012}{:012}",
-        a % 1_000_000_000_000,
-        b % 1_000_000_000_000
-    )
+    out.push_str("89049032");
+    push_digits(out, a % 1_000_000_000_000, 12);
+    push_digits(out, b % 1_000_000_000_000, 12);
 }
 
 /// A MAC address `AA:BB:CC:DD:EE:FF` under one of Apple's OUIs; `plus` is added to the
 /// last octet (Bluetooth is Wi-Fi + 1 on Apple hardware).
 pub(crate) fn mac(ids: u64, k: u64, plus: u8) -> String {
+    let mut out = String::with_capacity(17);
+    push_mac(&mut out, ids, k, plus);
+    out
+}
+
+/// [`mac`], appended to `out`.
+pub(crate) fn push_mac(out: &mut String, ids: u64, k: u64, plus: u8) {
     const OUIS: [[u8; 3]; 5] = [
         [0xF0, 0x18, 0x98],
         [0xA4, 0x83, 0xE7],
@@ -245,18 +273,18 @@ pub(crate) fn mac(ids: u64, k: u64, plus: u8) -> String {
         [0xBC, 0xD0, 0x74],
         [0x8C, 0x85, 0x90],
     ];
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let r = mix(ids, 30 + k);
     let oui = OUIS[(r % OUIS.len() as u64) as usize];
     let [_, _, _, _, _, x, y, z] = r.to_be_bytes();
     let octets = [oui[0], oui[1], oui[2], x, y, z.wrapping_add(plus)];
-    let mut out = String::with_capacity(17);
     for (i, o) in octets.iter().enumerate() {
         if i > 0 {
             out.push(':');
         }
-        let _ = write!(out, "{o:02X}");
+        out.push(char::from(HEX[usize::from(o >> 4)]));
+        out.push(char::from(HEX[usize::from(o & 15)]));
     }
-    out
 }
 
 /// Apple-style part number (`MLY33LL/A`), fixed per product, colour and capacity.

@@ -21,7 +21,7 @@
 
 mod admin;
 mod assertion;
-mod catalogue;
+pub(crate) mod catalogue;
 mod cursor;
 mod faults;
 mod http;
