@@ -21,16 +21,16 @@ use serde_json::Value;
 
 use super::common::{output, write_token};
 
-struct OrgEnv {
-    dir: tempfile::TempDir,
-    mock: MockHandle,
-    config_path: PathBuf,
+pub struct OrgEnv {
+    pub dir: tempfile::TempDir,
+    pub mock: MockHandle,
+    pub config_path: PathBuf,
 }
 
 impl OrgEnv {
     /// A simulator with `ade` ADE devices and one organisation account per entry of
     /// `accounts`; a config with the token "acme" and accounts "org0", "org1", ….
-    async fn new(ade: usize, accounts: Vec<OrgAccountConfig>, extra: &str) -> OrgEnv {
+    pub async fn new(ade: usize, accounts: Vec<OrgAccountConfig>, extra: &str) -> OrgEnv {
         let n = accounts.len();
         let mock = adesync_mock::start(MockConfig {
             devices: ade,
@@ -69,20 +69,20 @@ impl OrgEnv {
         }
     }
 
-    fn config(&self) -> Config {
+    pub fn config(&self) -> Config {
         Config::load(&self.config_path).unwrap()
     }
 
-    fn store(&self) -> Store {
+    pub fn store(&self) -> Store {
         Store::open(&self.dir.path().join("adesync.db")).unwrap()
     }
 
-    async fn run(&self) -> adesync::syncer::OnceReport {
+    pub async fn run(&self) -> adesync::syncer::OnceReport {
         run_all_once(&self.config(), None).await
     }
 }
 
-fn account(devices: usize, seed: u64) -> OrgAccountConfig {
+pub fn account(devices: usize, seed: u64) -> OrgAccountConfig {
     OrgAccountConfig {
         devices,
         ..OrgAccountConfig::business(seed)

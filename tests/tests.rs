@@ -9,6 +9,8 @@
 //! - `org_client`: the organisation API client against wiremock (assertion, token cache,
 //!   401, 429, redirects, cursors).
 //! - `org`: organisation walks against the bundled simulator.
+//! - `story`: each event's reason from a simulator scenario, protocol-10 columns,
+//!   replacement details.
 //! - `layout`: the module layering, read from the source (no cycles, no CLI in the library).
 //! - `tokens`: `.p7m` tokens (made here with OpenSSL), `token` and `account` commands,
 //!   the same-server guard, expiry warnings, renewal without restart, purge.
@@ -21,5 +23,6 @@ mod layout;
 mod org;
 mod org_client;
 mod sinks;
+mod story;
 mod sync;
 mod tokens;

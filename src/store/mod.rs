@@ -867,4 +867,81 @@ mod tests {
         let ev = s.events_after(1, None, 10).unwrap();
         assert_eq!(ev[0].changes, serde_json::json!({"imei": [["1"], ["2"]]}));
     }
+
+    #[test]
+    fn migration_4_moves_protocol_10_fields_out_of_extra_json_and_old_events_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..3] {
+                conn.execute_batch(m).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.pragma_update(None, "application_id", APPLICATION_ID)
+                .unwrap();
+            conn.execute_batch(
+                r#"INSERT INTO devices (token_name, serial_number, model, extra_json, first_seen_at, updated_at)
+                   VALUES ('t', 'S1', 'iPhone', '{"imei":"35","meid":["1"],"eid":"E","wifi_mac_address":"aa","ethernet_mac_address":"","is_replacement_device":true,"released_by_replacement":false,"mdm_migration_deadline":"2026-01-01","other":1}', 'x', 'x'),
+                          ('t', 'S2', 'iPad', '{"imei":["1","2"]}', 'x', 'x'),
+                          ('t', 'S3', 'Mac', NULL, 'x', 'x');
+                   INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
+                   VALUES ('t', 'S2', 'added', NULL, '2026-01-01T00:00:00.000Z',
+                           '["S2","iPad",null,null,null,null,null,null,null,null,null,null,null,"{\"imei\":[\"1\",\"2\"]}"]');"#,
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let all = s
+            .devices(&DeviceFilter {
+                deleted: Some(false),
+                ..DeviceFilter::default()
+            })
+            .unwrap();
+        let extra = |serial: &str| {
+            serde_json::Value::Object(
+                all.iter()
+                    .find(|d| d.device.serial_number == serial)
+                    .unwrap()
+                    .device
+                    .extra
+                    .clone(),
+            )
+        };
+        assert_eq!(
+            extra("S1"),
+            serde_json::json!({"imei": ["35"], "meid": ["1"], "eid": "E", "wifi_mac_address": ["aa"],
+                "ethernet_mac_address": "", "is_replacement_device": true,
+                "released_by_replacement": false, "mdm_migration_deadline": "2026-01-01", "other": 1})
+        );
+        assert_eq!(extra("S2"), serde_json::json!({"imei": ["1", "2"]}));
+        assert_eq!(extra("S3"), serde_json::json!({}));
+        let (rest, imei, flag): (Option<String>, Option<String>, Option<i64>) = s
+            .conn
+            .query_row(
+                "SELECT extra_json, imei, is_replacement_device FROM devices WHERE serial_number = 'S1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(rest.as_deref(), Some(r#"{"other":1}"#));
+        assert_eq!(imei.as_deref(), Some(r#"["35"]"#));
+        assert_eq!(flag, Some(1));
+        let only_v10: Option<String> = s
+            .conn
+            .query_row(
+                "SELECT extra_json FROM devices WHERE serial_number = 'S2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(only_v10, None, "nothing left beyond the columns");
+        // An event stored before the columns still reads, with its fields.
+        let ev = s.events_after(0, None, 10).unwrap();
+        assert_eq!(
+            ev[0].device.as_ref().unwrap().extra["imei"],
+            serde_json::json!(["1", "2"])
+        );
+        assert_eq!(crate::events::event_json(&ev[0])["reason"], "assigned");
+    }
 }
