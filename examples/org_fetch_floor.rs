@@ -4,7 +4,7 @@
 //! `org_fetch_floor CONFIG EXPECTED` loads CONFIG as `adesync run` does, takes its first
 //! `[[org_accounts]]` entry and pages `GET /v1/orgDevices` (the account's `page_size`)
 //! through the same client (`OrgClient`: assertion, access token, request budget) and
-//! parser (`orgapi::device::org_device`) the walk uses, and exits non-zero if the number of
+//! parser (`RawResource::decode`, every resource fully decoded) the walk uses, and exits non-zero if the number of
 //! devices read differs from EXPECTED or a resource is refused. Used by `bench/bench.py`.
 
 use adesync::config::Config;
@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
     loop {
         let page = client.org_devices(cursor.as_deref()).await?;
         for r in page.data {
-            match device::org_device(r) {
+            match r.decode() {
                 Ok(d) => {
                     std::hint::black_box(&d);
                     devices += 1;

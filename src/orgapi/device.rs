@@ -3,6 +3,7 @@
 //! change), servers and AppleCare coverage likewise (docs/apple-business-api.md §4, §5).
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// How a column's value is kept.
@@ -165,24 +166,6 @@ impl OrgDevice {
             self.changes_from(&empty)
         }
     }
-
-    /// A digest of everything stored for the device: equal digests, nothing to write.
-    /// Values are serialised straight into the hash, without building strings.
-    pub fn content_hash(&self) -> i64 {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
-        for v in &self.values {
-            let _ = serde_json::to_writer(&mut h, v);
-            h.update([0]);
-        }
-        let _ = serde_json::to_writer(&mut h, &self.extra);
-        for s in [&self.server_id, &self.server_name] {
-            h.update([0, s.is_some() as u8]);
-            h.update(s.as_deref().unwrap_or_default().as_bytes());
-        }
-        let d = h.finalize();
-        i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
-    }
 }
 
 fn opt(s: &Option<String>) -> Value {
@@ -210,6 +193,64 @@ impl Resource {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         }
+    }
+}
+
+/// An `orgDevices` resource as it came: its id, and its attributes as sent, decoded only
+/// when the device is new or changed. A re-walk recognises an unchanged device by a digest
+/// of these bytes, without building a single value.
+#[derive(Debug, Deserialize)]
+pub struct RawResource {
+    /// The resource's id (the serial number).
+    #[serde(default)]
+    pub id: Option<Value>,
+    /// The attributes' JSON text.
+    #[serde(default)]
+    pub attributes: Option<Box<RawValue>>,
+}
+
+impl RawResource {
+    /// The id as text.
+    pub fn id_text(&self) -> Option<String> {
+        match &self.id {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// A digest of the attributes as sent and of the server holding the device: equal
+    /// digests, nothing to write.
+    pub fn digest(&self, server_id: Option<&str>, server_name: Option<&str>) -> i64 {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(self.attributes.as_ref().map_or("", |a| a.get()).as_bytes());
+        for s in [server_id, server_name] {
+            h.update([0, s.is_some() as u8]);
+            h.update(s.unwrap_or_default().as_bytes());
+        }
+        let d = h.finalize();
+        i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+    }
+
+    /// The device it describes, fully decoded (see [`org_device`]).
+    pub fn decode(&self) -> Result<OrgDevice, Refused> {
+        let attributes = match &self.attributes {
+            None => None,
+            Some(a) => Some(
+                serde_json::from_str::<Map<String, Value>>(a.get()).map_err(|e| Refused {
+                    id: self
+                        .id_text()
+                        .map(|i| crate::model::printable(&i).into_owned()),
+                    reason: format!("the attributes are not an object ({e})"),
+                })?,
+            ),
+        };
+        org_device(Resource {
+            kind: None,
+            id: self.id.clone(),
+            attributes,
+        })
     }
 }
 
@@ -383,7 +424,6 @@ mod tests {
             "ethernetMacAddress":"aa","isMdmMigrationCapable":"true","newThing":1}})))
         .unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.content_hash(), b.content_hash());
         assert!(a.changes_from(&b).is_empty());
         assert_eq!(a.get("meid"), Some(&json!([])), "[] stays []");
         assert_eq!(a.get("eid"), Some(&json!("")), "\"\" stays \"\"");
@@ -402,7 +442,29 @@ mod tests {
         let c = a.changes_from(&old);
         assert_eq!(c["assigned_server_id"], json!([null, "S1"]));
         assert_eq!(c["color"], json!(["red", "blue"]));
-        assert_ne!(a.content_hash(), old.content_hash());
+    }
+
+    #[test]
+    fn the_digest_covers_the_attributes_as_sent_and_the_server() {
+        let raw = |attrs: &str| -> RawResource {
+            serde_json::from_str(&format!(
+                r#"{{"type":"orgDevices","id":"C1","attributes":{attrs}}}"#
+            ))
+            .unwrap()
+        };
+        let a = raw(r#"{"color":"red"}"#);
+        assert_eq!(
+            a.digest(None, None),
+            raw(r#"{"color":"red"}"#).digest(None, None)
+        );
+        assert_ne!(
+            a.digest(None, None),
+            raw(r#"{"color":"blue"}"#).digest(None, None)
+        );
+        assert_ne!(a.digest(None, None), a.digest(Some("S1"), Some("MDM")));
+        assert_ne!(a.digest(Some("S1"), None), a.digest(None, Some("S1")));
+        assert_eq!(a.decode().unwrap().get("color"), Some(&json!("red")));
+        assert!(raw("[1]").decode().is_err());
     }
 
     #[test]

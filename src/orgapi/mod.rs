@@ -21,7 +21,7 @@ pub mod error;
 mod limiter;
 
 pub use assertion::{KeyError, SigningKey};
-pub use device::{Coverage, MdmServer, OrgDevice, Refused, Resource};
+pub use device::{Coverage, MdmServer, OrgDevice, RawResource, Refused, Resource};
 pub use error::{OrgApiError, OrgEndpoint};
 
 use crate::config::{OrgAccountConfig, RetryPolicy, ASSERTION_AUDIENCE};
@@ -49,9 +49,9 @@ pub struct OrgClientSettings {
 
 /// One list page: the resources and the cursor of the next page, if any.
 #[derive(Debug)]
-pub struct ListPage {
+pub struct ListPage<T = Resource> {
     /// `data`.
-    pub data: Vec<Resource>,
+    pub data: Vec<T>,
     /// `meta.paging.nextCursor`, or the `cursor` of `links.next`.
     pub next_cursor: Option<String>,
 }
@@ -117,13 +117,17 @@ struct TokenBody {
 }
 
 #[derive(Deserialize)]
-struct ListBody {
-    #[serde(default)]
-    data: Option<Vec<Resource>>,
+struct ListBody<T> {
+    #[serde(default = "none")]
+    data: Option<Vec<T>>,
     #[serde(default)]
     links: Option<Links>,
     #[serde(default)]
     meta: Option<Meta>,
+}
+
+fn none<T>() -> Option<T> {
+    None
 }
 
 #[derive(Deserialize)]
@@ -183,8 +187,11 @@ impl OrgClient {
         self.mint().await
     }
 
-    /// `GET /v1/orgDevices`.
-    pub async fn org_devices(&self, cursor: Option<&str>) -> Result<ListPage, OrgApiError> {
+    /// `GET /v1/orgDevices`: resources kept as sent, decoded when needed.
+    pub async fn org_devices(
+        &self,
+        cursor: Option<&str>,
+    ) -> Result<ListPage<RawResource>, OrgApiError> {
         self.list(OrgEndpoint::OrgDevices, "v1/orgDevices", cursor)
             .await
     }
@@ -230,12 +237,12 @@ impl OrgClient {
         Ok(out)
     }
 
-    async fn list(
+    async fn list<T: serde::de::DeserializeOwned>(
         &self,
         endpoint: OrgEndpoint,
         path: &str,
         cursor: Option<&str>,
-    ) -> Result<ListPage, OrgApiError> {
+    ) -> Result<ListPage<T>, OrgApiError> {
         let mut url = self.account.api_url.clone();
         let base_path = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{base_path}/{path}"));
@@ -468,8 +475,11 @@ fn segment(s: &str) -> String {
         .replace('+', "%20")
 }
 
-fn parse_list(endpoint: OrgEndpoint, body: &[u8]) -> Result<ListPage, OrgApiError> {
-    let parsed: ListBody = serde_json::from_slice(body).map_err(|e| OrgApiError::Malformed {
+fn parse_list<T: serde::de::DeserializeOwned>(
+    endpoint: OrgEndpoint,
+    body: &[u8],
+) -> Result<ListPage<T>, OrgApiError> {
+    let parsed: ListBody<T> = serde_json::from_slice(body).map_err(|e| OrgApiError::Malformed {
         endpoint,
         detail: format!("{e} in a {}-byte body", body.len()),
     })?;
@@ -508,26 +518,26 @@ mod tests {
 
     #[test]
     fn the_next_cursor_comes_from_meta_or_from_the_next_link() {
-        let p = parse_list(
+        let p: ListPage = parse_list(
             OrgEndpoint::OrgDevices,
             br#"{"data":[],"meta":{"paging":{"limit":1,"nextCursor":"abc"}}}"#,
         )
         .unwrap();
         assert_eq!(p.next_cursor.as_deref(), Some("abc"));
-        let p = parse_list(
+        let p: ListPage = parse_list(
             OrgEndpoint::OrgDevices,
             br#"{"data":[],"links":{"next":"https://elsewhere.example/v1/orgDevices?cursor=a%2Bb&limit=5"}}"#,
         )
         .unwrap();
         assert_eq!(p.next_cursor.as_deref(), Some("a+b"));
-        let p = parse_list(
+        let p: ListPage = parse_list(
             OrgEndpoint::OrgDevices,
             br#"{"data":[{"id":"X"}],"links":{}}"#,
         )
         .unwrap();
         assert!(p.next_cursor.is_none());
         assert_eq!(p.data.len(), 1);
-        assert!(parse_list(OrgEndpoint::OrgDevices, br#"{"errors":[]}"#).is_err());
+        assert!(parse_list::<Resource>(OrgEndpoint::OrgDevices, br#"{"errors":[]}"#).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::{Store, StoreError};
 use crate::events::EventScope;
 use crate::model::{EventKind, Reason};
 use crate::orgapi::device::{Shape, COVERAGE_COLUMNS, ORG_COLUMNS};
-use crate::orgapi::{Coverage, MdmServer, OrgDevice};
+use crate::orgapi::{Coverage, MdmServer, OrgDevice, RawResource};
 
 /// Where an account's walk stands.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -71,7 +71,7 @@ impl WalkPhase {
 }
 
 /// What a page of devices did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OrgPageStats {
     /// New (or back after a removal).
     pub added: u64,
@@ -81,6 +81,10 @@ pub struct OrgPageStats {
     pub removed: u64,
     /// Identical: no write.
     pub unchanged: u64,
+    /// Resources that could not be read (skipped; never removed for it).
+    pub refused: u64,
+    /// The first refusal's reason, escaped.
+    pub first_refusal: Option<String>,
 }
 
 impl OrgPageStats {
@@ -90,6 +94,21 @@ impl OrgPageStats {
         self.modified += o.modified;
         self.removed += o.removed;
         self.unchanged += o.unchanged;
+        self.refused += o.refused;
+        if self.first_refusal.is_none() {
+            self.first_refusal = o.first_refusal;
+        }
+    }
+
+    fn refuse(&mut self, why: crate::orgapi::Refused) {
+        self.refused += 1;
+        if self.first_refusal.is_none() {
+            self.first_refusal = Some(format!(
+                "{}: {}",
+                why.id.as_deref().unwrap_or("(no id)"),
+                why.reason
+            ));
+        }
     }
 }
 
@@ -448,21 +467,21 @@ impl Store {
     }
 
     /// Writes one page of the device walk: each device with the server its staged list
-    /// names, its event, the walk's next cursor — all in one transaction. `unreadable`:
-    /// serials of resources that could not be read (kept, never removed for it). With
+    /// names, its event, the walk's next cursor — all in one transaction. A device whose
+    /// attributes and server are as stored is recognised by their digest and never
+    /// decoded; one that cannot be read is kept (never removed for it) and counted. With
     /// `next` None the walk is complete: every device of the account it did not list is
     /// removed (one event each), and the next walk begins with the servers.
     pub fn apply_org_page(
         &mut self,
         account: &str,
         walk_run: i64,
-        devices: Vec<OrgDevice>,
-        unreadable: &[String],
+        resources: Vec<RawResource>,
         next: Option<&str>,
         now: &str,
     ) -> Result<OrgPageStats, StoreError> {
         self.in_tx("write a page of organisation devices", |tx| {
-            write_org_page(tx, account, walk_run, devices, unreadable, next, now)
+            write_org_page(tx, account, walk_run, resources, next, now)
         })
     }
 
@@ -719,40 +738,43 @@ fn released_from_org(
     Ok(())
 }
 
-/// The page's serials as a JSON array, for `IN (SELECT value FROM json_each(?))`.
-fn serial_list(devices: &[OrgDevice], more: &[String]) -> String {
-    let all: Vec<&str> = devices
-        .iter()
-        .map(|d| d.serial_number.as_str())
-        .chain(more.iter().map(String::as_str))
-        .collect();
-    serde_json::to_string(&all).expect("strings always serialise")
-}
-
 fn write_org_page(
     tx: &rusqlite::Transaction<'_>,
     account: &str,
     walk_run: i64,
-    mut devices: Vec<OrgDevice>,
-    unreadable: &[String],
+    resources: Vec<RawResource>,
     next: Option<&str>,
     now: &str,
 ) -> rusqlite::Result<OrgPageStats> {
     let mut stats = OrgPageStats::default();
-    // A serial repeated within a page: the last record wins.
+    // Each resource by its serial (its id; decoded when it has none). A serial repeated
+    // within a page: the last record wins.
+    let mut items: Vec<(String, RawResource)> = Vec::with_capacity(resources.len());
+    for r in resources {
+        match r.id_text().filter(|id| id.len() <= 64) {
+            Some(id) => items.push((id, r)),
+            None => match r.decode() {
+                Ok(d) => items.push((d.serial_number, r)),
+                Err(why) => stats.refuse(why),
+            },
+        }
+    }
     {
-        let mut last = std::collections::HashMap::with_capacity(devices.len());
-        for (i, d) in devices.iter().enumerate() {
-            last.insert(d.serial_number.clone(), i);
+        let mut last = std::collections::HashMap::with_capacity(items.len());
+        for (i, (serial, _)) in items.iter().enumerate() {
+            last.insert(serial.clone(), i);
         }
         let mut i = 0;
-        devices.retain(|d| {
-            let keep = last[&d.serial_number] == i;
+        items.retain(|(serial, _)| {
+            let keep = last[serial] == i;
             i += 1;
             keep
         });
     }
-    let serials = serial_list(&devices, unreadable);
+    let serials = {
+        let all: Vec<&str> = items.iter().map(|(s, _)| s.as_str()).collect();
+        serde_json::to_string(&all).expect("strings always serialise")
+    };
     // The page's staged servers and stored rows, one statement each.
     let mut staged: std::collections::HashMap<String, (String, Option<String>)> = tx
         .prepare_cached(
@@ -803,17 +825,36 @@ fn write_org_page(
         v
     };
     let mut events = OrgEvents::default();
-    let mut seen = Vec::with_capacity(devices.len() + unreadable.len());
+    let mut seen = Vec::with_capacity(items.len());
     // New rows: ids given here, inserted many per statement at the end of the page.
     let mut new_rows: Vec<Vec<rusqlite::types::Value>> = Vec::new();
     let mut next_id: Option<i64> = None;
-    for mut d in devices {
-        if let Some((id, name)) = staged.remove(&d.serial_number) {
-            d.server_id = Some(id);
-            d.server_name = name;
+    for (serial, raw) in items {
+        let (server_id, server_name) = match staged.remove(&serial) {
+            Some((id, name)) => (Some(id), name),
+            None => (None, None),
+        };
+        let hash = raw.digest(server_id.as_deref(), server_name.as_deref());
+        let existing = stored.get(&serial).copied();
+        if let Some((id, stored_hash, removed)) = existing {
+            // Listed, even if its record cannot be read: never removed for that.
+            seen.push(id);
+            if stored_hash == hash && !removed {
+                stats.unchanged += 1;
+                continue;
+            }
         }
-        let hash = d.content_hash();
-        match stored.get(&d.serial_number) {
+        let mut d = match raw.decode() {
+            Ok(d) => d,
+            Err(why) => {
+                stats.refuse(why);
+                continue;
+            }
+        };
+        d.serial_number = serial;
+        d.server_id = server_id;
+        d.server_name = server_name;
+        match existing {
             None => {
                 let id = match next_id {
                     Some(id) => id,
@@ -837,12 +878,7 @@ fn write_org_page(
                 events.push(&d, EventKind::Added, None);
                 stats.added += 1;
             }
-            Some(&(id, stored_hash, removed)) => {
-                seen.push(id);
-                if stored_hash == hash && !removed {
-                    stats.unchanged += 1;
-                    continue;
-                }
+            Some((id, _, removed)) => {
                 let old = read.query_row([id], device_from_row)?;
                 let mut vals: Vec<rusqlite::types::Value> = vec![id.into(), now.to_owned().into()];
                 vals.extend(row_values(&d, hash));
@@ -853,7 +889,8 @@ fn write_org_page(
                 } else {
                     let changes = d.changes_from(&old.device);
                     if changes.is_empty() {
-                        // Only attributes beyond the columns changed: stored, no event.
+                        // A difference of shape, or only attributes beyond the columns:
+                        // stored, no event.
                         stats.unchanged += 1;
                     } else {
                         events.push(&d, EventKind::Modified, Some(&changes));
@@ -861,11 +898,6 @@ fn write_org_page(
                     }
                 }
             }
-        }
-    }
-    for serial in unreadable {
-        if let Some((id, _, _)) = stored.get(serial) {
-            seen.push(*id);
         }
     }
     if !new_rows.is_empty() {

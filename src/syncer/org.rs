@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OrgAccountConfig};
 use crate::model::{format_time, ErrorKind};
-use crate::orgapi::{device, ListPage, OrgApiError, OrgClient, OrgClientSettings, OrgDevice};
+use crate::orgapi::{device, ListPage, OrgApiError, OrgClient, OrgClientSettings, RawResource};
 use crate::store::{OrgPageStats, Store, StoreError, WalkPhase};
 
 /// Most pages one list may have: 10 million devices at 1,000 a page, and a guard against
@@ -341,7 +341,7 @@ async fn walk(
         if let Some(done) = finish(pending.take()).await? {
             store = Some(summary.count(done));
         }
-        let page: ListPage = match fetched {
+        let page: ListPage<RawResource> = match fetched {
             Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
                 if cursor.is_some() && !restarted =>
             {
@@ -358,19 +358,16 @@ async fn walk(
         summary.pages += 1;
         let (n, nx, mut s) = (name.clone(), next.clone(), store.take().expect("store"));
         let walk_run = state.walk_run;
-        // Resources become rows on the writer's thread, so the next page downloads
-        // meanwhile.
+        // Resources become rows on the writer's thread (only new or changed ones are
+        // decoded), so the next page downloads meanwhile.
         pending = Some(tokio::task::spawn_blocking(move || {
-            let (devices, unreadable, refused) = to_devices(&n, page.data);
-            let read = devices.len() as u64;
+            let read = page.data.len() as u64;
             let now = format_time(chrono::Utc::now());
-            let stats =
-                s.apply_org_page(&n, walk_run, devices, &unreadable, nx.as_deref(), &now)?;
+            let stats = s.apply_org_page(&n, walk_run, page.data, nx.as_deref(), &now)?;
             Ok(PageDone {
                 store: s,
+                devices: read - stats.refused,
                 stats,
-                devices: read,
-                refused,
             })
         }));
         match next {
@@ -408,42 +405,20 @@ struct PageDone {
     store: Store,
     stats: OrgPageStats,
     devices: u64,
-    refused: u64,
 }
 
 impl OrgRunSummary {
     /// Adds a committed page's counts; gives the store back.
     fn count(&mut self, done: PageDone) -> Store {
-        self.stats.add(done.stats);
+        if let Some(first) = &done.stats.first_refusal {
+            tracing::warn!(account = %self.account, refused = done.stats.refused, first = %first,
+                "organisation devices that could not be read were skipped (they are not removed for it)");
+        }
+        self.refused += done.stats.refused;
         self.devices += done.devices;
-        self.refused += done.refused;
+        self.stats.add(done.stats);
         done.store
     }
-}
-
-/// A page's resources as rows; the ids of those that could not be read (kept, never
-/// removed for it), and how many.
-fn to_devices(
-    account: &str,
-    data: Vec<crate::orgapi::Resource>,
-) -> (Vec<OrgDevice>, Vec<String>, u64) {
-    let mut devices: Vec<OrgDevice> = Vec::with_capacity(data.len());
-    let mut unreadable = Vec::new();
-    let mut refused = 0;
-    for r in data {
-        let id = r.id_text();
-        match device::org_device(r) {
-            Ok(d) => devices.push(d),
-            Err(why) => {
-                refused += 1;
-                tracing::warn!(account = %account, id = why.id.as_deref().unwrap_or("-"), reason = %why.reason, "an org device could not be read; skipped (it is not removed for it)");
-                if let Some(id) = id.filter(|i| i.len() <= 64) {
-                    unreadable.push(id);
-                }
-            }
-        }
-    }
-    (devices, unreadable, refused)
 }
 
 /// The cursor of the next page: `None` at the end; the same cursor again is Apple's bug,
