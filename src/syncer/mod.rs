@@ -578,6 +578,13 @@ pub async fn run_all_once_with(
     options: &OnceOptions,
 ) -> OnceReport {
     use futures_util::stream::{self, StreamExt};
+    // Create and migrate the database before the passes run side by side: two first opens
+    // of a new file at once would race to set it up (WAL mode, the schema). A failure is
+    // left for each pass to report.
+    let db = config.database.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || Store::open(&db).map(drop)).await {
+        tracing::debug!(error = %e, "opening the database before the passes failed");
+    }
     let tokens = config
         .tokens
         .iter()
