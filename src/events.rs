@@ -20,6 +20,8 @@ pub enum EventScope {
     Device,
     /// A device of the organisation's inventory (`org_device.*`).
     OrgDevice,
+    /// An enrollment profile assignment (`profile.assigned`, `profile.assign_failed`).
+    Profile,
 }
 
 impl EventScope {
@@ -28,6 +30,7 @@ impl EventScope {
         match self {
             EventScope::Device => None,
             EventScope::OrgDevice => Some("org_device"),
+            EventScope::Profile => Some("profile"),
         }
     }
 
@@ -40,6 +43,9 @@ impl EventScope {
             (EventScope::OrgDevice, EventKind::Added) => "org_device.added",
             (EventScope::OrgDevice, EventKind::Modified) => "org_device.modified",
             (EventScope::OrgDevice, EventKind::Deleted) => "org_device.removed",
+            (EventScope::Profile, EventKind::Added) => "profile.assigned",
+            (EventScope::Profile, EventKind::Modified) => "profile.assign_failed",
+            (EventScope::Profile, EventKind::Deleted) => "profile.removed",
         }
     }
 }
@@ -67,6 +73,8 @@ pub struct StoredEvent {
     pub org_device: Option<OrgDevice>,
     /// What happened (device events; `None` for organisation events).
     pub reason: Option<Reason>,
+    /// A profile event's assignment: profile, profile_uuid, status, attempts, retry_after.
+    pub assignment: Option<Value>,
 }
 
 /// What the mirror holds for a device when one of Apple's records for it arrives.
@@ -265,6 +273,18 @@ pub fn removal_changes(d: &Device) -> Value {
 /// `occurred_at`, `changes` (`{"field": [old, new]}`) and `device` (the record as stored
 /// right after the change, Apple's field names).
 pub fn event_json(e: &StoredEvent) -> Value {
+    if e.scope == EventScope::Profile {
+        return json!({
+            "version": EVENT_FORMAT_VERSION,
+            "id": e.id,
+            "type": e.scope.event_type(e.kind),
+            "token": e.token_name,
+            "serial_number": e.serial_number,
+            "occurred_at": e.occurred_at,
+            "changes": {},
+            "device": e.assignment.clone().unwrap_or(Value::Null),
+        });
+    }
     if e.scope == EventScope::OrgDevice {
         return json!({
             "version": EVENT_FORMAT_VERSION,

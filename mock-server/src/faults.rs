@@ -6,6 +6,9 @@ use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use axum::http::Method;
+use serde_json::Value;
+
 use crate::store::PageFault;
 
 /// An Apple endpoint of the simulated service, for faults and request counts.
@@ -21,21 +24,63 @@ pub enum Endpoint {
     SyncDevices,
     /// `GET /device/replacementDetails` (protocol 10 and later).
     ReplacementDetails,
+    /// `POST /profile` (or `PUT`, as depsim takes it): define a profile. Also every other
+    /// method on `/profile` but `GET` (answered `405`).
+    DefineProfile,
+    /// `GET /profile?profile_uuid=U`.
+    GetProfile,
+    /// `POST /profile/devices` (or the older `PUT`): assign a profile. Also every other
+    /// method on `/profile/devices` but `DELETE` (answered `405`).
+    AssignProfile,
+    /// `DELETE /profile/devices`: take the profile off devices.
+    RemoveProfile,
     /// Faults: any of the above (consulted after the endpoint's own queue). Counts and
     /// records: every request, including paths the service does not know.
     Any,
 }
 
 impl Endpoint {
-    /// The endpoint served at `path`, if any.
-    pub(crate) fn from_path(path: &str) -> Option<Self> {
+    /// The endpoint served for `method` at `path`, if any. `/profile` and `/profile/devices`
+    /// each serve two endpoints, told apart by method; a method neither accepts is
+    /// attributed to the define / assign endpoint (which answers `405`).
+    pub(crate) fn from_request(method: &Method, path: &str) -> Option<Self> {
         match path {
             "/session" => Some(Endpoint::Session),
             "/account" => Some(Endpoint::Account),
             "/server/devices" => Some(Endpoint::FetchDevices),
             "/devices/sync" => Some(Endpoint::SyncDevices),
             "/device/replacementDetails" => Some(Endpoint::ReplacementDetails),
+            "/profile" if *method == Method::GET => Some(Endpoint::GetProfile),
+            "/profile" => Some(Endpoint::DefineProfile),
+            "/profile/devices" if *method == Method::DELETE => Some(Endpoint::RemoveProfile),
+            "/profile/devices" => Some(Endpoint::AssignProfile),
             _ => None,
+        }
+    }
+
+    /// Whether the endpoint answers `method` (others get `405`).
+    pub(crate) fn accepts(self, method: &Method) -> bool {
+        match self {
+            Endpoint::Session
+            | Endpoint::Account
+            | Endpoint::ReplacementDetails
+            | Endpoint::GetProfile => *method == Method::GET,
+            Endpoint::FetchDevices | Endpoint::SyncDevices => *method == Method::POST,
+            Endpoint::DefineProfile | Endpoint::AssignProfile => {
+                *method == Method::POST || *method == Method::PUT
+            }
+            Endpoint::RemoveProfile => *method == Method::DELETE,
+            Endpoint::Any => false,
+        }
+    }
+
+    /// The `Allow` header of a `405` from the endpoint's path: every method the path takes.
+    pub(crate) fn allow(self) -> &'static str {
+        match self {
+            Endpoint::DefineProfile | Endpoint::GetProfile => "GET, POST, PUT",
+            Endpoint::AssignProfile | Endpoint::RemoveProfile => "DELETE, POST, PUT",
+            Endpoint::FetchDevices | Endpoint::SyncDevices => "POST",
+            _ => "GET",
         }
     }
 
@@ -47,17 +92,25 @@ impl Endpoint {
             Endpoint::FetchDevices => "fetch_devices",
             Endpoint::SyncDevices => "sync_devices",
             Endpoint::ReplacementDetails => "replacement_details",
+            Endpoint::DefineProfile => "define_profile",
+            Endpoint::GetProfile => "get_profile",
+            Endpoint::AssignProfile => "assign_profile",
+            Endpoint::RemoveProfile => "remove_profile",
             Endpoint::Any => "any",
         }
     }
 
     /// Every endpoint but [`Endpoint::Any`].
-    pub(crate) const APPLE: [Endpoint; 5] = [
+    pub(crate) const APPLE: [Endpoint; 9] = [
         Endpoint::Session,
         Endpoint::Account,
         Endpoint::FetchDevices,
         Endpoint::SyncDevices,
         Endpoint::ReplacementDetails,
+        Endpoint::DefineProfile,
+        Endpoint::GetProfile,
+        Endpoint::AssignProfile,
+        Endpoint::RemoveProfile,
     ];
 
     /// Inverse of [`Self::name`].
@@ -220,6 +273,22 @@ impl RecordedRequest {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         header_value(&self.headers, name)
+    }
+
+    /// The serial numbers the body's `devices` array lists, in order (profile assignment
+    /// and removal, device details); empty when the body has no such array.
+    pub fn serials(&self) -> Vec<String> {
+        serde_json::from_str::<Value>(&self.body)
+            .ok()
+            .and_then(|v| match v.get("devices") {
+                Some(Value::Array(list)) => Some(
+                    list.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
     }
 }
 

@@ -5,7 +5,8 @@
 //! It speaks Apple's protocol on loopback: OAuth 1.0a `GET /session`, `GET /account`, paged
 //! `POST /server/devices` (fetch) and `POST /devices/sync` over a device store with a change
 //! log, Apple's cursor errors, session rotation and expiry, protocol-version gates, and
-//! scripted faults. A [`MockHandle`] changes the world between calls (devices added, modified,
+//! scripted faults; and the enrollment-profile endpoints (define, get, assign, remove; see
+//! below). A [`MockHandle`] changes the world between calls (devices added, modified,
 //! deleted or silently released, replaced by Apple or assigned again; the clock advanced) and
 //! shows what the client sent.
 //!
@@ -17,6 +18,23 @@
 //! `released_by_replacement`; `GET /device/replacementDetails?device=SERIAL` exists (see
 //! [`MockHandle::replace_devices`]). Earlier protocols see none of these, edited devices
 //! included, and get `404` (empty body) for that path, as for any unknown one.
+//!
+//! Profiles (docs/apple-dep-api.md §4.9): `POST /profile` (or `PUT`) defines a profile and
+//! answers a new 32-hex-digit `profile_uuid`; `GET /profile?profile_uuid=U` reads it back;
+//! `POST /profile/devices` (or `PUT`) assigns it to serials and `DELETE /profile/devices`
+//! takes it off, each device answered `SUCCESS`, `NOT_ACCESSIBLE` (not assigned to the
+//! server), or a scripted `FAILED`/`THROTTLED`/`NOT_ACCESSIBLE`
+//! ([`MockHandle::script_assignments`]); `THROTTLED` from protocol 9, `retry_after_seconds`
+//! from 10. A successful assignment or removal changes the device's `profile_*` fields and
+//! shows up as one `modified` sync record (none when nothing changes: the uuid a device
+//! already has, a profile already removed). Errors, bare tokens like the others (`400`
+//! unless noted): define `MALFORMED_REQUEST_BODY` (not a JSON object; `devices` not an array
+//! of strings or over 1000), `CONFIG_NAME_REQUIRED`, `CONFIG_NAME_INVALID` (not a string, over
+//! 125 characters), `CONFIG_URL_REQUIRED`, `CONFIG_URL_INVALID` (not a string, over 2000);
+//! get `PROFILE_UUID_REQUIRED`, `404 PROFILE_NOT_FOUND`; assign `MALFORMED_REQUEST_BODY`,
+//! `PROFILE_UUID_REQUIRED`, `DEVICE_ID_REQUIRED`, [`TOO_MANY_DEVICES`] (over 1000 serials),
+//! `404 PROFILE_NOT_FOUND`; remove `MALFORMED_REQUEST_BODY`, `DEVICE_ID_REQUIRED`; each in
+//! that order. UUIDs match without regard to dashes or case.
 //!
 //! On the same listener it also simulates Apple's newer "Apple School Manager and Apple
 //! Business API" (AxM) for the accounts in [`MockConfig::org_accounts`]: OAuth 2 client
@@ -39,6 +57,8 @@
 //! - `store`: membership + change log, and fetch/sync paging by cursor.
 //! - `cursor`: the opaque cursor strings.
 //! - `faults`: [`Endpoint`], [`Fault`], fault queues and the request journal.
+//! - `profiles`: enrollment profiles, scripted assignment answers ([`AssignStatus`]) and the
+//!   logic of the profile endpoints.
 //! - `server`: the HTTP routes, Apple's and the `/_mock` admin API.
 //! - `rfc3339`: fast timestamp formatting.
 //! - `org`: the Apple School and Business Manager API: accounts and keys, token endpoint
@@ -53,6 +73,7 @@ mod devices;
 mod faults;
 mod oauth;
 mod org;
+mod profiles;
 mod rfc3339;
 mod server;
 mod store;
@@ -68,6 +89,9 @@ pub use faults::{Endpoint, Fault, FaultKind, RecordedRequest};
 pub use org::{
     OrgAccountInfo, OrgDeviceTruth, OrgEndpoint, OrgRequest, OrgServer, OrgStats, AUDIENCE,
     TOKEN_TTL_SECS,
+};
+pub use profiles::{
+    AssignStatus, DEFAULT_RETRY_AFTER_SECONDS, MAX_ASSIGN_DEVICES, TOO_MANY_DEVICES,
 };
 
 use org::OrgWorld;
@@ -262,6 +286,33 @@ impl MockHandle {
     /// Drops every queued fault.
     pub fn clear_faults(&self) {
         self.shared.lock().faults.clear();
+    }
+
+    /// Scripts the answers for the next `count` devices of profile-assign calls
+    /// (`POST`/`PUT /profile/devices`), in request order, after any answers scripted before:
+    /// each gets `status` instead of `SUCCESS` and keeps its profile. Only devices that would
+    /// have succeeded use up a scripted answer (a serial not assigned to the server is
+    /// `NOT_ACCESSIBLE` regardless); defines are never scripted. A `THROTTLED` answers
+    /// `FAILED` below protocol 9; at protocol 10 and later a response with a `THROTTLED`
+    /// device carries `retry_after_seconds` (this batch's value, default
+    /// [`DEFAULT_RETRY_AFTER_SECONDS`]; the largest when batches mix).
+    pub fn script_assignments(
+        &self,
+        status: AssignStatus,
+        count: usize,
+        retry_after_seconds: Option<u64>,
+    ) {
+        self.shared
+            .lock()
+            .profiles
+            .script(status, count, retry_after_seconds);
+    }
+
+    /// Every profile defined so far (`POST /profile`), in definition order: its UUID and the
+    /// profile JSON object exactly as the client sent it (`GET /profile` adds
+    /// `profile_uuid`).
+    pub fn profiles(&self) -> Vec<(String, Value)> {
+        self.shared.lock().profiles.list()
     }
 
     /// Every request to a non-admin path, in the order they were answered.

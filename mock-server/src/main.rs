@@ -18,7 +18,12 @@ use adesync_mock::{MockConfig, MockHandle, OrgAccountConfig};
 /// POST /server/devices and POST /devices/sync over a generated device population; with
 /// X-Server-Protocol-Version 10 or later also the v10 device fields (imei, meid, eid, MAC
 /// addresses, is_replacement_device, released_by_replacement on deletions) and
-/// GET /device/replacementDetails?device=SERIAL (404 below version 10).
+/// GET /device/replacementDetails?device=SERIAL (404 below version 10). Enrollment
+/// profiles: POST|PUT /profile defines one (new 32-hex profile_uuid; its "devices" are
+/// assigned at once), GET /profile?profile_uuid=U reads it, POST|PUT /profile/devices
+/// {"profile_uuid":U,"devices":[..]} assigns it (at most 1000 serials; THROTTLED from
+/// version 9, retry_after_seconds from 10), DELETE /profile/devices {"devices":[..]} takes
+/// it off; each success is a "modified" sync record.
 /// An admin API under /_mock changes the world while a client syncs:
 ///
 ///   POST /_mock/devices {"count":n}            assign n new devices
@@ -31,7 +36,12 @@ use adesync_mock::{MockConfig, MockHandle, OrgAccountConfig};
 ///   POST /_mock/clock/advance {"seconds":n}    move the simulated clock
 ///   POST /_mock/faults {"endpoint":"fetch_devices","status":503,"headers":[["Retry-After","1"]]}
 ///                          (endpoints: session, account, fetch_devices, sync_devices,
-///                          replacement_details, any)
+///                          replacement_details, define_profile, get_profile,
+///                          assign_profile, remove_profile, any)
+///   POST /_mock/profiles/script {"status":"THROTTLED","count":n,"retry_after_seconds":s}
+///                          the next n devices of assign calls answer FAILED, THROTTLED
+///                          or NOT_ACCESSIBLE instead of SUCCESS
+///   GET  /_mock/profiles                       the defined profiles
 ///   POST /_mock/sessions/expire                forget every session token
 ///   GET  /_mock/devices | /_mock/stats         the truth; counters
 ///

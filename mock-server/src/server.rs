@@ -1,7 +1,8 @@
 //! The HTTP face of the simulator: Apple's endpoints (`GET /session`, `GET /account`,
-//! `POST /server/devices`, `POST /devices/sync`, and from protocol 10
-//! `GET /device/replacementDetails`) with Apple's checks in Apple's order, and the admin API
-//! under `/_mock` that the binary and demos drive. All state sits behind one std mutex held
+//! `POST /server/devices`, `POST /devices/sync`, from protocol 10
+//! `GET /device/replacementDetails`, and the profile endpoints `POST`/`PUT`/`GET /profile`,
+//! `POST`/`PUT`/`DELETE /profile/devices` whose logic is in `profiles`) with Apple's checks
+//! in Apple's order, and the admin API under `/_mock` that the binary and demos drive. All state sits behind one std mutex held
 //! only for short, non-async sections; responses are rendered after it is released.
 //!
 //! `GET /device/replacementDetails?device=SERIAL` (docs/apple-dep-api.md §4.8) answers `200
@@ -33,13 +34,15 @@ use crate::devices::{LATEST_PROTOCOL, PROTOCOL_V10};
 use crate::faults::{Endpoint, Fault, FaultKind, FaultQueues, RecordedRequest};
 use crate::oauth::{self, OAuthError, SignedRequest, Verifier};
 use crate::org::{self, OrgWorld};
+use crate::profiles::{ApiError, AssignStatus, ProfileBook};
 use crate::rfc3339;
 use crate::store::{CursorContext, CursorError, PageFault, Store};
 
 /// Content type of Apple's 2xx bodies, spelled as Apple spells it (docs/apple-dep-api.md §1).
 const JSON_UTF8: &str = "application/json;charset=UTF8";
 
-/// Larger request bodies are refused; Apple's largest (a cursor and a limit) is tiny.
+/// Larger request bodies are refused; Apple's largest (a profile, or 1000 serials) is tens
+/// of kilobytes.
 const MAX_BODY: usize = 1 << 20;
 
 const SESSION_HEADER: &str = "x-adm-auth-session";
@@ -68,6 +71,8 @@ pub(crate) struct State {
     pub authenticated_calls: u64,
     pub faults: FaultQueues<Endpoint>,
     pub requests: Vec<RecordedRequest>,
+    /// Defined enrollment profiles and scripted assignment answers.
+    pub profiles: ProfileBook,
     /// The Apple School and Business Manager API simulation.
     pub org: OrgWorld,
 }
@@ -92,6 +97,7 @@ impl Shared {
                 authenticated_calls: 0,
                 faults: FaultQueues::default(),
                 requests: Vec::new(),
+                profiles: ProfileBook::default(),
                 org,
             }),
             shutdown: watch::Sender::new(false),
@@ -187,6 +193,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_mock/faults", post(admin_faults))
         .route("/_mock/sessions/expire", post(admin_expire))
         .route("/_mock/stats", get(admin_stats))
+        .route("/_mock/profiles", get(admin_profiles))
+        .route("/_mock/profiles/script", post(admin_profile_script))
         .route("/auth/oauth2/token", any(org::token))
         .route("/v1", any(org::api))
         .route("/v1/{*rest}", any(org::api))
@@ -201,7 +209,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// Every non-admin request: answer it, then journal it with the status it got.
 async fn apple(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let endpoint = Endpoint::from_path(parts.uri.path());
+    let endpoint = Endpoint::from_request(&parts.method, parts.uri.path());
     let body = axum::body::to_bytes(body, MAX_BODY).await;
     // Before protocol 10 replacementDetails is a path like any unknown one (see the module
     // docs); it is still journalled as that endpoint.
@@ -308,14 +316,10 @@ async fn respond(
     body: &Bytes,
 ) -> Response {
     let config = &shared.config;
-    let allowed = match endpoint {
-        Endpoint::Session | Endpoint::Account | Endpoint::ReplacementDetails => Method::GET,
-        _ => Method::POST,
-    };
-    if *method != allowed {
+    if !endpoint.accepts(method) {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
-            [(header::ALLOW, allowed.as_str())],
+            [(header::ALLOW, endpoint.allow())],
         )
             .into_response();
     }
@@ -483,6 +487,24 @@ fn authenticated(
             drop(state);
             replacement_details(shared, uri.query())
         }
+        Endpoint::DefineProfile | Endpoint::AssignProfile | Endpoint::RemoveProfile => {
+            let now = now.timestamp();
+            let State {
+                store, profiles, ..
+            } = &mut *state;
+            let answer = match endpoint {
+                Endpoint::DefineProfile => profiles.define(store, body, now),
+                Endpoint::AssignProfile => profiles.assign(store, body, now, proto),
+                _ => ProfileBook::remove(store, body, now),
+            };
+            drop(state);
+            profile_answer(config, answer)
+        }
+        Endpoint::GetProfile => {
+            let answer = state.profiles.get(uri.query());
+            drop(state);
+            profile_answer(config, answer)
+        }
         _ => {
             let request: PageRequest = if body.iter().all(u8::is_ascii_whitespace) {
                 PageRequest {
@@ -541,6 +563,14 @@ fn replacement_details(shared: &Shared, query: Option<&str>) -> Response {
     match shared.replacement_details(&device) {
         Some(details) => json_ok(details.to_string()),
         None => apple_error(config, StatusCode::NOT_FOUND, "DEVICE_NOT_FOUND"),
+    }
+}
+
+/// A profile endpoint's answer: `200` JSON or Apple's error.
+fn profile_answer(config: &MockConfig, answer: Result<Value, ApiError>) -> Response {
+    match answer {
+        Ok(v) => json_ok(v.to_string()),
+        Err(e) => apple_error(config, e.status, e.token),
     }
 }
 
@@ -729,9 +759,10 @@ async fn admin_clock(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> 
 fn parse_fault(v: &Value) -> Result<(Endpoint, Fault), String> {
     let endpoint_name = v.get("endpoint").and_then(Value::as_str).unwrap_or("any");
     let endpoint = Endpoint::from_name(endpoint_name).ok_or_else(|| {
+        let names: Vec<&str> = Endpoint::APPLE.iter().map(|e| e.name()).collect();
         format!(
-            "unknown endpoint {endpoint_name:?} (session, account, fetch_devices, \
-             sync_devices, replacement_details, any)"
+            "unknown endpoint {endpoint_name:?} ({}, any)",
+            names.join(", ")
         )
     })?;
     Ok((endpoint, parse_fault_body(v)?))
@@ -807,10 +838,57 @@ async fn admin_stats(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
         "devices": s.store.len(),
         "log_length": s.store.log_len(),
         "sessions": s.sessions.len(),
+        "profiles": s.profiles.len(),
         "now": rfc3339::format(s.now().timestamp()),
         "requests": counts,
     }))
     .into_response()
+}
+
+/// `GET /_mock/profiles`: every defined profile as `GET /profile` shows it (with
+/// `profile_uuid`), in definition order.
+async fn admin_profiles(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    let list: Vec<Value> = shared
+        .lock()
+        .profiles
+        .list()
+        .into_iter()
+        .map(|(uuid, mut profile)| {
+            profile["profile_uuid"] = uuid.into();
+            profile
+        })
+        .collect();
+    axum::Json(Value::Array(list)).into_response()
+}
+
+/// `POST /_mock/profiles/script {"status": "FAILED"|"THROTTLED"|"NOT_ACCESSIBLE", "count":
+/// n, "retry_after_seconds": s}`: see [`crate::MockHandle::script_assignments`].
+async fn admin_profile_script(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+    with_body(&body, |v| {
+        let status = v
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(AssignStatus::from_token)
+            .ok_or("expected \"status\": \"FAILED\", \"THROTTLED\" or \"NOT_ACCESSIBLE\"")?;
+        let count = v
+            .get("count")
+            .and_then(Value::as_u64)
+            .ok_or("expected \"count\": n")?;
+        let retry_after = match v.get("retry_after_seconds") {
+            None | Some(Value::Null) => None,
+            Some(s) => Some(
+                s.as_u64()
+                    .ok_or("\"retry_after_seconds\" must be a number")?,
+            ),
+        };
+        let mut s = shared.lock();
+        s.profiles.script(status, count as usize, retry_after);
+        Ok(json!({
+            "scripted": count,
+            "status": status.token(),
+            "pending": s.profiles.scripted(),
+        }))
+    })
 }
 
 #[cfg(test)]

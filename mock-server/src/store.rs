@@ -259,13 +259,44 @@ impl Store {
         now: i64,
         edit: impl FnOnce(&mut Map<String, Value>, &mut ChaCha8Rng, &[String]),
     ) -> bool {
-        let Some(&seq) = serial_key(serial).and_then(|k| self.index.get(&k)) else {
-            return false;
-        };
+        self.edit(serial, now, |map, rng, profiles| {
+            edit(map, rng, profiles);
+            true
+        })
+        .is_some()
+    }
+
+    /// Whether `serial` is assigned to the MDM server now.
+    pub fn contains(&self, serial: &str) -> bool {
+        serial_key(serial).is_some_and(|k| self.index.contains_key(&k))
+    }
+
+    /// Like [`Self::modify_with`], but `edit` says whether it changed anything: when it
+    /// returns `false` the device is left as it was and nothing is logged. `None` if the
+    /// serial is not assigned, else `Some(changed)`.
+    pub fn modify_if(
+        &mut self,
+        serial: &str,
+        now: i64,
+        edit: impl FnOnce(&mut Map<String, Value>) -> bool,
+    ) -> Option<bool> {
+        self.edit(serial, now, |map, _, _| edit(map))
+    }
+
+    /// The common part of [`Self::modify_with`] and [`Self::modify_if`].
+    fn edit(
+        &mut self,
+        serial: &str,
+        now: i64,
+        edit: impl FnOnce(&mut Map<String, Value>, &mut ChaCha8Rng, &[String]) -> bool,
+    ) -> Option<bool> {
+        let &seq = serial_key(serial).and_then(|k| self.index.get(&k))?;
         let profiles = self.generator.profiles().clone();
         let current = self.members.get_mut(&seq).expect("index and members agree");
         let mut map = current.to_map(&profiles);
-        edit(&mut map, &mut self.mutator, &profiles);
+        if !edit(&mut map, &mut self.mutator, &profiles) {
+            return Some(false);
+        }
         map.insert(
             "serial_number".into(),
             Value::String(serial_str(&current.serial()).to_owned()),
@@ -283,7 +314,7 @@ impl Store {
             prev: Some(prev),
             by_replacement: false,
         });
-        true
+        Some(true)
     }
 
     /// A realistic change (docs/apple-dep-api.md §7.5) to each listed device; returns how many were assigned.

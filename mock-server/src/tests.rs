@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sha1::Sha1;
 
 use crate::test_http::{mock, reply, Reply};
-use crate::{Credentials, Endpoint, Fault, FaultKind, MockConfig, MockHandle};
+use crate::{AssignStatus, Credentials, Endpoint, Fault, FaultKind, MockConfig, MockHandle};
 
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -135,6 +135,19 @@ impl Client {
             .header("X-ADM-Auth-Session", &self.session)
             .header("Content-Type", "application/json;charset=UTF8")
             .body(body.to_string());
+        reply(req).await
+    }
+
+    /// `method path` with a raw body, as `post` sends it.
+    async fn send(&self, method: reqwest::Method, path: &str, body: String) -> Reply {
+        let req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("User-Agent", "adesync-test/1")
+            .header("X-Server-Protocol-Version", self.proto)
+            .header("X-ADM-Auth-Session", &self.session)
+            .header("Content-Type", "application/json;charset=UTF8")
+            .body(body);
         reply(req).await
     }
 
@@ -1334,6 +1347,634 @@ async fn shutdown_stops_the_server() {
         .await
         .expect("stopped in time");
     assert!(tokio::net::TcpStream::connect(m.addr()).await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Enrollment profiles (docs/apple-dep-api.md §4.9)
+
+const ENROLL_URL: &str = "https://mdm.example.com/enroll";
+
+/// A valid Profile object named `name`.
+fn profile(name: &str) -> Value {
+    json!({ "profile_name": name, "url": ENROLL_URL, "is_supervised": true, "await_device_configured": true })
+}
+
+fn is_profile_uuid(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// `(status, body)` of an error reply.
+fn error_of(r: &Reply) -> (StatusCode, &str) {
+    (r.status, r.text.as_str())
+}
+
+/// The device with `serial` among `devices`.
+fn device_of<'a>(devices: &'a [Value], serial: &str) -> &'a Value {
+    devices
+        .iter()
+        .find(|d| d["serial_number"] == serial)
+        .unwrap_or_else(|| panic!("{serial} not found"))
+}
+
+impl Client {
+    async fn define(&self, body: Value) -> Reply {
+        self.post("/profile", body).await
+    }
+
+    /// Defines `profile(name)`; returns its uuid.
+    async fn define_ok(&self, name: &str) -> String {
+        let r = self.define(profile(name)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.json()["profile_uuid"].as_str().unwrap().to_owned()
+    }
+
+    async fn assign(&self, uuid: &str, serials: &[String]) -> Reply {
+        self.post(
+            "/profile/devices",
+            json!({ "profile_uuid": uuid, "devices": serials }),
+        )
+        .await
+    }
+
+    async fn unassign(&self, body: Value) -> Reply {
+        self.send(
+            reqwest::Method::DELETE,
+            "/profile/devices",
+            body.to_string(),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn define_profile_validates_like_apple_and_makes_a_new_uuid_each_time() {
+    let m = mock(MockConfig {
+        devices: 5,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    for (body, token) in [
+        ("[1,2]", "MALFORMED_REQUEST_BODY"),
+        ("{\"profile_name\":", "MALFORMED_REQUEST_BODY"),
+        ("", "MALFORMED_REQUEST_BODY"),
+        (
+            r#"{"url":"https://mdm.example.com/enroll"}"#,
+            "CONFIG_NAME_REQUIRED",
+        ),
+        (
+            r#"{"profile_name":"","url":"https://mdm.example.com/enroll"}"#,
+            "CONFIG_NAME_REQUIRED",
+        ),
+        (r#"{"profile_name":"Staff"}"#, "CONFIG_URL_REQUIRED"),
+        (
+            r#"{"profile_name":"Staff","url":""}"#,
+            "CONFIG_URL_REQUIRED",
+        ),
+    ] {
+        let r = c
+            .send(reqwest::Method::POST, "/profile", body.to_owned())
+            .await;
+        assert_eq!(error_of(&r), (StatusCode::BAD_REQUEST, token), "{body}");
+    }
+    assert!(m.profiles().is_empty());
+
+    let serials = m.serials();
+    let mut staff = profile("Staff");
+    staff["devices"] = json!([serials[0], "NOSUCHSERIAL"]);
+    let r = c.define(staff.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.headers["content-type"], "application/json;charset=UTF8");
+    let v = r.json();
+    let uuid = v["profile_uuid"].as_str().unwrap().to_owned();
+    assert!(is_profile_uuid(&uuid), "{uuid}");
+    assert_eq!(v["devices"].as_object().unwrap().len(), 2);
+    assert_eq!(v["devices"][&serials[0]], "SUCCESS");
+    assert_eq!(v["devices"]["NOSUCHSERIAL"], "NOT_ACCESSIBLE");
+    // The profile's own devices are assigned at once.
+    let d = device_of(&m.devices(), &serials[0]).clone();
+    assert_eq!(d["profile_status"], "assigned");
+    assert_eq!(d["profile_uuid"], uuid.as_str());
+
+    // PUT defines too (depsim); the same profile again gets a new uuid.
+    let r = c
+        .send(
+            reqwest::Method::PUT,
+            "/profile",
+            profile("Kiosk").to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let kiosk = r.json()["profile_uuid"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["devices"], json!({}));
+    let again = c.define_ok("Kiosk").await;
+    assert!(is_profile_uuid(&kiosk) && is_profile_uuid(&again));
+    assert!(uuid != kiosk && kiosk != again && uuid != again);
+    assert_eq!(
+        m.profiles(),
+        vec![
+            (uuid, staff),
+            (kiosk, profile("Kiosk")),
+            (again, profile("Kiosk"))
+        ]
+    );
+    assert_eq!(m.count_requests(Endpoint::DefineProfile), 10);
+}
+
+#[tokio::test]
+async fn get_profile_returns_the_profile_with_its_uuid_or_apples_errors() {
+    let m = mock(MockConfig::default()).await;
+    let c = Client::new(&m).await;
+    let uuid = c.define_ok("Staff").await;
+    for query in ["/profile", "/profile?profile_uuid=", "/profile?other=1"] {
+        let r = c.get(query).await;
+        assert_eq!(
+            error_of(&r),
+            (StatusCode::BAD_REQUEST, "PROFILE_UUID_REQUIRED"),
+            "{query}"
+        );
+    }
+    let r = c
+        .get("/profile?profile_uuid=C1F123098EB5074580041E69883004C3")
+        .await;
+    assert_eq!(error_of(&r), (StatusCode::NOT_FOUND, "PROFILE_NOT_FOUND"));
+
+    let r = c.get(&format!("/profile?profile_uuid={uuid}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let mut expected = profile("Staff");
+    expected["profile_uuid"] = uuid.clone().into();
+    assert_eq!(r.json(), expected);
+    // Lower case with dashes names the same profile; the answer has the stored form.
+    let lower = uuid.to_ascii_lowercase();
+    let dashed = format!(
+        "{}-{}-{}-{}-{}",
+        &lower[..8],
+        &lower[8..12],
+        &lower[12..16],
+        &lower[16..20],
+        &lower[20..]
+    );
+    let r = c.get(&format!("/profile?profile_uuid={dashed}")).await;
+    assert_eq!(r.json()["profile_uuid"], uuid.as_str());
+    assert_eq!(m.count_requests(Endpoint::GetProfile), 6);
+}
+
+#[tokio::test]
+async fn assign_profile_checks_the_request_and_takes_at_most_1000_serials() {
+    let m = mock(MockConfig {
+        devices: 5,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let uuid = c.define_ok("Staff").await;
+    let serials = m.serials();
+    let cases = [
+        (json!({ "devices": [serials[0]] }), "PROFILE_UUID_REQUIRED"),
+        (
+            json!({ "profile_uuid": "", "devices": [serials[0]] }),
+            "PROFILE_UUID_REQUIRED",
+        ),
+        (json!({ "profile_uuid": uuid }), "DEVICE_ID_REQUIRED"),
+        (
+            json!({ "profile_uuid": uuid, "devices": [] }),
+            "DEVICE_ID_REQUIRED",
+        ),
+        (
+            json!({ "profile_uuid": uuid, "devices": "C02X" }),
+            "MALFORMED_REQUEST_BODY",
+        ),
+        (json!(["not", "an", "object"]), "MALFORMED_REQUEST_BODY"),
+    ];
+    for (body, token) in cases {
+        let r = c.post("/profile/devices", body.clone()).await;
+        assert_eq!(error_of(&r), (StatusCode::BAD_REQUEST, token), "{body}");
+    }
+    let r = c
+        .assign("C1F123098EB5074580041E69883004C3", &serials[..1])
+        .await;
+    assert_eq!(error_of(&r), (StatusCode::NOT_FOUND, "PROFILE_NOT_FOUND"));
+
+    // 1000 serials are fine; 1001 are refused, before the uuid is looked up.
+    let mut many: Vec<String> = serials.clone();
+    many.extend((0..995).map(|i| format!("UNKNOWN{i:05}")));
+    assert_eq!(many.len(), 1000);
+    let r = c.assign(&uuid, &many).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let answers = r.json()["devices"].as_object().unwrap().clone();
+    assert_eq!(answers.len(), 1000);
+    assert_eq!(answers.values().filter(|s| *s == "SUCCESS").count(), 5);
+    assert_eq!(
+        answers.values().filter(|s| *s == "NOT_ACCESSIBLE").count(),
+        995
+    );
+    many.push("UNKNOWN01000".into());
+    for u in [uuid.as_str(), "C1F123098EB5074580041E69883004C3"] {
+        let r = c.assign(u, &many).await;
+        assert_eq!(
+            error_of(&r),
+            (StatusCode::BAD_REQUEST, crate::TOO_MANY_DEVICES)
+        );
+    }
+    // The journal keeps each body: serials per call can be counted.
+    let per_call: Vec<usize> = m
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::AssignProfile)
+        .map(|r| r.serials().len())
+        .collect();
+    assert_eq!(per_call, [1, 1, 0, 0, 0, 0, 1, 1000, 1001, 1001]);
+    assert_eq!(m.count_requests(Endpoint::AssignProfile), 10);
+}
+
+#[tokio::test]
+async fn a_successful_assignment_is_exactly_one_modified_sync_record() {
+    let m = mock(MockConfig {
+        devices: 5,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let serial = m.serials()[0].clone();
+    // A device whose profile was pushed: the push time goes with the new assignment.
+    assert!(m.modify_device(&serial, |d| {
+        d.insert("profile_status".into(), "pushed".into());
+        d.insert(
+            "profile_uuid".into(),
+            "C1F123098EB5074580041E69883004C3".into(),
+        );
+        d.insert("profile_assign_time".into(), "2024-01-01T00:00:00Z".into());
+        d.insert("profile_push_time".into(), "2024-01-02T00:00:00Z".into());
+    }));
+    let (_, cursor, _) = c.fetch_all(100).await;
+    let uuid = c.define_ok("Staff").await;
+    m.advance_clock(chrono::Duration::days(3));
+    let before = m.now().timestamp();
+    let r = c.assign(&uuid, std::slice::from_ref(&serial)).await;
+    let after = m.now().timestamp();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({ "profile_uuid": uuid, "devices": { serial.as_str(): "SUCCESS" } })
+    );
+
+    let r = c.sync(&cursor).await;
+    let recs = records(&r);
+    assert_eq!(recs.len(), 1, "{}", r.text);
+    let rec = &recs[0];
+    assert_eq!(rec["serial_number"], serial.as_str());
+    assert_eq!(rec["op_type"], "modified");
+    assert_eq!(rec["profile_status"], "assigned");
+    assert_eq!(rec["profile_uuid"], uuid.as_str());
+    assert!(rec.get("profile_push_time").is_none());
+    let at = chrono::DateTime::parse_from_rfc3339(rec["profile_assign_time"].as_str().unwrap())
+        .unwrap()
+        .timestamp();
+    assert!(
+        (before..=after).contains(&at),
+        "{at} not in {before}..={after}"
+    );
+    assert_eq!(rec["profile_assign_time"], rec["op_date"]);
+    // A fetch shows the new state too.
+    let fetched = records(&c.fetch(None, 100).await);
+    assert_eq!(device_of(&fetched, &serial)["profile_uuid"], uuid.as_str());
+    assert_eq!(
+        device_of(&fetched, &serial)["profile_assign_time"],
+        rec["profile_assign_time"]
+    );
+
+    // The uuid it already has: SUCCESS, no change, no record.
+    let cursor = r.cursor();
+    let r = c.assign(&uuid, std::slice::from_ref(&serial)).await;
+    assert_eq!(r.json()["devices"][&serial], "SUCCESS");
+    let r = c.sync(&cursor).await;
+    assert!(records(&r).is_empty(), "{}", r.text);
+
+    // PUT assigns too (depsim's only method).
+    let other = c.define_ok("Kiosk").await;
+    let body = json!({ "profile_uuid": other, "devices": [serial] });
+    let put = c
+        .send(reqwest::Method::PUT, "/profile/devices", body.to_string())
+        .await;
+    assert_eq!(put.json()["devices"][&serial], "SUCCESS");
+    let recs = records(&c.sync(&r.cursor()).await);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["profile_uuid"], other.as_str());
+    assert_eq!(m.count_requests(Endpoint::AssignProfile), 3);
+}
+
+#[tokio::test]
+async fn scripted_answers_replace_success_in_request_order() {
+    let m = mock(MockConfig {
+        devices: 10,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    c.proto = "10";
+    let (_, cursor, _) = c.fetch_all(100).await;
+    let uuid = c.define_ok("Staff").await;
+    let s = m.serials();
+    m.script_assignments(AssignStatus::Failed, 1, None);
+    m.script_assignments(AssignStatus::Throttled, 2, Some(120));
+    m.script_assignments(AssignStatus::NotAccessible, 1, None);
+    let batch: Vec<String> = vec![
+        s[0].clone(),
+        "NOSUCHSERIAL".into(), // not accessible anyway: uses up no scripted answer
+        s[1].clone(),
+        s[2].clone(),
+        s[3].clone(),
+        s[4].clone(),
+        s[5].clone(),
+    ];
+    let r = c.assign(&uuid, &batch).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    let expected = [
+        "FAILED",
+        "NOT_ACCESSIBLE",
+        "THROTTLED",
+        "THROTTLED",
+        "NOT_ACCESSIBLE",
+        "SUCCESS",
+        "SUCCESS",
+    ];
+    for (serial, status) in batch.iter().zip(expected) {
+        assert_eq!(v["devices"][serial], status, "{serial}");
+    }
+    assert_eq!(v["retry_after_seconds"], 120);
+    // Only the successes changed.
+    let r = c.sync(&cursor).await;
+    let changed: Vec<String> = r.serials();
+    assert_eq!(changed, [s[4].clone(), s[5].clone()]);
+    // No throttled device, no retry_after_seconds.
+    let v = c.assign(&uuid, &s[6..7]).await.json();
+    assert_eq!(v["devices"][&s[6]], "SUCCESS");
+    assert!(v.get("retry_after_seconds").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn throttled_needs_protocol_9_and_retry_after_seconds_protocol_10() {
+    let m = mock(MockConfig {
+        devices: 5,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    let uuid = c.define_ok("Staff").await;
+    let s = m.serials();
+    for (i, (proto, status, retry)) in [
+        ("10", "THROTTLED", Some(60)),
+        ("9", "THROTTLED", None),
+        ("7", "FAILED", None),
+        ("2", "FAILED", None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.proto = proto;
+        m.script_assignments(AssignStatus::Throttled, 1, None);
+        let v = c.assign(&uuid, &s[i..=i]).await.json();
+        assert_eq!(v["devices"][&s[i]], status, "protocol {proto}");
+        assert_eq!(
+            v.get("retry_after_seconds").and_then(Value::as_u64),
+            retry,
+            "protocol {proto}"
+        );
+    }
+    // Unchanged: none of them succeeded.
+    let unchanged = m.devices();
+    assert!(s[..4]
+        .iter()
+        .all(|x| device_of(&unchanged, x)["profile_uuid"] != uuid.as_str()));
+}
+
+#[tokio::test]
+async fn removing_profiles_marks_devices_removed_with_a_modified_record() {
+    let m = mock(MockConfig {
+        devices: 5,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(&m).await;
+    let s = m.serials();
+    assert!(m.modify_device(&s[1], |d| {
+        d.insert("profile_status".into(), "pushed".into());
+        d.insert(
+            "profile_uuid".into(),
+            "C1F123098EB5074580041E69883004C3".into(),
+        );
+        d.insert("profile_assign_time".into(), "2024-01-01T00:00:00Z".into());
+        d.insert("profile_push_time".into(), "2024-01-02T00:00:00Z".into());
+    }));
+    let (_, cursor, _) = c.fetch_all(100).await;
+    let mut staff = profile("Staff");
+    staff["devices"] = json!([s[0]]);
+    assert_eq!(c.define(staff).await.status, StatusCode::OK);
+
+    // profile_uuid is ignored, even an unknown one.
+    let r = c
+        .unassign(json!({
+            "profile_uuid": "C1F123098EB5074580041E69883004C3",
+            "devices": [s[0], s[1], "NOSUCHSERIAL"],
+        }))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({ "devices": {
+            s[0].as_str(): "SUCCESS", s[1].as_str(): "SUCCESS", "NOSUCHSERIAL": "NOT_ACCESSIBLE"
+        } })
+    );
+    let r = c.sync(&cursor).await;
+    let recs = records(&r);
+    assert_eq!(r.serials(), [s[0].clone(), s[0].clone(), s[1].clone()]);
+    assert_eq!(recs[0]["profile_status"], "assigned");
+    for rec in &recs[1..] {
+        assert_eq!(rec["op_type"], "modified");
+        assert_eq!(rec["profile_status"], "removed");
+        for k in ["profile_uuid", "profile_assign_time", "profile_push_time"] {
+            assert!(rec.get(k).is_none(), "{k} in {rec}");
+        }
+    }
+    // Removing again: SUCCESS, nothing to record.
+    let again = c.unassign(json!({ "devices": [s[0]] })).await;
+    assert_eq!(again.json()["devices"][&s[0]], "SUCCESS");
+    assert!(records(&c.sync(&r.cursor()).await).is_empty());
+
+    for body in [json!({ "devices": [] }), json!({})] {
+        let r = c.unassign(body).await;
+        assert_eq!(
+            error_of(&r),
+            (StatusCode::BAD_REQUEST, "DEVICE_ID_REQUIRED")
+        );
+    }
+    let r = c
+        .send(reqwest::Method::DELETE, "/profile/devices", "nope".into())
+        .await;
+    assert_eq!(
+        error_of(&r),
+        (StatusCode::BAD_REQUEST, "MALFORMED_REQUEST_BODY")
+    );
+    assert_eq!(m.count_requests(Endpoint::RemoveProfile), 5);
+}
+
+#[tokio::test]
+async fn profile_endpoints_take_faults_sessions_methods_and_quoted_errors() {
+    let m = mock(MockConfig {
+        devices: 3,
+        quoted_errors: true,
+        ..Default::default()
+    })
+    .await;
+    let mut c = Client::new(&m).await;
+    let uuid = c.define_ok("Staff").await;
+    let s = m.serials();
+    m.push_fault(
+        Endpoint::AssignProfile,
+        Fault {
+            times: 1,
+            kind: FaultKind::Status {
+                status: 503,
+                body: String::new(),
+                headers: vec![("Retry-After".into(), "2".into())],
+            },
+        },
+    );
+    let r = c.assign(&uuid, &s[..1]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["retry-after"], "2");
+    // The fault changed nothing; the next call succeeds.
+    assert_eq!(
+        c.assign(&uuid, &s[..1]).await.json()["devices"][&s[0]],
+        "SUCCESS"
+    );
+    m.push_fault(
+        Endpoint::GetProfile,
+        Fault {
+            times: 1,
+            kind: FaultKind::MalformedJson,
+        },
+    );
+    let r = c.get(&format!("/profile?profile_uuid={uuid}")).await;
+    assert!(serde_json::from_str::<Value>(&r.text).is_err());
+
+    let r = c.get("/profile").await;
+    assert_eq!(r.text, "\"PROFILE_UUID_REQUIRED\"");
+    for (method, path, allow) in [
+        (reqwest::Method::PATCH, "/profile", "GET, POST, PUT"),
+        (reqwest::Method::DELETE, "/profile", "GET, POST, PUT"),
+        (
+            reqwest::Method::GET,
+            "/profile/devices",
+            "DELETE, POST, PUT",
+        ),
+    ] {
+        let r = c.send(method.clone(), path, "{}".into()).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(r.headers["allow"], allow);
+    }
+    c.session = "stale".into();
+    let r = c.unassign(json!({ "devices": [s[0]] })).await;
+    assert_eq!(error_of(&r), (StatusCode::UNAUTHORIZED, "\"UNAUTHORIZED\""));
+
+    let seen: Vec<(Endpoint, String)> = m
+        .requests()
+        .into_iter()
+        .map(|r| (r.endpoint, r.method))
+        .collect();
+    let expected = [
+        (Endpoint::Session, "GET"),
+        (Endpoint::DefineProfile, "POST"),
+        (Endpoint::AssignProfile, "POST"),
+        (Endpoint::AssignProfile, "POST"),
+        (Endpoint::GetProfile, "GET"),
+        (Endpoint::GetProfile, "GET"),
+        (Endpoint::DefineProfile, "PATCH"),
+        (Endpoint::DefineProfile, "DELETE"),
+        (Endpoint::AssignProfile, "GET"),
+        (Endpoint::RemoveProfile, "DELETE"),
+    ];
+    let expected: Vec<(Endpoint, String)> = expected
+        .iter()
+        .map(|(e, m)| (*e, (*m).to_owned()))
+        .collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn the_admin_api_scripts_assignments_and_lists_profiles() {
+    let m = mock(MockConfig {
+        devices: 3,
+        ..Default::default()
+    })
+    .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = |path: &str, body: Value| {
+        http.post(format!("{}/_mock/{path}", m.base_url()))
+            .body(body.to_string())
+    };
+    let r = reply(admin(
+        "profiles/script",
+        json!({ "status": "THROTTLED", "count": 1, "retry_after_seconds": 30 }),
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({ "scripted": 1, "status": "THROTTLED", "pending": 1 })
+    );
+    let r = reply(admin(
+        "profiles/script",
+        json!({ "status": "FAILED", "count": 1 }),
+    ))
+    .await;
+    assert_eq!(r.json()["pending"], 2);
+    for bad in [
+        json!({ "status": "SUCCESS", "count": 1 }),
+        json!({ "status": "FAILED" }),
+        json!({ "status": "FAILED", "count": 1, "retry_after_seconds": "soon" }),
+    ] {
+        let r = reply(admin("profiles/script", bad.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let fault = reply(admin(
+        "faults",
+        json!({ "endpoint": "remove_profile", "status": 500 }),
+    ))
+    .await;
+    assert_eq!(fault.json(), json!({ "queued": "remove_profile" }));
+
+    let mut c = Client::new(&m).await;
+    c.proto = "10";
+    let uuid = c.define_ok("Staff").await;
+    let s = m.serials();
+    let v = c.assign(&uuid, &s).await.json();
+    assert_eq!(v["devices"][&s[0]], "THROTTLED");
+    assert_eq!(v["devices"][&s[1]], "FAILED");
+    assert_eq!(v["devices"][&s[2]], "SUCCESS");
+    assert_eq!(v["retry_after_seconds"], 30);
+    assert_eq!(
+        c.unassign(json!({ "devices": [s[2]] })).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let listed = reply(http.get(format!("{}/_mock/profiles", m.base_url())))
+        .await
+        .json();
+    let mut expected = profile("Staff");
+    expected["profile_uuid"] = uuid.into();
+    assert_eq!(listed, json!([expected]));
+    let stats = reply(http.get(format!("{}/_mock/stats", m.base_url())))
+        .await
+        .json();
+    assert_eq!(stats["profiles"], 1);
+    assert_eq!(stats["requests"]["define_profile"], 1);
+    assert_eq!(stats["requests"]["assign_profile"], 1);
+    assert_eq!(stats["requests"]["remove_profile"], 1);
+    assert_eq!(stats["requests"]["get_profile"], 0);
 }
 
 /// The benchmark's shape: a million devices fetched at 1000 per page. Opt-in (release build

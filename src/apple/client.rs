@@ -167,6 +167,17 @@ fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> 
     })
 }
 
+/// `POST /profile/devices`'s answer (docs/apple-dep-api.md §4.9).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct AssignResult {
+    /// Per serial: `SUCCESS`, `NOT_ACCESSIBLE`, `FAILED` or `THROTTLED`.
+    #[serde(default)]
+    pub devices: std::collections::HashMap<String, String>,
+    /// Protocol 10: how long to wait before a `THROTTLED` device is tried again.
+    #[serde(default)]
+    pub retry_after_seconds: Option<u64>,
+}
+
 /// `GET /device/replacementDetails` (docs/apple-dep-api.md §4.8).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct ReplacementDetails {
@@ -344,6 +355,55 @@ impl AppleClient {
             Err(ApiError::Http { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// `POST /profile`: defines a profile (Apple's profile JSON) and returns its UUID
+    /// (docs/apple-dep-api.md §4.9).
+    pub async fn define_profile(
+        &self,
+        profile: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, ApiError> {
+        #[derive(Deserialize)]
+        struct Defined {
+            profile_uuid: String,
+        }
+        let body = serde_json::to_vec(profile).unwrap_or_default();
+        let d: Defined = self
+            .call(
+                Endpoint::DefineProfile,
+                reqwest::Method::POST,
+                "profile",
+                Some(body),
+            )
+            .await?;
+        if d.profile_uuid.is_empty() || d.profile_uuid.len() > 64 {
+            return Err(ApiError::MalformedBody {
+                endpoint: Endpoint::DefineProfile,
+                detail: "the profile_uuid is empty or too long".into(),
+            });
+        }
+        Ok(d.profile_uuid)
+    }
+
+    /// `POST /profile/devices`: assigns a profile to at most 1,000 devices; Apple's
+    /// answer per device (docs/apple-dep-api.md §4.9).
+    pub async fn assign_profile(
+        &self,
+        profile_uuid: &str,
+        serials: &[String],
+    ) -> Result<AssignResult, ApiError> {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "profile_uuid": profile_uuid,
+            "devices": serials,
+        }))
+        .unwrap_or_default();
+        self.call(
+            Endpoint::AssignProfile,
+            reqwest::Method::POST,
+            "profile/devices",
+            Some(body),
+        )
+        .await
     }
 
     /// `GET /account`.

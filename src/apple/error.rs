@@ -21,6 +21,10 @@ pub enum Endpoint {
     SyncDevices,
     /// `GET /device/replacementDetails`.
     ReplacementDetails,
+    /// `POST /profile`.
+    DefineProfile,
+    /// `POST /profile/devices`.
+    AssignProfile,
 }
 
 impl Endpoint {
@@ -32,6 +36,8 @@ impl Endpoint {
             Endpoint::FetchDevices => "POST /server/devices",
             Endpoint::SyncDevices => "POST /devices/sync",
             Endpoint::ReplacementDetails => "GET /device/replacementDetails",
+            Endpoint::DefineProfile => "POST /profile",
+            Endpoint::AssignProfile => "POST /profile/devices",
         }
     }
 }

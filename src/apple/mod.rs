@@ -7,7 +7,7 @@ pub mod error;
 pub(crate) mod oauth1;
 
 pub use client::{
-    Account, AccountLimit, AccountUrl, AppleClient, ClientSettings, DevicePage, ReplacementDetails,
-    DEFAULT_MAX_RESPONSE_BYTES,
+    Account, AccountLimit, AccountUrl, AppleClient, AssignResult, ClientSettings, DevicePage,
+    ReplacementDetails, DEFAULT_MAX_RESPONSE_BYTES,
 };
 pub use error::{ApiError, CursorError, Endpoint};

@@ -12,6 +12,7 @@ use adesync::status::TokenExpiry;
 use adesync::store::{DeviceFilter, Store};
 
 mod account;
+mod assign;
 mod demo;
 mod org;
 mod query;
@@ -233,6 +234,21 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Enrollment profile assignment: `--dry-run` shows what the [[assign]] rules would do
+    /// now (nothing is sent or written); `assign status` counts pending, done, failed and
+    /// throttled devices; without either, a pass runs now for each token with rules.
+    #[command(args_conflicts_with_subcommands = true)]
+    Assign {
+        /// `status`: the counts per token and profile.
+        #[command(subcommand)]
+        action: Option<AssignAction>,
+        /// Show what would be assigned and why; change nothing at Apple or in the database.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this token.
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Show the MDM server behind each token, as Apple's GET /account last reported it:
     /// server name and UUID, organisation, ABM or ASM, the admin who downloaded the token,
     /// and the page-size maximum. Refreshed at the start of every sync.
@@ -240,6 +256,17 @@ pub enum Command {
         /// Only this token.
         #[arg(long)]
         token: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// `adesync assign` actions.
+#[derive(Debug, Subcommand)]
+pub enum AssignAction {
+    /// Pending, done, failed (with the next retry), throttled and not-accessible counts.
+    Status {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -385,6 +412,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => sinks::events(&cli.config, action).await,
         Command::Sinks { action, format } => sinks::sinks(&cli.config, action, format).await,
         Command::Demo { devices, dir } => demo::run(devices, &dir).await.map(|_| ExitCode::SUCCESS),
+        Command::Assign {
+            action: None,
+            dry_run: false,
+            token,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let _lock = lock_database(&config.database)?;
+            assign::run_now(&config, token.as_deref()).await
+        }
         Command::OrgAccounts {
             action: Some(OrgAccountsAction::Test { name }),
             ..
@@ -408,6 +444,11 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
         | Command::Demo { .. }
         | Command::OrgAccounts {
             action: Some(_), ..
+        }
+        | Command::Assign {
+            action: None,
+            dry_run: false,
+            ..
         }
         | Command::Events {
             action: Some(_), ..
@@ -454,6 +495,9 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                     a.scope.product(),
                     a.key_id
                 );
+            }
+            for w in adesync::config::overlaps(&config.assign_rules) {
+                eprintln!("note: {w}");
             }
             eprintln!(
                 "configuration OK: {} token(s), {} organisation account(s)",
@@ -674,6 +718,17 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             })?;
             org::print_org_devices(&rows, format)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Assign {
+            action: Some(AssignAction::Status { format }),
+            ..
+        } => {
+            let config = Config::load_for_reports(config_path)?;
+            assign::status(&config, format)
+        }
+        Command::Assign { token, .. } => {
+            let config = Config::load_for_reports(config_path)?;
+            assign::dry_run(&config, token.as_deref())
         }
         Command::OrgAccounts {
             action: None,

@@ -12,10 +12,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod assign;
 mod lenient;
 mod org;
 mod schedule;
 mod sinks;
+pub use assign::{
+    overlaps, read_profile, AssignRule, AssignmentSettings, Match, ProfileConfig, Triggers,
+    PROFILE_KEYS,
+};
 pub use lenient::{LenientConfig, TokenFiles};
 pub use org::{
     OrgAccountConfig, OrgScope, ASSERTION_AUDIENCE, DEFAULT_TOKEN_URL, MAX_ORG_PAGE_SIZE,
@@ -94,6 +99,11 @@ struct RawConfig {
     sinks: Vec<sinks::RawSink>,
     #[serde(default)]
     org_accounts: Vec<org::RawOrgAccount>,
+    #[serde(default)]
+    profiles: Vec<assign::RawProfile>,
+    #[serde(default)]
+    assign: Vec<assign::RawAssign>,
+    assignment: Option<assign::RawAssignment>,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +163,12 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// The Apple School/Business Manager API accounts to walk.
     pub org_accounts: Vec<OrgAccountConfig>,
+    /// Enrollment profiles, as files.
+    pub profiles: Vec<ProfileConfig>,
+    /// Profile assignment rules, first match wins.
+    pub assign_rules: Vec<AssignRule>,
+    /// Retry timing of assignments.
+    pub assignment: AssignmentSettings,
     /// Where events are written besides the `events` table.
     pub sinks: Vec<SinkConfig>,
     /// How long events are kept once every sink has them (`None`: forever).
@@ -492,6 +508,31 @@ impl Config {
             org_accounts.push(account);
         }
 
+        let mut profiles: Vec<ProfileConfig> = Vec::with_capacity(raw.profiles.len());
+        for (i, p) in raw.profiles.into_iter().enumerate() {
+            let p = assign::resolve_profile(i, p, base, check_files)
+                .map_err(|(k, r)| invalid(&k, r))?;
+            if profiles.iter().any(|q| q.name == p.name) {
+                return Err(invalid(
+                    &format!("profiles[{i}].name"),
+                    format!("\"{}\" is used twice", p.name),
+                ));
+            }
+            profiles.push(p);
+        }
+        let token_names: Vec<String> = tokens.iter().map(|t| t.name.clone()).collect();
+        let assign_rules = raw
+            .assign
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                assign::resolve_rule(i, r, &profiles, &token_names, !org_accounts.is_empty())
+                    .map_err(|(k, r)| invalid(&k, r))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let assignment =
+            assign::resolve_assignment(raw.assignment).map_err(|(k, r)| invalid(&k, r))?;
+
         let mut sink_names = HashSet::new();
         let mut sinks = Vec::new();
         for (i, s) in raw.sinks.into_iter().enumerate() {
@@ -520,6 +561,9 @@ impl Config {
             max_response_bytes,
             tokens,
             org_accounts,
+            profiles,
+            assign_rules,
+            assignment,
             sinks,
             event_retention,
             http_listen,
@@ -604,6 +648,7 @@ impl Config {
         for a in &self.org_accounts {
             org::account_to_toml(&mut s, a);
         }
+        assign::assign_to_toml(&mut s, &self.profiles, &self.assign_rules, &self.assignment);
         for k in &self.sinks {
             sinks::sink_to_toml(&mut s, k);
         }

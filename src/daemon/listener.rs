@@ -140,6 +140,7 @@ struct DbView {
     events: Vec<(String, u64)>,
     sinks: Vec<crate::sinks::SinkStatus>,
     org: Vec<crate::status::OrgAccountStatus>,
+    assignments: Vec<(String, String, String, u64)>,
 }
 
 /// The database view, read afresh at most once per [`VIEW_TTL`].
@@ -166,6 +167,7 @@ async fn read_db(app: &AppState) -> Result<DbView, String> {
             sinks: crate::sinks::sink_status(&s, &config).map_err(|e| e.to_string())?,
             org: crate::status::org_statuses(&config, &s, chrono::Utc::now())
                 .map_err(|e| e.to_string())?,
+            assignments: s.assignment_counts().map_err(|e| e.to_string())?,
         })
     })
     .await
@@ -372,6 +374,20 @@ fn render_metrics(
         "Device records from Apple skipped because they cannot be stored (no usable serial number), since start.",
         h.values()
             .map(|t| (format!("token=\"{}\"", label(&t.name)), t.records_refused as f64))
+            .collect(),
+    );
+    family(
+        "adesync_profile_assignments",
+        "gauge",
+        "Devices by the last answer Apple gave to assigning them their enrollment profile (SUCCESS, FAILED, THROTTLED, NOT_ACCESSIBLE).",
+        view.assignments
+            .iter()
+            .map(|(t, p, st, n)| {
+                (
+                    format!("token=\"{}\",profile=\"{}\",status=\"{}\"", label(t), label(p), label(st)),
+                    *n as f64,
+                )
+            })
             .collect(),
     );
     family(

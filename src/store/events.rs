@@ -144,6 +144,28 @@ fn org_event(
         device: None,
         org_device: device,
         reason: None,
+        assignment: None,
+    })
+}
+
+/// A profile assignment event read back: its snapshot is the assignment.
+fn profile_event(
+    r: &rusqlite::Row<'_>,
+    kind: EventKind,
+    snapshot: &str,
+) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        id: r.get(0)?,
+        token_name: r.get(1)?,
+        serial_number: r.get(2)?,
+        kind,
+        changes: Value::Object(Default::default()),
+        occurred_at: r.get(5)?,
+        scope: EventScope::Profile,
+        device: None,
+        org_device: None,
+        reason: None,
+        assignment: serde_json::from_str(snapshot).ok(),
     })
 }
 
@@ -176,8 +198,10 @@ impl Store {
                 })?;
                 let changes: Option<String> = r.get(4)?;
                 let snapshot: String = r.get(6)?;
-                if r.get::<_, Option<String>>(7)?.is_some() {
-                    return org_event(r, kind, changes, &snapshot);
+                match r.get_ref(7)?.as_str_or_null()? {
+                    Some("profile") => return profile_event(r, kind, &snapshot),
+                    Some(_) => return org_event(r, kind, changes, &snapshot),
+                    None => {}
                 }
                 let device = decode_snapshot(&snapshot);
                 let changes = match (changes, &device, kind) {
@@ -200,6 +224,7 @@ impl Store {
                         .get::<_, Option<String>>(8)?
                         .as_deref()
                         .and_then(Reason::parse),
+                    assignment: None,
                 })
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, TransactionBehavior};
 
 mod accounts;
+mod assign;
 mod cursors;
 mod devices;
 mod events;
@@ -25,6 +26,9 @@ mod sink_cursors;
 
 pub use crate::events::StoredEvent;
 pub use accounts::{StoredAccount, TokenFootprint};
+pub use assign::{
+    AssignDevice, AssignInputs, AssignOutcome, AssignState, Assignment, ProfileDefinition,
+};
 pub use cursors::{CursorState, SyncState};
 pub use devices::{apple_columns, device_map, DeviceFilter, PageStats, PageWrite, StoredDevice};
 pub use org::{OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase};
@@ -382,6 +386,27 @@ impl Store {
         let stats = batch.apply_page(page)?;
         batch.commit()?;
         Ok(stats)
+    }
+
+    /// Runs `f` in one write transaction and commits it.
+    pub(super) fn in_tx<T>(
+        &mut self,
+        action: &'static str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            action,
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        let out = f(&tx).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(out)
     }
 
     /// Opens a write transaction that takes one or more consecutive pages (group commit,

@@ -266,27 +266,6 @@ fn extra_text(d: &OrgDevice) -> Option<String> {
 }
 
 impl Store {
-    /// Runs `f` in one write transaction and commits it.
-    fn in_tx<T>(
-        &mut self,
-        action: &'static str,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            action,
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        let out = f(&tx).map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        Ok(out)
-    }
-
     /// Where `account`'s walk stands (a fresh walk when it never ran).
     pub fn org_walk(&self, account: &str) -> Result<OrgWalk, StoreError> {
         let found = self

@@ -310,6 +310,42 @@ pub(super) const MIGRATIONS: &[&str] = &[
     -- before this column, whose reason is derived when they are read.
     ALTER TABLE events ADD COLUMN reason TEXT;
     "#,
+    // 5: enrollment profile assignment (docs/apple-dep-api.md §4.9): each token's
+    // definition of each configured profile, each device's last assignment and what Apple
+    // answered, and where each token's assignment pass stands.
+    r#"
+    CREATE TABLE profiles (
+        token_name   TEXT NOT NULL,
+        profile_name TEXT NOT NULL,
+        profile_uuid TEXT NOT NULL,
+        -- SHA-256 of the profile file when it was defined: a change defines it again.
+        file_hash    TEXT NOT NULL,
+        defined_at   TEXT NOT NULL,
+        PRIMARY KEY (token_name, profile_name)
+    );
+
+    CREATE TABLE profile_assignments (
+        token_name    TEXT NOT NULL,
+        serial_number TEXT NOT NULL,
+        profile_name  TEXT NOT NULL,
+        profile_uuid  TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('SUCCESS', 'NOT_ACCESSIBLE', 'FAILED', 'THROTTLED')),
+        attempted_at  TEXT NOT NULL,
+        -- FAILED and THROTTLED: not tried again before this.
+        retry_after   TEXT,
+        -- Calls for this device and profile so far.
+        attempts      INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (token_name, serial_number)
+    ) WITHOUT ROWID;
+
+    -- The events and the full fetch each token's last assignment pass took into account.
+    CREATE TABLE assign_state (
+        token_name         TEXT PRIMARY KEY,
+        last_event_id      INTEGER NOT NULL DEFAULT 0,
+        last_full_fetch_at TEXT,
+        last_run_at        TEXT
+    );
+    "#,
 ];
 
 impl Store {

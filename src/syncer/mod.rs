@@ -24,11 +24,16 @@ use crate::model::{dedupe_latest, format_time, ErrorKind, Phase};
 use crate::store::{CursorState, PageStats, Store, StoreError, SyncState};
 use crate::token::TokenError;
 
+mod assign;
 mod checks;
 mod cursor;
 mod org;
 mod writer;
 
+pub use assign::{
+    assign_token, dry_run, plan, rule_matches, rules_for, AssignError, AssignSummary, Planned,
+    MAX_SERIALS_PER_CALL,
+};
 pub use org::{org_client_settings, run_account, run_account_with, OrgRunSummary, OrgSyncError};
 
 pub(crate) use cursor::{next_step, Next, Outcome, Then};
@@ -112,6 +117,10 @@ pub struct RunSummary {
     pub stopped_on_same_cursor: bool,
     /// Replacement devices whose details were read.
     pub replacements: u64,
+    /// What profile assignment did after the sync.
+    pub assigned: AssignSummary,
+    /// Why profile assignment failed, if it did.
+    pub assign_error: Option<String>,
     /// Wall time.
     pub duration: Duration,
 }
@@ -147,7 +156,7 @@ fn full_fetch_due(
 }
 
 /// Settings for the Apple client of one token.
-pub(crate) fn client_settings(config: &Config, token: &TokenConfig) -> ClientSettings {
+pub fn client_settings(config: &Config, token: &TokenConfig) -> ClientSettings {
     ClientSettings {
         base_url: token.api_url.clone(),
         user_agent: token.user_agent.clone(),
@@ -297,6 +306,17 @@ async fn run_inner(
     driven?;
     if token.protocol_version >= 10 {
         summary.replacements = replacements(&client, config, token, cancel).await;
+    }
+    if !rules_for(config, &token.name).is_empty() && !cancel.is_cancelled() {
+        // Assignment never fails the sync: its error is logged and the pass runs again
+        // after the next sync.
+        match assign_token(config, token, &client).await {
+            Ok(a) => summary.assigned = a,
+            Err(e) => {
+                tracing::error!(token = %token.name, error = %e, "profile assignment failed; it runs again after the next sync");
+                summary.assign_error = Some(e.to_string());
+            }
+        }
     }
     summary.duration = started.elapsed();
     Ok(summary)
