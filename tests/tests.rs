@@ -1,5 +1,6 @@
 //! adesync's integration tests: one binary, scenarios in modules.
 //!
+//! - `assign`: enrollment profile assignment against the simulator and wiremock.
 //! - `client`: the Apple client against wiremock (session, re-auth, rotation, errors, retries).
 //! - `sync`: whole sync passes against the bundled Apple simulator on 127.0.0.1.
 //! - `cli`: the built `adesync` binary, including a process killed mid-sync.
@@ -15,6 +16,7 @@
 //! - `tokens`: `.p7m` tokens (made here with OpenSSL), `token` and `account` commands,
 //!   the same-server guard, expiry warnings, renewal without restart, purge.
 
+mod assign;
 mod cli;
 mod client;
 mod common;

@@ -11,7 +11,7 @@ use super::{check_name, duration_in, resolve};
 
 /// The keys Apple documents for a profile (docs/apple-dep-api.md §4.9, from Apple's
 /// Profile schema), with the JSON type each must have.
-pub const PROFILE_KEYS: [(&str, ProfileValue); 23] = [
+pub const PROFILE_KEYS: [(&str, ProfileValue); 22] = [
     ("profile_name", ProfileValue::Text),
     ("url", ProfileValue::Text),
     ("configuration_web_url", ProfileValue::Text),
@@ -34,7 +34,6 @@ pub const PROFILE_KEYS: [(&str, ProfileValue); 23] = [
     ("region", ProfileValue::Text),
     ("do_not_use_profile_from_backup", ProfileValue::Bool),
     ("is_return_to_service", ProfileValue::Bool),
-    ("description", ProfileValue::Text),
 ];
 
 /// A profile key's JSON type.
@@ -528,6 +527,35 @@ pub(super) fn assign_to_toml(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_keys_are_those_of_apples_profile_schema() {
+        // Apple's Profile object as published in micromdm/apple-device-services (see
+        // tests/fixtures/apple/SOURCES.md); `profile_uuid` is Apple's answer, not input.
+        let schema: Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/apple/apple-device-services-Profile.schema.json"
+        ))
+        .unwrap();
+        let props = schema["properties"].as_object().unwrap();
+        let mut want: Vec<&str> = props
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "profile_uuid")
+            .collect();
+        want.sort();
+        let mut have: Vec<&str> = PROFILE_KEYS.iter().map(|k| k.0).collect();
+        have.sort();
+        assert_eq!(have, want);
+        for (k, kind) in PROFILE_KEYS {
+            let t = props[k]["type"].as_str().unwrap();
+            let expect = match kind {
+                ProfileValue::Text => "string",
+                ProfileValue::Bool => "boolean",
+                ProfileValue::TextList => "array",
+            };
+            assert_eq!(t, expect, "{k}");
+        }
+    }
 
     #[test]
     fn profiles_hold_only_apples_keys_of_the_right_type() {

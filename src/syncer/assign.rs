@@ -70,8 +70,8 @@ pub fn rule_matches(rule: &AssignRule, d: &AssignDevice) -> bool {
 }
 
 /// Which device gets which profile now, and why: the first matching rule decides; a device
-/// that already has the profile (Apple says so, or Apple accepted it and the next sync has
-/// not shown it yet) is left alone; `NOT_ACCESSIBLE` is not retried (the device left the
+/// that already has the profile (Apple says so, or Apple accepted it and no sync has shown
+/// otherwise since) is left alone; `NOT_ACCESSIBLE` is not retried (the device left the
 /// server) unless it comes back; `FAILED` and `THROTTLED` wait for their `retry_after`.
 pub fn plan(
     rules: &[&AssignRule],
@@ -109,7 +109,9 @@ pub fn plan(
         let row = inputs.assignments.get(&d.serial_number);
         let why = match row {
             Some(r) if uuid.is_some_and(|u| u == r.profile_uuid) => match r.status.as_str() {
-                "SUCCESS" => None,
+                // Accepted: left alone until Apple shows something else after a trigger
+                // (the device came back, or a full fetch found it without the profile).
+                "SUCCESS" => triggered,
                 "NOT_ACCESSIBLE" => {
                     triggered.filter(|_| has(Reason::Returned) || has(Reason::Assigned))
                 }
