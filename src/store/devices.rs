@@ -524,16 +524,19 @@ pub(super) fn load_seen(
 /// object, None when it has none.
 pub(super) fn extra_json(d: &Device) -> Option<String> {
     let is_v10 = |k: &str| V10_FIELDS.iter().any(|(name, _)| *name == k);
-    if !d.extra.keys().any(|k| is_v10(k)) {
-        return (!d.extra.is_empty()).then(|| Value::Object(d.extra.clone()).to_string());
+    // Written as serde_json writes a map (keys in order), without copying the map.
+    let mut out = String::new();
+    for (k, v) in d.extra.iter().filter(|(k, _)| !is_v10(k)) {
+        out.push(if out.is_empty() { '{' } else { ',' });
+        out.push_str(&serde_json::to_string(k).expect("strings always serialise"));
+        out.push(':');
+        out.push_str(&v.to_string());
     }
-    let rest: Map<String, Value> = d
-        .extra
-        .iter()
-        .filter(|(k, _)| !is_v10(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    (!rest.is_empty()).then(|| Value::Object(rest).to_string())
+    if out.is_empty() {
+        return None;
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// Reads the stored rows for a page's serials in one statement.
@@ -668,14 +671,17 @@ impl Store {
     }
 
     /// Up to `limit` assigned replacement devices of `token` whose replacement details
-    /// were never asked for.
+    /// were never asked for (read through the partial index `devices_replacements_due`,
+    /// so a no-op sync does not scan the table).
     pub fn replacements_due(&self, token: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT serial_number FROM devices WHERE token_name = ?1 AND deleted_at IS NULL
+                "SELECT serial_number FROM devices INDEXED BY devices_replacements_due
+                 WHERE token_name = ?1
                    AND is_replacement_device = 1 AND replacement_checked_at IS NULL
-                 ORDER BY serial_number LIMIT ?2",
+                   AND deleted_at IS NULL
+                 LIMIT ?2",
             )
             .map_err(self.err("read replacement devices"))?;
         let rows = stmt

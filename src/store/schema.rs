@@ -304,6 +304,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     WHERE extra_json IS NOT NULL;
     CREATE INDEX devices_original ON devices (original_device_serial_number)
         WHERE original_device_serial_number IS NOT NULL;
+    -- Replacement devices whose details were not asked for yet: a no-op sync finds none
+    -- without reading the table.
+    CREATE INDEX devices_replacements_due ON devices (token_name)
+        WHERE is_replacement_device = 1 AND replacement_checked_at IS NULL;
     CREATE INDEX org_devices_serial ON org_devices (serial_number);
     -- What happened to the device (assigned, returned, unassigned, released, replaced,
     -- profile_assigned, profile_pushed, profile_removed, updated); NULL for events written
