@@ -716,3 +716,47 @@ async fn the_daemon_walks_accounts_and_reports_them_in_metrics_and_healthz() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_accounts_test_says_what_apple_answered() {
+    let env = OrgEnv::new(0, vec![account(5, 12)], "").await;
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"));
+        cmd.arg("--config").arg(&env.config_path).args(args);
+        cmd
+    };
+    let out = output(run(&["org-accounts", "test", "org0"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Apple issued an access token"), "{text}");
+    assert!(text.contains("business.api"), "{text}");
+    assert_eq!(env.mock.org_stats(0).tokens_issued, 1);
+    // The list shows the account and that its key is usable.
+    let out = output(run(&["org-accounts", "--format", "json"])).await;
+    let row: Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(row["account"], "org0");
+    assert_eq!(row["key"], "ok");
+    // Another key: Apple's answer, and what to check.
+    let other = openssl::ec::EcKey::generate(
+        &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        env.dir.path().join("org0.pem"),
+        other.private_key_to_pem().unwrap(),
+    )
+    .unwrap();
+    let out = output(run(&["org-accounts", "test", "org0"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid_client"), "{err}");
+    assert!(!err.contains("BEGIN EC PRIVATE KEY"));
+    let out = output(run(&["org-accounts", "test", "nope"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("configured: org0"));
+}
