@@ -760,3 +760,49 @@ async fn org_accounts_test_says_what_apple_answered() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("configured: org0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walk_stuck_on_a_cursor_starts_the_list_again_and_a_vanished_server_is_skipped() {
+    let env = OrgEnv::new(0, vec![account(500, 13)], "").await;
+    // Page 2 answers with the cursor it was sent: this run fails...
+    env.mock.push_org_fault(
+        0,
+        OrgEndpoint::OrgDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::Delay(Duration::ZERO),
+        },
+    );
+    env.mock.push_org_fault(
+        0,
+        OrgEndpoint::OrgDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::SameCursor,
+        },
+    );
+    let report = env.run().await;
+    assert!(
+        matches!(report.org_failed[0].1, OrgSyncError::SameCursor(_)),
+        "{report:?}"
+    );
+    // ...and the next starts the device list again instead of failing at that cursor.
+    assert!(env.store().org_walk("org0").unwrap().cursor.is_none());
+    // A server's device list that is gone (404) counts as empty; the walk completes.
+    env.mock.push_org_fault(
+        0,
+        OrgEndpoint::ServerDevices,
+        Fault {
+            times: 1,
+            kind: FaultKind::Status {
+                status: 404,
+                body: String::new(),
+                headers: vec![],
+            },
+        },
+    );
+    let report = env.run().await;
+    assert!(report.org_failed.is_empty(), "{report:?}");
+    assert!(report.org_ok[0].complete);
+    assert_eq!(counts(&org_events(&env.store())).0, 500, "nothing doubled");
+}

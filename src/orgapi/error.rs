@@ -309,9 +309,9 @@ pub(super) fn classify(
             retry_after,
         },
         403 => OrgApiError::Forbidden { endpoint, detail },
-        400 if had_cursor && detail.to_ascii_lowercase().contains("cursor") => {
-            OrgApiError::CursorRefused { endpoint, detail }
-        }
+        // Apple's wording for an expired or unknown cursor is not documented: any 400 to a
+        // request that carried one is taken for it, and the list is read from its start.
+        400 if had_cursor => OrgApiError::CursorRefused { endpoint, detail },
         s if s >= 500 => OrgApiError::Server {
             endpoint,
             status,
@@ -378,6 +378,10 @@ mod tests {
         assert!(matches!(
             classify(OrgEndpoint::OrgDevices, 400, body, None, false),
             OrgApiError::Http { .. }
+        ));
+        assert!(matches!(
+            classify(OrgEndpoint::OrgDevices, 400, b"invalid value", None, true),
+            OrgApiError::CursorRefused { .. }
         ));
     }
 }

@@ -81,6 +81,16 @@ fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAccount> {
 /// The per-token tables `forget` empties, in deletion order.
 const TOKEN_TABLES: [&str; 4] = ["events", "devices", "sync_state", "accounts"];
 
+/// The extra condition that keeps a table's rows to a token's own: the events table also
+/// holds organisation events, keyed by account name, which are never a token's.
+fn token_rows_only(table: &str) -> &'static str {
+    if table == "events" {
+        " AND (scope IS NULL OR scope = 'profile')"
+    } else {
+        ""
+    }
+}
+
 impl Store {
     /// The token's `accounts` row, if any.
     pub fn account(&self, token: &str) -> Result<Option<StoredAccount>, StoreError> {
@@ -164,7 +174,10 @@ impl Store {
         let count = |table: &str| -> Result<u64, StoreError> {
             self.conn
                 .query_row(
-                    &format!("SELECT COUNT(*) FROM {table} WHERE token_name = ?1"),
+                    &format!(
+                        "SELECT COUNT(*) FROM {table} WHERE token_name = ?1{}",
+                        token_rows_only(table)
+                    ),
                     [token],
                     |r| r.get::<_, i64>(0),
                 )
@@ -196,14 +209,28 @@ impl Store {
         for (i, table) in TOKEN_TABLES.iter().enumerate() {
             deleted[i] = tx
                 .execute(
-                    &format!("DELETE FROM {table} WHERE token_name = ?1"),
+                    &format!(
+                        "DELETE FROM {table} WHERE token_name = ?1{}",
+                        token_rows_only(table)
+                    ),
                     [token],
                 )
                 .map_err(wrap)? as u64;
         }
-        // A full fetch in progress: which devices it has returned so far.
-        tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [token])
+        // A full fetch in progress: which devices it has returned so far; and the token's
+        // profile definitions and assignments.
+        for table in [
+            "fetch_seen",
+            "profiles",
+            "profile_assignments",
+            "assign_state",
+        ] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE token_name = ?1"),
+                [token],
+            )
             .map_err(wrap)?;
+        }
         tx.commit().map_err(wrap)?;
         Ok(TokenFootprint {
             events: deleted[0],

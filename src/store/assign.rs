@@ -84,8 +84,8 @@ pub struct AssignInputs {
     pub devices: Vec<AssignDevice>,
     /// Each device's last assignment.
     pub assignments: HashMap<String, Assignment>,
-    /// Devices with a device event since the last pass: serial → reasons.
-    pub triggered: HashMap<String, Vec<Reason>>,
+    /// Devices with a device event since the last pass: serial → (reason, when).
+    pub triggered: HashMap<String, Vec<(Reason, String)>>,
     /// The newest event id read.
     pub last_event_id: i64,
     /// A full fetch completed since the last pass.
@@ -152,13 +152,13 @@ impl Store {
                 .collect::<Result<HashMap<_, _>, _>>()
             })
             .map_err(err())?;
-        let mut triggered: HashMap<String, Vec<Reason>> = HashMap::new();
+        let mut triggered: HashMap<String, Vec<(Reason, String)>> = HashMap::new();
         let mut last_event_id = state.last_event_id;
         {
             let mut st = self
                 .conn
                 .prepare_cached(
-                    "SELECT id, serial_number, reason FROM events
+                    "SELECT id, serial_number, reason, occurred_at FROM events
                      WHERE token_name = ?1 AND id > ?2 AND scope IS NULL ORDER BY id",
                 )
                 .map_err(err())?;
@@ -169,10 +169,11 @@ impl Store {
                 last_event_id = r.get(0).map_err(err())?;
                 let reason: Option<String> = r.get(2).map_err(err())?;
                 if let Some(reason) = reason.as_deref().and_then(Reason::parse) {
+                    let at: String = r.get(3).map_err(err())?;
                     triggered
                         .entry(r.get(1).map_err(err())?)
                         .or_default()
-                        .push(reason);
+                        .push((reason, at));
                 }
             }
         }

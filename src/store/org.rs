@@ -433,6 +433,37 @@ impl Store {
         })
     }
 
+    /// Drops the walk's position after a failure that would recur there: in the servers
+    /// phase the servers are listed again (and their staged lists dropped); in the devices
+    /// phase the device list is read again from its first page (what was seen stays seen).
+    pub fn reset_walk_position(&mut self, account: &str) -> Result<(), StoreError> {
+        self.in_tx("reset the walk", |tx| {
+            let phase: Option<String> = tx
+                .query_row(
+                    "SELECT phase FROM org_walks WHERE account_name = ?1",
+                    [account],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if phase.as_deref() == Some("servers") {
+                tx.execute(
+                    "DELETE FROM org_server_devices WHERE account_name = ?1",
+                    [account],
+                )?;
+                tx.execute(
+                    "UPDATE org_walks SET server_index = 0, cursor = NULL WHERE account_name = ?1",
+                    [account],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE org_walks SET cursor = NULL WHERE account_name = ?1",
+                    [account],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     /// The device walk starts over from its first page (Apple refused the cursor); what
     /// it has seen so far stays seen.
     pub fn restart_device_walk(&mut self, account: &str) -> Result<(), StoreError> {
@@ -592,6 +623,23 @@ impl Store {
         })
     }
 
+    /// Marks a device's coverage as asked for without changing it (Apple refused the
+    /// request): it goes to the back of the queue.
+    pub fn applecare_checked(
+        &mut self,
+        account: &str,
+        serial: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE org_devices SET applecare_checked_at = ?3 WHERE account_name = ?1 AND serial_number = ?2",
+                params![account, serial, now],
+            )
+            .map(drop)
+            .map_err(self.err("store AppleCare state"))
+    }
+
     /// A device's AppleCare coverage as JSON objects (snake_case columns).
     pub fn applecare_of(&self, account: &str, serial: &str) -> Result<Vec<Value>, StoreError> {
         let cols: Vec<&str> = COVERAGE_COLUMNS.iter().map(|c| c.0).collect();
@@ -691,6 +739,10 @@ fn released_from_org(
     ))?;
     let mut replaced = tx
         .prepare_cached("SELECT 1 FROM devices WHERE original_device_serial_number = ?1 LIMIT 1")?;
+    let mut last_reason = tx.prepare_cached(
+        "SELECT reason FROM events WHERE token_name = ?1 AND serial_number = ?2 AND scope IS NULL
+         ORDER BY id DESC LIMIT 1",
+    )?;
     for token in &tokens {
         let mut events = PageEvents::default();
         for serial in serials {
@@ -701,6 +753,14 @@ fn released_from_org(
                 continue;
             };
             if replaced.exists([serial])? {
+                continue;
+            }
+            // Its story already ends with a release (released, re-added and released
+            // again by the organisation): not twice.
+            let last: Option<Option<String>> = last_reason
+                .query_row(params![token, serial], |r| r.get(0))
+                .optional()?;
+            if last.flatten().as_deref() == Some("released") {
                 continue;
             }
             events.push(
@@ -715,6 +775,12 @@ fn released_from_org(
         events.insert(tx, token, now)?;
     }
     Ok(())
+}
+
+/// The key of an account's seen-set in `fetch_seen`, apart from every token's (a token
+/// name never holds a `:`).
+fn seen_key(account: &str) -> String {
+    format!("org:{account}")
 }
 
 fn write_org_page(
@@ -804,6 +870,7 @@ fn write_org_page(
         v
     };
     let mut events = OrgEvents::default();
+    let mut released = Vec::new();
     let mut seen = Vec::with_capacity(items.len());
     // New rows: ids given here, inserted many per statement at the end of the page.
     let mut new_rows: Vec<Vec<rusqlite::types::Value>> = Vec::new();
@@ -908,7 +975,7 @@ fn write_org_page(
             &values,
         )?;
     }
-    mark_seen(tx, account, walk_run, seen)?;
+    mark_seen(tx, &seen_key(account), walk_run, seen)?;
     match next {
         Some(cursor) => {
             tx.execute(
@@ -917,7 +984,7 @@ fn write_org_page(
             )?;
         }
         None => {
-            let listed = load_seen(tx, account, walk_run)?;
+            let listed = load_seen(tx, &seen_key(account), walk_run)?;
             let alive: Vec<i64> = tx
                 .prepare_cached(
                     "SELECT id FROM org_devices WHERE account_name = ?1 AND removed_at IS NULL",
@@ -928,7 +995,6 @@ fn write_org_page(
             let mut remove = tx.prepare_cached(
                 "UPDATE org_devices SET removed_at = ?2, updated_at = ?2 WHERE id = ?1",
             )?;
-            let mut released = Vec::new();
             for id in alive.into_iter().filter(|id| !listed.contains(*id)) {
                 let old = read.query_row([id], device_from_row)?;
                 remove.execute(params![id, now])?;
@@ -936,8 +1002,11 @@ fn write_org_page(
                 released.push(old.device.serial_number);
                 stats.removed += 1;
             }
-            released_from_org(tx, &released, now)?;
-            tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [account])?;
+
+            tx.execute(
+                "DELETE FROM fetch_seen WHERE token_name = ?1",
+                [seen_key(account)],
+            )?;
             tx.execute(
                 "DELETE FROM org_server_devices WHERE account_name = ?1",
                 [account],
@@ -951,5 +1020,7 @@ fn write_org_page(
         }
     }
     events.insert(tx, account, now)?;
+    // After the organisation's own events: the cause before its effect.
+    released_from_org(tx, &released, now)?;
     Ok(stats)
 }

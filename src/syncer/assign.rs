@@ -20,6 +20,9 @@ use crate::store::{
     AssignDevice, AssignInputs, AssignOutcome, ProfileDefinition, Store, StoreError,
 };
 
+/// The longest `retry_after_seconds` honoured: a week.
+const MAX_RETRY_AFTER_SECS: u64 = 7 * 86_400;
+
 /// Apple's largest assignment call (docs/apple-dep-api.md §4.9).
 pub const MAX_SERIALS_PER_CALL: usize = 1000;
 
@@ -94,27 +97,36 @@ pub fn plan(
                 continue;
             }
         }
+        // The triggers, counting only what happened after `since` (a device's last answer:
+        // an answer is not asked again for the trigger that led to it).
         let reasons = inputs.triggered.get(&d.serial_number);
-        let has = |r: Reason| reasons.is_some_and(|rs| rs.contains(&r));
-        let triggered = if has(Reason::Returned) && rule.on.returned {
-            Some("back to the server")
-        } else if has(Reason::Assigned) && rule.on.assigned {
-            Some("new to the server")
-        } else if inputs.full_fetch_since && rule.on.full_fetch {
-            Some("without this profile after a full fetch")
-        } else {
-            None
+        let trigger = |since: Option<&str>| {
+            let after = |at: &str| since.is_none_or(|s| at > s);
+            let has =
+                |r: Reason| reasons.is_some_and(|rs| rs.iter().any(|(x, at)| *x == r && after(at)));
+            if has(Reason::Returned) && rule.on.returned {
+                Some("back to the server")
+            } else if has(Reason::Assigned) && rule.on.assigned {
+                Some("new to the server")
+            } else if inputs.full_fetch_since
+                && rule.on.full_fetch
+                && inputs.last_full_fetch_at.as_deref().is_some_and(after)
+            {
+                Some("without this profile after a full fetch")
+            } else {
+                None
+            }
         };
+        let triggered = trigger(None);
         let due = |at: &Option<String>| at.as_deref().and_then(parse_time).is_none_or(|t| t <= now);
         let row = inputs.assignments.get(&d.serial_number);
         let why = match row {
             Some(r) if uuid.is_some_and(|u| u == r.profile_uuid) => match r.status.as_str() {
                 // Accepted: left alone until Apple shows something else after a trigger
                 // (the device came back, or a full fetch found it without the profile).
-                "SUCCESS" => triggered,
-                "NOT_ACCESSIBLE" => {
-                    triggered.filter(|_| has(Reason::Returned) || has(Reason::Assigned))
-                }
+                "SUCCESS" => trigger(Some(&r.attempted_at)),
+                "NOT_ACCESSIBLE" => trigger(Some(&r.attempted_at))
+                    .filter(|w| *w != "without this profile after a full fetch"),
                 "FAILED" if due(&r.retry_after) => {
                     Some("Apple answered FAILED; the cooldown is over")
                 }
@@ -335,7 +347,10 @@ pub async fn assign_token(
                         "THROTTLED" => Some(
                             now + answer
                                 .retry_after_seconds
-                                .map(std::time::Duration::from_secs)
+                                // Bounded: a week at most, whatever Apple says.
+                                .map(|s| {
+                                    std::time::Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS))
+                                })
                                 .unwrap_or(config.assignment.throttled_wait),
                         ),
                         _ => None,

@@ -357,6 +357,12 @@ async fn replacements(
         };
         let details = match details {
             Ok(d) => d,
+            // Refused for this device: not asked again, so it does not hold up the others.
+            Err(e @ ApiError::Http { .. }) => {
+                tracing::warn!(token = %token.name, serial = %crate::model::printable(&serial), error = %e,
+                    "Apple refused a replacement device's details; it is not asked again");
+                None
+            }
             Err(e) => {
                 tracing::warn!(token = %token.name, serial = %crate::model::printable(&serial), error = %e,
                     "cannot read a replacement device's details; asked again next run");

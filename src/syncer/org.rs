@@ -193,7 +193,37 @@ async fn or_cancel<T>(
     }
 }
 
+/// [`walk_inner`], and after a failure that would recur at the same place (a cursor
+/// Apple keeps refusing or repeating, a list that never ends, another refusal of a paged
+/// request) the walk's position is dropped, so the next run lists the servers, or the
+/// devices, from the start instead of failing there forever. What was committed stays;
+/// the devices seen so far stay seen.
 async fn walk(
+    config: &Config,
+    client: &OrgClient,
+    cancel: &CancellationToken,
+) -> Result<OrgRunSummary, OrgSyncError> {
+    let result = walk_inner(config, client, cancel).await;
+    if let Err(e) = &result {
+        let recurring = matches!(
+            e,
+            OrgSyncError::SameCursor(_)
+                | OrgSyncError::TooManyPages(_)
+                | OrgSyncError::Api(OrgApiError::Http { .. })
+                | OrgSyncError::Api(OrgApiError::CursorRefused { .. })
+        );
+        if recurring {
+            let (db, n) = (config.database.clone(), client.account().name.clone());
+            let reset = blocking(move || Store::open(&db)?.reset_walk_position(&n)).await;
+            if let Err(r) = reset {
+                tracing::warn!(account = %client.account().name, error = %r, "cannot reset the walk's position");
+            }
+        }
+    }
+    result
+}
+
+async fn walk_inner(
     config: &Config,
     client: &OrgClient,
     cancel: &CancellationToken,
@@ -262,19 +292,30 @@ async fn walk(
                         "GET /v1/mdmServers/{id}/relationships/devices",
                     ));
                 }
-                let page =
-                    match or_cancel(cancel, client.server_devices(server_id, cursor.as_deref()))
-                        .await
+                let page = match or_cancel(
+                    cancel,
+                    client.server_devices(server_id, cursor.as_deref()),
+                )
+                .await
+                {
+                    Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
+                        if cursor.is_some() =>
                     {
-                        Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
-                            if cursor.is_some() =>
-                        {
-                            // Read this server's list again from its start; staging is idempotent.
-                            cursor = None;
-                            continue;
+                        // Read this server's list again from its start; staging is idempotent.
+                        cursor = None;
+                        continue;
+                    }
+                    // The server was deleted since it was listed: it holds nothing.
+                    Err(OrgSyncError::Api(OrgApiError::Http { status: 404, .. })) => {
+                        tracing::warn!(account = %name, server = %crate::model::printable(server_id),
+                                "an MDM server listed at the start of the walk is gone; its devices count as unassigned");
+                        ListPage {
+                            data: Vec::new(),
+                            next_cursor: None,
                         }
-                        other => other?,
-                    };
+                    }
+                    other => other?,
+                };
                 let serials: Vec<String> = page.data.iter().filter_map(|r| r.id_text()).collect();
                 let next = next_of(
                     page.next_cursor,
@@ -457,16 +498,34 @@ async fn applecare(
     let mut store = Some(store);
     let mut done = 0;
     for serial in due {
+        // Best effort: the walk is complete whatever happens here. A refusal for one
+        // device moves it to the back of the queue; throttling or an outage ends this
+        // run's share, and the next run goes on.
         let coverage = match or_cancel(cancel, client.applecare(&serial)).await {
+            Ok(c) => Some(c),
             // The device left between the walk and now: nothing to keep.
-            Err(OrgSyncError::Api(OrgApiError::Http { status: 404, .. })) => Vec::new(),
-            other => other?,
+            Err(OrgSyncError::Api(OrgApiError::Http { status: 404, .. })) => Some(Vec::new()),
+            Err(OrgSyncError::Api(e @ OrgApiError::Http { .. })) => {
+                tracing::warn!(account = %account.name, serial = %crate::model::printable(&serial), error = %e,
+                    "Apple refused this device's AppleCare coverage; it is asked again after applecare_refresh");
+                None
+            }
+            Err(OrgSyncError::Cancelled) => return Err(OrgSyncError::Cancelled),
+            Err(e) => {
+                tracing::warn!(account = %account.name, error = %e,
+                    "AppleCare coverage paused until the next run");
+                break;
+            }
         };
         let (n, mut s) = (account.name.clone(), store.take().expect("store"));
         store = Some(
             blocking(move || {
-                s.save_applecare(&n, &serial, &coverage, &format_time(chrono::Utc::now()))
-                    .map(|()| s)
+                let now = format_time(chrono::Utc::now());
+                match coverage {
+                    Some(c) => s.save_applecare(&n, &serial, &c, &now),
+                    None => s.applecare_checked(&n, &serial, &now),
+                }
+                .map(|()| s)
             })
             .await?,
         );
