@@ -126,6 +126,11 @@ async fn new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync() {
     let j = adesync::events::event_json(&evs[0]);
     assert_eq!(j["type"], "profile.assigned");
     assert_eq!(j["device"]["status"], "SUCCESS");
+    // Every profile event validates against the published schema.
+    let v = crate::common::schema();
+    for e in &evs {
+        crate::common::assert_valid(&v, &adesync::events::event_json(e));
+    }
     // The next sync shows Apple's change as profile_assigned; nothing is assigned again.
     let calls = assigned_serials(&env).len();
     run(&env).await;

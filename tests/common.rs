@@ -134,3 +134,25 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The published event JSON Schema, ready to validate.
+pub fn schema() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/event.schema.json"
+    ))
+    .unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&serde_json::from_str(&text).unwrap())
+        .expect("the schema itself is valid")
+}
+
+/// Asserts `event` matches the schema, naming every error.
+pub fn assert_valid(schema: &jsonschema::Validator, event: &serde_json::Value) {
+    let errors: Vec<String> = schema.iter_errors(event).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{event} does not match the schema: {errors:?}"
+    );
+}

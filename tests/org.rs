@@ -335,22 +335,9 @@ async fn changes_give_exactly_one_event_each_with_what_changed() {
         .unwrap();
     assert!(removed[0].removed_at.is_some());
     // Every event validates against the published schema.
-    let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/schema/event.schema.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let v = jsonschema::options()
-        .should_validate_formats(true)
-        .build(&schema)
-        .unwrap();
+    let v = super::common::schema();
     for e in org_events(&store) {
-        let j = adesync::events::event_json(&e);
-        let errors: Vec<String> = v.iter_errors(&j).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{j}: {errors:?}");
+        super::common::assert_valid(&v, &adesync::events::event_json(&e));
     }
 }
 

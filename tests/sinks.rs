@@ -23,7 +23,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::common::{adesync, free_port, output, Env};
+use crate::common::{adesync, assert_valid, free_port, output, schema, Env};
 
 /// The secret of `hook.secret`, in the raw form (the key is the text itself).
 const SECRET: &str = "receiver-shared-secret-0123456789";
@@ -340,26 +340,6 @@ fn all_ids(env: &Env) -> Vec<i64> {
         .iter()
         .map(|e| e.id)
         .collect()
-}
-
-fn schema() -> jsonschema::Validator {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/schema/event.schema.json"
-    ))
-    .unwrap();
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&serde_json::from_str(&text).unwrap())
-        .expect("the schema itself is valid")
-}
-
-fn assert_valid(schema: &jsonschema::Validator, event: &Value) {
-    let errors: Vec<String> = schema.iter_errors(event).map(|e| e.to_string()).collect();
-    assert!(
-        errors.is_empty(),
-        "{event} does not match the schema: {errors:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
