@@ -1,4 +1,5 @@
-//! The HTTP client setup shared by the Apple client and the webhook sink.
+//! The HTTP client setup shared by the Apple clients and the webhook sink, and the one way
+//! the Apple clients read an answer ([`exchange`]: no redirect, a capped body).
 //!
 //! Every client in the process uses one TLS configuration. Building one parses the
 //! system's root certificates, which takes OpenSSL 3 tens of milliseconds (the larger part
@@ -18,31 +19,64 @@ pub fn builder() -> reqwest::ClientBuilder {
     }
 }
 
-/// Why [`read_capped`] gave up.
-pub enum CappedError {
-    /// The body is larger than the limit (declared or as it arrived).
-    TooLarge,
-    /// The transfer failed.
-    Transport(reqwest::Error),
+/// An answer read whole: status, headers and a body within the caller's limit.
+pub struct Exchange {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// The body.
+    pub body: bytes::Bytes,
 }
 
-/// Reads a response body of at most `limit` bytes, stopping as soon as it is exceeded: a
-/// body without an end, or a huge one, must not take the process's memory.
-pub async fn read_capped(
-    mut resp: reqwest::Response,
+/// Why [`exchange`] gave up.
+pub enum ExchangeError {
+    /// The request or the transfer failed.
+    Transport(reqwest::Error),
+    /// A 3xx: never followed (clients are built without redirects). `location` is the
+    /// header as sent, not yet escaped.
+    Redirected {
+        /// HTTP status.
+        status: u16,
+        /// The `Location` header.
+        location: String,
+    },
+    /// The body is larger than the limit (declared or as it arrived).
+    TooLarge,
+}
+
+/// Sends `request` and reads its answer, refusing a redirect and stopping as soon as the
+/// body exceeds `limit` bytes: a body without an end, or a huge one, must not take the
+/// process's memory. The one way every client of the process reads a server's answer.
+pub async fn exchange(
+    request: reqwest::RequestBuilder,
     limit: usize,
-) -> Result<bytes::Bytes, CappedError> {
+) -> Result<Exchange, ExchangeError> {
+    let mut resp = request.send().await.map_err(ExchangeError::Transport)?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    if resp.status().is_redirection() {
+        let location = headers
+            .get(reqwest::header::LOCATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return Err(ExchangeError::Redirected { status, location });
+    }
     if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(CappedError::TooLarge);
+        return Err(ExchangeError::TooLarge);
     }
     let mut body = bytes::BytesMut::with_capacity(resp.content_length().unwrap_or(0) as usize);
-    while let Some(chunk) = resp.chunk().await.map_err(CappedError::Transport)? {
+    while let Some(chunk) = resp.chunk().await.map_err(ExchangeError::Transport)? {
         if body.len() + chunk.len() > limit {
-            return Err(CappedError::TooLarge);
+            return Err(ExchangeError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(Exchange {
+        status,
+        headers,
+        body: body.freeze(),
+    })
 }
 
 /// reqwest's error with its causes, without the URL's query or any header.

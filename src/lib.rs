@@ -32,7 +32,8 @@
 //!   decrypted secrets); errors name the key.
 //! - [`model`]: devices and records with Apple's field names; the enums every layer shares
 //!   (phase, event kind, sink state, error kind).
-//! - `http_client`: the outbound HTTP client setup (one TLS configuration per process).
+//! - `http_client`: the outbound HTTP client setup (one TLS configuration per process) and
+//!   the one way an answer is read (no redirect, a capped body).
 //!
 //! Rule of thumb: HTTP bytes → `apple`; meaning → `model`/`events`; SQL → `store`;
 //! decisions → `syncer`/`events`/`status`; time and loops → `daemon`; words for people →

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{classify, parse_retry_after, ApiError, Endpoint};
 use super::oauth1;
 use crate::config::RetryPolicy;
-use crate::http_client::{describe_reqwest, CappedError};
+use crate::http_client::{describe_reqwest, Exchange, ExchangeError};
 use crate::model::printable;
 use crate::model::DeviceRecord;
 use crate::token::ServerToken;
@@ -266,12 +266,6 @@ impl std::fmt::Debug for AppleClient {
             .field("session", &"<redacted>")
             .finish()
     }
-}
-
-struct Response {
-    status: u16,
-    headers: HeaderMap,
-    body: bytes::Bytes,
 }
 
 impl AppleClient {
@@ -604,7 +598,7 @@ impl AppleClient {
         path: &str,
         body: Option<&[u8]>,
         session: Option<&str>,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Exchange, ApiError> {
         let url = self.url(path);
         let session = session.map(str::to_owned);
         self.send_raw(endpoint, method, url, body, move |b| match &session {
@@ -621,7 +615,7 @@ impl AppleClient {
         url: reqwest::Url,
         body: Option<&[u8]>,
         extra: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Exchange, ApiError> {
         let mut b = self
             .http
             .request(method, url)
@@ -634,39 +628,23 @@ impl AppleClient {
         if let Some(body) = body {
             b = b.header(CONTENT_TYPE, JSON_UTF8).body(body.to_vec());
         }
-        let b = extra(b);
-        let transport = |e: reqwest::Error| ApiError::Transport {
-            endpoint,
-            url: self.settings.base_url.to_string(),
-            detail: describe_reqwest(&e),
-            timeout: e.is_timeout(),
-        };
-        let resp = b.send().await.map_err(transport)?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        if resp.status().is_redirection() {
-            let location = headers
-                .get(reqwest::header::LOCATION)
-                .map(|v| printable(&String::from_utf8_lossy(v.as_bytes())).into_owned())
-                .unwrap_or_default();
-            return Err(ApiError::Redirected {
-                endpoint,
-                status,
-                location,
-            });
-        }
         let limit = self.settings.max_response_bytes;
-        let body = crate::http_client::read_capped(resp, limit)
+        crate::http_client::exchange(extra(b), limit)
             .await
             .map_err(|e| match e {
-                CappedError::TooLarge => ApiError::TooLarge { endpoint, limit },
-                CappedError::Transport(e) => transport(e),
-            })?;
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+                ExchangeError::Transport(e) => ApiError::Transport {
+                    endpoint,
+                    url: self.settings.base_url.to_string(),
+                    detail: describe_reqwest(&e),
+                    timeout: e.is_timeout(),
+                },
+                ExchangeError::Redirected { status, location } => ApiError::Redirected {
+                    endpoint,
+                    status,
+                    location: printable(&location).into_owned(),
+                },
+                ExchangeError::TooLarge => ApiError::TooLarge { endpoint, limit },
+            })
     }
 }
 

@@ -25,7 +25,7 @@ pub use device::{Coverage, MdmServer, OrgDevice, RawResource, Refused, Resource}
 pub use error::{OrgApiError, OrgEndpoint};
 
 use crate::config::{OrgAccountConfig, RetryPolicy, ASSERTION_AUDIENCE};
-use crate::http_client::{describe_reqwest, read_capped, retry_after, CappedError};
+use crate::http_client::{describe_reqwest, exchange, retry_after, Exchange, ExchangeError};
 use crate::model::printable;
 
 /// The longest `Retry-After` honoured within a run; a longer one ends the run (the next
@@ -308,8 +308,8 @@ impl OrgClient {
                     b.header(AUTHORIZATION, format!("Bearer {token}"))
                 })
                 .await?;
-            match resp.0 {
-                s if s / 100 == 2 => return Ok(resp.2),
+            match resp.status {
+                s if s / 100 == 2 => return Ok(resp.body),
                 401 if !reminted => {
                     tracing::debug!(account = %self.account.name, "access token not accepted; minting a new one");
                     self.forget_token();
@@ -317,11 +317,13 @@ impl OrgClient {
                 }
                 401 => return Err(OrgApiError::Unauthorized(endpoint)),
                 status => {
-                    let ra = retry_after(&resp.1);
+                    let ra = retry_after(&resp.headers);
                     if status == 429 || status == 503 {
                         self.throttled(ra);
                     }
-                    return Err(error::classify(endpoint, status, &resp.2, ra, had_cursor));
+                    return Err(error::classify(
+                        endpoint, status, &resp.body, ra, had_cursor,
+                    ));
                 }
             }
         }
@@ -373,13 +375,16 @@ impl OrgClient {
             .finish();
         self.counters.tokens.fetch_add(1, Ordering::Relaxed);
         let url = a.token_url.clone();
-        let (status, headers, body) = self
+        let Exchange {
+            status,
+            headers,
+            body,
+        } = self
             .send(OrgEndpoint::Token, &url, |b| {
                 b.header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                     .body(form.clone())
             })
-            .await
-            .map(|r| (r.0, r.1, r.2))?;
+            .await?;
         if status / 100 != 2 {
             let ra = retry_after(&headers);
             if status == 429 || status == 503 {
@@ -414,14 +419,14 @@ impl OrgClient {
         })
     }
 
-    /// Sends one request within the account's budget; never follows a redirect; reads
-    /// at most `max_response_size`. GET unless `extra` sets a body (then POST).
+    /// Sends one request within the account's budget (POST to the token endpoint, GET
+    /// otherwise); never follows a redirect; reads at most `max_response_size`.
     async fn send(
         &self,
         endpoint: OrgEndpoint,
         url: &reqwest::Url,
         extra: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-    ) -> Result<(u16, reqwest::header::HeaderMap, bytes::Bytes), OrgApiError> {
+    ) -> Result<Exchange, OrgApiError> {
         self.limiter.acquire().await;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let method = if endpoint == OrgEndpoint::Token {
@@ -434,32 +439,21 @@ impl OrgClient {
             .request(method, url.clone())
             .header(USER_AGENT, self.settings.user_agent.as_str())
             .header(ACCEPT, "application/json");
-        let transport = |e: reqwest::Error| OrgApiError::Transport {
-            endpoint,
-            url: origin(url),
-            detail: describe_reqwest(&e),
-            timeout: e.is_timeout(),
-        };
-        let resp = extra(b).send().await.map_err(transport)?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        if resp.status().is_redirection() {
-            let location = headers
-                .get(reqwest::header::LOCATION)
-                .map(|v| printable(&String::from_utf8_lossy(v.as_bytes())).into_owned())
-                .unwrap_or_default();
-            return Err(OrgApiError::Redirected {
+        let limit = self.settings.max_response_bytes;
+        exchange(extra(b), limit).await.map_err(|e| match e {
+            ExchangeError::Transport(e) => OrgApiError::Transport {
+                endpoint,
+                url: origin(url),
+                detail: describe_reqwest(&e),
+                timeout: e.is_timeout(),
+            },
+            ExchangeError::Redirected { status, location } => OrgApiError::Redirected {
                 endpoint,
                 status,
-                location,
-            });
-        }
-        let limit = self.settings.max_response_bytes;
-        let body = read_capped(resp, limit).await.map_err(|e| match e {
-            CappedError::TooLarge => OrgApiError::TooLarge { endpoint, limit },
-            CappedError::Transport(e) => transport(e),
-        })?;
-        Ok((status, headers, body))
+                location: printable(&location).into_owned(),
+            },
+            ExchangeError::TooLarge => OrgApiError::TooLarge { endpoint, limit },
+        })
     }
 }
 
