@@ -30,8 +30,6 @@ pub struct OrgWalk {
     pub server_index: i64,
     /// The cursor of the next page to read in the current list; `None`: its first page.
     pub cursor: Option<String>,
-    /// Pages committed in this walk.
-    pub pages: i64,
     /// When the last run began.
     pub last_run_at: Option<String>,
     /// When a run last ended well.
@@ -159,7 +157,7 @@ pub struct OrgCounts {
     pub applecare_checked: u64,
 }
 
-const WALK_COLUMNS: &str = "account_name, walk_run, phase, server_index, cursor, pages, last_run_at, last_success_at, last_complete_at, last_walk_devices, last_error, last_error_kind, last_error_at, rate_limited";
+const WALK_COLUMNS: &str = "account_name, walk_run, phase, server_index, cursor, last_run_at, last_success_at, last_complete_at, last_walk_devices, last_error, last_error_kind, last_error_at, rate_limited";
 
 fn walk_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OrgWalk> {
     Ok(OrgWalk {
@@ -172,15 +170,14 @@ fn walk_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OrgWalk> {
         },
         server_index: r.get(3)?,
         cursor: r.get(4)?,
-        pages: r.get(5)?,
-        last_run_at: r.get(6)?,
-        last_success_at: r.get(7)?,
-        last_complete_at: r.get(8)?,
-        last_walk_devices: r.get(9)?,
-        last_error: r.get(10)?,
-        last_error_kind: r.get(11)?,
-        last_error_at: r.get(12)?,
-        rate_limited: r.get(13)?,
+        last_run_at: r.get(5)?,
+        last_success_at: r.get(6)?,
+        last_complete_at: r.get(7)?,
+        last_walk_devices: r.get(8)?,
+        last_error: r.get(9)?,
+        last_error_kind: r.get(10)?,
+        last_error_at: r.get(11)?,
+        rate_limited: r.get(12)?,
     })
 }
 
@@ -302,7 +299,7 @@ impl Store {
     pub fn record_org_run_start(&mut self, account: &str, now: &str) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "INSERT INTO org_walks (account_name, last_run_at, started_at) VALUES (?1, ?2, ?2)
+                "INSERT INTO org_walks (account_name, last_run_at) VALUES (?1, ?2)
                  ON CONFLICT (account_name) DO UPDATE SET last_run_at = excluded.last_run_at",
                 params![account, now],
             )
@@ -425,7 +422,7 @@ impl Store {
                     [account],
                 )?,
                 (None, true) => tx.execute(
-                    "UPDATE org_walks SET cursor = NULL, phase = 'devices', pages = 0 WHERE account_name = ?1",
+                    "UPDATE org_walks SET cursor = NULL, phase = 'devices' WHERE account_name = ?1",
                     [account],
                 )?,
             };
@@ -979,7 +976,7 @@ fn write_org_page(
     match next {
         Some(cursor) => {
             tx.execute(
-                "UPDATE org_walks SET cursor = ?2, pages = pages + 1 WHERE account_name = ?1",
+                "UPDATE org_walks SET cursor = ?2 WHERE account_name = ?1",
                 params![account, cursor],
             )?;
         }
@@ -1013,7 +1010,7 @@ fn write_org_page(
             )?;
             tx.execute(
                 "UPDATE org_walks SET walk_run = walk_run + 1, phase = 'servers', server_index = 0,
-                     cursor = NULL, pages = 0, last_complete_at = ?2, last_walk_devices = ?3
+                     cursor = NULL, last_complete_at = ?2, last_walk_devices = ?3
                  WHERE account_name = ?1",
                 params![account, now, listed_count as i64],
             )?;

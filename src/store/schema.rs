@@ -233,8 +233,6 @@ pub(super) const MIGRATIONS: &[&str] = &[
         phase             TEXT NOT NULL DEFAULT 'servers' CHECK (phase IN ('servers', 'devices')),
         server_index      INTEGER NOT NULL DEFAULT 0,
         cursor            TEXT,
-        started_at        TEXT,
-        pages             INTEGER NOT NULL DEFAULT 0,
         last_run_at       TEXT,
         last_success_at   TEXT,
         last_complete_at  TEXT,
