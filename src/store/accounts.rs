@@ -291,6 +291,7 @@ mod tests {
                     completes_fetch: true,
                     now: "2026-01-01T00:00:00.000Z",
                     unreadable: &[],
+                    expect_new: false,
                 })
                 .unwrap();
             store

@@ -8,10 +8,13 @@ use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
 use super::cursors::count_fetch_changes;
-use super::events::PageEvents;
-use super::{insert_many, upsert_state, CursorState, Store, StoreError};
+use super::device_row::{
+    content_hash, device_from_row, extra_json, v10_sql, DEVICE_COLUMNS, DEVICE_COLUMN_COUNT,
+};
+use super::events::{materialize, PageEvents};
+use super::{insert_many, insert_many_or, upsert_state, CursorState, Store, StoreError};
 use crate::events::{decide, reason, Decision, Known, ReasonContext};
-use crate::model::{Device, DeviceRecord, EventKind, FieldShape, Phase, DEVICE_FIELDS, V10_FIELDS};
+use crate::model::{Device, DeviceRecord, EventKind, Phase, DEVICE_FIELDS};
 
 /// One page to write.
 #[derive(Debug)]
@@ -33,6 +36,11 @@ pub struct PageWrite<'a> {
     /// Serials of records on this (fetch) page that could not be read: the devices are on
     /// the server, so reconciliation must not delete them.
     pub unreadable: &'a [String],
+    /// The token had no devices when this fetch's writer started, so the page's records
+    /// are most likely new: they are inserted without being looked up first, and a serial
+    /// already stored (Apple repeated it on an earlier page) is found by its insert being
+    /// ignored and then handled as usual.
+    pub expect_new: bool,
 }
 
 /// What a page changed.
@@ -101,66 +109,19 @@ pub struct DeviceFilter {
     pub limit: Option<u64>,
 }
 
-pub(super) const DEVICE_COLUMNS: &str =
-    "serial_number, model, description, color, asset_tag, profile_status, \
-    profile_uuid, profile_assign_time, profile_push_time, device_assigned_date, \
-    device_assigned_by, os, device_family, extra_json, imei, meid, eid, wifi_mac_address, \
-    bluetooth_mac_address, ethernet_mac_address, is_replacement_device, \
-    mdm_migration_deadline, released_by_replacement";
-
-/// Columns of [`DEVICE_COLUMNS`]: serial, the named fields, extra_json, protocol 10.
-pub(super) const DEVICE_COLUMN_COUNT: usize = 14 + V10_FIELDS.len();
-
-/// The protocol-10 fields of a device as their columns store them (in [`V10_FIELDS`]
-/// order): lists as JSON text, booleans 0/1, text as text; NULL when Apple sent none.
-pub(super) fn v10_sql(d: &Device) -> Vec<rusqlite::types::Value> {
-    use rusqlite::types::Value as S;
-    V10_FIELDS
-        .iter()
-        .map(|(name, shape)| match (shape, d.v10(name)) {
-            (_, None) => S::Null,
-            (_, Some(Value::String(t))) => S::Text(t.clone()),
-            (FieldShape::Bool, Some(Value::Bool(b))) => S::Integer(*b as i64),
-            (_, Some(Value::Number(n))) if n.is_i64() => S::Integer(n.as_i64().unwrap_or(0)),
-            (_, Some(other)) => S::Text(other.to_string()),
-        })
-        .collect()
-}
-
-/// The protocol-10 columns read back into `extra` (see [`v10_sql`]).
-fn v10_from_row(
-    r: &rusqlite::Row<'_>,
-    start: usize,
-    extra: &mut Map<String, Value>,
-) -> rusqlite::Result<()> {
-    use rusqlite::types::ValueRef;
-    for (i, (name, shape)) in V10_FIELDS.iter().enumerate() {
-        let v = match (shape, r.get_ref(start + i)?) {
-            (_, ValueRef::Null) => continue,
-            (FieldShape::Bool, ValueRef::Integer(n)) => Value::Bool(n != 0),
-            (_, ValueRef::Integer(n)) => Value::from(n),
-            (FieldShape::List, ValueRef::Text(t)) if t.first() == Some(&b'[') => {
-                serde_json::from_slice(t)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(t).into_owned()))
-            }
-            (_, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
-            (_, ValueRef::Real(f)) => Value::from(f),
-            (_, ValueRef::Blob(_)) => continue,
-        };
-        extra.insert((*name).to_owned(), v);
-    }
-    Ok(())
-}
-
 /// The stored state of one device, as needed to diff against an incoming record.
 pub(super) struct Existing {
     id: i64,
-    /// The stored device; None when it equals the incoming record's device (compared in
-    /// place while reading, so an unchanged device — most of a re-fetch — is never
-    /// decoded).
+    /// The stored device; None when it equals the incoming record's device (known from
+    /// the content digest, or compared in place for a row without one, so an unchanged
+    /// device — most of a re-fetch — is never decoded).
     device: Option<Device>,
     last_op_date: Option<String>,
     deleted: bool,
+    /// The row has no content digest yet (stored before migration 6).
+    no_hash: bool,
+    /// The `added` event whose snapshot is this row (see `PageEvents::push_deferred`).
+    snapshot_event_id: Option<i64>,
 }
 
 impl Existing {
@@ -168,24 +129,22 @@ impl Existing {
     pub(super) fn device<'a>(&'a self, incoming: &'a Device) -> &'a Device {
         self.device.as_ref().unwrap_or(incoming)
     }
-}
 
-pub(super) fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::Result<Device> {
-    let mut d = Device {
-        serial_number: r.get(start)?,
-        ..Device::default()
-    };
-    for (i, f) in d.fields_mut().into_iter().enumerate() {
-        *f = r.get(start + 1 + i)?;
-    }
-    let extra: Option<String> = r.get(start + 13)?;
-    if let Some(text) = extra {
-        if let Ok(Value::Object(m)) = serde_json::from_str(&text) {
-            d.extra = m;
+    /// Before the row's Apple fields change: the event that deferred to the row gets
+    /// their current content.
+    fn materialize(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        incoming: &Device,
+    ) -> rusqlite::Result<()> {
+        match self.snapshot_event_id {
+            Some(event) => {
+                let d = self.device(incoming);
+                materialize(tx, event, d, extra_json(d).as_deref())
+            }
+            None => Ok(()),
         }
     }
-    v10_from_row(r, start + 14, &mut d.extra)?;
-    Ok(d)
 }
 
 pub(super) fn write_page(
@@ -193,13 +152,67 @@ pub(super) fn write_page(
     page: &PageWrite<'_>,
 ) -> rusqlite::Result<PageStats> {
     let mut stats = PageStats::default();
-    let existing = load_existing(tx, page.token, page.records)?;
+    // Each record's extra_json and content digest, made once.
+    let prepared: Vec<(Option<String>, i64)> = page
+        .records
+        .iter()
+        .map(|rec| {
+            let extra = extra_json(&rec.device);
+            let hash = content_hash(&rec.device, extra.as_deref());
+            (extra, hash)
+        })
+        .collect();
+    let mut events = PageEvents::start(tx)?;
+    let first_event = events.next_id();
     // Ids of the devices this page shows to be on the server, for reconciliation.
     let mut seen: Vec<i64> = Vec::new();
     // New devices: inserted together at the end of the page (see insert_many), with ids
-    // given here so the page can record them as seen.
-    let mut new_devices: Vec<(i64, &DeviceRecord, Option<String>)> = Vec::new();
+    // given here so the page can record them as seen; each with its `added` event.
+    let mut new_devices: Vec<NewRow<'_>> = Vec::new();
     let mut next_id: Option<i64> = None;
+    // Expecting new devices: insert every record at once, record k with device id
+    // first_id + k and event id first_event + k; the ones whose serial is already stored
+    // are ignored by the insert and looked up below.
+    let mut first_id = 0;
+    let inserted: Option<Vec<bool>> = if page.expect_new && page.kind == Phase::Fetch {
+        first_id = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM devices", [], |r| {
+            r.get(0)
+        })?;
+        let rows: Vec<NewRow<'_>> = page
+            .records
+            .iter()
+            .zip(&prepared)
+            .zip(0..)
+            .map(|((rec, (extra, hash)), k)| (first_id + k, rec, extra, *hash, first_event + k))
+            .collect();
+        insert_new(tx, page, &rows, true)?;
+        let mut present = tx.prepare_cached("SELECT id FROM devices WHERE id BETWEEN ?1 AND ?2")?;
+        let mut flags = vec![false; rows.len()];
+        for id in present.query_map(params![first_id, first_id + rows.len() as i64 - 1], |r| {
+            r.get::<_, i64>(0)
+        })? {
+            flags[(id? - first_id) as usize] = true;
+        }
+        next_id = Some(first_id + rows.len() as i64);
+        Some(flags)
+    } else {
+        None
+    };
+    let existing = match &inserted {
+        None => load_existing(tx, page.token, page.records, &prepared)?,
+        Some(flags) if flags.iter().all(|f| *f) => HashMap::new(),
+        Some(flags) => {
+            let (records, prepared): (Vec<DeviceRecord>, Vec<(Option<String>, i64)>) = page
+                .records
+                .iter()
+                .zip(&prepared)
+                .zip(flags)
+                .filter(|(_, inserted)| !**inserted)
+                .map(|((rec, p), _)| (rec.clone(), p.clone()))
+                .unzip();
+            load_existing(tx, page.token, &records, &prepared)?
+        }
+    };
     // By id (read with the stored row): no second index lookup. Two statements so that a
     // change to an assigned device does not rewrite its `devices_alive` entry.
     const SET_FIELDS: &str = "model = ?2, description = ?3, color = ?4, asset_tag = ?5,
@@ -210,34 +223,58 @@ pub(super) fn write_page(
              imei = ?17, meid = ?18, eid = ?19, wifi_mac_address = ?20,
              bluetooth_mac_address = ?21, ethernet_mac_address = ?22,
              is_replacement_device = ?23, mdm_migration_deadline = ?24,
-             released_by_replacement = ?25";
+             released_by_replacement = ?25, content_hash = ?26, snapshot_event_id = ?27";
     let mut update =
         tx.prepare_cached(&format!("UPDATE devices SET {SET_FIELDS} WHERE id = ?1"))?;
     let mut revive = tx.prepare_cached(&format!(
         "UPDATE devices SET {SET_FIELDS}, deleted_at = NULL WHERE id = ?1"
     ))?;
-    let mut touch = tx.prepare_cached("UPDATE devices SET last_op_date = ?2 WHERE id = ?1")?;
+    let mut touch = tx.prepare_cached(
+        "UPDATE devices SET last_op_date = COALESCE(?2, last_op_date),
+             content_hash = COALESCE(content_hash, ?3) WHERE id = ?1",
+    )?;
     let mut mark_deleted = tx.prepare_cached(
         "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date),
-             released_by_replacement = COALESCE(?4, released_by_replacement)
+             released_by_replacement = COALESCE(?4, released_by_replacement),
+             content_hash = COALESCE(?5, content_hash),
+             snapshot_event_id = CASE WHEN ?5 IS NULL THEN snapshot_event_id END
          WHERE id = ?1",
     )?;
-    let mut events = PageEvents::default();
 
-    for rec in page.records {
+    for (k, (rec, (extra, hash))) in page.records.iter().zip(&prepared).enumerate() {
         let serial = rec.device.serial_number.as_str();
+        if let Some(flags) = &inserted {
+            // Record k's event, if it has one, takes the id it was given above.
+            events.set_next_id(first_event + k as i64);
+            if flags[k] {
+                let d = &rec.device;
+                let added = Decision::Added { revived: false };
+                let why = reason(&added, None, d, ReasonContext::default());
+                events.push_deferred(serial, EventKind::Added, why);
+                seen.push(first_id + k as i64);
+                stats.added += 1;
+                continue;
+            }
+        }
         let old = existing.get(serial);
         let known = old.map(|o| Known {
             device: o.device.as_ref(),
             last_op_date: o.last_op_date.as_deref(),
             deleted: o.deleted,
         });
-        // A record that changes nothing still brings a newer op_date to remember.
-        let mut note_op_date = |o: &Existing| match &rec.op_date {
-            Some(date) if Some(date) != o.last_op_date.as_ref() => {
-                touch.execute(params![o.id, date]).map(drop)
+        // A record that changes nothing still brings a newer op_date to remember, and a
+        // row stored before migration 6 gets its digest.
+        let mut note_op_date = |o: &Existing, hash: Option<i64>| {
+            let newer = rec
+                .op_date
+                .as_ref()
+                .filter(|date| Some(*date) != o.last_op_date.as_ref());
+            let hash = hash.filter(|_| o.no_hash);
+            if newer.is_some() || hash.is_some() {
+                touch.execute(params![o.id, newer, hash]).map(drop)
+            } else {
+                Ok(())
             }
-            _ => Ok(()),
         };
         let decision = decide(known, rec);
         let kind = decision.event_kind();
@@ -248,14 +285,14 @@ pub(super) fn write_page(
             }
             Decision::AlreadyGone => {
                 if let Some(o) = old {
-                    note_op_date(o)?;
+                    note_op_date(o, None)?;
                 }
                 stats.unchanged += 1;
                 continue;
             }
             Decision::Unchanged => {
                 if let Some(o) = old {
-                    note_op_date(o)?;
+                    note_op_date(o, Some(*hash))?;
                     seen.push(o.id);
                 }
                 stats.unchanged += 1;
@@ -267,16 +304,23 @@ pub(super) fn write_page(
                     // (`released_by_replacement`), kept with it.
                     let mut stored = o.device(&rec.device).clone();
                     let by_replacement = rec.device.v10("released_by_replacement").cloned();
+                    let mut new_hash = None;
                     if let Some(v) = &by_replacement {
-                        stored
-                            .extra
-                            .insert("released_by_replacement".into(), v.clone());
+                        if stored.v10("released_by_replacement") != Some(v) {
+                            // The row's Apple fields change.
+                            o.materialize(tx, &rec.device)?;
+                            stored
+                                .extra
+                                .insert("released_by_replacement".into(), v.clone());
+                            new_hash = Some(content_hash(&stored, extra_json(&stored).as_deref()));
+                        }
                     }
                     mark_deleted.execute(params![
                         o.id,
                         page.now,
                         rec.op_date,
-                        by_replacement.as_ref().and_then(Value::as_bool)
+                        by_replacement.as_ref().and_then(Value::as_bool),
+                        new_hash,
                     ])?;
                     let why = reason(
                         &Decision::Deleted,
@@ -302,15 +346,21 @@ pub(super) fn write_page(
         };
         let kind = kind.unwrap_or(EventKind::Added);
         let d = &rec.device;
-        let f = d.fields();
-        let extra = extra_json(d);
         let why = reason(
             &decision,
             old.map(|o| o.device(d)),
             d,
             ReasonContext::default(),
         );
-        events.push(serial, kind, changes, d, extra.as_deref(), why);
+        // An `added` event's snapshot is the row it adds, until the row changes; a
+        // `modified` event carries its own.
+        let event_id = match kind {
+            EventKind::Added => Some(events.push_deferred(serial, kind, why)),
+            _ => {
+                events.push(serial, kind, changes, d, extra.as_deref(), why);
+                None
+            }
+        };
         let id = match old {
             None => {
                 let id = match next_id {
@@ -322,17 +372,20 @@ pub(super) fn write_page(
                     }
                 };
                 next_id = Some(id + 1);
-                new_devices.push((id, rec, extra));
+                new_devices.push((id, rec, extra, *hash, event_id.unwrap_or_default()));
                 id
             }
             Some(o) => {
+                o.materialize(tx, d)?;
                 let stmt = if o.deleted { &mut revive } else { &mut update };
                 let v10 = v10_sql(d);
+                let f = d.fields();
                 let values: Vec<&dyn rusqlite::ToSql> = [&o.id as &dyn rusqlite::ToSql]
                     .into_iter()
                     .chain(f.iter().map(|v| *v as &dyn rusqlite::ToSql))
-                    .chain([&extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
+                    .chain([extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
                     .chain(v10.iter().map(|v| v as &dyn rusqlite::ToSql))
+                    .chain([hash as &dyn rusqlite::ToSql, &event_id])
                     .collect();
                 stmt.execute(rusqlite::params_from_iter(values))?;
                 o.id
@@ -345,37 +398,10 @@ pub(super) fn write_page(
         }
     }
 
-    let v10s: Vec<Vec<rusqlite::types::Value>> = new_devices
-        .iter()
-        .map(|(_, rec, _)| v10_sql(&rec.device))
-        .collect();
-    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(new_devices.len() * 28);
-    for ((id, rec, extra), v10) in new_devices.iter().zip(&v10s) {
-        values.extend([
-            id as &dyn rusqlite::ToSql,
-            &page.token,
-            &rec.device.serial_number,
-        ]);
-        values.extend(rec.device.fields().map(|v| v as &dyn rusqlite::ToSql));
-        values.extend([
-            extra as &dyn rusqlite::ToSql,
-            &rec.op_date,
-            &page.now,
-            &page.now,
-        ]);
-        values.extend(v10.iter().map(|v| v as &dyn rusqlite::ToSql));
+    if let Some(flags) = &inserted {
+        events.set_next_id(first_event + flags.len() as i64);
     }
-    insert_many(
-        tx,
-        "devices (id, token_name, serial_number, model, description, color, asset_tag,
-             profile_status, profile_uuid, profile_assign_time, profile_push_time,
-             device_assigned_date, device_assigned_by, os, device_family, extra_json,
-             last_op_date, first_seen_at, updated_at, imei, meid, eid, wifi_mac_address,
-             bluetooth_mac_address, ethernet_mac_address, is_replacement_device,
-             mdm_migration_deadline, released_by_replacement)",
-        28,
-        &values,
-    )?;
+    insert_new(tx, page, &new_devices, false)?;
     if page.kind == Phase::Fetch {
         if !page.unreadable.is_empty() {
             let serials = serde_json::to_string(page.unreadable).expect("strings always serialise");
@@ -407,7 +433,8 @@ pub(super) fn write_page(
                 id,
                 page.now,
                 Option::<String>::None,
-                Option::<bool>::None
+                Option::<bool>::None,
+                Option::<i64>::None
             ])?;
             let why = reason(
                 &Decision::Deleted,
@@ -440,6 +467,51 @@ pub(super) fn write_page(
         )?;
     }
     Ok(stats)
+}
+
+/// A new device row: (id, record, extra_json, content digest, its `added` event's id).
+type NewRow<'a> = (i64, &'a DeviceRecord, &'a Option<String>, i64, i64);
+
+/// Inserts new device rows many per statement; `ignore_existing`: a row whose serial is
+/// already stored is skipped instead of failing the page.
+fn insert_new(
+    tx: &rusqlite::Transaction<'_>,
+    page: &PageWrite<'_>,
+    rows: &[NewRow<'_>],
+    ignore_existing: bool,
+) -> rusqlite::Result<()> {
+    let v10s: Vec<Vec<rusqlite::types::Value>> = rows
+        .iter()
+        .map(|(_, rec, ..)| v10_sql(&rec.device))
+        .collect();
+    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(rows.len() * 30);
+    for ((id, rec, extra, hash, event_id), v10) in rows.iter().zip(&v10s) {
+        values.extend([
+            id as &dyn rusqlite::ToSql,
+            &page.token,
+            &rec.device.serial_number,
+        ]);
+        values.extend(rec.device.fields().map(|v| v as &dyn rusqlite::ToSql));
+        values.extend([
+            *extra as &dyn rusqlite::ToSql,
+            &rec.op_date,
+            &page.now,
+            &page.now,
+        ]);
+        values.extend(v10.iter().map(|v| v as &dyn rusqlite::ToSql));
+        values.extend([hash as &dyn rusqlite::ToSql, event_id]);
+    }
+    const COLUMNS: &str = "devices (id, token_name, serial_number, model, description, color,
+             asset_tag, profile_status, profile_uuid, profile_assign_time, profile_push_time,
+             device_assigned_date, device_assigned_by, os, device_family, extra_json,
+             last_op_date, first_seen_at, updated_at, imei, meid, eid, wifi_mac_address,
+             bluetooth_mac_address, ethernet_mac_address, is_replacement_device,
+             mdm_migration_deadline, released_by_replacement, content_hash, snapshot_event_id)";
+    if ignore_existing {
+        insert_many_or(tx, "IGNORE", COLUMNS, 30, &values)
+    } else {
+        insert_many(tx, COLUMNS, 30, &values)
+    }
 }
 
 /// What the rest of the mirror says about a device leaving: the organisation saw it
@@ -520,79 +592,73 @@ pub(super) fn load_seen(
     Ok(SeenIds(chunks))
 }
 
-/// `extra_json` for a device: its extra fields beyond the protocol-10 columns as a JSON
-/// object, None when it has none.
-pub(super) fn extra_json(d: &Device) -> Option<String> {
-    let is_v10 = |k: &str| V10_FIELDS.iter().any(|(name, _)| *name == k);
-    // Written as serde_json writes a map (keys in order), without copying the map.
-    let mut out = String::new();
-    for (k, v) in d.extra.iter().filter(|(k, _)| !is_v10(k)) {
-        out.push(if out.is_empty() { '{' } else { ',' });
-        out.push_str(&serde_json::to_string(k).expect("strings always serialise"));
-        out.push(':');
-        out.push_str(&v.to_string());
-    }
-    if out.is_empty() {
-        return None;
-    }
-    out.push('}');
-    Some(out)
-}
-
-/// Reads the stored rows for a page's serials in one statement.
+/// Reads the stored rows for a page's serials in one statement. `prepared` holds each
+/// record's (extra_json, content digest).
 pub(super) fn load_existing(
     tx: &rusqlite::Transaction<'_>,
     token: &str,
     records: &[DeviceRecord],
+    prepared: &[(Option<String>, i64)],
 ) -> rusqlite::Result<HashMap<String, Existing>> {
-    let incoming: HashMap<&str, &Device> = records
+    let incoming: HashMap<&str, (&Device, i64)> = records
         .iter()
-        .map(|r| (r.device.serial_number.as_str(), &r.device))
+        .zip(prepared)
+        .map(|(r, (_, hash))| (r.device.serial_number.as_str(), (&r.device, *hash)))
         .collect();
     let serials = serde_json::to_string(&incoming.keys().collect::<Vec<_>>())
         .expect("strings always serialise");
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {DEVICE_COLUMNS}, last_op_date, deleted_at, id FROM devices
+        "SELECT content_hash, last_op_date, deleted_at, id, snapshot_event_id, {DEVICE_COLUMNS}
+         FROM devices
          WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
     ))?;
+    const AT: usize = 5;
     let mut map = HashMap::with_capacity(records.len());
     let mut rows = stmt.query(params![token, serials])?;
     while let Some(r) = rows.next()? {
-        let serial = r.get_ref(0)?.as_str()?;
-        let same = match incoming.get(serial) {
-            Some(d) => stored_equals(r, d)?,
-            None => false,
+        let serial = r.get_ref(AT)?.as_str()?;
+        let stored_hash: Option<i64> = r.get(0)?;
+        let same = match (incoming.get(serial), stored_hash) {
+            (Some((_, hash)), Some(stored)) => *hash == stored,
+            (Some((d, _)), None) => stored_equals(r, AT, d)?,
+            (None, _) => false,
         };
         let e = Existing {
             device: if same {
                 None
             } else {
-                Some(device_from_row(r, 0)?)
+                Some(device_from_row(r, AT)?)
             },
-            last_op_date: r.get(DEVICE_COLUMN_COUNT)?,
-            deleted: r.get_ref(DEVICE_COLUMN_COUNT + 1)? != rusqlite::types::ValueRef::Null,
-            id: r.get(DEVICE_COLUMN_COUNT + 2)?,
+            last_op_date: r.get(1)?,
+            deleted: r.get_ref(2)? != rusqlite::types::ValueRef::Null,
+            id: r.get(3)?,
+            no_hash: stored_hash.is_none(),
+            snapshot_event_id: r.get(4)?,
         };
         map.insert(serial.to_owned(), e);
     }
     Ok(map)
 }
 
-/// Whether a stored row (serial, the named columns, extra_json) holds exactly `d`,
-/// compared in place.
-pub(super) fn stored_equals(r: &rusqlite::Row<'_>, d: &Device) -> rusqlite::Result<bool> {
+/// Whether a stored row (serial, the named columns, extra_json, protocol 10, from
+/// column `start`) holds exactly `d`, compared in place.
+pub(super) fn stored_equals(
+    r: &rusqlite::Row<'_>,
+    start: usize,
+    d: &Device,
+) -> rusqlite::Result<bool> {
     for (i, field) in d.fields().into_iter().enumerate() {
-        if r.get_ref(1 + i)?.as_str_or_null()? != field.as_deref() {
+        if r.get_ref(start + 1 + i)?.as_str_or_null()? != field.as_deref() {
             return Ok(false);
         }
     }
     // extra_json is written by `extra_json`, so equal extras have equal text.
-    let stored = r.get_ref(13)?.as_str_or_null()?;
+    let stored = r.get_ref(start + 13)?.as_str_or_null()?;
     if stored != extra_json(d).as_deref() {
         return Ok(false);
     }
     for (i, v) in v10_sql(d).into_iter().enumerate() {
-        if r.get::<_, rusqlite::types::Value>(14 + i)? != v {
+        if r.get::<_, rusqlite::types::Value>(start + 14 + i)? != v {
             return Ok(false);
         }
     }
@@ -668,6 +734,17 @@ impl Store {
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>());
         rows.map_err(self.err("list devices"))
+    }
+
+    /// Whether `token` has any device row, assigned or deleted.
+    pub fn has_devices(&self, token: &str) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE token_name = ?1)",
+                [token],
+                |r| r.get(0),
+            )
+            .map_err(self.err("count devices"))
     }
 
     /// Up to `limit` assigned replacement devices of `token` whose replacement details

@@ -4,6 +4,7 @@
 use rusqlite::params;
 use serde_json::Value;
 
+use super::device_row::{device_from_row, qualified_device_columns};
 use super::{insert_many, Store, StoreError};
 use crate::events::{EventScope, StoredEvent};
 use crate::model::{Device, EventKind, Reason, V10_FIELDS};
@@ -62,15 +63,43 @@ pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
 }
 
 /// A page's events, in record order; inserted together at the end of the page (see
-/// [`insert_many`]), so ids follow record order.
-#[derive(Default)]
+/// [`insert_many`]) with ids given as they are pushed, so ids follow record order and a
+/// device row can name its event before it is written.
 pub(super) struct PageEvents {
-    /// (serial_number, kind, changes, device_json, reason)
-    rows: Vec<(String, EventKind, Option<String>, String, Reason)>,
+    next_id: i64,
+    /// (id, serial_number, kind, changes, device_json, reason)
+    rows: Vec<(i64, String, EventKind, Option<String>, String, Reason)>,
 }
 
 impl PageEvents {
-    /// `extra` is `d`'s `extra_json`, which the caller has already made.
+    /// Starts a page's events after every id ever given (AUTOINCREMENT's counter too, so
+    /// an id a sink may have delivered is never given again after a purge).
+    pub(super) fn start(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        let next_id = tx
+            .prepare_cached(
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),
+                            COALESCE((SELECT MAX(id) FROM events), 0)) + 1",
+            )?
+            .query_row([], |r| r.get(0))?;
+        Ok(PageEvents {
+            next_id,
+            rows: Vec::new(),
+        })
+    }
+
+    /// The id the next event will get.
+    pub(super) fn next_id(&self) -> i64 {
+        self.next_id
+    }
+
+    /// Gives the next event this id (never one already given: ids must grow).
+    pub(super) fn set_next_id(&mut self, id: i64) {
+        debug_assert!(id >= self.next_id);
+        self.next_id = id;
+    }
+
+    /// An event that carries `d` as its snapshot; returns its id. `extra` is `d`'s
+    /// `extra_json`, which the caller has already made.
     pub(super) fn push(
         &mut self,
         serial: &str,
@@ -79,10 +108,30 @@ impl PageEvents {
         d: &Device,
         extra: Option<&str>,
         reason: Reason,
-    ) {
-        let snapshot = encode_snapshot(d, extra);
+    ) -> i64 {
+        self.push_row(serial, kind, changes, encode_snapshot(d, extra), reason)
+    }
+
+    /// An event whose snapshot is the device's row as it is now (device_json ''); the
+    /// row names it in `snapshot_event_id` and writes its content into it before it
+    /// changes (see [`materialize`]). Returns its id.
+    pub(super) fn push_deferred(&mut self, serial: &str, kind: EventKind, reason: Reason) -> i64 {
+        self.push_row(serial, kind, None, String::new(), reason)
+    }
+
+    fn push_row(
+        &mut self,
+        serial: &str,
+        kind: EventKind,
+        changes: Option<String>,
+        snapshot: String,
+        reason: Reason,
+    ) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
         self.rows
-            .push((serial.to_owned(), kind, changes, snapshot, reason));
+            .push((id, serial.to_owned(), kind, changes, snapshot, reason));
+        id
     }
 
     pub(super) fn insert(
@@ -91,15 +140,17 @@ impl PageEvents {
         token: &str,
         now: &str,
     ) -> rusqlite::Result<()> {
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 7);
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 8);
         let names: Vec<(&str, &str)> = self
             .rows
             .iter()
-            .map(|r| (r.1.as_str(), r.4.as_str()))
+            .map(|r| (r.2.as_str(), r.5.as_str()))
             .collect();
-        for ((serial, _, changes, snapshot, _), (kind, reason)) in self.rows.iter().zip(&names) {
+        for ((id, serial, _, changes, snapshot, _), (kind, reason)) in self.rows.iter().zip(&names)
+        {
             values.extend([
-                &token as &dyn rusqlite::ToSql,
+                id as &dyn rusqlite::ToSql,
+                &token,
                 serial,
                 kind,
                 changes,
@@ -110,11 +161,24 @@ impl PageEvents {
         }
         insert_many(
             tx,
-            "events (token_name, serial_number, kind, changes, occurred_at, device_json, reason)",
-            7,
+            "events (id, token_name, serial_number, kind, changes, occurred_at, device_json, reason)",
+            8,
             &values,
         )
     }
+}
+
+/// Writes a device's content into the event that deferred to its row, before the row
+/// changes (see [`PageEvents::push_deferred`]).
+pub(super) fn materialize(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: i64,
+    d: &Device,
+    extra: Option<&str>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE events SET device_json = ?2 WHERE id = ?1 AND device_json = ''")?
+        .execute(params![event_id, encode_snapshot(d, extra)])
+        .map(drop)
 }
 
 /// An organisation device event read back: the snapshot is the device's JSON object;
@@ -178,13 +242,20 @@ impl Store {
         token: Option<&str>,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql =
-            "SELECT id, token_name, serial_number, kind, changes, occurred_at, device_json, scope, reason
-             FROM events WHERE id > ?1 AND (?2 IS NULL OR token_name = ?2)
-             ORDER BY id LIMIT ?3";
+        // An event whose snapshot is deferred (device_json '') reads its device's row.
+        let sql = format!(
+            "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
+                    e.device_json, e.scope, e.reason, {}
+             FROM events e
+             LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
+                  AND d.token_name = e.token_name AND d.serial_number = e.serial_number
+             WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
+             ORDER BY e.id LIMIT ?3",
+            qualified_device_columns("d")
+        );
         let mut stmt = self
             .conn
-            .prepare_cached(sql)
+            .prepare_cached(&sql)
             .map_err(self.err("read events"))?;
         let rows = stmt
             .query_map(params![after, token, limit as i64], |r| {
@@ -203,7 +274,14 @@ impl Store {
                     Some(_) => return org_event(r, kind, changes, &snapshot),
                     None => {}
                 }
-                let device = decode_snapshot(&snapshot);
+                let device = if snapshot.is_empty() {
+                    match r.get_ref(9)? {
+                        rusqlite::types::ValueRef::Null => None,
+                        _ => Some(device_from_row(r, 9)?),
+                    }
+                } else {
+                    decode_snapshot(&snapshot)
+                };
                 let changes = match (changes, &device, kind) {
                     (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),
                     (None, Some(d), EventKind::Added) => crate::events::addition_changes(d),

@@ -18,6 +18,7 @@ use rusqlite::{Connection, TransactionBehavior};
 mod accounts;
 mod assign;
 mod cursors;
+mod device_row;
 mod devices;
 mod events;
 mod org;
@@ -441,10 +442,21 @@ fn insert_many(
     width: usize,
     values: &[&dyn rusqlite::ToSql],
 ) -> rusqlite::Result<()> {
+    insert_many_or(tx, "ROLLBACK", into, width, values)
+}
+
+/// [`insert_many`] with another conflict clause (`INSERT OR {conflict}`).
+fn insert_many_or(
+    tx: &rusqlite::Transaction<'_>,
+    conflict: &str,
+    into: &str,
+    width: usize,
+    values: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<()> {
     let row = format!("({})", vec!["?"; width].join(", "));
     for chunk in values.chunks(VALUES_PER_INSERT / width * width) {
         let rows = vec![row.as_str(); chunk.len() / width].join(", ");
-        tx.prepare_cached(&format!("INSERT OR ROLLBACK INTO {into} VALUES {rows}"))?
+        tx.prepare_cached(&format!("INSERT OR {conflict} INTO {into} VALUES {rows}"))?
             .execute(rusqlite::params_from_iter(chunk))?;
     }
     Ok(())
@@ -494,6 +506,7 @@ mod tests {
             completes_fetch: completes,
             now: "2026-01-01T00:00:00.000Z",
             unreadable: &[],
+            expect_new: false,
         }
     }
 
@@ -758,6 +771,234 @@ mod tests {
             .apply_page(&page(&back, Phase::Sync, "c5", 2, false))
             .unwrap();
         assert_eq!(st.added, 1);
+    }
+
+    /// (device_json, color in the event's device) of every event, oldest first.
+    fn event_snapshots(s: &Store) -> Vec<(String, Option<String>)> {
+        let raw: Vec<String> = s
+            .conn
+            .prepare("SELECT device_json FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let read = s.events_after(0, None, 100).unwrap();
+        assert_eq!(raw.len(), read.len());
+        raw.into_iter()
+            .zip(read)
+            .map(|(json, e)| (json, e.device.and_then(|d| d.color)))
+            .collect()
+    }
+
+    #[test]
+    fn an_added_event_reads_its_row_until_the_row_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
+        s.apply_page(&page(&p1, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        // Both `added` events defer to their rows: no snapshot stored, the rows name them.
+        let snaps = event_snapshots(&s);
+        assert_eq!(
+            snaps,
+            vec![
+                (String::new(), Some("red".into())),
+                (String::new(), Some("blue".into()))
+            ]
+        );
+        let named: Vec<(String, Option<i64>, bool)> = s
+            .conn
+            .prepare("SELECT serial_number, snapshot_event_id, content_hash IS NOT NULL FROM devices ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            named,
+            vec![("A".into(), Some(1), true), ("B".into(), Some(2), true)]
+        );
+        // A changes: its `added` event gets the old row before the row changes, and still
+        // says red; the `modified` event carries green. B is untouched.
+        let p2 = [rec(
+            "A",
+            Some(OpType::Modified),
+            Some("2026-01-01T00:00:00Z"),
+            "green",
+        )];
+        s.apply_page(&page(&p2, Phase::Sync, "c2", 1, false))
+            .unwrap();
+        let snaps = event_snapshots(&s);
+        assert!(snaps[0].0.starts_with(r#"["A","iPad""#), "{snaps:?}");
+        assert_eq!(snaps[0].1.as_deref(), Some("red"));
+        assert_eq!(snaps[1], (String::new(), Some("blue".into())));
+        assert!(!snaps[2].0.is_empty());
+        assert_eq!(snaps[2].1.as_deref(), Some("green"));
+        // B leaves and comes back purple: its first `added` keeps blue, the `deleted`
+        // carries blue, the second `added` reads the row (purple).
+        let p3 = [rec(
+            "B",
+            Some(OpType::Deleted),
+            Some("2026-01-02T00:00:00Z"),
+            "blue",
+        )];
+        s.apply_page(&page(&p3, Phase::Sync, "c3", 1, false))
+            .unwrap();
+        let p4 = [rec(
+            "B",
+            Some(OpType::Added),
+            Some("2026-01-03T00:00:00Z"),
+            "purple",
+        )];
+        s.apply_page(&page(&p4, Phase::Sync, "c4", 1, false))
+            .unwrap();
+        let colors: Vec<Option<String>> = event_snapshots(&s).into_iter().map(|e| e.1).collect();
+        let want = ["red", "blue", "green", "blue", "purple"];
+        assert_eq!(colors, want.map(|c| Some(c.to_owned())).to_vec());
+        let deferred: Vec<i64> = s
+            .conn
+            .prepare("SELECT id FROM events WHERE device_json = '' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(deferred, vec![5], "only B's latest `added` still defers");
+    }
+
+    #[test]
+    fn a_new_tokens_pages_go_in_without_lookups_and_a_repeated_serial_still_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        assert!(!s.has_devices("acme").unwrap());
+        fn fresh(p: PageWrite<'_>) -> PageWrite<'_> {
+            PageWrite {
+                expect_new: true,
+                ..p
+            }
+        }
+        let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
+        // Page 2 repeats A (changed) and B (unchanged) between new devices; page 3, in the
+        // same transaction, repeats A again.
+        let p2 = [
+            rec("C", None, None, "gold"),
+            rec("A", None, None, "green"),
+            rec("B", None, None, "blue"),
+            rec("D", None, None, "grey"),
+        ];
+        let p3 = [rec("A", None, None, "pink"), rec("E", None, None, "black")];
+        let st = s
+            .apply_page(&fresh(page(&p1, Phase::Fetch, "c1", 1, false)))
+            .unwrap();
+        assert_eq!((st.added, st.modified), (2, 0));
+        let batch = s.batch().unwrap();
+        let st2 = batch
+            .apply_page(&fresh(page(&p2, Phase::Fetch, "c2", 1, false)))
+            .unwrap();
+        let st3 = batch
+            .apply_page(&fresh(page(&p3, Phase::Fetch, "c3", 1, true)))
+            .unwrap();
+        batch.commit().unwrap();
+        assert_eq!((st2.added, st2.modified, st2.unchanged), (2, 1, 1));
+        assert_eq!((st3.added, st3.modified, st3.deleted), (1, 1, 0));
+        // One row per serial, the latest record of each.
+        let all = s.devices(&DeviceFilter::default()).unwrap();
+        let colors: Vec<(String, Option<String>)> = all
+            .iter()
+            .map(|d| (d.device.serial_number.clone(), d.device.color.clone()))
+            .collect();
+        let want = [
+            ("A", "pink"),
+            ("B", "blue"),
+            ("C", "gold"),
+            ("D", "grey"),
+            ("E", "black"),
+        ];
+        assert_eq!(
+            colors,
+            want.map(|(s, c)| (s.to_owned(), Some(c.to_owned())))
+                .to_vec()
+        );
+        // Events in record order, ids growing, each with the device as it was then.
+        let evs = s.events_after(0, None, 100).unwrap();
+        let seen: Vec<(String, EventKind, Option<String>)> = evs
+            .iter()
+            .map(|e| {
+                let color = e.device.as_ref().and_then(|d| d.color.clone());
+                (e.serial_number.clone(), e.kind, color)
+            })
+            .collect();
+        let want = [
+            ("A", EventKind::Added, "red"),
+            ("B", EventKind::Added, "blue"),
+            ("C", EventKind::Added, "gold"),
+            ("A", EventKind::Modified, "green"),
+            ("D", EventKind::Added, "grey"),
+            ("A", EventKind::Modified, "pink"),
+            ("E", EventKind::Added, "black"),
+        ];
+        assert_eq!(
+            seen,
+            want.map(|(s, k, c)| (s.to_owned(), k, Some(c.to_owned())))
+                .to_vec()
+        );
+        assert!(evs.windows(2).all(|w| w[0].id < w[1].id));
+        // The completed fetch saw every device: nothing reconciled away.
+        assert_eq!(s.device_counts("acme").unwrap(), (5, 0));
+        assert!(s.has_devices("acme").unwrap());
+    }
+
+    #[test]
+    fn a_mirror_from_schema_5_opens_and_its_rows_get_digests_on_the_next_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..5] {
+                conn.execute_batch(m).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 5).unwrap();
+            conn.pragma_update(None, "application_id", APPLICATION_ID)
+                .unwrap();
+            conn.execute_batch(
+                r#"INSERT INTO devices (token_name, serial_number, model, color, first_seen_at, updated_at)
+                   VALUES ('acme', 'A', 'iPad', 'red', 'x', 'x'), ('acme', 'B', 'iPad', 'blue', 'x', 'x');
+                   INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
+                   VALUES ('acme', 'A', 'added', NULL, 'x', '["A","iPad",null,"red",null,null,null,null,null,null,null,null,null,null]'),
+                          ('acme', 'B', 'added', NULL, 'x', '["B","iPad",null,"blue",null,null,null,null,null,null,null,null,null,null]');"#,
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        // The same devices again (A unchanged, B changed): compared field by field, one
+        // event, and both rows now carry a digest.
+        let p = [rec("A", None, None, "red"), rec("B", None, None, "gold")];
+        let st = s
+            .apply_page(&page(&p, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        assert_eq!((st.unchanged, st.modified, st.events()), (1, 1, 1));
+        let hashed: i64 = s
+            .conn
+            .query_row(
+                "SELECT count(*) FROM devices WHERE content_hash IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(hashed, 2);
+        // Old events keep their own snapshots.
+        let colors: Vec<Option<String>> = event_snapshots(&s).into_iter().map(|e| e.1).collect();
+        assert_eq!(
+            colors,
+            ["red", "blue", "gold"].map(|c| Some(c.to_owned())).to_vec()
+        );
+        // And the next fetch recognises both from the digest alone.
+        let st = s
+            .apply_page(&page(&p, Phase::Fetch, "c2", 2, true))
+            .unwrap();
+        assert_eq!((st.unchanged, st.events()), (2, 0));
     }
 
     #[test]

@@ -6,10 +6,10 @@
 use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
-use super::devices::{
-    device_from_row as ade_device_from_row, extra_json as ade_extra_json, load_seen, mark_seen,
-    DEVICE_COLUMNS,
+use super::device_row::{
+    device_from_row as ade_device_from_row, extra_json as ade_extra_json, DEVICE_COLUMNS,
 };
+use super::devices::{load_seen, mark_seen};
 use super::events::PageEvents;
 use super::{Store, StoreError};
 use crate::events::EventScope;
@@ -741,7 +741,7 @@ fn released_from_org(
          ORDER BY id DESC LIMIT 1",
     )?;
     for token in &tokens {
-        let mut events = PageEvents::default();
+        let mut events = PageEvents::start(tx)?;
         for serial in serials {
             let Some(d) = find
                 .query_row(params![token, serial], |r| ade_device_from_row(r, 0))

@@ -232,6 +232,7 @@ mod tests {
             completes_fetch: false,
             now,
             unreadable: &[],
+            expect_new: false,
         })
         .unwrap();
     }

@@ -40,6 +40,8 @@ pub(super) fn writer_loop(
 ) -> Result<PageStats, SyncError> {
     let runtime = tokio::runtime::Handle::current();
     let mut stats = PageStats::default();
+    // A token without devices: its fetch pages are inserted without looking them up.
+    let expect_new = !store.has_devices(token)?;
     while let Some(first) = rx.blocking_recv() {
         let batch = store.batch()?;
         let opened = Instant::now();
@@ -47,7 +49,7 @@ pub(super) fn writer_loop(
         let mut pages = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            apply(&batch, token, msg, &mut group)?;
+            apply(&batch, token, expect_new, msg, &mut group)?;
             pages += 1;
             if pages >= GROUP_MAX_PAGES || opened.elapsed() >= GROUP_MAX_AGE {
                 break;
@@ -68,6 +70,7 @@ pub(super) fn writer_loop(
 fn apply(
     batch: &Batch<'_>,
     token: &str,
+    expect_new: bool,
     msg: WriterMsg,
     stats: &mut PageStats,
 ) -> Result<(), StoreError> {
@@ -90,6 +93,7 @@ fn apply(
                 completes_fetch,
                 now: &now,
                 unreadable: &unreadable,
+                expect_new,
             })?);
         }
         WriterMsg::Cursor(state) => batch.set_cursor(token, &state, &now)?,

@@ -1,0 +1,139 @@
+//! The columns of a `devices` row that mirror Apple's fields: their order, how a device
+//! is written into them and read back, and the digest that recognises an unchanged row.
+//! Shared by the page writer (`devices.rs`) and the event reader (`events.rs`).
+
+use serde_json::{Map, Value};
+
+use crate::model::{Device, FieldShape, V10_FIELDS};
+
+pub(super) const DEVICE_COLUMNS: &str =
+    "serial_number, model, description, color, asset_tag, profile_status, \
+    profile_uuid, profile_assign_time, profile_push_time, device_assigned_date, \
+    device_assigned_by, os, device_family, extra_json, imei, meid, eid, wifi_mac_address, \
+    bluetooth_mac_address, ethernet_mac_address, is_replacement_device, \
+    mdm_migration_deadline, released_by_replacement";
+
+/// Columns of [`DEVICE_COLUMNS`]: serial, the named fields, extra_json, protocol 10.
+pub(super) const DEVICE_COLUMN_COUNT: usize = 14 + V10_FIELDS.len();
+
+/// The protocol-10 fields of a device as their columns store them (in [`V10_FIELDS`]
+/// order): lists as JSON text, booleans 0/1, text as text; NULL when Apple sent none.
+pub(super) fn v10_sql(d: &Device) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value as S;
+    V10_FIELDS
+        .iter()
+        .map(|(name, shape)| match (shape, d.v10(name)) {
+            (_, None) => S::Null,
+            (_, Some(Value::String(t))) => S::Text(t.clone()),
+            (FieldShape::Bool, Some(Value::Bool(b))) => S::Integer(*b as i64),
+            (_, Some(Value::Number(n))) if n.is_i64() => S::Integer(n.as_i64().unwrap_or(0)),
+            (_, Some(other)) => S::Text(other.to_string()),
+        })
+        .collect()
+}
+
+/// The protocol-10 columns read back into `extra` (see [`v10_sql`]).
+fn v10_from_row(
+    r: &rusqlite::Row<'_>,
+    start: usize,
+    extra: &mut Map<String, Value>,
+) -> rusqlite::Result<()> {
+    use rusqlite::types::ValueRef;
+    for (i, (name, shape)) in V10_FIELDS.iter().enumerate() {
+        let v = match (shape, r.get_ref(start + i)?) {
+            (_, ValueRef::Null) => continue,
+            (FieldShape::Bool, ValueRef::Integer(n)) => Value::Bool(n != 0),
+            (_, ValueRef::Integer(n)) => Value::from(n),
+            (FieldShape::List, ValueRef::Text(t)) if t.first() == Some(&b'[') => {
+                serde_json::from_slice(t)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(t).into_owned()))
+            }
+            (_, ValueRef::Text(t)) => Value::String(String::from_utf8_lossy(t).into_owned()),
+            (_, ValueRef::Real(f)) => Value::from(f),
+            (_, ValueRef::Blob(_)) => continue,
+        };
+        extra.insert((*name).to_owned(), v);
+    }
+    Ok(())
+}
+
+/// `DEVICE_COLUMNS` prefixed with a table alias, for joins.
+pub(super) fn qualified_device_columns(alias: &str) -> String {
+    DEVICE_COLUMNS
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A digest of the device's Apple fields as stored (`devices.content_hash`): equal
+/// digests, equal rows. XXH3 (a published, fixed algorithm) over each column with its
+/// length, so the digest of a stored row never changes between versions.
+pub(super) fn content_hash(d: &Device, extra: Option<&str>) -> i64 {
+    use xxhash_rust::xxh3::Xxh3;
+    fn text(h: &mut Xxh3, t: Option<&str>) {
+        match t {
+            None => h.update(&[0]),
+            Some(t) => {
+                h.update(&[1]);
+                h.update(&(t.len() as u64).to_le_bytes());
+                h.update(t.as_bytes());
+            }
+        }
+    }
+    let mut h = Xxh3::new();
+    for f in d.fields() {
+        text(&mut h, f.as_deref());
+    }
+    text(&mut h, extra);
+    for (name, shape) in V10_FIELDS {
+        match (shape, d.v10(name)) {
+            (_, None) => h.update(&[0]),
+            (_, Some(Value::String(t))) => text(&mut h, Some(t)),
+            (FieldShape::Bool, Some(Value::Bool(b))) => h.update(&[2, *b as u8]),
+            (_, Some(Value::Number(n))) if n.is_i64() => {
+                h.update(&[3]);
+                h.update(&n.as_i64().unwrap_or(0).to_le_bytes());
+            }
+            (_, Some(other)) => text(&mut h, Some(&other.to_string())),
+        }
+    }
+    h.digest() as i64
+}
+
+pub(super) fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::Result<Device> {
+    let mut d = Device {
+        serial_number: r.get(start)?,
+        ..Device::default()
+    };
+    for (i, f) in d.fields_mut().into_iter().enumerate() {
+        *f = r.get(start + 1 + i)?;
+    }
+    let extra: Option<String> = r.get(start + 13)?;
+    if let Some(text) = extra {
+        if let Ok(Value::Object(m)) = serde_json::from_str(&text) {
+            d.extra = m;
+        }
+    }
+    v10_from_row(r, start + 14, &mut d.extra)?;
+    Ok(d)
+}
+
+/// `extra_json` for a device: its extra fields beyond the protocol-10 columns as a JSON
+/// object, None when it has none.
+pub(super) fn extra_json(d: &Device) -> Option<String> {
+    let is_v10 = |k: &str| V10_FIELDS.iter().any(|(name, _)| *name == k);
+    // Written as serde_json writes a map (keys in order), without copying the map.
+    let mut out = String::new();
+    for (k, v) in d.extra.iter().filter(|(k, _)| !is_v10(k)) {
+        out.push(if out.is_empty() { '{' } else { ',' });
+        out.push_str(&serde_json::to_string(k).expect("strings always serialise"));
+        out.push(':');
+        out.push_str(&v.to_string());
+    }
+    if out.is_empty() {
+        return None;
+    }
+    out.push('}');
+    Some(out)
+}
