@@ -200,10 +200,48 @@ def scenario_full_fetch(n, runs):
             c0 = sim.cpu()
             samples.append(sync_once(config))
             sim_cpu.append(sim.cpu() - c0)
-        return summarize(f"full fetch, fresh database", n, samples, sim_cpu), (sim, work, config)
+        r = summarize(f"full fetch, fresh database", n, samples, sim_cpu)
+        r["db_bytes"] = db_bytes(os.path.join(work, "adesync.db"))
+        return r, (sim, work, config)
     except Exception:
         sim.stop()
         raise
+
+
+def db_bytes(db):
+    """Size of the database file with its WAL, as a run leaves it."""
+    return sum(os.path.getsize(db + ext) for ext in ("", "-wal") if os.path.exists(db + ext))
+
+
+def run_cli(config, args):
+    env = dict(os.environ, RUST_LOG="warn")
+    return run_measured([os.path.join(RELEASE, "adesync"), "--config", config] + args, env)
+
+
+def scenario_queries(config, runs, store_size):
+    """The read side on the store the full fetch left: a whole export, one device with its
+    history, and the newest 100,000 events (the same commands an admin runs)."""
+    db = os.path.join(os.path.dirname(config), "adesync.db")
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        (serial,) = con.execute(
+            "SELECT serial_number FROM devices ORDER BY id LIMIT 1 OFFSET ?", (store_size // 2,)
+        ).fetchone()
+        (max_id,) = con.execute("SELECT max(id) FROM events").fetchone()
+    finally:
+        con.close()
+    queries = [
+        (f"query: devices --format csv (all {store_size:,})", ["devices", "--format", "csv"], store_size),
+        ("query: device SERIAL (fields and history)", ["device", serial], 1),
+        ("query: events --after (the newest 100,000, json)",
+         ["events", "--after", str(max(0, max_id - 100_000)), "--format", "json", "--limit", "100000"],
+         min(100_000, max_id)),
+    ]
+    out = []
+    for name, args, n in queries:
+        samples = [run_cli(config, args) for _ in range(runs)]
+        out.append(summarize(name, n, samples, [0.0]))
+    return out
 
 
 def scenario_incremental(sim, config, runs):
@@ -373,13 +411,17 @@ def main():
     if largest:
         sim, work, config, n = largest
         try:
-            for r in (
+            queries = scenario_queries(config, args.runs, n)
+            floor_small = floor_parse(sim, min(n, 100_000), args.runs)
+            floor_small["scenario"] += " (the incremental's 100,000)"
+            for r in queries + [
                 floor_parse(sim, n, args.runs),
+                floor_small,
                 floor_sqlite(n, args.runs),
                 scenario_noop(sim, config, args.runs, n),
                 scenario_incremental(sim, config, args.runs),
                 scenario_reconcile(sim, config, args.runs, n),
-            ):
+            ]:
                 results.append(r)
                 print(table([r]).splitlines()[-1], flush=True)
         finally:
@@ -390,6 +432,8 @@ def main():
         results += rows
         notes += note
     out = table(results)
+    notes += [f"database after the {r['devices']:,}-device full fetch: {r['db_bytes'] / 1e6:.0f} MB"
+              for r in results if "db_bytes" in r]
     if notes:
         out += "\n\n" + "\n".join(f"- {line}" for line in notes)
     print("\n" + out)

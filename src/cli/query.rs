@@ -26,7 +26,7 @@ pub(super) fn filtered_events(
         return Ok((out, last));
     }
     loop {
-        let batch = store.events_after(last, token, BATCH)?;
+        let batch = store.events_of(last, token, serial, BATCH)?;
         let Some(end) = batch.last().map(|e| e.id) else {
             return Ok((out, last));
         };

@@ -242,6 +242,18 @@ impl Store {
         token: Option<&str>,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.events_of(after, token, None, limit)
+    }
+
+    /// [`Store::events_after`], only the events of one serial number when `serial` is
+    /// given (matched in SQL: the rows of other devices are never decoded).
+    pub fn events_of(
+        &self,
+        after: i64,
+        token: Option<&str>,
+        serial: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         // An event whose snapshot is deferred (device_json '') reads its device's row.
         let sql = format!(
             "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
@@ -250,6 +262,7 @@ impl Store {
              LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
                   AND d.token_name = e.token_name AND d.serial_number = e.serial_number
              WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
+               AND (?4 IS NULL OR e.serial_number = ?4)
              ORDER BY e.id LIMIT ?3",
             qualified_device_columns("d")
         );
@@ -258,7 +271,7 @@ impl Store {
             .prepare_cached(&sql)
             .map_err(self.err("read events"))?;
         let rows = stmt
-            .query_map(params![after, token, limit as i64], |r| {
+            .query_map(params![after, token, limit as i64, serial], |r| {
                 let kind_text: String = r.get(3)?;
                 let kind = EventKind::parse(&kind_text).ok_or_else(|| {
                     rusqlite::Error::FromSqlConversionFailure(
