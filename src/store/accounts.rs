@@ -292,6 +292,7 @@ mod tests {
                     now: "2026-01-01T00:00:00.000Z",
                     unreadable: &[],
                     expect_new: false,
+                    prepared: None,
                 })
                 .unwrap();
             store

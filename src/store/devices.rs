@@ -41,6 +41,31 @@ pub struct PageWrite<'a> {
     /// already stored (Apple repeated it on an earlier page) is found by its insert being
     /// ignored and then handled as usual.
     pub expect_new: bool,
+    /// The records' stored form made in advance by [`prepare`] (on another thread, while
+    /// the writer writes); made here when None.
+    pub prepared: Option<&'a [Prepared]>,
+}
+
+/// What a record is stored as beyond its fields: its `extra_json` and content digest.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    extra_json: Option<String>,
+    content_hash: i64,
+}
+
+/// The stored form of each record, in order (see [`PageWrite::prepared`]).
+pub fn prepare(records: &[DeviceRecord]) -> Vec<Prepared> {
+    records
+        .iter()
+        .map(|rec| {
+            let extra_json = extra_json(&rec.device);
+            let content_hash = content_hash(&rec.device, extra_json.as_deref());
+            Prepared {
+                extra_json,
+                content_hash,
+            }
+        })
+        .collect()
 }
 
 /// What a page changed.
@@ -153,15 +178,14 @@ pub(super) fn write_page(
 ) -> rusqlite::Result<PageStats> {
     let mut stats = PageStats::default();
     // Each record's extra_json and content digest, made once.
-    let prepared: Vec<(Option<String>, i64)> = page
-        .records
-        .iter()
-        .map(|rec| {
-            let extra = extra_json(&rec.device);
-            let hash = content_hash(&rec.device, extra.as_deref());
-            (extra, hash)
-        })
-        .collect();
+    let made;
+    let prepared: &[Prepared] = match page.prepared {
+        Some(p) if p.len() == page.records.len() => p,
+        _ => {
+            made = prepare(page.records);
+            &made
+        }
+    };
     let mut events = PageEvents::start(tx)?;
     let first_event = events.next_id();
     // Ids of the devices this page shows to be on the server, for reconciliation.
@@ -181,9 +205,17 @@ pub(super) fn write_page(
         let rows: Vec<NewRow<'_>> = page
             .records
             .iter()
-            .zip(&prepared)
+            .zip(prepared)
             .zip(0..)
-            .map(|((rec, (extra, hash)), k)| (first_id + k, rec, extra, *hash, first_event + k))
+            .map(|((rec, p), k)| {
+                (
+                    first_id + k,
+                    rec,
+                    &p.extra_json,
+                    p.content_hash,
+                    first_event + k,
+                )
+            })
             .collect();
         insert_new(tx, page, &rows, true)?;
         let mut present = tx.prepare_cached("SELECT id FROM devices WHERE id BETWEEN ?1 AND ?2")?;
@@ -199,13 +231,13 @@ pub(super) fn write_page(
         None
     };
     let existing = match &inserted {
-        None => load_existing(tx, page.token, page.records, &prepared)?,
+        None => load_existing(tx, page.token, page.records, prepared)?,
         Some(flags) if flags.iter().all(|f| *f) => HashMap::new(),
         Some(flags) => {
-            let (records, prepared): (Vec<DeviceRecord>, Vec<(Option<String>, i64)>) = page
+            let (records, prepared): (Vec<DeviceRecord>, Vec<Prepared>) = page
                 .records
                 .iter()
-                .zip(&prepared)
+                .zip(prepared)
                 .zip(flags)
                 .filter(|(_, inserted)| !**inserted)
                 .map(|((rec, p), _)| (rec.clone(), p.clone()))
@@ -241,7 +273,8 @@ pub(super) fn write_page(
          WHERE id = ?1",
     )?;
 
-    for (k, (rec, (extra, hash))) in page.records.iter().zip(&prepared).enumerate() {
+    for (k, (rec, p)) in page.records.iter().zip(prepared).enumerate() {
+        let (extra, hash) = (&p.extra_json, &p.content_hash);
         let serial = rec.device.serial_number.as_str();
         if let Some(flags) = &inserted {
             // Record k's event, if it has one, takes the id it was given above.
@@ -592,18 +625,18 @@ pub(super) fn load_seen(
     Ok(SeenIds(chunks))
 }
 
-/// Reads the stored rows for a page's serials in one statement. `prepared` holds each
-/// record's (extra_json, content digest).
+/// Reads the stored rows for a page's serials in one statement (`prepared`: each
+/// record's stored form).
 pub(super) fn load_existing(
     tx: &rusqlite::Transaction<'_>,
     token: &str,
     records: &[DeviceRecord],
-    prepared: &[(Option<String>, i64)],
+    prepared: &[Prepared],
 ) -> rusqlite::Result<HashMap<String, Existing>> {
     let incoming: HashMap<&str, (&Device, i64)> = records
         .iter()
         .zip(prepared)
-        .map(|(r, (_, hash))| (r.device.serial_number.as_str(), (&r.device, *hash)))
+        .map(|(r, p)| (r.device.serial_number.as_str(), (&r.device, p.content_hash)))
         .collect();
     let serials = serde_json::to_string(&incoming.keys().collect::<Vec<_>>())
         .expect("strings always serialise");

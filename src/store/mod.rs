@@ -31,7 +31,9 @@ pub use assign::{
     AssignDevice, AssignInputs, AssignOutcome, AssignState, Assignment, ProfileDefinition,
 };
 pub use cursors::{CursorState, SyncState};
-pub use devices::{apple_columns, device_map, DeviceFilter, PageStats, PageWrite, StoredDevice};
+pub use devices::{
+    apple_columns, device_map, prepare, DeviceFilter, PageStats, PageWrite, Prepared, StoredDevice,
+};
 pub use org::{OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase};
 pub use sink_cursors::SinkCursor;
 
@@ -507,6 +509,7 @@ mod tests {
             now: "2026-01-01T00:00:00.000Z",
             unreadable: &[],
             expect_new: false,
+            prepared: None,
         }
     }
 
@@ -875,6 +878,7 @@ mod tests {
         fn fresh(p: PageWrite<'_>) -> PageWrite<'_> {
             PageWrite {
                 expect_new: true,
+                prepared: None,
                 ..p
             }
         }

@@ -233,6 +233,7 @@ mod tests {
             now,
             unreadable: &[],
             expect_new: false,
+            prepared: None,
         })
         .unwrap();
     }

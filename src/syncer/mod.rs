@@ -515,6 +515,7 @@ async fn drive(
             tx,
             WriterMsg::Page {
                 kind,
+                prepared: crate::store::prepare(&records),
                 records,
                 state: s.clone(),
                 fetched_until,

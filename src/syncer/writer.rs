@@ -8,12 +8,14 @@ use tokio::sync::mpsc;
 
 use super::SyncError;
 use crate::model::{format_time, DeviceRecord, Phase};
-use crate::store::{Batch, CursorState, PageStats, PageWrite, Store, StoreError};
+use crate::store::{Batch, CursorState, PageStats, PageWrite, Prepared, Store, StoreError};
 
 pub(super) enum WriterMsg {
     Page {
         kind: Phase,
         records: Vec<DeviceRecord>,
+        /// The records' stored form, made by the sender (see `store::prepare`).
+        prepared: Vec<Prepared>,
         state: CursorState,
         fetched_until: Option<String>,
         completes_fetch: bool,
@@ -79,12 +81,13 @@ fn apply(
         WriterMsg::Page {
             kind,
             records,
+            prepared,
             state,
             fetched_until,
             completes_fetch,
             unreadable,
         } => {
-            stats.add(batch.apply_page(&PageWrite {
+            let written = batch.apply_page(&PageWrite {
                 token,
                 kind,
                 records: &records,
@@ -94,7 +97,12 @@ fn apply(
                 now: &now,
                 unreadable: &unreadable,
                 expect_new,
-            })?);
+                prepared: Some(&prepared),
+            });
+            // Freeing a page's records costs the writer, the slower side, about a tenth of
+            // its time (BENCHMARKS.md): another thread does it.
+            tokio::task::spawn_blocking(move || drop((records, prepared)));
+            stats.add(written?);
         }
         WriterMsg::Cursor(state) => batch.set_cursor(token, &state, &now)?,
     }
