@@ -247,6 +247,85 @@ async fn sigkill_during_a_large_fetch_loses_and_doubles_nothing() {
     assert_eq!(unique.len(), 100_000);
 }
 
+/// Nothing lost, nothing doubled while changes rewrite the devices whose `added` event
+/// reads its row: a sync of 40,000 modified devices killed with SIGKILL several times, then
+/// run to completion. After every kill each `added` event still shows the device as first
+/// stored, and each device has at most one `modified` event; at the end exactly one each,
+/// showing the device as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_sync_of_changes_keeps_every_snapshot() {
+    let env = Env::new(50_000, 1000).await;
+    let first = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(first.status.success());
+    let as_added: std::collections::HashMap<String, serde_json::Value> =
+        crate::common::stored(&env.store(), "acme")
+            .into_iter()
+            .map(|d| (d["serial_number"].as_str().unwrap().to_owned(), d))
+            .collect();
+    let changed: Vec<String> = as_added.keys().take(40_000).cloned().collect();
+    assert_eq!(env.mock.modify_devices(&changed), 40_000);
+    let check = |store: &adesync::store::Store| {
+        let events = store.events_after(0, None, 1_000_000).unwrap();
+        let mut modified = std::collections::HashSet::new();
+        for e in &events {
+            let device = e
+                .device
+                .as_ref()
+                .expect("every event carries its device")
+                .to_json();
+            match e.kind.as_str() {
+                "added" => assert_eq!(device, as_added[&e.serial_number], "event {}", e.id),
+                _ => assert!(modified.insert(e.serial_number.clone()), "twice: {}", e.id),
+            }
+        }
+        modified.len()
+    };
+    let mut kills = 0;
+    for delay_ms in [300u64, 600, 900, 1200] {
+        let mut child = adesync(&env)
+            .args(["run", "--once"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        check(&env.store());
+    }
+    assert!(kills >= 1, "the sync finished before any kill");
+    let out = output({
+        let mut c = adesync(&env);
+        c.args(["run", "--once"]);
+        c
+    })
+    .await;
+    assert!(out.status.success());
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(check(&store), 40_000);
+    let now: std::collections::HashMap<String, serde_json::Value> =
+        crate::common::stored(&store, "acme")
+            .into_iter()
+            .map(|d| (d["serial_number"].as_str().unwrap().to_owned(), d))
+            .collect();
+    for e in store.events_after(0, None, 1_000_000).unwrap() {
+        if e.kind.as_str() == "modified" {
+            assert_eq!(e.device.unwrap().to_json(), now[&e.serial_number]);
+        }
+    }
+}
+
 #[tokio::test]
 async fn demo_runs_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
