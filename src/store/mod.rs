@@ -339,12 +339,14 @@ impl Store {
         self.conn.set_prepared_statement_cache_capacity(32);
         // WAL lets readers (the CLI) run beside the writer. synchronous=NORMAL in WAL mode
         // keeps the database consistent on power loss; the last commits may be lost, and
-        // they are re-fetched from Apple because the cursor commits with them.
+        // they are re-fetched from Apple because the cursor commits with them. A 24 MiB page
+        // cache keeps a sync of a million devices under 64 MB (32 MiB was no faster:
+        // BENCHMARKS.md).
         self.conn
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
-                 PRAGMA cache_size = -32768;
+                 PRAGMA cache_size = -24576;
                  PRAGMA wal_autocheckpoint = 65536;
                  PRAGMA temp_store = MEMORY;
                  PRAGMA foreign_keys = ON;
