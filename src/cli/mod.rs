@@ -1,6 +1,7 @@
 //! The command line: argument types, one function per subcommand, and output for people
 //! (tables) and scripts (JSON, CSV). Exit codes: 0 ok, 1 failure, 2 usage, 78 bad config.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -535,8 +536,15 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                 family,
                 limit,
             };
-            let rows = store.devices(&filter)?;
-            print_devices(&rows, format)?;
+            if format == Format::Table {
+                // Aligned columns need every row first.
+                print_devices(&store.devices(&filter)?, format)?;
+            } else {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                query::write_device_header(&mut out, format)?;
+                store.for_each_device(&filter, |d| query::write_device(&mut out, &d, format))?;
+                out.flush()?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Events {
@@ -553,24 +561,34 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let reason = reason.as_deref().and_then(adesync::model::Reason::parse);
             let mut last = after;
             let mut header = format != Format::Json;
+            // Printed a chunk at a time: the newest million events never sit in memory.
+            const CHUNK: u64 = 5000;
             loop {
-                let (events, scanned_to) = filtered_events(
-                    &store,
-                    last,
-                    token.as_deref(),
-                    kind.as_deref()
-                        .map(|k| if k == "removed" { "deleted" } else { k })
-                        .and_then(EventKind::parse),
-                    reason,
-                    None,
-                    limit,
-                )?;
-                let caught_up = (events.len() as u64) < limit;
-                if !events.is_empty() || header {
-                    print_events(&events, format, header)?;
-                    header = false;
-                }
-                last = scanned_to;
+                let mut printed = 0u64;
+                let caught_up = loop {
+                    let want = (limit - printed).min(CHUNK);
+                    let (events, scanned_to) = filtered_events(
+                        &store,
+                        last,
+                        token.as_deref(),
+                        kind.as_deref()
+                            .map(|k| if k == "removed" { "deleted" } else { k })
+                            .and_then(EventKind::parse),
+                        reason,
+                        None,
+                        want,
+                    )?;
+                    let short = (events.len() as u64) < want;
+                    if !events.is_empty() || header {
+                        print_events(&events, format, header)?;
+                        header = false;
+                    }
+                    printed += events.len() as u64;
+                    last = scanned_to;
+                    if short || printed >= limit {
+                        break short;
+                    }
+                };
                 if !follow {
                     return Ok(ExitCode::SUCCESS);
                 }

@@ -84,42 +84,10 @@ pub(super) fn print_devices(
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
-        Format::Json => {
+        Format::Json | Format::Csv => {
+            write_device_header(&mut out, format)?;
             for r in rows {
-                let mut m = adesync::store::device_map(&r.device);
-                m.insert("token".into(), r.token_name.clone().into());
-                m.insert("first_seen_at".into(), r.first_seen_at.clone().into());
-                m.insert("updated_at".into(), r.updated_at.clone().into());
-                m.insert("deleted_at".into(), r.deleted_at.clone().into());
-                writeln!(out, "{}", serde_json::Value::Object(m))?;
-            }
-        }
-        Format::Csv => {
-            let mut header: Vec<&str> = vec!["token"];
-            header.extend(adesync::store::apple_columns());
-            header.extend(["first_seen_at", "updated_at", "deleted_at"]);
-            header.extend(V10_FIELDS.iter().map(|f| f.0));
-            writeln!(out, "{}", header.join(","))?;
-            for r in rows {
-                let mut cells = vec![csv_cell(&r.token_name), csv_cell(&r.device.serial_number)];
-                cells.extend(
-                    r.device
-                        .fields()
-                        .iter()
-                        .map(|f| csv_cell(f.as_deref().unwrap_or(""))),
-                );
-                cells.push(csv_cell(&r.first_seen_at));
-                cells.push(csv_cell(&r.updated_at));
-                cells.push(csv_cell(r.deleted_at.as_deref().unwrap_or("")));
-                for (name, _) in V10_FIELDS {
-                    let cell = match r.device.v10(name) {
-                        None => String::new(),
-                        Some(serde_json::Value::String(s)) => s.clone(),
-                        Some(v) => v.to_string(),
-                    };
-                    cells.push(csv_cell(&cell));
-                }
-                writeln!(out, "{}", cells.join(","))?;
+                write_device(&mut out, r, format)?;
             }
         }
         Format::Table => {
@@ -144,6 +112,55 @@ pub(super) fn print_devices(
             write_table(&mut out, &DEVICE_HEADER, &body)?;
         }
     }
+    Ok(())
+}
+
+/// The CSV header row (nothing for JSON lines).
+pub(super) fn write_device_header(out: &mut impl Write, format: Format) -> anyhow::Result<()> {
+    if format == Format::Csv {
+        let mut header: Vec<&str> = vec!["token"];
+        header.extend(adesync::store::apple_columns());
+        header.extend(["first_seen_at", "updated_at", "deleted_at"]);
+        header.extend(V10_FIELDS.iter().map(|f| f.0));
+        writeln!(out, "{}", header.join(","))?;
+    }
+    Ok(())
+}
+
+/// One device as a JSON line or a CSV row.
+pub(super) fn write_device(
+    out: &mut impl Write,
+    r: &adesync::store::StoredDevice,
+    format: Format,
+) -> anyhow::Result<()> {
+    if format == Format::Json {
+        let mut m = adesync::store::device_map(&r.device);
+        m.insert("token".into(), r.token_name.clone().into());
+        m.insert("first_seen_at".into(), r.first_seen_at.clone().into());
+        m.insert("updated_at".into(), r.updated_at.clone().into());
+        m.insert("deleted_at".into(), r.deleted_at.clone().into());
+        writeln!(out, "{}", serde_json::Value::Object(m))?;
+        return Ok(());
+    }
+    let mut cells = vec![csv_cell(&r.token_name), csv_cell(&r.device.serial_number)];
+    cells.extend(
+        r.device
+            .fields()
+            .iter()
+            .map(|f| csv_cell(f.as_deref().unwrap_or(""))),
+    );
+    cells.push(csv_cell(&r.first_seen_at));
+    cells.push(csv_cell(&r.updated_at));
+    cells.push(csv_cell(r.deleted_at.as_deref().unwrap_or("")));
+    for (name, _) in V10_FIELDS {
+        let cell = match r.device.v10(name) {
+            None => String::new(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+        };
+        cells.push(csv_cell(&cell));
+    }
+    writeln!(out, "{}", cells.join(","))?;
     Ok(())
 }
 

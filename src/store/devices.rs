@@ -714,6 +714,21 @@ pub fn apple_columns() -> impl Iterator<Item = &'static str> {
 impl Store {
     /// Stored devices matching `filter`, by token then serial.
     pub fn devices(&self, filter: &DeviceFilter) -> Result<Vec<StoredDevice>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each_device(filter, |d| {
+            out.push(d);
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each stored device matching `filter`, by token then serial, one at
+    /// a time (an export of a million devices holds one in memory, not all).
+    pub fn for_each_device<E: From<StoreError>>(
+        &self,
+        filter: &DeviceFilter,
+        mut f: impl FnMut(StoredDevice) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut sql = format!(
             "SELECT token_name, {DEVICE_COLUMNS}, first_seen_at, updated_at, deleted_at FROM devices WHERE 1=1"
         );
@@ -765,8 +780,11 @@ impl Store {
                     deleted_at: r.get(DEVICE_COLUMN_COUNT + 3)?,
                 })
             })
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>());
-        rows.map_err(self.err("list devices"))
+            .map_err(self.err("list devices"))?;
+        for row in rows {
+            f(row.map_err(self.err("list devices"))?)?;
+        }
+        Ok(())
     }
 
     /// Whether `token` has any device row, assigned or deleted.

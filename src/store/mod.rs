@@ -486,6 +486,20 @@ mod tests {
         }
     }
 
+    /// `rec` with protocol-10 fields of every shape.
+    fn rec10(serial: &str, op: Option<OpType>, date: Option<&str>, color: &str) -> DeviceRecord {
+        let mut r = rec(serial, op, date, color);
+        let extra = serde_json::json!({
+            "imei": ["1", "2"], "eid": "E1", "wifi_mac_address": ["aa"],
+            "is_replacement_device": true, "mdm_migration_deadline": "2026-01-01T00:00:00Z",
+            "released_by_replacement": false, "future_field": {"x": 1}
+        });
+        if let serde_json::Value::Object(m) = extra {
+            r.device.extra = m;
+        }
+        r
+    }
+
     fn page<'a>(
         records: &'a [DeviceRecord],
         kind: Phase,
@@ -800,7 +814,7 @@ mod tests {
     fn an_added_event_reads_its_row_until_the_row_changes() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("x.db")).unwrap();
-        let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
+        let p1 = [rec("A", None, None, "red"), rec10("B", None, None, "blue")];
         s.apply_page(&page(&p1, Phase::Fetch, "c1", 1, true))
             .unwrap();
         // Both `added` events defer to their rows: no snapshot stored, the rows name them.
@@ -850,7 +864,7 @@ mod tests {
         )];
         s.apply_page(&page(&p3, Phase::Sync, "c3", 1, false))
             .unwrap();
-        let p4 = [rec(
+        let p4 = [rec10(
             "B",
             Some(OpType::Added),
             Some("2026-01-03T00:00:00Z"),
@@ -870,6 +884,31 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(deferred, vec![5], "only B's latest `added` still defers");
+        // The view gives every event its snapshot in the stored form, the deferred one too.
+        let via_view: Vec<String> = s
+            .conn
+            .prepare("SELECT device_json FROM events_with_device ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let read = s.events_after(0, None, 100).unwrap();
+        assert_eq!(via_view.len(), read.len());
+        for (json, e) in via_view.iter().zip(&read) {
+            assert_eq!(
+                events::decode_snapshot(json).as_ref(),
+                e.device.as_ref(),
+                "{json}"
+            );
+        }
+        let stored: String = s
+            .conn
+            .query_row("SELECT device_json FROM events WHERE id = 3", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(via_view[2], stored);
     }
 
     #[test]

@@ -357,6 +357,28 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE devices ADD COLUMN content_hash INTEGER;
     ALTER TABLE devices ADD COLUMN snapshot_event_id INTEGER;
+
+    -- Every event with its device snapshot resolved: the stored one, or for an `added`
+    -- event that defers to its row, the row in the same positional form (`|| ''` keeps a
+    -- quoted cell a string inside json_array instead of JSON).
+    CREATE VIEW events_with_device AS
+    SELECT e.id, e.token_name, e.serial_number, e.kind, e.reason, e.changes, e.occurred_at,
+           e.scope,
+           CASE WHEN e.device_json <> '' THEN e.device_json
+           ELSE json_array(d.serial_number, d.model, d.description, d.color, d.asset_tag,
+                    d.profile_status, d.profile_uuid, d.profile_assign_time,
+                    d.profile_push_time, d.device_assigned_date, d.device_assigned_by, d.os,
+                    d.device_family, d.extra_json, d.imei, d.meid,
+                    CASE WHEN d.eid IS NOT NULL THEN json_quote(d.eid) || '' END,
+                    d.wifi_mac_address, d.bluetooth_mac_address, d.ethernet_mac_address,
+                    CASE d.is_replacement_device WHEN 1 THEN 'true' WHEN 0 THEN 'false' END,
+                    CASE WHEN d.mdm_migration_deadline IS NOT NULL
+                         THEN json_quote(d.mdm_migration_deadline) || '' END,
+                    CASE d.released_by_replacement WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)
+           END AS device_json
+      FROM events e
+      LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
+           AND d.token_name = e.token_name AND d.serial_number = e.serial_number;
     "#,
 ];
 
