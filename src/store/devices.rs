@@ -145,8 +145,10 @@ pub(super) struct Existing {
     deleted: bool,
     /// The row has no content digest yet (stored before migration 6).
     no_hash: bool,
-    /// The `added` event whose snapshot is this row (see `PageEvents::push_deferred`).
+    /// The `added` event whose snapshot is this row (see `PageEvents::push_deferred`)...
     snapshot_event_id: Option<i64>,
+    /// ...or, once the row changed, the later event that keeps it (its previous_json).
+    snapshot_source_id: Option<i64>,
 }
 
 impl Existing {
@@ -155,18 +157,15 @@ impl Existing {
         self.device.as_ref().unwrap_or(incoming)
     }
 
-    /// Before the row's Apple fields change: the event that deferred to the row gets
-    /// their current content.
+    /// Before the row stops naming its deferred `added` event: the event gets its
+    /// snapshot written into it.
     fn materialize(
         &self,
         tx: &rusqlite::Transaction<'_>,
         incoming: &Device,
     ) -> rusqlite::Result<()> {
         match self.snapshot_event_id {
-            Some(event) => {
-                let d = self.device(incoming);
-                materialize(tx, event, d, extra_json(d).as_deref())
-            }
+            Some(event) => materialize(tx, event, self.snapshot_source_id, self.device(incoming)),
             None => Ok(()),
         }
     }
@@ -255,7 +254,8 @@ pub(super) fn write_page(
              imei = ?17, meid = ?18, eid = ?19, wifi_mac_address = ?20,
              bluetooth_mac_address = ?21, ethernet_mac_address = ?22,
              is_replacement_device = ?23, mdm_migration_deadline = ?24,
-             released_by_replacement = ?25, content_hash = ?26, snapshot_event_id = ?27";
+             released_by_replacement = ?25, content_hash = ?26, snapshot_event_id = ?27,
+             snapshot_source_id = ?28";
     let mut update =
         tx.prepare_cached(&format!("UPDATE devices SET {SET_FIELDS} WHERE id = ?1"))?;
     let mut revive = tx.prepare_cached(&format!(
@@ -269,7 +269,8 @@ pub(super) fn write_page(
         "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date),
              released_by_replacement = COALESCE(?4, released_by_replacement),
              content_hash = COALESCE(?5, content_hash),
-             snapshot_event_id = CASE WHEN ?5 IS NULL THEN snapshot_event_id END
+             snapshot_event_id = CASE WHEN ?5 IS NULL THEN snapshot_event_id END,
+             snapshot_source_id = CASE WHEN ?5 IS NULL THEN snapshot_source_id END
          WHERE id = ?1",
     )?;
 
@@ -386,12 +387,29 @@ pub(super) fn write_page(
             ReasonContext::default(),
         );
         // An `added` event's snapshot is the row it adds, until the row changes; a
-        // `modified` event carries its own.
-        let event_id = match kind {
-            EventKind::Added => Some(events.push_deferred(serial, kind, why)),
-            _ => {
+        // `modified` event carries its own, and the first change after a deferred `added`
+        // event also the row's old content (see `Existing::snapshot_source_id`).
+        let (event_id, source_id) = match (kind, old) {
+            (EventKind::Added, _) => (Some(events.push_deferred(serial, kind, why)), None),
+            (_, Some(o)) if o.snapshot_event_id.is_some() && o.snapshot_source_id.is_none() => {
+                let previous = o.device(d);
+                let id = events.push_with_previous(
+                    serial,
+                    kind,
+                    changes,
+                    d,
+                    extra.as_deref(),
+                    previous,
+                    why,
+                );
+                (o.snapshot_event_id, Some(id))
+            }
+            (_, o) => {
                 events.push(serial, kind, changes, d, extra.as_deref(), why);
-                None
+                (
+                    o.and_then(|o| o.snapshot_event_id),
+                    o.and_then(|o| o.snapshot_source_id),
+                )
             }
         };
         let id = match old {
@@ -409,7 +427,10 @@ pub(super) fn write_page(
                 id
             }
             Some(o) => {
-                o.materialize(tx, d)?;
+                if kind == EventKind::Added {
+                    // Added again: the row will name the new event.
+                    o.materialize(tx, d)?;
+                }
                 let stmt = if o.deleted { &mut revive } else { &mut update };
                 let v10 = v10_sql(d);
                 let f = d.fields();
@@ -418,7 +439,7 @@ pub(super) fn write_page(
                     .chain(f.iter().map(|v| *v as &dyn rusqlite::ToSql))
                     .chain([extra as &dyn rusqlite::ToSql, &rec.op_date, &page.now])
                     .chain(v10.iter().map(|v| v as &dyn rusqlite::ToSql))
-                    .chain([hash as &dyn rusqlite::ToSql, &event_id])
+                    .chain([hash as &dyn rusqlite::ToSql, &event_id, &source_id])
                     .collect();
                 stmt.execute(rusqlite::params_from_iter(values))?;
                 o.id
@@ -641,11 +662,12 @@ pub(super) fn load_existing(
     let serials = serde_json::to_string(&incoming.keys().collect::<Vec<_>>())
         .expect("strings always serialise");
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT content_hash, last_op_date, deleted_at, id, snapshot_event_id, {DEVICE_COLUMNS}
+        "SELECT content_hash, last_op_date, deleted_at, id, snapshot_event_id, snapshot_source_id,
+                {DEVICE_COLUMNS}
          FROM devices
          WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
     ))?;
-    const AT: usize = 5;
+    const AT: usize = 6;
     let mut map = HashMap::with_capacity(records.len());
     let mut rows = stmt.query(params![token, serials])?;
     while let Some(r) = rows.next()? {
@@ -667,6 +689,7 @@ pub(super) fn load_existing(
             id: r.get(3)?,
             no_hash: stored_hash.is_none(),
             snapshot_event_id: r.get(4)?,
+            snapshot_source_id: r.get(5)?,
         };
         map.insert(serial.to_owned(), e);
     }

@@ -1,10 +1,10 @@
 //! The `events` table: a page's events inserted together (ids follow record order), the
 //! positional device snapshot each event carries, and the event queries.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
 
-use super::device_row::{device_from_row, qualified_device_columns};
+use super::device_row::{device_from_row, extra_json, qualified_device_columns};
 use super::{insert_many, Store, StoreError};
 use crate::events::{EventScope, StoredEvent};
 use crate::model::{Device, EventKind, Reason, V10_FIELDS};
@@ -62,13 +62,24 @@ pub(super) fn decode_snapshot(text: &str) -> Option<Device> {
     Some(d)
 }
 
+/// One event to insert.
+struct EventRow {
+    id: i64,
+    serial: String,
+    kind: EventKind,
+    changes: Option<String>,
+    snapshot: String,
+    /// The device before this event, for the deferred `added` event that reads it here.
+    previous: Option<String>,
+    reason: Reason,
+}
+
 /// A page's events, in record order; inserted together at the end of the page (see
 /// [`insert_many`]) with ids given as they are pushed, so ids follow record order and a
 /// device row can name its event before it is written.
 pub(super) struct PageEvents {
     next_id: i64,
-    /// (id, serial_number, kind, changes, device_json, reason)
-    rows: Vec<(i64, String, EventKind, Option<String>, String, Reason)>,
+    rows: Vec<EventRow>,
 }
 
 impl PageEvents {
@@ -109,14 +120,44 @@ impl PageEvents {
         extra: Option<&str>,
         reason: Reason,
     ) -> i64 {
-        self.push_row(serial, kind, changes, encode_snapshot(d, extra), reason)
+        self.push_row(
+            serial,
+            kind,
+            changes,
+            encode_snapshot(d, extra),
+            None,
+            reason,
+        )
+    }
+
+    /// [`PageEvents::push`] that also keeps `previous`, the device before this event, for
+    /// the deferred `added` event whose row this event changes; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn push_with_previous(
+        &mut self,
+        serial: &str,
+        kind: EventKind,
+        changes: Option<String>,
+        d: &Device,
+        extra: Option<&str>,
+        previous: &Device,
+        reason: Reason,
+    ) -> i64 {
+        let previous = encode_snapshot(previous, extra_json(previous).as_deref());
+        self.push_row(
+            serial,
+            kind,
+            changes,
+            encode_snapshot(d, extra),
+            Some(previous),
+            reason,
+        )
     }
 
     /// An event whose snapshot is the device's row as it is now (device_json ''); the
-    /// row names it in `snapshot_event_id` and writes its content into it before it
-    /// changes (see [`materialize`]). Returns its id.
+    /// row names it in `snapshot_event_id`. Returns its id.
     pub(super) fn push_deferred(&mut self, serial: &str, kind: EventKind, reason: Reason) -> i64 {
-        self.push_row(serial, kind, None, String::new(), reason)
+        self.push_row(serial, kind, None, String::new(), None, reason)
     }
 
     fn push_row(
@@ -125,12 +166,20 @@ impl PageEvents {
         kind: EventKind,
         changes: Option<String>,
         snapshot: String,
+        previous: Option<String>,
         reason: Reason,
     ) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.rows
-            .push((id, serial.to_owned(), kind, changes, snapshot, reason));
+        self.rows.push(EventRow {
+            id,
+            serial: serial.to_owned(),
+            kind,
+            changes,
+            snapshot,
+            previous,
+            reason,
+        });
         id
     }
 
@@ -140,44 +189,56 @@ impl PageEvents {
         token: &str,
         now: &str,
     ) -> rusqlite::Result<()> {
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 8);
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(self.rows.len() * 9);
         let names: Vec<(&str, &str)> = self
             .rows
             .iter()
-            .map(|r| (r.2.as_str(), r.5.as_str()))
+            .map(|r| (r.kind.as_str(), r.reason.as_str()))
             .collect();
-        for ((id, serial, _, changes, snapshot, _), (kind, reason)) in self.rows.iter().zip(&names)
-        {
+        for (r, (kind, reason)) in self.rows.iter().zip(&names) {
             values.extend([
-                id as &dyn rusqlite::ToSql,
+                &r.id as &dyn rusqlite::ToSql,
                 &token,
-                serial,
+                &r.serial,
                 kind,
-                changes,
+                &r.changes,
                 &now,
-                snapshot,
+                &r.snapshot,
+                &r.previous,
                 reason,
             ]);
         }
         insert_many(
             tx,
-            "events (id, token_name, serial_number, kind, changes, occurred_at, device_json, reason)",
-            8,
+            "events (id, token_name, serial_number, kind, changes, occurred_at, device_json,
+                 previous_json, reason)",
+            9,
             &values,
         )
     }
 }
 
-/// Writes a device's content into the event that deferred to its row, before the row
-/// changes (see [`PageEvents::push_deferred`]).
+/// Writes the snapshot of a deferred `added` event into it: `source`'s previous_json when a
+/// later event keeps it, else the device as it is now (`d`). For the rare changes after
+/// which the row can no longer name the event (it is added again, or its deletion
+/// changes it).
 pub(super) fn materialize(
     tx: &rusqlite::Transaction<'_>,
     event_id: i64,
+    source: Option<i64>,
     d: &Device,
-    extra: Option<&str>,
 ) -> rusqlite::Result<()> {
+    let kept: Option<String> = match source {
+        Some(src) => tx
+            .prepare_cached("SELECT previous_json FROM events WHERE id = ?1")?
+            .query_row([src], |r| r.get(0))
+            .optional()?
+            .flatten(),
+        None => None,
+    };
+    let snapshot = kept.unwrap_or_else(|| encode_snapshot(d, extra_json(d).as_deref()));
     tx.prepare_cached("UPDATE events SET device_json = ?2 WHERE id = ?1 AND device_json = ''")?
-        .execute(params![event_id, encode_snapshot(d, extra)])
+        .execute(params![event_id, snapshot])
         .map(drop)
 }
 
@@ -257,10 +318,12 @@ impl Store {
         // An event whose snapshot is deferred (device_json '') reads its device's row.
         let sql = format!(
             "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
-                    e.device_json, e.scope, e.reason, {}
+                    e.device_json, e.scope, e.reason, src.previous_json, {}
              FROM events e
              LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
                   AND d.token_name = e.token_name AND d.serial_number = e.serial_number
+                  AND d.snapshot_event_id = e.id
+             LEFT JOIN events src ON src.id = d.snapshot_source_id
              WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
                AND (?4 IS NULL OR e.serial_number = ?4)
              ORDER BY e.id LIMIT ?3",
@@ -288,9 +351,10 @@ impl Store {
                     None => {}
                 }
                 let device = if snapshot.is_empty() {
-                    match r.get_ref(9)? {
-                        rusqlite::types::ValueRef::Null => None,
-                        _ => Some(device_from_row(r, 9)?),
+                    match (r.get_ref(9)?.as_str_or_null()?, r.get_ref(10)?) {
+                        (Some(kept), _) => decode_snapshot(kept),
+                        (None, rusqlite::types::ValueRef::Null) => None,
+                        (None, _) => Some(device_from_row(r, 10)?),
                     }
                 } else {
                     decode_snapshot(&snapshot)

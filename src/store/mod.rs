@@ -848,9 +848,21 @@ mod tests {
         )];
         s.apply_page(&page(&p2, Phase::Sync, "c2", 1, false))
             .unwrap();
+        // ...kept with the `modified` event that changed the row (the row names it), so
+        // the change appends and never rewrites the old event.
         let snaps = event_snapshots(&s);
-        assert!(snaps[0].0.starts_with(r#"["A","iPad""#), "{snaps:?}");
-        assert_eq!(snaps[0].1.as_deref(), Some("red"));
+        assert_eq!(snaps[0], (String::new(), Some("red".into())));
+        let (kept, source): (String, i64) = s
+            .conn
+            .query_row(
+                "SELECT e.previous_json, d.snapshot_source_id FROM events e, devices d
+                 WHERE e.id = 3 AND d.serial_number = 'A'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert!(kept.starts_with(r#"["A","iPad",null,"red""#), "{kept}");
+        assert_eq!(source, 3);
         assert_eq!(snaps[1], (String::new(), Some("blue".into())));
         assert!(!snaps[2].0.is_empty());
         assert_eq!(snaps[2].1.as_deref(), Some("green"));
@@ -883,7 +895,9 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(deferred, vec![5], "only B's latest `added` still defers");
+        // B's first `added` got its snapshot when B was added again; A's and B's latest
+        // still defer.
+        assert_eq!(deferred, vec![1, 5]);
         // The view gives every event its snapshot in the stored form, the deferred one too.
         let via_view: Vec<String> = s
             .conn
@@ -909,6 +923,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(via_view[2], stored);
+        assert_eq!(via_view[0], kept);
     }
 
     #[test]

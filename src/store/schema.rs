@@ -349,22 +349,27 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     "#,
     // 6: a cheaper write path (BENCHMARKS.md). Each device row keeps a digest of its
-    // Apple fields, so an unchanged device is recognised without reading them, and the id
-    // of its `added` event while that event stores no snapshot of its own (device_json is
-    // ''): its snapshot is the row itself until the row next changes, when the row's old
-    // content is written into it. Rows stored before this migration have neither (NULL)
-    // and are compared field by field, once.
+    // Apple fields, so an unchanged device is recognised without reading them. An `added`
+    // event stores no snapshot of its own (device_json is ''): the row names it in
+    // snapshot_event_id and is its snapshot until the row changes. Then the row's old
+    // content travels with the event that changes it (its previous_json), and the row
+    // names that event in snapshot_source_id: the change appends, it never rewrites an
+    // old event. Rows stored before this migration have none of it (NULL) and are
+    // compared field by field, once.
     r#"
     ALTER TABLE devices ADD COLUMN content_hash INTEGER;
     ALTER TABLE devices ADD COLUMN snapshot_event_id INTEGER;
+    ALTER TABLE devices ADD COLUMN snapshot_source_id INTEGER;
+    ALTER TABLE events ADD COLUMN previous_json TEXT;
 
-    -- Every event with its device snapshot resolved: the stored one, or for an `added`
-    -- event that defers to its row, the row in the same positional form (`|| ''` keeps a
-    -- quoted cell a string inside json_array instead of JSON).
+    -- Every event with its device snapshot resolved: the stored one; for an `added` event
+    -- that defers, the row's old content kept with a later event, or the row itself in
+    -- the same positional form (`|| ''` keeps a quoted cell a string inside json_array).
     CREATE VIEW events_with_device AS
     SELECT e.id, e.token_name, e.serial_number, e.kind, e.reason, e.changes, e.occurred_at,
            e.scope,
            CASE WHEN e.device_json <> '' THEN e.device_json
+                WHEN src.previous_json IS NOT NULL THEN src.previous_json
            ELSE json_array(d.serial_number, d.model, d.description, d.color, d.asset_tag,
                     d.profile_status, d.profile_uuid, d.profile_assign_time,
                     d.profile_push_time, d.device_assigned_date, d.device_assigned_by, d.os,
@@ -378,7 +383,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
            END AS device_json
       FROM events e
       LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
-           AND d.token_name = e.token_name AND d.serial_number = e.serial_number;
+           AND d.token_name = e.token_name AND d.serial_number = e.serial_number
+           AND d.snapshot_event_id = e.id
+      LEFT JOIN events src ON src.id = d.snapshot_source_id;
     "#,
 ];
 
