@@ -500,6 +500,19 @@ mod tests {
         r
     }
 
+    /// A database at schema `version` (the first `version` migrations) holding `rows`.
+    fn database_at(path: &Path, version: usize, rows: &str) {
+        let conn = Connection::open(path).unwrap();
+        for m in &MIGRATIONS[..version] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        conn.execute_batch(rows).unwrap();
+    }
+
     fn page<'a>(
         records: &'a [DeviceRecord],
         kind: Phase,
@@ -792,16 +805,20 @@ mod tests {
         assert_eq!(st.added, 1);
     }
 
-    /// (device_json, color in the event's device) of every event, oldest first.
-    fn event_snapshots(s: &Store) -> Vec<(String, Option<String>)> {
-        let raw: Vec<String> = s
-            .conn
-            .prepare("SELECT device_json FROM events ORDER BY id")
+    /// The first column of every row `sql` returns.
+    fn column<T: rusqlite::types::FromSql>(s: &Store, sql: &str) -> Vec<T> {
+        s.conn
+            .prepare(sql)
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// (device_json, color in the event's device) of every event, oldest first.
+    fn event_snapshots(s: &Store) -> Vec<(String, Option<String>)> {
+        let raw: Vec<String> = column(s, "SELECT device_json FROM events ORDER BY id");
         let read = s.events_after(0, None, 100).unwrap();
         assert_eq!(raw.len(), read.len());
         raw.into_iter()
@@ -887,26 +904,16 @@ mod tests {
         let colors: Vec<Option<String>> = event_snapshots(&s).into_iter().map(|e| e.1).collect();
         let want = ["red", "blue", "green", "blue", "purple"];
         assert_eq!(colors, want.map(|c| Some(c.to_owned())).to_vec());
-        let deferred: Vec<i64> = s
-            .conn
-            .prepare("SELECT id FROM events WHERE device_json = '' ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let deferred: Vec<i64> = column(
+            &s,
+            "SELECT id FROM events WHERE device_json = '' ORDER BY id",
+        );
         // B's first `added` got its snapshot when B was added again; A's and B's latest
         // still defer.
         assert_eq!(deferred, vec![1, 5]);
         // The view gives every event its snapshot in the stored form, the deferred one too.
-        let via_view: Vec<String> = s
-            .conn
-            .prepare("SELECT device_json FROM events_with_device ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let via_view: Vec<String> =
+            column(&s, "SELECT device_json FROM events_with_device ORDER BY id");
         let read = s.events_after(0, None, 100).unwrap();
         assert_eq!(via_view.len(), read.len());
         for (json, e) in via_view.iter().zip(&read) {
@@ -1013,23 +1020,15 @@ mod tests {
     fn a_mirror_from_schema_5_opens_and_its_rows_get_digests_on_the_next_fetch() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            for m in &MIGRATIONS[..5] {
-                conn.execute_batch(m).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 5).unwrap();
-            conn.pragma_update(None, "application_id", APPLICATION_ID)
-                .unwrap();
-            conn.execute_batch(
-                r#"INSERT INTO devices (token_name, serial_number, model, color, first_seen_at, updated_at)
+        database_at(
+            &path,
+            5,
+            r#"INSERT INTO devices (token_name, serial_number, model, color, first_seen_at, updated_at)
                    VALUES ('acme', 'A', 'iPad', 'red', 'x', 'x'), ('acme', 'B', 'iPad', 'blue', 'x', 'x');
                    INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
                    VALUES ('acme', 'A', 'added', NULL, 'x', '["A","iPad",null,"red",null,null,null,null,null,null,null,null,null,null]'),
                           ('acme', 'B', 'added', NULL, 'x', '["B","iPad",null,"blue",null,null,null,null,null,null,null,null,null,null]');"#,
-            )
-            .unwrap();
-        }
+        );
         let mut s = Store::open(&path).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         // The same devices again (A unchanged, B changed): compared field by field, one
@@ -1198,25 +1197,17 @@ mod tests {
     fn migration_4_moves_protocol_10_fields_out_of_extra_json_and_old_events_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            for m in &MIGRATIONS[..3] {
-                conn.execute_batch(m).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 3).unwrap();
-            conn.pragma_update(None, "application_id", APPLICATION_ID)
-                .unwrap();
-            conn.execute_batch(
-                r#"INSERT INTO devices (token_name, serial_number, model, extra_json, first_seen_at, updated_at)
+        database_at(
+            &path,
+            3,
+            r#"INSERT INTO devices (token_name, serial_number, model, extra_json, first_seen_at, updated_at)
                    VALUES ('t', 'S1', 'iPhone', '{"imei":"35","meid":["1"],"eid":"E","wifi_mac_address":"aa","ethernet_mac_address":"","is_replacement_device":true,"released_by_replacement":false,"mdm_migration_deadline":"2026-01-01","other":1}', 'x', 'x'),
                           ('t', 'S2', 'iPad', '{"imei":["1","2"]}', 'x', 'x'),
                           ('t', 'S3', 'Mac', NULL, 'x', 'x');
                    INSERT INTO events (token_name, serial_number, kind, changes, occurred_at, device_json)
                    VALUES ('t', 'S2', 'added', NULL, '2026-01-01T00:00:00.000Z',
                            '["S2","iPad",null,null,null,null,null,null,null,null,null,null,null,"{\"imei\":[\"1\",\"2\"]}"]');"#,
-            )
-            .unwrap();
-        }
+        );
         let s = Store::open(&path).unwrap();
         let all = s
             .devices(&DeviceFilter {
