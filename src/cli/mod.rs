@@ -562,11 +562,16 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let mut last = after;
             let mut header = format != Format::Json;
             // Printed a chunk at a time: the newest million events never sit in memory.
-            const CHUNK: u64 = 5000;
+            // (A table for people is aligned over all its rows: one chunk.)
+            let chunk = if format == Format::Table {
+                u64::MAX
+            } else {
+                5000
+            };
             loop {
                 let mut printed = 0u64;
                 let caught_up = loop {
-                    let want = (limit - printed).min(CHUNK);
+                    let want = (limit - printed).min(chunk);
                     let (events, scanned_to) = filtered_events(
                         &store,
                         last,

@@ -138,3 +138,24 @@ pub(super) fn extra_json(d: &Device) -> Option<String> {
     out.push('}');
     Some(out)
 }
+
+/// Whether the row written for `d` reads back as `d` itself ([`v10_sql`] then
+/// [`device_from_row`]): the protocol-10 values in the shapes Apple documents — lists as
+/// lists (or a string that is not itself a JSON list), text as text, booleans as booleans.
+/// Anything else may not: the columns' affinity turns a number into text, or text such as
+/// "1" into a number. Only then may an event's snapshot be the row (see
+/// `PageEvents::push_deferred`).
+pub(super) fn reads_back_exactly(d: &Device) -> bool {
+    V10_FIELDS
+        .iter()
+        .all(|(name, shape)| match (shape, d.v10(name)) {
+            (_, None) => true,
+            (FieldShape::List, Some(Value::Array(_))) => true,
+            (FieldShape::List, Some(Value::String(t))) => {
+                !(t.starts_with('[') && serde_json::from_str::<Value>(t).is_ok())
+            }
+            (FieldShape::Text, Some(Value::String(_))) => true,
+            (FieldShape::Bool, Some(Value::Bool(_))) => true,
+            _ => false,
+        })
+}

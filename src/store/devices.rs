@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 
 use super::cursors::count_fetch_changes;
 use super::device_row::{
-    content_hash, device_from_row, extra_json, v10_sql, DEVICE_COLUMNS, DEVICE_COLUMN_COUNT,
+    content_hash, device_from_row, extra_json, reads_back_exactly, v10_sql, DEVICE_COLUMNS,
+    DEVICE_COLUMN_COUNT,
 };
 use super::events::{materialize, PageEvents};
 use super::{insert_many, insert_many_or, upsert_state, CursorState, Store, StoreError};
@@ -46,11 +47,13 @@ pub struct PageWrite<'a> {
     pub prepared: Option<&'a [Prepared]>,
 }
 
-/// What a record is stored as beyond its fields: its `extra_json` and content digest.
+/// What a record is stored as beyond its fields: its `extra_json` and content digest, and
+/// whether its row reads back exactly as the record (see [`reads_back_exactly`]).
 #[derive(Clone, Debug)]
 pub struct Prepared {
     extra_json: Option<String>,
     content_hash: i64,
+    exact: bool,
 }
 
 /// The stored form of each record, in order (see [`PageWrite::prepared`]).
@@ -63,6 +66,7 @@ pub fn prepare(records: &[DeviceRecord]) -> Vec<Prepared> {
             Prepared {
                 extra_json,
                 content_hash,
+                exact: reads_back_exactly(&rec.device),
             }
         })
         .collect()
@@ -143,8 +147,9 @@ pub(super) struct Existing {
     device: Option<Device>,
     last_op_date: Option<String>,
     deleted: bool,
-    /// The row has no content digest yet (stored before migration 6).
-    no_hash: bool,
+    /// The row's digest is missing (stored before migration 6) or not the incoming
+    /// record's: an unchanged record writes its digest.
+    rehash: bool,
     /// The `added` event whose snapshot is this row (see `PageEvents::push_deferred`)...
     snapshot_event_id: Option<i64>,
     /// ...or, once the row changed, the later event that keeps it (its previous_json).
@@ -201,30 +206,26 @@ pub(super) fn write_page(
         first_id = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM devices", [], |r| {
             r.get(0)
         })?;
+        // A record with an op_type (a deletion on a fetch page) goes the usual way.
         let rows: Vec<NewRow<'_>> = page
             .records
             .iter()
             .zip(prepared)
             .zip(0..)
+            .filter(|((rec, _), _)| rec.op_type.is_none())
             .map(|((rec, p), k)| {
-                (
-                    first_id + k,
-                    rec,
-                    &p.extra_json,
-                    p.content_hash,
-                    first_event + k,
-                )
+                let event = p.exact.then_some(first_event + k);
+                (first_id + k, rec, &p.extra_json, p.content_hash, event)
             })
             .collect();
         insert_new(tx, page, &rows, true)?;
+        let n = page.records.len() as i64;
         let mut present = tx.prepare_cached("SELECT id FROM devices WHERE id BETWEEN ?1 AND ?2")?;
-        let mut flags = vec![false; rows.len()];
-        for id in present.query_map(params![first_id, first_id + rows.len() as i64 - 1], |r| {
-            r.get::<_, i64>(0)
-        })? {
+        let mut flags = vec![false; page.records.len()];
+        for id in present.query_map(params![first_id, first_id + n - 1], |r| r.get::<_, i64>(0))? {
             flags[(id? - first_id) as usize] = true;
         }
-        next_id = Some(first_id + rows.len() as i64);
+        next_id = Some(first_id + n);
         Some(flags)
     } else {
         None
@@ -263,7 +264,7 @@ pub(super) fn write_page(
     ))?;
     let mut touch = tx.prepare_cached(
         "UPDATE devices SET last_op_date = COALESCE(?2, last_op_date),
-             content_hash = COALESCE(content_hash, ?3) WHERE id = ?1",
+             content_hash = COALESCE(?3, content_hash) WHERE id = ?1",
     )?;
     let mut mark_deleted = tx.prepare_cached(
         "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date),
@@ -284,7 +285,11 @@ pub(super) fn write_page(
                 let d = &rec.device;
                 let added = Decision::Added { revived: false };
                 let why = reason(&added, None, d, ReasonContext::default());
-                events.push_deferred(serial, EventKind::Added, why);
+                if p.exact {
+                    events.push_deferred(serial, EventKind::Added, why);
+                } else {
+                    events.push(serial, EventKind::Added, None, d, extra.as_deref(), why);
+                }
                 seen.push(first_id + k as i64);
                 stats.added += 1;
                 continue;
@@ -297,13 +302,14 @@ pub(super) fn write_page(
             deleted: o.deleted,
         });
         // A record that changes nothing still brings a newer op_date to remember, and a
-        // row stored before migration 6 gets its digest.
+        // row without its digest (stored before migration 6, or by another encoding of the
+        // same values) gets it.
         let mut note_op_date = |o: &Existing, hash: Option<i64>| {
             let newer = rec
                 .op_date
                 .as_ref()
                 .filter(|date| Some(*date) != o.last_op_date.as_ref());
-            let hash = hash.filter(|_| o.no_hash);
+            let hash = hash.filter(|_| o.rehash);
             if newer.is_some() || hash.is_some() {
                 touch.execute(params![o.id, newer, hash]).map(drop)
             } else {
@@ -339,7 +345,8 @@ pub(super) fn write_page(
                     let mut stored = o.device(&rec.device).clone();
                     let by_replacement = rec.device.v10("released_by_replacement").cloned();
                     let mut new_hash = None;
-                    if let Some(v) = &by_replacement {
+                    // Only a boolean reaches the column (see mark_deleted below).
+                    if let Some(v) = by_replacement.as_ref().filter(|v| v.is_boolean()) {
                         if stored.v10("released_by_replacement") != Some(v) {
                             // The row's Apple fields change.
                             o.materialize(tx, &rec.device)?;
@@ -390,7 +397,13 @@ pub(super) fn write_page(
         // `modified` event carries its own, and the first change after a deferred `added`
         // event also the row's old content (see `Existing::snapshot_source_id`).
         let (event_id, source_id) = match (kind, old) {
-            (EventKind::Added, _) => (Some(events.push_deferred(serial, kind, why)), None),
+            (EventKind::Added, _) if p.exact => {
+                (Some(events.push_deferred(serial, kind, why)), None)
+            }
+            (EventKind::Added, _) => {
+                events.push(serial, kind, changes, d, extra.as_deref(), why);
+                (None, None)
+            }
             (_, Some(o)) if o.snapshot_event_id.is_some() && o.snapshot_source_id.is_none() => {
                 let previous = o.device(d);
                 let id = events.push_with_previous(
@@ -423,7 +436,7 @@ pub(super) fn write_page(
                     }
                 };
                 next_id = Some(id + 1);
-                new_devices.push((id, rec, extra, *hash, event_id.unwrap_or_default()));
+                new_devices.push((id, rec, extra, *hash, event_id));
                 id
             }
             Some(o) => {
@@ -523,8 +536,9 @@ pub(super) fn write_page(
     Ok(stats)
 }
 
-/// A new device row: (id, record, extra_json, content digest, its `added` event's id).
-type NewRow<'a> = (i64, &'a DeviceRecord, &'a Option<String>, i64, i64);
+/// A new device row: (id, record, extra_json, content digest, the `added` event whose
+/// snapshot it is).
+type NewRow<'a> = (i64, &'a DeviceRecord, &'a Option<String>, i64, Option<i64>);
 
 /// Inserts new device rows many per statement; `ignore_existing`: a row whose serial is
 /// already stored is skipped instead of failing the page.
@@ -687,7 +701,7 @@ pub(super) fn load_existing(
             last_op_date: r.get(1)?,
             deleted: r.get_ref(2)? != rusqlite::types::ValueRef::Null,
             id: r.get(3)?,
-            no_hash: stored_hash.is_none(),
+            rehash: incoming.get(serial).map(|(_, h)| *h) != stored_hash,
             snapshot_event_id: r.get(4)?,
             snapshot_source_id: r.get(5)?,
         };
@@ -788,24 +802,57 @@ impl Store {
             Some(true) => sql.push_str(" AND deleted_at IS NOT NULL"),
             Some(false) => {}
         }
-        sql.push_str(" ORDER BY token_name, serial_number");
-        if let Some(l) = filter.limit {
-            sql.push_str(&format!(" LIMIT {l}"));
-        }
-        let mut stmt = self.conn.prepare(&sql).map_err(self.err("list devices"))?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args), |r| {
-                Ok(StoredDevice {
-                    token_name: r.get(0)?,
-                    device: device_from_row(r, 1)?,
-                    first_seen_at: r.get(DEVICE_COLUMN_COUNT + 1)?,
-                    updated_at: r.get(DEVICE_COLUMN_COUNT + 2)?,
-                    deleted_at: r.get(DEVICE_COLUMN_COUNT + 3)?,
-                })
-            })
-            .map_err(self.err("list devices"))?;
-        for row in rows {
-            f(row.map_err(self.err("list devices"))?)?;
+        // Read in chunks by key, each its own read, so a slow consumer (`| less`) never
+        // holds one read open while the daemon writes (the WAL could not be reset).
+        const CHUNK: u64 = 5000;
+        let keyed = args.len();
+        sql.push_str(&format!(
+            " AND (?{} IS NULL OR (token_name, serial_number) > (?{}, ?{}))
+             ORDER BY token_name, serial_number LIMIT ?{}",
+            keyed + 1,
+            keyed + 1,
+            keyed + 2,
+            keyed + 3
+        ));
+        let mut left = filter.limit.unwrap_or(u64::MAX);
+        let mut after: Option<(String, String)> = None;
+        while left > 0 {
+            let want = left.min(CHUNK);
+            let mut chunk_args = args.clone();
+            let (t, sn) = after.clone().unzip();
+            chunk_args.extend([
+                rusqlite::types::Value::from(t),
+                rusqlite::types::Value::from(sn),
+                rusqlite::types::Value::from(want as i64),
+            ]);
+            let chunk: Vec<StoredDevice> = {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(&sql)
+                    .map_err(self.err("list devices"))?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(chunk_args), |r| {
+                    Ok(StoredDevice {
+                        token_name: r.get(0)?,
+                        device: device_from_row(r, 1)?,
+                        first_seen_at: r.get(DEVICE_COLUMN_COUNT + 1)?,
+                        updated_at: r.get(DEVICE_COLUMN_COUNT + 2)?,
+                        deleted_at: r.get(DEVICE_COLUMN_COUNT + 3)?,
+                    })
+                });
+                rows.and_then(|it| it.collect::<Result<_, _>>())
+                    .map_err(self.err("list devices"))?
+            };
+            let got = chunk.len() as u64;
+            after = chunk
+                .last()
+                .map(|d| (d.token_name.clone(), d.device.serial_number.clone()));
+            for d in chunk {
+                f(d)?;
+            }
+            if got < want {
+                break;
+            }
+            left -= got;
         }
         Ok(())
     }

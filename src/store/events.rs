@@ -236,7 +236,13 @@ pub(super) fn materialize(
             .flatten(),
         None => None,
     };
-    let snapshot = kept.unwrap_or_else(|| encode_snapshot(d, extra_json(d).as_deref()));
+    let snapshot = match (source, kept) {
+        (_, Some(kept)) => kept,
+        (None, None) => encode_snapshot(d, extra_json(d).as_deref()),
+        // The event that kept it is gone (pruned): the row has changed since, so it is
+        // not the snapshot either; the event is left as it is.
+        (Some(_), None) => return Ok(()),
+    };
     tx.prepare_cached("UPDATE events SET device_json = ?2 WHERE id = ?1 AND device_json = ''")?
         .execute(params![event_id, snapshot])
         .map(drop)
@@ -318,7 +324,7 @@ impl Store {
         // An event whose snapshot is deferred (device_json '') reads its device's row.
         let sql = format!(
             "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
-                    e.device_json, e.scope, e.reason, src.previous_json, {}
+                    e.device_json, e.scope, e.reason, src.previous_json, d.snapshot_source_id, {}
              FROM events e
              LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
                   AND d.token_name = e.token_name AND d.serial_number = e.serial_number
@@ -351,10 +357,14 @@ impl Store {
                     None => {}
                 }
                 let device = if snapshot.is_empty() {
-                    match (r.get_ref(9)?.as_str_or_null()?, r.get_ref(10)?) {
+                    // Kept by a later event; else the row, unless the row has changed
+                    // since and the event that kept it is gone (pruned).
+                    let source: Option<i64> = r.get(10)?;
+                    match (r.get_ref(9)?.as_str_or_null()?, r.get_ref(11)?) {
                         (Some(kept), _) => decode_snapshot(kept),
                         (None, rusqlite::types::ValueRef::Null) => None,
-                        (None, _) => Some(device_from_row(r, 10)?),
+                        (None, _) if source.is_some() => None,
+                        (None, _) => Some(device_from_row(r, 11)?),
                     }
                 } else {
                     decode_snapshot(&snapshot)

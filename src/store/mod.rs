@@ -934,6 +934,58 @@ mod tests {
     }
 
     #[test]
+    fn odd_protocol_10_shapes_read_back_the_same_through_rows_events_and_the_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let with = |serial: &str, extra: serde_json::Value| {
+            let mut r = rec(serial, None, None, "red");
+            if let serde_json::Value::Object(m) = extra {
+                r.device.extra = m;
+            }
+            r
+        };
+        // Shapes whose row reads back the same (the event defers to it) and ones that do
+        // not (a number for a boolean or for text, "1" for a boolean, a string that is a
+        // JSON list: the event keeps its own).
+        let p = [
+            with(
+                "A",
+                serde_json::json!({"imei": "", "meid": "[x", "eid": "E",
+                "is_replacement_device": false, "ethernet_mac_address": ["a", "b"]}),
+            ),
+            with(
+                "B",
+                serde_json::json!({"is_replacement_device": 1, "eid": 7}),
+            ),
+            with("C", serde_json::json!({"wifi_mac_address": "[\"q\"]"})),
+            with("D", serde_json::json!({"released_by_replacement": "1"})),
+        ];
+        s.apply_page(&page(&p, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        let raw: Vec<String> = column(&s, "SELECT device_json FROM events ORDER BY id");
+        assert_eq!(raw[0], "", "A's row reads back exactly: deferred");
+        assert!(raw[1..].iter().all(|j| !j.is_empty()), "{raw:?}");
+        let read = s.events_after(0, None, 10).unwrap();
+        for (e, r) in read.iter().zip(&p) {
+            assert_eq!(
+                e.device.as_ref(),
+                Some(&r.device),
+                "event of {}",
+                e.serial_number
+            );
+        }
+        let via_view: Vec<String> =
+            column(&s, "SELECT device_json FROM events_with_device ORDER BY id");
+        for (json, e) in via_view.iter().zip(&read) {
+            assert_eq!(
+                events::decode_snapshot(json).as_ref(),
+                e.device.as_ref(),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
     fn a_new_tokens_pages_go_in_without_lookups_and_a_repeated_serial_still_resolves() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("x.db")).unwrap();
@@ -1014,6 +1066,49 @@ mod tests {
         // The completed fetch saw every device: nothing reconciled away.
         assert_eq!(s.device_counts("acme").unwrap(), (5, 0));
         assert!(s.has_devices("acme").unwrap());
+        // A deletion on a fetch page of a new token is not inserted.
+        let gone = [rec("Z", Some(OpType::Deleted), None, "red")];
+        let st = s
+            .apply_page(&fresh(page(&gone, Phase::Fetch, "c4", 2, false)))
+            .unwrap();
+        assert_eq!((st.added, st.events()), (0, 0));
+        assert_eq!(
+            s.devices(&DeviceFilter {
+                serial: Some("Z".into()),
+                deleted: Some(false),
+                ..Default::default()
+            })
+            .unwrap()
+            .len(),
+            0
+        );
+    }
+
+    #[test]
+    fn devices_are_read_in_chunks_in_key_order_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let recs: Vec<DeviceRecord> = (0..12_001)
+            .map(|i| rec(&format!("S{:06}", (i * 7919) % 12_001), None, None, "red"))
+            .collect();
+        s.apply_page(&page(&recs, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        let mut serials = Vec::new();
+        s.for_each_device(&DeviceFilter::default(), |d| {
+            serials.push(d.device.serial_number);
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+        assert_eq!(serials.len(), 12_001);
+        assert!(serials.windows(2).all(|w| w[0] < w[1]));
+        let limited = s
+            .devices(&DeviceFilter {
+                limit: Some(10_001),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(limited.len(), 10_001);
+        assert_eq!(limited[10_000].device.serial_number, serials[10_000]);
     }
 
     #[test]

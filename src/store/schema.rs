@@ -364,22 +364,28 @@ pub(super) const MIGRATIONS: &[&str] = &[
 
     -- Every event with its device snapshot resolved: the stored one; for an `added` event
     -- that defers, the row's old content kept with a later event, or the row itself in
-    -- the same positional form (`|| ''` keeps a quoted cell a string inside json_array).
+    -- the same positional form: each protocol-10 cell the JSON text of the value, as
+    -- device_row.rs reads the column back (`|| ''` keeps json_quote's result a string
+    -- inside json_array instead of JSON).
     CREATE VIEW events_with_device AS
     SELECT e.id, e.token_name, e.serial_number, e.kind, e.reason, e.changes, e.occurred_at,
            e.scope,
            CASE WHEN e.device_json <> '' THEN e.device_json
                 WHEN src.previous_json IS NOT NULL THEN src.previous_json
+                WHEN d.id IS NULL OR d.snapshot_source_id IS NOT NULL THEN NULL
            ELSE json_array(d.serial_number, d.model, d.description, d.color, d.asset_tag,
                     d.profile_status, d.profile_uuid, d.profile_assign_time,
                     d.profile_push_time, d.device_assigned_date, d.device_assigned_by, d.os,
-                    d.device_family, d.extra_json, d.imei, d.meid,
-                    CASE WHEN d.eid IS NOT NULL THEN json_quote(d.eid) || '' END,
-                    d.wifi_mac_address, d.bluetooth_mac_address, d.ethernet_mac_address,
-                    CASE d.is_replacement_device WHEN 1 THEN 'true' WHEN 0 THEN 'false' END,
-                    CASE WHEN d.mdm_migration_deadline IS NOT NULL
-                         THEN json_quote(d.mdm_migration_deadline) || '' END,
-                    CASE d.released_by_replacement WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)
+                    d.device_family, d.extra_json,
+                    CASE WHEN typeof(d.imei) = 'text' AND substr(d.imei, 1, 1) = '[' AND json_valid(d.imei) THEN d.imei WHEN typeof(d.imei) = 'text' THEN json_quote(d.imei) || '' ELSE CAST(d.imei AS TEXT) END,
+                    CASE WHEN typeof(d.meid) = 'text' AND substr(d.meid, 1, 1) = '[' AND json_valid(d.meid) THEN d.meid WHEN typeof(d.meid) = 'text' THEN json_quote(d.meid) || '' ELSE CAST(d.meid AS TEXT) END,
+                    CASE typeof(d.eid) WHEN 'text' THEN json_quote(d.eid) || '' WHEN 'integer' THEN CAST(d.eid AS TEXT) END,
+                    CASE WHEN typeof(d.wifi_mac_address) = 'text' AND substr(d.wifi_mac_address, 1, 1) = '[' AND json_valid(d.wifi_mac_address) THEN d.wifi_mac_address WHEN typeof(d.wifi_mac_address) = 'text' THEN json_quote(d.wifi_mac_address) || '' ELSE CAST(d.wifi_mac_address AS TEXT) END,
+                    CASE WHEN typeof(d.bluetooth_mac_address) = 'text' AND substr(d.bluetooth_mac_address, 1, 1) = '[' AND json_valid(d.bluetooth_mac_address) THEN d.bluetooth_mac_address WHEN typeof(d.bluetooth_mac_address) = 'text' THEN json_quote(d.bluetooth_mac_address) || '' ELSE CAST(d.bluetooth_mac_address AS TEXT) END,
+                    CASE WHEN typeof(d.ethernet_mac_address) = 'text' AND substr(d.ethernet_mac_address, 1, 1) = '[' AND json_valid(d.ethernet_mac_address) THEN d.ethernet_mac_address WHEN typeof(d.ethernet_mac_address) = 'text' THEN json_quote(d.ethernet_mac_address) || '' ELSE CAST(d.ethernet_mac_address AS TEXT) END,
+                    CASE typeof(d.is_replacement_device) WHEN 'integer' THEN CASE d.is_replacement_device WHEN 0 THEN 'false' ELSE 'true' END WHEN 'text' THEN json_quote(d.is_replacement_device) || '' END,
+                    CASE typeof(d.mdm_migration_deadline) WHEN 'text' THEN json_quote(d.mdm_migration_deadline) || '' WHEN 'integer' THEN CAST(d.mdm_migration_deadline AS TEXT) END,
+                    CASE typeof(d.released_by_replacement) WHEN 'integer' THEN CASE d.released_by_replacement WHEN 0 THEN 'false' ELSE 'true' END WHEN 'text' THEN json_quote(d.released_by_replacement) || '' END)
            END AS device_json
       FROM events e
       LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
