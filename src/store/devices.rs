@@ -805,30 +805,37 @@ impl Store {
         // Read in chunks by key, each its own read, so a slow consumer (`| less`) never
         // holds one read open while the daemon writes (the WAL could not be reset).
         const CHUNK: u64 = 5000;
+        // The first chunk from the start, the next ones after the last key read (a plain
+        // row-value comparison, so SQLite starts in the key index, not from the top).
         let keyed = args.len();
-        sql.push_str(&format!(
-            " AND (?{} IS NULL OR (token_name, serial_number) > (?{}, ?{}))
+        let first_sql = format!(
+            "{sql} ORDER BY token_name, serial_number LIMIT ?{}",
+            keyed + 1
+        );
+        let next_sql = format!(
+            "{sql} AND (token_name, serial_number) > (?{}, ?{})
              ORDER BY token_name, serial_number LIMIT ?{}",
-            keyed + 1,
             keyed + 1,
             keyed + 2,
             keyed + 3
-        ));
+        );
         let mut left = filter.limit.unwrap_or(u64::MAX);
         let mut after: Option<(String, String)> = None;
         while left > 0 {
             let want = left.min(CHUNK);
             let mut chunk_args = args.clone();
-            let (t, sn) = after.clone().unzip();
-            chunk_args.extend([
-                rusqlite::types::Value::from(t),
-                rusqlite::types::Value::from(sn),
-                rusqlite::types::Value::from(want as i64),
-            ]);
+            let sql = match after.clone() {
+                Some((t, sn)) => {
+                    chunk_args.extend([t.into(), sn.into()]);
+                    &next_sql
+                }
+                None => &first_sql,
+            };
+            chunk_args.push((want as i64).into());
             let chunk: Vec<StoredDevice> = {
                 let mut stmt = self
                     .conn
-                    .prepare_cached(&sql)
+                    .prepare_cached(sql)
                     .map_err(self.err("list devices"))?;
                 let rows = stmt.query_map(rusqlite::params_from_iter(chunk_args), |r| {
                     Ok(StoredDevice {
