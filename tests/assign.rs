@@ -3,7 +3,6 @@
 //! changed profile file is defined again, the dry run touches nothing.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use adesync::events::EventScope;
@@ -13,7 +12,7 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use crate::common::{adesync, output, Env};
+use crate::common::{adesync, kill_after, output, run_once, Env};
 
 const RULES: &str = r#"
 [[profiles]]
@@ -464,28 +463,12 @@ async fn a_kill_during_assignment_loses_nothing_and_repeats_at_most_one_call() {
     }
     let mut kills = 0;
     for delay in [300u64, 550, 800] {
-        let mut child = adesync(&env)
-            .args(["run", "--once"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
+        let mut cmd = adesync(&env);
+        cmd.args(["run", "--once"]);
+        kills += kill_after(cmd, Duration::from_millis(delay)).await as usize;
     }
     assert!(kills >= 1, "the runs finished before a kill");
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(
         out.status.success(),
         "{}",

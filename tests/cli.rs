@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{adesync, assert_mirrors, event_counts, output, Env};
+use crate::common::{adesync, assert_mirrors, event_counts, kill_after, output, run_once, Env};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_then_query_devices_and_events() {
@@ -16,12 +16,7 @@ async fn run_once_then_query_devices_and_events() {
         "[[sinks]]\nname = \"out\"\ntype = \"jsonl\"\npath = \"-\"\n",
     )
     .await;
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(
         out.status.success(),
         "{}",
@@ -41,12 +36,7 @@ async fn run_once_then_query_devices_and_events() {
         lines[0]["serial_number"]
     );
     // A second run prints nothing new: the sink's cursor moved.
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(out.status.success());
     assert!(out.stdout.is_empty());
 
@@ -116,12 +106,7 @@ async fn a_bad_config_exits_78_and_names_the_key() {
         .unwrap()
         .replace("page_size = 100", "page_size = 5000");
     std::fs::write(&env.config_path, text).unwrap();
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -180,12 +165,7 @@ async fn a_failed_token_makes_run_once_exit_1_with_the_reason() {
             },
         },
     );
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -203,18 +183,8 @@ async fn sigkill_during_a_large_fetch_loses_and_doubles_nothing() {
     let mut kills = 0;
     for delay_ms in [400u64, 700, 1000, 1300, 1600] {
         let mut cmd = adesync(&env);
-        cmd.args(["run", "--once"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            kills += 1;
-        }
-        tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
+        cmd.args(["run", "--once"]);
+        kills += kill_after(cmd, Duration::from_millis(delay_ms)).await as usize;
         // The store is a prefix of the truth: every stored device has exactly one added event.
         let store = env.store();
         let (added, modified, deleted) = event_counts(&store);
@@ -226,12 +196,7 @@ async fn sigkill_during_a_large_fetch_loses_and_doubles_nothing() {
         kills >= 2,
         "the process finished too fast to be killed mid-sync ({kills} kills)"
     );
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(
         out.status.success(),
         "{}",
@@ -255,12 +220,7 @@ async fn sigkill_during_a_large_fetch_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_sync_of_changes_keeps_every_snapshot() {
     let env = Env::new(50_000, 1000).await;
-    let first = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let first = run_once(&env).await;
     assert!(first.status.success());
     let as_added: std::collections::HashMap<String, serde_json::Value> =
         crate::common::stored(&env.store(), "acme")
@@ -287,29 +247,13 @@ async fn sigkill_during_a_sync_of_changes_keeps_every_snapshot() {
     };
     let mut kills = 0;
     for delay_ms in [300u64, 600, 900, 1200] {
-        let mut child = adesync(&env)
-            .args(["run", "--once"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            kills += 1;
-        }
-        tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
+        let mut cmd = adesync(&env);
+        cmd.args(["run", "--once"]);
+        kills += kill_after(cmd, Duration::from_millis(delay_ms)).await as usize;
         check(&env.store());
     }
     assert!(kills >= 1, "the sync finished before any kill");
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(out.status.success());
     let store = env.store();
     assert_mirrors(&store, &env.mock);
@@ -410,12 +354,7 @@ async fn sigterm_stops_run_once_between_pages_and_the_next_run_completes() {
         assert_eq!((modified, deleted), (0, 0));
     }
     assert!(stopped, "SIGTERM never arrived mid-sync");
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(out.status.success());
     let store = env.store();
     assert_mirrors(&store, &env.mock);
@@ -516,12 +455,7 @@ async fn the_run_lock_follows_symlinks_to_the_real_database() {
     // Another process syncs the real file.
     let lock = std::fs::File::create(env.path("adesync.db.lock")).unwrap();
     lock.try_lock().unwrap();
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another adesync process"),
@@ -596,12 +530,7 @@ async fn hostile_config_values_exit_78_naming_the_key_before_anything_is_written
     ];
     for (text, key) in cases {
         std::fs::write(&env.config_path, &text).unwrap();
-        let out = output({
-            let mut c = adesync(&env);
-            c.args(["run", "--once"]);
-            c
-        })
-        .await;
+        let out = run_once(&env).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{key}: {err}");
         assert!(err.contains(key), "{key}: {err}");
@@ -626,12 +555,7 @@ async fn another_applications_database_is_refused_untouched_by_run_once() {
         .unwrap();
     }
     let before = std::fs::read(&db).unwrap();
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -126,6 +126,32 @@ pub async fn output(mut cmd: std::process::Command) -> std::process::Output {
         .unwrap()
 }
 
+/// `adesync run --once` against `env`, to the end.
+pub async fn run_once(env: &Env) -> std::process::Output {
+    let mut c = adesync(env);
+    c.args(["run", "--once"]);
+    output(c).await
+}
+
+/// Starts `cmd` (output discarded), kills it with SIGKILL after `delay` if it is still
+/// running, and waits for it; whether it was killed.
+pub async fn kill_after(mut cmd: std::process::Command, delay: std::time::Duration) -> bool {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(delay).await;
+    let killed = child.try_wait().unwrap().is_none();
+    if killed {
+        child.kill().unwrap(); // SIGKILL
+    }
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    killed
+}
+
 /// A loopback port with nothing listening on it (yet).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -484,18 +484,8 @@ async fn sigkill_during_a_walk_loses_and_doubles_nothing() {
         cmd.arg("--config")
             .arg(&env.config_path)
             .args(["run", "--once", "--token", "org0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
+            .env("RUST_LOG", "warn");
+        kills += crate::common::kill_after(cmd, Duration::from_millis(delay_ms)).await as usize;
         let store = env.store();
         let (added, modified, removed) = counts(&org_events(&store));
         let stored = store.org_counts("org0").unwrap().devices as usize;

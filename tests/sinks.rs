@@ -23,7 +23,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::common::{adesync, assert_valid, free_port, output, schema, Env};
+use crate::common::{adesync, assert_valid, free_port, output, run_once, schema, Env};
 
 /// The secret of `hook.secret`, in the raw form (the key is the text itself).
 const SECRET: &str = "receiver-shared-secret-0123456789";
@@ -900,12 +900,7 @@ async fn a_process_killed_mid_delivery_resends_only_the_batch_in_flight() {
     assert_eq!(ids.len(), 30);
     assert_eq!(status_of(&env, "hook").cursor, 10);
 
-    let out = output({
-        let mut c = adesync(&env);
-        c.args(["run", "--once"]);
-        c
-    })
-    .await;
+    let out = run_once(&env).await;
     assert!(
         out.status.success(),
         "{}",
