@@ -53,7 +53,7 @@ impl Env {
     }
 
     pub fn store(&self) -> Store {
-        Store::open(&self.dir.path().join("adesync.db")).unwrap()
+        Store::open(self.dir.path().join("adesync.db")).unwrap()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -74,7 +74,7 @@ impl OrgEnv {
     }
 
     pub fn store(&self) -> Store {
-        Store::open(&self.dir.path().join("adesync.db")).unwrap()
+        Store::open(self.dir.path().join("adesync.db")).unwrap()
     }
 
     pub async fn run(&self) -> adesync::syncer::OnceReport {

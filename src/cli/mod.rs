@@ -399,7 +399,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            let _lock = lock_database(&config.database)?;
+            let db = config.database.clone();
+            let _lock = tokio::task::spawn_blocking(move || lock_database(&db)).await??;
             if once {
                 run_once(&config, token, full).await
             } else {
@@ -419,7 +420,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             token,
         } => {
             let config = Config::load(&cli.config)?;
-            let _lock = lock_database(&config.database)?;
+            let db = config.database.clone();
+            let _lock = tokio::task::spawn_blocking(move || lock_database(&db)).await??;
             assign::run_now(&config, token.as_deref()).await
         }
         Command::OrgAccounts {

@@ -9,6 +9,7 @@ use clap::Subcommand;
 
 use super::render::{csv_cell, write_table, Format};
 use adesync::config::{redact_key, LenientConfig};
+use adesync::store::Database;
 use adesync::store::{Store, TokenFootprint};
 use adesync::token::admin::{
     import, keygen, token_statuses, Imported, KeyPair, TokenFileStatus, DEFAULT_CERT_DAYS,
@@ -407,7 +408,7 @@ fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCo
 }
 
 /// The database for reading, when there is one (read-only: these commands never write).
-pub(super) fn open_for_reading(path: &std::path::Path) -> anyhow::Result<Option<Store>> {
+pub(super) fn open_for_reading(path: &Database) -> anyhow::Result<Option<Store>> {
     if !path.exists() {
         return Ok(None);
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::Database;
 use super::{ConfigError, DEFAULT_DATABASE};
 
 /// What the token commands need from the config file: the database and each token's
@@ -19,8 +20,8 @@ pub struct LenientConfig {
     pub exists: bool,
     /// Its folder: default place for keys and tokens; anchors relative paths.
     pub dir: PathBuf,
-    /// The SQLite database.
-    pub database: PathBuf,
+    /// The mirror's database.
+    pub database: Database,
     /// The configured tokens' files.
     pub tokens: Vec<TokenFiles>,
 }
@@ -39,6 +40,7 @@ pub struct TokenFiles {
 #[derive(Deserialize)]
 struct LooseRaw {
     database: Option<PathBuf>,
+    database_password_file: Option<PathBuf>,
     #[serde(default)]
     tokens: Vec<LooseToken>,
 }
@@ -66,7 +68,7 @@ impl LenientConfig {
                 return Ok(Self {
                     source: path.to_owned(),
                     exists: false,
-                    database: PathBuf::from(DEFAULT_DATABASE),
+                    database: Database::Sqlite(PathBuf::from(DEFAULT_DATABASE)),
                     dir,
                     tokens: Vec::new(),
                 })
@@ -94,10 +96,20 @@ impl LenientConfig {
         Ok(Self {
             source: path.to_owned(),
             exists: true,
-            database: resolve(
-                raw.database
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
-            ),
+            database: match raw.database {
+                Some(url) if Database::is_url(&url.to_string_lossy()) => Database::postgres(
+                    &url.to_string_lossy(),
+                    raw.database_password_file.map(&resolve),
+                )
+                .map_err(|reason| ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: "database".into(),
+                    reason,
+                })?,
+                p => Database::Sqlite(resolve(
+                    p.unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
+                )),
+            },
             dir: dir.clone(),
             tokens,
         })

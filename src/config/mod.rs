@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod assign;
+mod database;
 mod lenient;
 mod org;
 mod schedule;
@@ -21,6 +22,7 @@ pub use assign::{
     overlaps, read_profile, AssignRule, AssignmentSettings, Match, ProfileConfig, Triggers,
     PROFILE_KEYS,
 };
+pub use database::{Database, PgTarget};
 pub use lenient::{LenientConfig, TokenFiles};
 pub use org::{
     OrgAccountConfig, OrgScope, ASSERTION_AUDIENCE, DEFAULT_TOKEN_URL, MAX_ORG_PAGE_SIZE,
@@ -82,6 +84,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     database: Option<PathBuf>,
+    database_password_file: Option<PathBuf>,
     instance: Option<String>,
     user_agent: Option<String>,
     protocol_version: Option<u32>,
@@ -145,8 +148,8 @@ pub struct Config {
     /// This adesync installation's name in the events it sends (`instance`; default: the
     /// machine's host name), e.g. in a CloudEvent's `source`.
     pub instance: String,
-    /// SQLite database file (created if missing).
-    pub database: PathBuf,
+    /// The mirror's database: an SQLite file (created if missing) or a PostgreSQL URL.
+    pub database: Database,
     /// Default schedule of each token's syncs in daemon mode.
     pub schedule: Schedule,
     /// Default schedule of each token's full re-fetch; `None`: never.
@@ -286,7 +289,12 @@ impl Config {
         };
 
         let database = match raw.database {
-            None => resolve(base, PathBuf::from(DEFAULT_DATABASE)),
+            None => Database::Sqlite(resolve(base, PathBuf::from(DEFAULT_DATABASE))),
+            Some(p) if Database::is_url(&p.to_string_lossy()) => Database::postgres(
+                &p.to_string_lossy(),
+                raw.database_password_file.clone().map(|f| resolve(base, f)),
+            )
+            .map_err(|r| invalid("database", r))?,
             Some(p) => {
                 let text = p.to_string_lossy();
                 if text.trim().is_empty() || text.ends_with('/') {
@@ -306,9 +314,15 @@ impl Config {
                         ),
                     ));
                 }
-                p
+                Database::Sqlite(p)
             }
         };
+        if let (Database::Sqlite(_), Some(_)) = (&database, &raw.database_password_file) {
+            return Err(invalid(
+                "database_password_file",
+                "is only for a PostgreSQL database (database = \"postgres://…\"); remove it, SQLite needs no password".into(),
+            ));
+        }
         let instance = match raw.instance {
             Some(name) => {
                 check_instance(&name).map_err(|r| invalid("instance", r))?;
@@ -549,6 +563,19 @@ impl Config {
         let event_retention = sinks::parse_retention(raw.event_retention.as_deref())
             .map_err(|r| invalid("event_retention", r))?;
 
+        if database.is_postgres() {
+            let unsupported = [
+                (!sinks.is_empty(), "[[sinks]]"),
+                (!org_accounts.is_empty(), "[[org_accounts]]"),
+                (!assign_rules.is_empty(), "[[assign]]"),
+            ];
+            if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
+                return Err(invalid(
+                    "database",
+                    format!("a PostgreSQL database keeps the ADE mirror (devices, events, sync state) but not yet {what}; remove {what} from this config, or keep the mirror in an SQLite file to use them"),
+                ));
+            }
+        }
         Ok(Config {
             source: path.to_owned(),
             instance,
@@ -581,6 +608,11 @@ impl Config {
         );
         let _ = writeln!(s, "instance = {:?}", self.instance);
         let _ = writeln!(s, "database = {:?}", self.database.display().to_string());
+        if let Database::Postgres(t) = &self.database {
+            if let Some(f) = t.password_file() {
+                let _ = writeln!(s, "database_password_file = {:?}", f.display().to_string());
+            }
+        }
         let _ = writeln!(s, "schedule = {:?}", self.schedule.to_config_text());
         let _ = writeln!(s, "timezone = {:?}", self.timezone.name());
         let _ = writeln!(

@@ -28,7 +28,7 @@ pub(crate) mod webhook;
 pub use webhook::{verify, VerifyError, DEFAULT_TOLERANCE};
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ use serde::Serialize;
 use crate::config::{Config, EventFormat, RetryPolicy, SinkConfig, SinkKind};
 use crate::events::{cloudevent, event_json};
 use crate::model::{format_time, parse_time, SinkState};
-use crate::store::{Store, StoreError};
+use crate::store::{Database, Store, StoreError};
 
 /// Events read per batch for a `jsonl` sink (webhook and command sinks use `max_batch`).
 const JSONL_BATCH: usize = 1000;
@@ -211,7 +211,7 @@ struct Db {
 }
 
 impl Db {
-    async fn open(path: PathBuf, sink: &str) -> Result<Db, SinkError> {
+    async fn open(path: Database, sink: &str) -> Result<Db, SinkError> {
         let store = blocking(sink, move || Store::open(&path)).await?;
         Ok(Db {
             store: Arc::new(Mutex::new(store)),
@@ -246,13 +246,13 @@ async fn blocking<T: Send + 'static>(
 
 /// Sinks being delivered by this process, by (database, sink name): two passes that
 /// overlap (the daemon's timer and its after-sync trigger) never send the same batch twice.
-static IN_FLIGHT: Mutex<BTreeSet<(PathBuf, String)>> = Mutex::new(BTreeSet::new());
+static IN_FLIGHT: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
 
-struct Claim((PathBuf, String));
+struct Claim((String, String));
 
 impl Claim {
-    fn take(db: &Path, sink: &str) -> Option<Claim> {
-        let key = (db.to_owned(), sink.to_owned());
+    fn take(db: &Database, sink: &str) -> Option<Claim> {
+        let key = (db.display().to_string(), sink.to_owned());
         let mut set = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
         set.insert(key.clone()).then_some(Claim(key))
     }
@@ -336,7 +336,7 @@ pub async fn deliver_all(config: &Config) -> Vec<(String, Result<u64, SinkError>
 
 /// Delivers one sink's backlog (used by [`deliver_all`] and [`replay`]).
 async fn deliver_sink(
-    db: PathBuf,
+    db: Database,
     sink: SinkConfig,
     retry: RetryPolicy,
     instance: String,

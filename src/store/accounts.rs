@@ -79,11 +79,11 @@ fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAccount> {
 }
 
 /// The per-token tables `forget` empties, in deletion order.
-const TOKEN_TABLES: [&str; 4] = ["events", "devices", "sync_state", "accounts"];
+pub(super) const TOKEN_TABLES: [&str; 4] = ["events", "devices", "sync_state", "accounts"];
 
 /// The extra condition that keeps a table's rows to a token's own: the events table also
 /// holds organisation events, keyed by account name, which are never a token's.
-fn token_rows_only(table: &str) -> &'static str {
+pub(super) fn token_rows_only(table: &str) -> &'static str {
     if table == "events" {
         " AND (scope IS NULL OR scope = 'profile')"
     } else {
@@ -94,7 +94,10 @@ fn token_rows_only(table: &str) -> &'static str {
 impl Store {
     /// The token's `accounts` row, if any.
     pub fn account(&self, token: &str) -> Result<Option<StoredAccount>, StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.account(token);
+        }
+        self.conn()?
             .query_row(
                 &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE token_name = ?1"),
                 [token],
@@ -106,8 +109,11 @@ impl Store {
 
     /// Every `accounts` row, by token name.
     pub fn accounts(&self) -> Result<Vec<StoredAccount>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.accounts();
+        }
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare(&format!(
                 "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY token_name"
             ))
@@ -121,7 +127,10 @@ impl Store {
     /// Stores what `GET /account` reported (the server, organisation and limits, the
     /// consumer key and `checked_at`); the expiry-warning memory is left as it is.
     pub fn save_account(&mut self, a: &StoredAccount) -> Result<(), StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.save_account(a);
+        }
+        self.conn()?
             .execute(
                 "INSERT INTO accounts (token_name, server_name, server_uuid, org_name, org_type,
                      org_id, admin_id, page_limit_max, consumer_key, checked_at)
@@ -157,7 +166,10 @@ impl Store {
         expiry: &str,
         warned_days: Option<i64>,
     ) -> Result<(), StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.set_expiry_warning(token, expiry, warned_days);
+        }
+        self.conn()?
             .execute(
                 "INSERT INTO accounts (token_name, token_expiry, expiry_warned_days)
                  VALUES (?1, ?2, ?3)
@@ -171,8 +183,11 @@ impl Store {
 
     /// How many rows `token` has in each per-token table.
     pub fn token_footprint(&self, token: &str) -> Result<TokenFootprint, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.token_footprint(token);
+        }
         let count = |table: &str| -> Result<u64, StoreError> {
-            self.conn
+            self.conn()?
                 .query_row(
                     &format!(
                         "SELECT COUNT(*) FROM {table} WHERE token_name = ?1{}",
@@ -195,6 +210,9 @@ impl Store {
     /// Deletes every row of `token` — devices, events, sync state, account — in one
     /// transaction, and returns how many of each there were.
     pub fn purge_token(&mut self, token: &str) -> Result<TokenFootprint, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.purge_token(token);
+        }
         let path = self.path.clone();
         let wrap = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -202,7 +220,7 @@ impl Store {
             source,
         };
         let tx = self
-            .conn
+            .conn_mut()?
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(wrap)?;
         let mut deleted = [0u64; TOKEN_TABLES.len()];
@@ -242,6 +260,9 @@ impl Store {
 
     /// Every token name that has rows in any per-token table, sorted.
     pub fn stored_token_names(&self) -> Result<Vec<String>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.stored_token_names();
+        }
         let sql = TOKEN_TABLES
             .iter()
             .map(|t| format!("SELECT DISTINCT token_name FROM {t}"))
@@ -249,7 +270,7 @@ impl Store {
             .join(" UNION ")
             + " ORDER BY 1";
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare(&sql)
             .map_err(self.err("list stored tokens"))?;
         let rows = stmt
@@ -267,7 +288,7 @@ mod tests {
 
     fn store_with(tokens: &[(&str, usize)]) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("t.db")).unwrap();
+        let mut store = Store::open(dir.path().join("t.db")).unwrap();
         for (token, n) in tokens {
             let records: Vec<DeviceRecord> = (0..*n)
                 .map(|i| {

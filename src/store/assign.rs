@@ -104,7 +104,7 @@ impl Store {
         let err = || self.err("read assignment state");
         let state = self.assign_state(token)?;
         let devices = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT d.serial_number, d.device_family, d.model, d.os, d.profile_uuid,
                         (SELECT o.purchase_source_type FROM org_devices o
@@ -130,7 +130,7 @@ impl Store {
             })
             .map_err(err())?;
         let assignments = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT serial_number, profile_name, profile_uuid, status, attempted_at, retry_after, attempts
                  FROM profile_assignments WHERE token_name = ?1",
@@ -156,7 +156,7 @@ impl Store {
         let mut last_event_id = state.last_event_id;
         {
             let mut st = self
-                .conn
+                .conn()?
                 .prepare_cached(
                     "SELECT id, serial_number, reason, occurred_at FROM events
                      WHERE token_name = ?1 AND id > ?2 AND scope IS NULL ORDER BY id",
@@ -184,7 +184,7 @@ impl Store {
             _ => false,
         };
         let definitions = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT profile_name, profile_uuid, file_hash FROM profiles WHERE token_name = ?1",
             )
@@ -216,7 +216,7 @@ impl Store {
     /// Where `token`'s assignment pass stands.
     pub fn assign_state(&self, token: &str) -> Result<AssignState, StoreError> {
         Ok(self
-            .conn
+            .conn()?
             .query_row(
                 "SELECT last_event_id, last_full_fetch_at, last_run_at FROM assign_state WHERE token_name = ?1",
                 [token],
@@ -241,7 +241,7 @@ impl Store {
         d: &ProfileDefinition,
         now: &str,
     ) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "INSERT INTO profiles (token_name, profile_name, profile_uuid, file_hash, defined_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -318,7 +318,7 @@ impl Store {
         last_full_fetch_at: Option<&str>,
         now: &str,
     ) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "INSERT INTO assign_state (token_name, last_event_id, last_full_fetch_at, last_run_at)
                  VALUES (?1, ?2, ?3, ?4)
@@ -337,7 +337,7 @@ impl Store {
         profile: &str,
         status: &str,
     ) -> Result<Option<String>, StoreError> {
-        self.conn
+        self.conn()?
             .query_row(
                 "SELECT MIN(retry_after) FROM profile_assignments
                  WHERE token_name = ?1 AND profile_name = ?2 AND status = ?3",
@@ -349,8 +349,12 @@ impl Store {
 
     /// Assignment counts per (token, profile, status), for `assign status` and `/metrics`.
     pub fn assignment_counts(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        if self.is_postgres() {
+            // Not yet configurable with PostgreSQL (see Config::load): nothing is stored.
+            return Ok(Vec::new());
+        }
         let mut st = self
-            .conn
+            .conn()?
             .prepare(
                 "SELECT token_name, profile_name, status, COUNT(*) FROM profile_assignments
                  GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",

@@ -45,6 +45,29 @@ pub struct SyncState {
     pub last_full_fetch_changes: Option<i64>,
 }
 
+impl SyncState {
+    /// The state of a token never synced: a full fetch from the beginning.
+    pub(super) fn new(token: &str) -> Self {
+        SyncState {
+            token_name: token.to_owned(),
+            cursor: CursorState {
+                phase: Phase::Fetch,
+                cursor: None,
+                fetch_run: 1,
+            },
+            cursor_at: None,
+            fetched_until: None,
+            last_run_at: None,
+            last_success_at: None,
+            last_error: None,
+            last_error_kind: None,
+            last_error_at: None,
+            last_full_fetch_at: None,
+            last_full_fetch_changes: None,
+        }
+    }
+}
+
 pub(super) fn upsert_state(
     conn: &Connection,
     token: &str,
@@ -76,8 +99,11 @@ pub(super) fn upsert_state(
 impl Store {
     /// The token's sync state; a fresh one if never synced.
     pub fn sync_state(&self, token: &str) -> Result<SyncState, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.sync_state(token);
+        }
         let row = self
-            .conn
+            .conn()?
             .query_row(
                 "SELECT phase, cursor, fetch_run, cursor_at, fetched_until, last_run_at,
                         last_success_at, last_error, last_error_kind, last_error_at,
@@ -106,30 +132,17 @@ impl Store {
             )
             .optional()
             .map_err(self.err("read sync state"))?;
-        Ok(row.unwrap_or_else(|| SyncState {
-            token_name: token.to_owned(),
-            cursor: CursorState {
-                phase: Phase::Fetch,
-                cursor: None,
-                fetch_run: 1,
-            },
-            cursor_at: None,
-            fetched_until: None,
-            last_run_at: None,
-            last_success_at: None,
-            last_error: None,
-            last_error_kind: None,
-            last_error_at: None,
-            last_full_fetch_at: None,
-            last_full_fetch_changes: None,
-        }))
+        Ok(row.unwrap_or_else(|| SyncState::new(token)))
     }
 
     /// Every token with stored state, by name.
     pub fn sync_states(&self) -> Result<Vec<SyncState>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.sync_states();
+        }
         let names: Vec<String> = {
             let mut stmt = self
-                .conn
+                .conn()?
                 .prepare("SELECT token_name FROM sync_state ORDER BY token_name")
                 .map_err(self.err("list sync state"))?;
             let rows = stmt
@@ -142,7 +155,10 @@ impl Store {
 
     /// Records the start of a run.
     pub fn record_run_start(&mut self, token: &str, now: &str) -> Result<(), StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.record_run_start(token, now);
+        }
+        self.conn()?
             .execute(
                 "INSERT INTO sync_state (token_name, last_run_at) VALUES (?1, ?2)
                  ON CONFLICT (token_name) DO UPDATE SET last_run_at = excluded.last_run_at",
@@ -159,14 +175,17 @@ impl Store {
         error: Option<(&str, &str)>,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.record_run_end(token, error, now);
+        }
         let result = match error {
-            None => self.conn.execute(
+            None => self.conn()?.execute(
                 "INSERT INTO sync_state (token_name, last_success_at) VALUES (?1, ?2)
                  ON CONFLICT (token_name) DO UPDATE SET last_success_at = excluded.last_success_at,
                      last_error = NULL, last_error_kind = NULL, last_error_at = NULL",
                 params![token, now],
             ),
-            Some((kind, message)) => self.conn.execute(
+            Some((kind, message)) => self.conn()?.execute(
                 "INSERT INTO sync_state (token_name, last_error, last_error_kind, last_error_at)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (token_name) DO UPDATE SET last_error = excluded.last_error,

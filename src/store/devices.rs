@@ -56,6 +56,18 @@ pub struct Prepared {
     exact: bool,
 }
 
+impl Prepared {
+    /// The record's `extra_json`.
+    pub(super) fn extra_json(&self) -> Option<&str> {
+        self.extra_json.as_deref()
+    }
+
+    /// The record's content digest.
+    pub(super) fn content_hash(&self) -> i64 {
+        self.content_hash
+    }
+}
+
 /// The stored form of each record, in order (see [`PageWrite::prepared`]).
 pub fn prepare(records: &[DeviceRecord]) -> Vec<Prepared> {
     records
@@ -634,7 +646,7 @@ pub(super) fn mark_seen(
 }
 
 /// The device ids full fetch `run` of `token` has returned (bounded: one bit per id).
-pub(super) struct SeenIds(HashMap<i64, Vec<u8>>);
+pub(super) struct SeenIds(pub(super) HashMap<i64, Vec<u8>>);
 
 impl SeenIds {
     pub(super) fn contains(&self, id: i64) -> bool {
@@ -766,6 +778,9 @@ impl Store {
         filter: &DeviceFilter,
         mut f: impl FnMut(StoredDevice) -> Result<(), E>,
     ) -> Result<(), E> {
+        if let Some(mut pg) = self.pg() {
+            return pg.for_each_device(filter, f);
+        }
         let mut sql = format!(
             "SELECT token_name, {DEVICE_COLUMNS}, first_seen_at, updated_at, deleted_at FROM devices WHERE 1=1"
         );
@@ -834,7 +849,7 @@ impl Store {
             chunk_args.push((want as i64).into());
             let chunk: Vec<StoredDevice> = {
                 let mut stmt = self
-                    .conn
+                    .conn()?
                     .prepare_cached(sql)
                     .map_err(self.err("list devices"))?;
                 let rows = stmt.query_map(rusqlite::params_from_iter(chunk_args), |r| {
@@ -866,7 +881,10 @@ impl Store {
 
     /// Whether `token` has any device row, assigned or deleted.
     pub fn has_devices(&self, token: &str) -> Result<bool, StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.has_devices(token);
+        }
+        self.conn()?
             .query_row(
                 "SELECT EXISTS (SELECT 1 FROM devices WHERE token_name = ?1)",
                 [token],
@@ -879,8 +897,11 @@ impl Store {
     /// were never asked for (read through the partial index `devices_replacements_due`,
     /// so a no-op sync does not scan the table).
     pub fn replacements_due(&self, token: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.replacements_due(token, limit);
+        }
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT serial_number FROM devices INDEXED BY devices_replacements_due
                  WHERE token_name = ?1
@@ -903,8 +924,11 @@ impl Store {
         original: Option<(&str, Option<&str>)>,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.save_replacement(token, serial, original, now);
+        }
         let (original, date) = original.unzip();
-        self.conn
+        self.conn()?
             .execute(
                 "UPDATE devices SET original_device_serial_number = ?3, replacement_date = ?4,
                      replacement_checked_at = ?5
@@ -922,8 +946,11 @@ impl Store {
         &self,
         serial: &str,
     ) -> Result<(Option<(String, Option<String>)>, Vec<String>), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.replacement_links(serial);
+        }
         let replaced = self
-            .conn
+            .conn()?
             .query_row(
                 "SELECT original_device_serial_number, replacement_date FROM devices
                  WHERE serial_number = ?1 AND original_device_serial_number IS NOT NULL LIMIT 1",
@@ -933,7 +960,7 @@ impl Store {
             .optional()
             .map_err(self.err("read replacement details"))?;
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT serial_number FROM devices WHERE original_device_serial_number = ?1 ORDER BY 1",
             )
@@ -947,7 +974,10 @@ impl Store {
 
     /// Counts of stored devices per token: (assigned, deleted).
     pub fn device_counts(&self, token: &str) -> Result<(u64, u64), StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.device_counts(token);
+        }
+        self.conn()?
             .query_row(
                 "SELECT COUNT(*) FILTER (WHERE deleted_at IS NULL), COUNT(*) FILTER (WHERE deleted_at IS NOT NULL)
                  FROM devices WHERE token_name = ?1",
@@ -959,8 +989,11 @@ impl Store {
 
     /// Assigned devices by (token, profile_status); a missing status counts as "unknown".
     pub fn profile_status_counts(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.profile_status_counts();
+        }
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare(
                 "SELECT token_name, COALESCE(profile_status, 'unknown'), COUNT(*) FROM devices
                  WHERE deleted_at IS NULL GROUP BY 1, 2 ORDER BY 1, 2",

@@ -321,6 +321,9 @@ impl Store {
         serial: Option<&str>,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.events_of(after, token, serial, limit);
+        }
         // An event whose snapshot is deferred (device_json '') reads its device's row.
         let sql = format!(
             "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
@@ -336,7 +339,7 @@ impl Store {
             qualified_device_columns("d")
         );
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(&sql)
             .map_err(self.err("read events"))?;
         let rows = stmt
@@ -398,8 +401,11 @@ impl Store {
 
     /// Events per token.
     pub fn event_counts_by_token(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.event_counts_by_token();
+        }
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare("SELECT token_name, COUNT(*) FROM events GROUP BY 1 ORDER BY 1")
             .map_err(self.err("count events"))?;
         let rows = stmt
@@ -410,7 +416,10 @@ impl Store {
 
     /// Number of events, optionally per kind, for a token.
     pub fn event_count(&self, token: Option<&str>) -> Result<u64, StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.event_count(token);
+        }
+        self.conn()?
             .query_row(
                 "SELECT COUNT(*) FROM events WHERE (?1 IS NULL OR token_name = ?1)",
                 [token],
@@ -421,7 +430,10 @@ impl Store {
 
     /// The highest event id (0 when none).
     pub fn max_event_id(&self) -> Result<i64, StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.max_event_id();
+        }
+        self.conn()?
             .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))
             .map_err(self.err("read events"))
     }

@@ -22,9 +22,11 @@ mod device_row;
 mod devices;
 mod events;
 mod org;
+mod pg;
 mod schema;
 mod sink_cursors;
 
+pub use crate::config::{Database, PgTarget};
 pub use crate::events::StoredEvent;
 pub use accounts::{StoredAccount, TokenFootprint};
 pub use assign::{
@@ -52,6 +54,30 @@ pub enum StoreError {
         action: &'static str,
         /// SQLite's error.
         source: rusqlite::Error,
+    },
+    /// PostgreSQL failed.
+    #[error("database {url}: {action}{}", pg::advice(.source))]
+    Postgres {
+        /// The database URL (no password).
+        url: String,
+        /// What was being done.
+        action: &'static str,
+        /// The client's error.
+        source: postgres::Error,
+    },
+    /// The PostgreSQL settings cannot be used.
+    #[error("database {url}: {reason}")]
+    PostgresConfig {
+        /// The database URL (no password).
+        url: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// An operation the PostgreSQL backend does not offer yet.
+    #[error("{what} is not available with a PostgreSQL database yet; keep the mirror in an SQLite file (database = \"/var/lib/adesync/adesync.db\") to use it")]
+    NotOnPostgres {
+        /// What was asked for.
+        what: &'static str,
     },
     /// The database is newer than this program.
     #[error("database {path} has schema version {found}, newer than this adesync knows ({known}); upgrade adesync")]
@@ -128,10 +154,17 @@ fn refuse_non_sqlite(path: &Path) -> Result<(), StoreError> {
 /// file from another application's before writing anything.
 pub(crate) const APPLICATION_ID: i32 = 0x4144_4553;
 
-/// The SQLite store. One per connection; open one per thread that needs it.
+/// The store: an SQLite file or a PostgreSQL database. One per connection; open one per
+/// thread that needs it.
 pub struct Store {
-    conn: Connection,
+    db: Backend,
+    /// The SQLite file, or the PostgreSQL URL without its password (for messages).
     path: PathBuf,
+}
+
+enum Backend {
+    Sqlite(Connection),
+    Postgres(Box<std::cell::RefCell<pg::Pg>>),
 }
 
 impl std::fmt::Debug for Store {
@@ -149,57 +182,124 @@ impl std::fmt::Debug for Store {
 /// them between pages is the largest saving on a large fetch (BENCHMARKS.md). A crash
 /// loses at most the uncommitted pages, and their cursor with them; the next run fetches
 /// them again.
-pub(crate) struct Batch<'a> {
-    tx: rusqlite::Transaction<'a>,
-    path: &'a Path,
+pub(crate) enum Batch<'a> {
+    Sqlite {
+        tx: rusqlite::Transaction<'a>,
+        path: &'a Path,
+    },
+    Postgres(pg::PgBatch<'a>),
 }
 
 impl Batch<'_> {
-    fn wrap(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    fn wrap<'p>(
+        path: &'p Path,
+        action: &'static str,
+    ) -> impl FnOnce(rusqlite::Error) -> StoreError + 'p {
         move |source| StoreError::Sqlite {
-            path: self.path.to_owned(),
+            path: path.to_owned(),
             action,
             source,
         }
     }
 
     /// Writes one page: device rows, their events and the next cursor.
-    pub(crate) fn apply_page(&self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
-        write_page(&self.tx, page).map_err(self.wrap("write page"))
+    pub(crate) fn apply_page(&mut self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
+        match self {
+            Batch::Sqlite { tx, path } => {
+                write_page(tx, page).map_err(Self::wrap(path, "write page"))
+            }
+            Batch::Postgres(b) => b.apply_page(page),
+        }
     }
 
     /// Stores a cursor transition that comes with no page (see [`Store::set_cursor`]).
     pub(crate) fn set_cursor(
-        &self,
+        &mut self,
         token: &str,
         next: &CursorState,
         now: &str,
     ) -> Result<(), StoreError> {
-        upsert_state(&self.tx, token, next, None, now).map_err(self.wrap("store cursor"))
+        match self {
+            Batch::Sqlite { tx, path } => {
+                upsert_state(tx, token, next, None, now).map_err(Self::wrap(path, "store cursor"))
+            }
+            Batch::Postgres(b) => b.set_cursor(token, next, now),
+        }
     }
 
     /// Commits every page written to this batch.
     pub(crate) fn commit(self) -> Result<(), StoreError> {
-        let path = self.path.to_owned();
-        self.tx.commit().map_err(|source| StoreError::Sqlite {
-            path,
-            action: "commit pages",
-            source,
-        })
+        match self {
+            Batch::Sqlite { tx, path } => tx.commit().map_err(Self::wrap(path, "commit pages")),
+            Batch::Postgres(b) => b.commit(),
+        }
     }
 }
 
 impl Store {
     /// Opens the database when it exists; `None` when there is none yet (nothing synced).
-    pub fn open_if_exists(path: &Path) -> Result<Option<Self>, StoreError> {
-        if !path.exists() {
+    pub fn open_if_exists(db: impl Into<Database>) -> Result<Option<Self>, StoreError> {
+        let db = db.into();
+        if !db.exists() {
             return Ok(None);
         }
-        Self::open(path).map(Some)
+        Self::open(db).map(Some)
     }
 
-    /// Opens (creating if missing) and migrates the database.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating if missing) and migrates the database: an SQLite file, or a
+    /// PostgreSQL database (migrated under an advisory lock).
+    pub fn open(db: impl Into<Database>) -> Result<Self, StoreError> {
+        match db.into() {
+            Database::Sqlite(path) => Self::open_sqlite(&path),
+            Database::Postgres(target) => Ok(Store {
+                db: Backend::Postgres(Box::new(std::cell::RefCell::new(pg::Pg::open(&target)?))),
+                path: target.shown().into(),
+            }),
+        }
+    }
+
+    /// Takes the lock that lets one process sync this PostgreSQL database; false when
+    /// another connection holds it. Held until this store is dropped.
+    pub fn try_lock_syncing(&mut self) -> Result<bool, StoreError> {
+        match &mut self.db {
+            Backend::Postgres(pg) => pg.get_mut().try_lock_syncing(),
+            Backend::Sqlite(_) => Ok(true),
+        }
+    }
+
+    /// Whether this store is a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.db, Backend::Postgres(_))
+    }
+
+    /// The SQLite connection; an operation not yet offered on PostgreSQL says so.
+    fn conn(&self) -> Result<&Connection, StoreError> {
+        match &self.db {
+            Backend::Sqlite(c) => Ok(c),
+            Backend::Postgres(_) => Err(StoreError::NotOnPostgres {
+                what: "this operation",
+            }),
+        }
+    }
+
+    fn conn_mut(&mut self) -> Result<&mut Connection, StoreError> {
+        match &mut self.db {
+            Backend::Sqlite(c) => Ok(c),
+            Backend::Postgres(_) => Err(StoreError::NotOnPostgres {
+                what: "this operation",
+            }),
+        }
+    }
+
+    /// The PostgreSQL connection, if that is the backend.
+    fn pg(&self) -> Option<std::cell::RefMut<'_, pg::Pg>> {
+        match &self.db {
+            Backend::Postgres(p) => Some(p.borrow_mut()),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
                 path: path.to_owned(),
@@ -213,13 +313,13 @@ impl Store {
             source,
         })?;
         let mut store = Store {
-            conn,
+            db: Backend::Sqlite(conn),
             path: path.to_owned(),
         };
         // Wait for another process's lock (a migration in progress) before reading
         // anything; this is a connection setting and writes nothing to the file.
         store
-            .conn
+            .conn()?
             .busy_timeout(std::time::Duration::from_secs(30))
             .map_err(store.err("configure"))?;
         let adopt = store.check_identity()?;
@@ -227,7 +327,7 @@ impl Store {
         store.migrate()?;
         if adopt {
             store
-                .conn
+                .conn()?
                 .pragma_update(None, "application_id", APPLICATION_ID)
                 .map_err(store.err("mark the database as adesync's"))?;
         }
@@ -239,14 +339,14 @@ impl Store {
     /// earlier adesync (recognised by its tables), is adopted; anything else is foreign.
     fn check_identity(&self) -> Result<bool, StoreError> {
         let id: i32 = self
-            .conn
+            .conn()?
             .query_row("PRAGMA application_id", [], |r| r.get(0))
             .map_err(self.err("read the file"))?;
         if id == APPLICATION_ID {
             return Ok(false);
         }
         let tables: Vec<String> = self
-            .conn
+            .conn()?
             .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
             .and_then(|mut st| {
                 st.query_map([], |r| r.get::<_, String>(0))?
@@ -264,7 +364,7 @@ impl Store {
         // An earlier adesync's file: a `devices` table keyed by adesync's `token_name`.
         let earlier_adesync = tables.iter().any(|t| t == "devices")
             && self
-                .conn
+                .conn()?
                 .query_row(
                     "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'token_name'",
                     [],
@@ -287,7 +387,19 @@ impl Store {
     /// Opens an existing database for reading only: nothing is created, migrated or
     /// marked, so a user who may read but not write the file (an auditor, a monitoring
     /// check) can query it. A database that still needs a migration says so.
-    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+    pub fn open_read_only(db: impl Into<Database>) -> Result<Self, StoreError> {
+        match db.into() {
+            Database::Sqlite(path) => Self::open_sqlite_read_only(&path),
+            Database::Postgres(target) => Ok(Store {
+                db: Backend::Postgres(Box::new(std::cell::RefCell::new(pg::Pg::open_read_only(
+                    &target,
+                )?))),
+                path: target.shown().into(),
+            }),
+        }
+    }
+
+    fn open_sqlite_read_only(path: &Path) -> Result<Self, StoreError> {
         use rusqlite::OpenFlags;
         refuse_non_sqlite(path)?;
         let conn = Connection::open_with_flags(
@@ -300,11 +412,11 @@ impl Store {
             source,
         })?;
         let store = Store {
-            conn,
+            db: Backend::Sqlite(conn),
             path: path.to_owned(),
         };
         store
-            .conn
+            .conn()?
             .execute_batch("PRAGMA busy_timeout = 30000; PRAGMA query_only = ON;")
             .map_err(store.err("configure"))?;
         store.check_identity()?;
@@ -336,13 +448,13 @@ impl Store {
     fn configure(&mut self) -> Result<(), StoreError> {
         // Room for every statement a page write prepares (see write_page), so none is
         // re-prepared per page.
-        self.conn.set_prepared_statement_cache_capacity(32);
+        self.conn()?.set_prepared_statement_cache_capacity(32);
         // WAL lets readers (the CLI) run beside the writer. synchronous=NORMAL in WAL mode
         // keeps the database consistent on power loss; the last commits may be lost, and
         // they are re-fetched from Apple because the cursor commits with them. A 24 MiB page
         // cache keeps a sync of a million devices under 64 MB (32 MiB was no faster:
         // BENCHMARKS.md).
-        self.conn
+        self.conn()?
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
@@ -357,14 +469,21 @@ impl Store {
 
     /// Forces committed transactions to disk (a WAL checkpoint syncs the log first).
     pub(crate) fn make_durable(&self) -> Result<(), StoreError> {
-        self.conn
+        if self.is_postgres() {
+            // A PostgreSQL commit is durable when it returns.
+            return Ok(());
+        }
+        self.conn()?
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(self.err("flush to disk"))
     }
 
     /// The schema version (number of migrations applied).
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn
+        if let Some(mut pg) = self.pg() {
+            return pg.schema_version();
+        }
+        self.conn()?
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(self.err("read schema version"))
     }
@@ -377,8 +496,11 @@ impl Store {
         next: &CursorState,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.set_cursor(token, next, now);
+        }
         let path = self.path.clone();
-        upsert_state(&self.conn, token, next, None, now).map_err(|source| StoreError::Sqlite {
+        upsert_state(self.conn()?, token, next, None, now).map_err(|source| StoreError::Sqlite {
             path,
             action: "store cursor",
             source,
@@ -387,7 +509,7 @@ impl Store {
 
     /// Writes one page: device rows, their events and the next cursor, atomically.
     pub fn apply_page(&mut self, page: &PageWrite<'_>) -> Result<PageStats, StoreError> {
-        let batch = self.batch()?;
+        let mut batch = self.batch()?;
         let stats = batch.apply_page(page)?;
         batch.commit()?;
         Ok(stats)
@@ -406,7 +528,7 @@ impl Store {
             source,
         };
         let tx = self
-            .conn
+            .conn_mut()?
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(wrap)?;
         let out = f(&tx).map_err(wrap)?;
@@ -417,18 +539,22 @@ impl Store {
     /// Opens a write transaction that takes one or more consecutive pages (group commit,
     /// see [`Batch`]). Dropping it uncommitted rolls every page in it back.
     pub(crate) fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|source| StoreError::Sqlite {
-                path: self.path.clone(),
-                action: "begin a write",
-                source,
-            })?;
-        Ok(Batch {
-            tx,
-            path: &self.path,
-        })
+        match &mut self.db {
+            Backend::Postgres(pg) => Ok(Batch::Postgres(pg.get_mut().batch()?)),
+            Backend::Sqlite(conn) => {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(|source| StoreError::Sqlite {
+                        path: self.path.clone(),
+                        action: "begin a write",
+                        source,
+                    })?;
+                Ok(Batch::Sqlite {
+                    tx,
+                    path: &self.path,
+                })
+            }
+        }
     }
 }
 
@@ -545,13 +671,13 @@ mod tests {
     #[test]
     fn a_batch_commits_its_pages_together_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let p1 = [rec("A", None, None, "BLACK")];
         let p2 = [rec("B", None, None, "BLUE")];
         let alive = |s: &Store| s.devices(&DeviceFilter::default()).unwrap().len();
 
         // Dropped uncommitted (a crash): neither page, nor its cursor, nor its events.
-        let b = s.batch().unwrap();
+        let mut b = s.batch().unwrap();
         b.apply_page(&page(&p1, Phase::Fetch, "c1", 1, false))
             .unwrap();
         b.apply_page(&page(&p2, Phase::Fetch, "c2", 1, false))
@@ -562,7 +688,7 @@ mod tests {
         assert_eq!(s.sync_state("acme").unwrap().cursor.cursor, None);
 
         // Committed: both pages, in order, and the cursor after the last one.
-        let b = s.batch().unwrap();
+        let mut b = s.batch().unwrap();
         let a = b
             .apply_page(&page(&p1, Phase::Fetch, "c1", 1, false))
             .unwrap();
@@ -632,13 +758,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.db");
         let id = |s: &Store| -> i32 {
-            s.conn
+            s.conn()
+                .unwrap()
                 .query_row("PRAGMA application_id", [], |r| r.get(0))
                 .unwrap()
         };
         let s = Store::open(&p).unwrap();
         assert_eq!(id(&s), APPLICATION_ID, "a new database is marked");
-        s.conn.pragma_update(None, "application_id", 0).unwrap();
+        s.conn()
+            .unwrap()
+            .pragma_update(None, "application_id", 0)
+            .unwrap();
         drop(s);
         let s = Store::open(&p).unwrap();
         assert_eq!(
@@ -656,7 +786,10 @@ mod tests {
         let r = Store::open_read_only(&p).unwrap();
         assert_eq!(r.device_counts("acme").unwrap(), (0, 0));
         assert!(
-            r.conn.execute("DELETE FROM devices", []).is_err(),
+            r.conn()
+                .unwrap()
+                .execute("DELETE FROM devices", [])
+                .is_err(),
             "the connection cannot write"
         );
         drop(r);
@@ -672,7 +805,7 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, 1, "left as it was");
-        assert!(Store::open_read_only(&dir.path().join("missing.db")).is_err());
+        assert!(Store::open_read_only(dir.path().join("missing.db")).is_err());
     }
 
     #[test]
@@ -738,7 +871,7 @@ mod tests {
     #[test]
     fn page_events_follow_the_diff() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
         let st = s
             .apply_page(&page(&p1, Phase::Fetch, "c1", 1, true))
@@ -807,7 +940,8 @@ mod tests {
 
     /// The first column of every row `sql` returns.
     fn column<T: rusqlite::types::FromSql>(s: &Store, sql: &str) -> Vec<T> {
-        s.conn
+        s.conn()
+            .unwrap()
             .prepare(sql)
             .unwrap()
             .query_map([], |r| r.get(0))
@@ -830,7 +964,7 @@ mod tests {
     #[test]
     fn an_added_event_reads_its_row_until_the_row_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let p1 = [rec("A", None, None, "red"), rec10("B", None, None, "blue")];
         s.apply_page(&page(&p1, Phase::Fetch, "c1", 1, true))
             .unwrap();
@@ -844,7 +978,7 @@ mod tests {
             ]
         );
         let named: Vec<(String, Option<i64>, bool)> = s
-            .conn
+            .conn().unwrap()
             .prepare("SELECT serial_number, snapshot_event_id, content_hash IS NOT NULL FROM devices ORDER BY 1")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -870,7 +1004,8 @@ mod tests {
         let snaps = event_snapshots(&s);
         assert_eq!(snaps[0], (String::new(), Some("red".into())));
         let (kept, source): (String, i64) = s
-            .conn
+            .conn()
+            .unwrap()
             .query_row(
                 "SELECT e.previous_json, d.snapshot_source_id FROM events e, devices d
                  WHERE e.id = 3 AND d.serial_number = 'A'",
@@ -924,7 +1059,8 @@ mod tests {
             );
         }
         let stored: String = s
-            .conn
+            .conn()
+            .unwrap()
             .query_row("SELECT device_json FROM events WHERE id = 3", [], |r| {
                 r.get(0)
             })
@@ -936,7 +1072,7 @@ mod tests {
     #[test]
     fn odd_protocol_10_shapes_read_back_the_same_through_rows_events_and_the_view() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let with = |serial: &str, extra: serde_json::Value| {
             let mut r = rec(serial, None, None, "red");
             if let serde_json::Value::Object(m) = extra {
@@ -988,7 +1124,7 @@ mod tests {
     #[test]
     fn a_new_tokens_pages_go_in_without_lookups_and_a_repeated_serial_still_resolves() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         assert!(!s.has_devices("acme").unwrap());
         fn fresh(p: PageWrite<'_>) -> PageWrite<'_> {
             PageWrite {
@@ -1011,7 +1147,7 @@ mod tests {
             .apply_page(&fresh(page(&p1, Phase::Fetch, "c1", 1, false)))
             .unwrap();
         assert_eq!((st.added, st.modified), (2, 0));
-        let batch = s.batch().unwrap();
+        let mut batch = s.batch().unwrap();
         let st2 = batch
             .apply_page(&fresh(page(&p2, Phase::Fetch, "c2", 1, false)))
             .unwrap();
@@ -1087,7 +1223,7 @@ mod tests {
     #[test]
     fn devices_are_read_in_chunks_in_key_order_up_to_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let recs: Vec<DeviceRecord> = (0..12_001)
             .map(|i| rec(&format!("S{:06}", (i * 7919) % 12_001), None, None, "red"))
             .collect();
@@ -1134,7 +1270,8 @@ mod tests {
             .unwrap();
         assert_eq!((st.unchanged, st.modified, st.events()), (1, 1, 1));
         let hashed: i64 = s
-            .conn
+            .conn()
+            .unwrap()
             .query_row(
                 "SELECT count(*) FROM devices WHERE content_hash IS NOT NULL",
                 [],
@@ -1158,7 +1295,7 @@ mod tests {
     #[test]
     fn a_completed_fetch_reconciles_devices_it_did_not_return() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let all = [
             rec("A", None, None, "r"),
             rec("B", None, None, "r"),
@@ -1190,7 +1327,7 @@ mod tests {
     #[test]
     fn a_device_whose_record_could_not_be_read_is_not_reconciled_away() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let all = [rec("A", None, None, "r"), rec("B", None, None, "r")];
         s.apply_page(&page(&all, Phase::Fetch, "c1", 1, true))
             .unwrap();
@@ -1213,7 +1350,7 @@ mod tests {
     #[test]
     fn reconciliation_spans_bitmap_chunks_commits_and_abandoned_fetches() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         // More devices than one fetch_seen chunk holds, so ids span two chunks.
         let n = SEEN_CHUNK_IDS as usize + 4_000;
         let all: Vec<DeviceRecord> = (0..n)
@@ -1259,7 +1396,8 @@ mod tests {
         assert_eq!(gone, ["S000005".to_owned(), format!("S{:06}", n - 3)]);
         // A completed fetch leaves no marks behind.
         let marks: i64 = s
-            .conn
+            .conn()
+            .unwrap()
             .query_row("SELECT COUNT(*) FROM fetch_seen", [], |r| r.get(0))
             .unwrap();
         assert_eq!(marks, 0);
@@ -1268,7 +1406,7 @@ mod tests {
     #[test]
     fn extra_fields_round_trip_and_are_diffed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("x.db")).unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
         let mut r = rec("A", None, None, "r");
         r.device
             .extra
@@ -1329,7 +1467,7 @@ mod tests {
         assert_eq!(extra("S2"), serde_json::json!({"imei": ["1", "2"]}));
         assert_eq!(extra("S3"), serde_json::json!({}));
         let (rest, imei, flag): (Option<String>, Option<String>, Option<i64>) = s
-            .conn
+            .conn().unwrap()
             .query_row(
                 "SELECT extra_json, imei, is_replacement_device FROM devices WHERE serial_number = 'S1'",
                 [],
@@ -1340,7 +1478,8 @@ mod tests {
         assert_eq!(imei.as_deref(), Some(r#"["35"]"#));
         assert_eq!(flag, Some(1));
         let only_v10: Option<String> = s
-            .conn
+            .conn()
+            .unwrap()
             .query_row(
                 "SELECT extra_json FROM devices WHERE serial_number = 'S2'",
                 [],

@@ -266,7 +266,7 @@ impl Store {
     /// Where `account`'s walk stands (a fresh walk when it never ran).
     pub fn org_walk(&self, account: &str) -> Result<OrgWalk, StoreError> {
         let found = self
-            .conn
+            .conn()?
             .query_row(
                 &format!("SELECT {WALK_COLUMNS} FROM org_walks WHERE account_name = ?1"),
                 [account],
@@ -284,7 +284,7 @@ impl Store {
     /// Every account's walk state.
     pub fn org_walks(&self) -> Result<Vec<OrgWalk>, StoreError> {
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare(&format!(
                 "SELECT {WALK_COLUMNS} FROM org_walks ORDER BY account_name"
             ))
@@ -297,7 +297,7 @@ impl Store {
 
     /// Records that a run of `account` began.
     pub fn record_org_run_start(&mut self, account: &str, now: &str) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "INSERT INTO org_walks (account_name, last_run_at) VALUES (?1, ?2)
                  ON CONFLICT (account_name) DO UPDATE SET last_run_at = excluded.last_run_at",
@@ -382,7 +382,7 @@ impl Store {
         account: &str,
     ) -> Result<Vec<(String, Option<String>)>, StoreError> {
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT id, server_name FROM mdm_servers WHERE account_name = ?1 AND removed_at IS NULL ORDER BY id",
             )
@@ -464,7 +464,7 @@ impl Store {
     /// The device walk starts over from its first page (Apple refused the cursor); what
     /// it has seen so far stays seen.
     pub fn restart_device_walk(&mut self, account: &str) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "UPDATE org_walks SET cursor = NULL WHERE account_name = ?1",
                 [account],
@@ -494,6 +494,10 @@ impl Store {
 
     /// Organisation devices, by account and serial.
     pub fn org_devices(&self, f: &OrgDeviceFilter) -> Result<Vec<StoredOrgDevice>, StoreError> {
+        if self.is_postgres() {
+            // Not yet configurable with PostgreSQL (see Config::load): nothing is stored.
+            return Ok(Vec::new());
+        }
         let accounts =
             (!f.accounts.is_empty()).then(|| Value::from(f.accounts.clone()).to_string());
         let sql = format!(
@@ -508,7 +512,7 @@ impl Store {
             device_columns()
         );
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(&sql)
             .map_err(self.err("read organisation devices"))?;
         let rows = stmt
@@ -529,7 +533,7 @@ impl Store {
 
     /// Counts for one account.
     pub fn org_counts(&self, account: &str) -> Result<OrgCounts, StoreError> {
-        self.conn
+        self.conn()?
             .query_row(
                 "SELECT
                    COUNT(*) FILTER (WHERE removed_at IS NULL),
@@ -561,7 +565,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(
                 "SELECT serial_number FROM org_devices
                  WHERE account_name = ?1 AND removed_at IS NULL
@@ -628,7 +632,7 @@ impl Store {
         serial: &str,
         now: &str,
     ) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "UPDATE org_devices SET applecare_checked_at = ?3 WHERE account_name = ?1 AND serial_number = ?2",
                 params![account, serial, now],
@@ -639,6 +643,10 @@ impl Store {
 
     /// A device's AppleCare coverage as JSON objects (snake_case columns).
     pub fn applecare_of(&self, account: &str, serial: &str) -> Result<Vec<Value>, StoreError> {
+        if self.is_postgres() {
+            // Not yet configurable with PostgreSQL (see Config::load): nothing is stored.
+            return Ok(Vec::new());
+        }
         let cols: Vec<&str> = COVERAGE_COLUMNS.iter().map(|c| c.0).collect();
         let sql = format!(
             "SELECT coverage_id, {}, fetched_at FROM applecare_coverage
@@ -646,7 +654,7 @@ impl Store {
             cols.join(", ")
         );
         let mut stmt = self
-            .conn
+            .conn()?
             .prepare_cached(&sql)
             .map_err(self.err("read AppleCare coverage"))?;
         let rows = stmt

@@ -399,7 +399,7 @@ impl Store {
     pub(super) fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
         let version: i64 = self
-            .conn
+            .conn()?
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(self.err("read schema version"))?;
         let known = MIGRATIONS.len() as i64;
@@ -414,7 +414,7 @@ impl Store {
         // snapshots); a database made by an earlier build says version 1 but lacks them.
         if version >= 1 {
             let current: bool = self
-                .conn
+                .conn()?
                 .query_row(
                     "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'fetch_seen')",
                     [],
@@ -427,7 +427,7 @@ impl Store {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = self
-                .conn
+                .conn_mut()?
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|source| StoreError::Sqlite {
                     path: path.clone(),

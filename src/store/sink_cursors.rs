@@ -31,7 +31,7 @@ pub struct SinkCursor {
 impl Store {
     /// A sink's delivery state (the default when it never delivered).
     pub fn sink_state(&self, sink: &str) -> Result<SinkCursor, StoreError> {
-        self.conn
+        self.conn()?
             .query_row(
                 "SELECT last_event_id, last_delivered_at, last_error, last_error_at, parked_at, retry_at
                  FROM sink_cursors WHERE sink_name = ?1",
@@ -69,7 +69,7 @@ impl Store {
             action: "store sink cursor",
             source,
         };
-        let tx = self.conn.transaction().map_err(wrap)?;
+        let tx = self.conn_mut()?.transaction().map_err(wrap)?;
         tx.execute(
             "INSERT OR IGNORE INTO sink_cursors (sink_name) VALUES (?1)",
             [sink],
@@ -94,7 +94,7 @@ impl Store {
         now: &str,
         retry_at: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "INSERT INTO sink_cursors (sink_name, last_error, last_error_at, retry_at)
                  VALUES (?1, ?2, ?3, ?4)
@@ -109,7 +109,7 @@ impl Store {
     /// Parks a sink: the receiver refused a batch for good, so delivery stops (keeping
     /// order) until [`Store::resume_sink`].
     pub fn park_sink(&mut self, sink: &str, error: &str, now: &str) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "INSERT INTO sink_cursors (sink_name, last_error, last_error_at, parked_at)
                  VALUES (?1, ?2, ?3, ?3)
@@ -126,7 +126,7 @@ impl Store {
     /// Returns whether it was parked.
     pub fn resume_sink(&mut self, sink: &str) -> Result<bool, StoreError> {
         let was_parked = self.sink_state(sink)?.parked_at.is_some();
-        self.conn
+        self.conn()?
             .execute(
                 "UPDATE sink_cursors SET parked_at = NULL, retry_at = NULL WHERE sink_name = ?1",
                 [sink],
@@ -137,7 +137,7 @@ impl Store {
 
     /// Sets a sink's cursor back so that events after `cursor` are delivered again (replay).
     pub fn rewind_sink(&mut self, sink: &str, cursor: i64) -> Result<(), StoreError> {
-        self.conn
+        self.conn()?
             .execute(
                 "INSERT INTO sink_cursors (sink_name, last_event_id) VALUES (?1, ?2)
                  ON CONFLICT (sink_name) DO UPDATE SET last_event_id = excluded.last_event_id",
@@ -150,13 +150,13 @@ impl Store {
     /// Events after `cursor`: how many, and when the oldest of them was written.
     pub fn pending_events(&self, cursor: i64) -> Result<(u64, Option<String>), StoreError> {
         let count: i64 = self
-            .conn
+            .conn()?
             .query_row("SELECT COUNT(*) FROM events WHERE id > ?1", [cursor], |r| {
                 r.get(0)
             })
             .map_err(self.err("count pending events"))?;
         let oldest: Option<String> = self
-            .conn
+            .conn()?
             .query_row(
                 "SELECT occurred_at FROM events WHERE id > ?1 ORDER BY id LIMIT 1",
                 [cursor],
@@ -169,7 +169,7 @@ impl Store {
 
     /// The smallest stored event id (None when there are no events).
     pub fn min_event_id(&self) -> Result<Option<i64>, StoreError> {
-        self.conn
+        self.conn()?
             .query_row("SELECT MIN(id) FROM events", [], |r| r.get(0))
             .map_err(self.err("read events"))
     }
@@ -189,7 +189,7 @@ impl Store {
             // Ids and times grow together, so when the oldest batch has nothing old enough
             // nothing later has either.
             let n = self
-                .conn
+                .conn()?
                 .execute(
                     "DELETE FROM events WHERE id IN (
                          SELECT id FROM events WHERE id <= ?1 ORDER BY id LIMIT ?3)
@@ -214,7 +214,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("x.db")).unwrap();
+        let s = Store::open(dir.path().join("x.db")).unwrap();
         (dir, s)
     }
 
@@ -277,7 +277,8 @@ mod tests {
         // Only the modified event stores its changes; the added and deleted events derive
         // theirs from the snapshot: every field, extras included.
         let stored: i64 = s
-            .conn
+            .conn()
+            .unwrap()
             .query_row("SELECT COUNT(changes) FROM events", [], |r| r.get(0))
             .unwrap();
         assert_eq!(stored, 1);

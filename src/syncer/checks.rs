@@ -8,15 +8,13 @@
 //!   stored devices came from, because that would mix two servers' devices under one name;
 //! - caps the page size at the `urls[].limit.maximum` Apple reports for fetch/sync.
 
-use std::path::Path;
-
 use chrono::{DateTime, Utc};
 
 use super::SyncError;
 use crate::apple::{Account, AppleClient};
 use crate::config::TokenConfig;
 use crate::model::format_time;
-use crate::store::{Store, StoredAccount};
+use crate::store::{Database, Store, StoredAccount};
 use crate::token::ServerToken;
 
 /// Days before expiry at which a warning is logged: the first is the expiry rule's
@@ -32,7 +30,7 @@ const PAGED_URIS: [&str; 2] = ["/server/devices", "/devices/sync"];
 /// Apple allows.
 pub async fn check(
     client: &AppleClient,
-    database: &Path,
+    database: &Database,
     token: &TokenConfig,
     server_token: &ServerToken,
 ) -> Result<u32, SyncError> {
@@ -94,7 +92,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Logs the expiry warning due now, if any, and remembers it.
 fn warn_expiry_once(
-    db: &Path,
+    db: &Database,
     name: &str,
     expiry: DateTime<Utc>,
     now: DateTime<Utc>,

@@ -45,13 +45,13 @@ pub(super) fn writer_loop(
     // A token without devices: its fetch pages are inserted without looking them up.
     let expect_new = !store.has_devices(token)?;
     while let Some(first) = rx.blocking_recv() {
-        let batch = store.batch()?;
+        let mut batch = store.batch()?;
         let opened = Instant::now();
         let mut group = PageStats::default();
         let mut pages = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            apply(&batch, token, expect_new, msg, &mut group)?;
+            apply(&mut batch, token, expect_new, msg, &mut group)?;
             pages += 1;
             if pages >= GROUP_MAX_PAGES || opened.elapsed() >= GROUP_MAX_AGE {
                 break;
@@ -70,7 +70,7 @@ pub(super) fn writer_loop(
 }
 
 fn apply(
-    batch: &Batch<'_>,
+    batch: &mut Batch<'_>,
     token: &str,
     expect_new: bool,
     msg: WriterMsg,

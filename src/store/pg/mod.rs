@@ -1,0 +1,277 @@
+//! The PostgreSQL backend of [`Store`](super::Store): the same operations as the SQLite
+//! code beside it, on a server several adesync processes may share.
+//!
+//! Driven synchronously (the `postgres` crate) from the same blocking threads as rusqlite,
+//! so every caller of the store works unchanged whichever backend the config names; a page
+//! write is a handful of round trips (arrays bound with `UNNEST`), not one per row.
+//!
+//! Key invariants, as on SQLite: a page's rows, its events and the cursor after it commit
+//! in one transaction. Event ids are taken from `event_ids` by the transaction that
+//! inserts the events, just before it commits, and that row stays locked until the commit:
+//! two writers can never make a higher id visible before a lower one (see schema.rs).
+
+use postgres::{Client, NoTls};
+
+use super::StoreError;
+use crate::config::PgTarget;
+
+mod read;
+mod schema;
+mod write;
+
+pub(crate) use write::PgBatch;
+
+/// Key of the advisory lock held while migrating ("ADES" "MIGR"), so replicas starting
+/// together on an empty database migrate it once.
+const MIGRATION_LOCK: i64 = 0x4144_4553_4d49_4752;
+
+/// Key of the advisory lock held by the one process syncing the database ("ADES" "SYNC").
+const SYNC_LOCK: i64 = 0x4144_4553_5359_4e43;
+
+/// One connection to the server.
+pub(crate) struct Pg {
+    /// Always Some until dropped (see the Drop impl).
+    client: Option<Client>,
+    shown: String,
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // Closing a connection blocks on the client's own runtime, which tokio forbids on
+        // a thread that drives async tasks: inside a runtime, close it on a thread of its
+        // own (the server ends the session when the socket closes either way).
+        if let Some(client) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("pg-close".into())
+                    .spawn(move || drop(client));
+            }
+        }
+    }
+}
+
+impl Pg {
+    /// Connects and brings the schema up to date (under an advisory lock).
+    pub(crate) fn open(target: &PgTarget) -> Result<Self, StoreError> {
+        let mut pg = Self::connect(target)?;
+        pg.migrate()?;
+        Ok(pg)
+    }
+
+    /// Connects for reading: nothing is created; a database that needs a migration says so.
+    pub(crate) fn open_read_only(target: &PgTarget) -> Result<Self, StoreError> {
+        let mut pg = Self::connect(target)?;
+        let version = pg.schema_version()?;
+        let known = schema::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: target.shown().into(),
+                found: version,
+                known,
+            });
+        }
+        if version < known {
+            return Err(StoreError::NeedsUpgrade {
+                path: target.shown().into(),
+            });
+        }
+        pg.c()
+            .batch_execute("SET default_transaction_read_only = on")
+            .map_err(pg.err("configure"))?;
+        Ok(pg)
+    }
+
+    fn connect(target: &PgTarget) -> Result<Self, StoreError> {
+        let shown = target.shown().to_owned();
+        let (config, tls) =
+            target
+                .connect_config()
+                .map_err(|reason| StoreError::PostgresConfig {
+                    url: shown.clone(),
+                    reason,
+                })?;
+        let connected = if tls {
+            let connector =
+                native_tls::TlsConnector::new().map_err(|e| StoreError::PostgresConfig {
+                    url: shown.clone(),
+                    reason: format!("cannot set up TLS: {e}"),
+                })?;
+            config.connect(postgres_native_tls::MakeTlsConnector::new(connector))
+        } else {
+            config.connect(NoTls)
+        };
+        let client = connected.map_err(|source| StoreError::Postgres {
+            url: shown.clone(),
+            action: "connect",
+            source,
+        })?;
+        Ok(Pg {
+            client: Some(client),
+            shown,
+        })
+    }
+
+    /// The connection.
+    pub(super) fn c(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("the connection is open until dropped")
+    }
+
+    pub(super) fn err(&self, action: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
+        let url = self.shown.clone();
+        move |source| StoreError::Postgres {
+            url,
+            action,
+            source,
+        }
+    }
+
+    /// Applies the missing migrations, each in its own transaction, under an advisory lock
+    /// (a second replica waits, then finds nothing to do).
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        self.c()
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(self.err("lock the schema for migration"))?;
+        let result = self.migrate_locked();
+        let unlocked = self
+            .c()
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .map_err(self.err("unlock the schema"));
+        result.and(unlocked.map(drop))
+    }
+
+    fn migrate_locked(&mut self) -> Result<(), StoreError> {
+        self.check_identity()?;
+        if self.schema_version()? == 0 {
+            self.c()
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS adesync_schema (
+                     version    integer PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 )",
+                )
+                .map_err(self.err("create the schema table"))?;
+        }
+        let version = self.schema_version()?;
+        let known = schema::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: self.shown.clone().into(),
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let err = || self.err("migrate the schema");
+            let (e1, e2, e3, e4) = (err(), err(), err(), err());
+            let mut tx = self.c().transaction().map_err(e1)?;
+            tx.batch_execute(sql).map_err(e2)?;
+            tx.execute(
+                "INSERT INTO adesync_schema (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )
+            .map_err(e3)?;
+            tx.commit().map_err(e4)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a database whose `devices` table is another application's.
+    fn check_identity(&mut self) -> Result<(), StoreError> {
+        let row = self
+            .c()
+            .query_one(
+                "SELECT to_regclass('adesync_schema') IS NOT NULL,
+                        to_regclass('devices') IS NOT NULL,
+                        (SELECT min(table_name::text) FROM information_schema.tables
+                          WHERE table_schema = current_schema())",
+                &[],
+            )
+            .map_err(self.err("read the database"))?;
+        let (ours, devices, example): (bool, bool, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
+        if devices && !ours {
+            return Err(StoreError::Foreign {
+                path: self.shown.clone().into(),
+                example_table: example
+                    .map(|t| crate::model::printable(&t).chars().take(64).collect()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Migrations applied (0 on an empty database).
+    pub(crate) fn schema_version(&mut self) -> Result<i64, StoreError> {
+        let exists: bool = self
+            .c()
+            .query_one("SELECT to_regclass('adesync_schema') IS NOT NULL", &[])
+            .map_err(self.err("read schema version"))?
+            .get(0);
+        if !exists {
+            return Ok(0);
+        }
+        Ok(self
+            .c()
+            .query_one(
+                "SELECT COALESCE(max(version), 0)::bigint FROM adesync_schema",
+                &[],
+            )
+            .map_err(self.err("read schema version"))?
+            .get(0))
+    }
+
+    /// Takes the syncing process's session lock without waiting.
+    pub(crate) fn try_lock_syncing(&mut self) -> Result<bool, StoreError> {
+        Ok(self
+            .c()
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&SYNC_LOCK])
+            .map_err(self.err("lock the database for syncing"))?
+            .get(0))
+    }
+
+    /// Opens a write transaction for one or more pages (group commit).
+    pub(crate) fn batch(&mut self) -> Result<PgBatch<'_>, StoreError> {
+        let err = self.err("begin a write");
+        let client = self
+            .client
+            .as_mut()
+            .expect("the connection is open until dropped");
+        let tx = client.transaction().map_err(err)?;
+        Ok(PgBatch::new(tx, &self.shown))
+    }
+}
+
+/// Advice for the PostgreSQL errors a person can act on, appended to the message.
+pub(super) fn advice(e: &postgres::Error) -> String {
+    use postgres::error::SqlState;
+    let detail = match e.as_db_error() {
+        Some(db) => format!(": {}", crate::model::printable(db.message())),
+        None => match std::error::Error::source(e) {
+            Some(s) => format!(": {}", crate::model::printable(&s.to_string())),
+            None => String::new(),
+        },
+    };
+    let hint = match e.code() {
+        Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "; check the user in the URL and its password (database_password_file, or PGPASSWORD in the service's environment)"
+        }
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
+            "; the user lacks a privilege: grant it CREATE on the schema and ownership of adesync's tables (README, \"PostgreSQL\")"
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
+            "; the database does not exist: create it (createdb -O USER NAME) or fix the URL"
+        }
+        Some(c) if *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            "; the server is a read-only standby: point the URL at the primary"
+        }
+        Some(c) if c.code().starts_with("53") => {
+            "; the server is out of a resource (disk, memory or connections): free it, then run again (nothing half-written was kept)"
+        }
+        None if e.is_closed() || e.as_db_error().is_none() => {
+            "; check that the server is running and reachable at the URL's host and port (nothing half-written was kept)"
+        }
+        _ => "",
+    };
+    format!("{detail}{hint}")
+}
