@@ -12,6 +12,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub mock: MockHandle,
     pub config_path: PathBuf,
+    /// The configured `database` text: a file name in `dir`, or a PostgreSQL URL.
+    pub database: String,
 }
 
 impl Env {
@@ -30,12 +32,24 @@ impl Env {
 
     /// Full control: simulator settings, page size, extra TOML appended to the config.
     pub async fn with(mock: MockConfig, page_size: u32, extra_toml: &str) -> Env {
+        Self::on(Backend::Sqlite, mock, page_size, extra_toml).await
+    }
+
+    /// [`Env::with`] on a chosen backend: an SQLite file in the temp folder, or a schema of
+    /// its own in the test PostgreSQL database.
+    pub async fn on(backend: Backend, mock: MockConfig, page_size: u32, extra_toml: &str) -> Env {
         let mock = adesync_mock::start(mock).await.expect("simulator starts");
         let dir = tempfile::tempdir().unwrap();
         write_token(&dir.path().join("acme.json"), &Credentials::depsim(), 365);
         let config_path = dir.path().join("config.toml");
+        let database = match backend {
+            Backend::Sqlite => "adesync.db".to_owned(),
+            Backend::Postgres => tokio::task::spawn_blocking(fresh_postgres_database)
+                .await
+                .unwrap(),
+        };
         let text = format!(
-            "database = \"adesync.db\"\n\
+            "database = \"{database}\"\n\
              [retry]\nmax_attempts = 3\ninitial_delay = \"100ms\"\nmax_delay = \"100ms\"\n\
              [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\napi_url = \"{}\"\npage_size = {page_size}\n{extra_toml}",
             mock.base_url()
@@ -45,6 +59,7 @@ impl Env {
             dir,
             mock,
             config_path,
+            database,
         }
     }
 
@@ -52,8 +67,13 @@ impl Env {
         Config::load(&self.config_path).expect("valid config")
     }
 
+    /// The store the config names (on PostgreSQL: call it off the async runtime).
     pub fn store(&self) -> Store {
-        Store::open(self.dir.path().join("adesync.db")).unwrap()
+        if adesync::config::Database::is_url(&self.database) {
+            Store::open(adesync::config::Database::postgres(&self.database, None).unwrap()).unwrap()
+        } else {
+            Store::open(self.dir.path().join(&self.database)).unwrap()
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -181,4 +201,81 @@ pub fn assert_valid(schema: &jsonschema::Validator, event: &serde_json::Value) {
         errors.is_empty(),
         "{event} does not match the schema: {errors:?}"
     );
+}
+
+/// The store backends the conformance battery runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The test PostgreSQL server (`ADESYNC_TEST_POSTGRES_URL`, which `.ci/postgres start`
+/// prints). None when unset, and the test says it was skipped by name; with
+/// `ADESYNC_REQUIRE_POSTGRES=1` (as `.ci/run` sets) a missing URL fails the test instead.
+pub fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var("ADESYNC_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("ADESYNC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "{test}: ADESYNC_TEST_POSTGRES_URL is not set but ADESYNC_REQUIRE_POSTGRES=1"
+            );
+            eprintln!("SKIPPED {test} on PostgreSQL: ADESYNC_TEST_POSTGRES_URL is not set (`.ci/postgres start` prints one)");
+            None
+        }
+    }
+}
+
+/// A URL whose tables live in a new, empty schema of the test database (the connection's
+/// `search_path`), so every test starts from an empty PostgreSQL mirror.
+pub fn fresh_postgres_database() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = std::env::var("ADESYNC_TEST_POSTGRES_URL").expect("postgres_url checked first");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let schema = format!(
+        "t_{}_{}_{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut admin = postgres::Client::connect(&base, postgres::NoTls).expect("test server up");
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}application_name={schema}&options=-c%20search_path%3D{schema}")
+}
+
+/// Defines a `sqlite` and a `postgres` test for each scenario `fn name(Backend)`, the
+/// latter skipped by name when no test server is configured (see [`postgres_url`]).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite)
+            }
+            #[test]
+            fn postgres() {
+                if $crate::common::postgres_url(module_path!()).is_some() {
+                    super::$name($crate::common::Backend::Postgres)
+                }
+            }
+        }
+    )*};
+}
+
+/// A multi-threaded runtime for a synchronous test that drives async parts with
+/// `block_on` and uses the store (which may be PostgreSQL's blocking client) directly.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }

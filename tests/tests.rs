@@ -1,6 +1,7 @@
 //! adesync's integration tests: one binary, scenarios in modules.
 //!
 //! - `assign`: enrollment profile assignment against the simulator and wiremock.
+//! - `backends`: the storage conformance battery, on SQLite and on PostgreSQL.
 //! - `client`: the Apple client against wiremock (session, re-auth, rotation, errors, retries).
 //! - `sync`: whole sync passes against the bundled Apple simulator on 127.0.0.1.
 //! - `cli`: the built `adesync` binary, including a process killed mid-sync.
@@ -17,6 +18,7 @@
 //!   the same-server guard, expiry warnings, renewal without restart, purge.
 
 mod assign;
+mod backends;
 mod cli;
 mod client;
 mod common;

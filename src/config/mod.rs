@@ -1039,6 +1039,52 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_postgres_url_selects_postgres_and_refuses_what_it_cannot_keep_yet() {
+        let dir = dir_with_token();
+        let pg = MINIMAL.replace("\"a.db\"", "\"postgres://adesync:pw@127.0.0.1/mirror\"");
+        let c = parse(&dir, &pg).unwrap();
+        assert!(c.database.is_postgres());
+        let shown = c.to_redacted_toml();
+        assert!(
+            shown.contains("postgres://adesync@127.0.0.1/mirror"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("pw"),
+            "the password is never shown: {shown}"
+        );
+        // The password file resolves against the config's folder.
+        let with_file = format!("database_password_file = \"pw.txt\"\n{pg}");
+        let c = parse(&dir, &with_file).unwrap();
+        assert!(c
+            .to_redacted_toml()
+            .contains(&dir.path().join("pw.txt").display().to_string()));
+        // ...and means nothing to SQLite.
+        let e = parse(
+            &dir,
+            &format!("database_password_file = \"pw.txt\"\n{MINIMAL}"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("only for a PostgreSQL"), "{e}");
+        let sink = "[[sinks]]\nname = \"s\"\ntype = \"jsonl\"\npath = \"-\"\n";
+        let e = parse(&dir, &format!("{pg}{sink}")).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "database")
+                && e.to_string().contains("not yet [[sinks]]"),
+            "{e}"
+        );
+        let e = parse(
+            &dir,
+            &MINIMAL.replace(
+                "\"a.db\"",
+                "\"postgres://u@db.example.com/m?sslmode=disable\"",
+            ),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("in clear"), "{e}");
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let text =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))

@@ -21,12 +21,15 @@ mod write;
 
 pub(crate) use write::PgBatch;
 
-/// Key of the advisory lock held while migrating ("ADES" "MIGR"), so replicas starting
-/// together on an empty database migrate it once.
-const MIGRATION_LOCK: i64 = 0x4144_4553_4d49_4752;
+/// Advisory locks are per database, and one database may hold several mirrors (one per
+/// schema): each lock is keyed by (its purpose, a hash of the schema the tables live in).
+///
+/// The lock held while migrating ("MIGR"), so replicas starting together on an empty
+/// database migrate it once.
+const MIGRATION_LOCK: i32 = 0x4d49_4752;
 
-/// Key of the advisory lock held by the one process syncing the database ("ADES" "SYNC").
-const SYNC_LOCK: i64 = 0x4144_4553_5359_4e43;
+/// The lock held by the one process syncing the mirror ("SYNC").
+const SYNC_LOCK: i32 = 0x5359_4e43;
 
 /// One connection to the server.
 pub(crate) struct Pg {
@@ -131,12 +134,18 @@ impl Pg {
     /// (a second replica waits, then finds nothing to do).
     fn migrate(&mut self) -> Result<(), StoreError> {
         self.c()
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+                &[&MIGRATION_LOCK],
+            )
             .map_err(self.err("lock the schema for migration"))?;
         let result = self.migrate_locked();
         let unlocked = self
             .c()
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .execute(
+                "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
+                &[&MIGRATION_LOCK],
+            )
             .map_err(self.err("unlock the schema"));
         result.and(unlocked.map(drop))
     }
@@ -225,7 +234,10 @@ impl Pg {
     pub(crate) fn try_lock_syncing(&mut self) -> Result<bool, StoreError> {
         Ok(self
             .c()
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&SYNC_LOCK])
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+                &[&SYNC_LOCK],
+            )
             .map_err(self.err("lock the database for syncing"))?
             .get(0))
     }
