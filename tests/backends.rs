@@ -51,7 +51,11 @@ fn a_first_fetch_mirrors_every_device_with_one_added_event_each(b: Backend) {
     let env = env(&rt, b, 2500, 1000);
     let s = sync(&rt, &env);
     assert_eq!(env.mock.count_requests(Endpoint::FetchDevices), 3);
+    // One sync follows the completed fetch to pick up changes made during it.
+    assert_eq!(env.mock.count_requests(Endpoint::SyncDevices), 1);
+    assert_eq!(env.mock.count_requests(Endpoint::Session), 1);
     assert_eq!(s.stats.added, 2500);
+    assert_eq!((s.stats.modified, s.stats.deleted), (0, 0));
     let store = env.store();
     assert_mirrors(&store, &env.mock);
     assert_eq!(event_counts(&store), (2500, 0, 0));
@@ -80,10 +84,16 @@ fn changes_become_exactly_those_events_and_a_re_run_emits_nothing(b: Backend) {
     assert_eq!(env.mock.modify_devices(&serials[0..7]), 7);
     assert_eq!(env.mock.delete_devices(&serials[100..105]), 5);
     let before = env.store().max_event_id().unwrap();
+    env.mock.clear_requests();
     let s = sync(&rt, &env);
     assert_eq!(
         (s.stats.added, s.stats.modified, s.stats.deleted),
         (10, 7, 5)
+    );
+    assert_eq!(
+        env.mock.count_requests(Endpoint::FetchDevices),
+        0,
+        "no re-fetch"
     );
     let store = env.store();
     assert_mirrors(&store, &env.mock);
@@ -116,9 +126,12 @@ fn changes_become_exactly_those_events_and_a_re_run_emits_nothing(b: Backend) {
         })
         .unwrap();
     assert_eq!(deleted.len(), 5);
-    // Nothing changed: nothing is written.
+    // Nothing changed: only a sync call, and nothing is written.
+    env.mock.clear_requests();
     let s = sync(&rt, &env);
     assert_eq!(s.stats.events(), 0);
+    assert_eq!(env.mock.count_requests(Endpoint::FetchDevices), 0);
+    assert_eq!(env.mock.count_requests(Endpoint::SyncDevices), 1);
     assert_eq!(env.store().max_event_id().unwrap(), before + 22);
 }
 
@@ -131,8 +144,10 @@ fn an_expired_cursor_re_fetches_and_reconciles_without_duplicates(b: Backend) {
     env.mock.modify_devices(&serials[20..24]);
     env.mock.add_devices(2);
     env.mock.advance_clock(chrono::Duration::days(8));
+    env.mock.clear_requests();
     let s = sync(&rt, &env);
     assert!(s.fetched);
+    assert!(env.mock.count_requests(Endpoint::FetchDevices) >= 3);
     assert_eq!(
         (s.stats.added, s.stats.modified, s.stats.deleted),
         (2, 4, 3)
