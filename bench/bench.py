@@ -16,8 +16,11 @@ count must not move), and the floor (examples/org_fetch_floor.rs: the same orgDe
 downloaded and parsed through adesync's own client and parser, nothing stored), run
 alternately with the re-walk, and the ratio re-walk / floor (issue target: <= 1.5x).
 
+With --postgres URL it also runs the largest size's first fetch, no-op and 100,000-change
+incremental with the mirror in PostgreSQL (same simulator seed, same machine, same run).
+
 Usage:  bench/bench.py [--quick] [--runs N] [--sizes 10000,100000,1000000]
-                       [--org-sizes 10000,100000] [--markdown FILE]
+                       [--org-sizes 10000,100000] [--postgres URL] [--markdown FILE]
         --org-sizes is off by default, also under --quick; --sizes "" skips the ADE scenarios.
 """
 
@@ -278,6 +281,56 @@ def scenario_reconcile(sim, config, runs, store_size):
     return summarize(f"expired cursor: full re-fetch + reconcile", store_size, samples, sim_cpu)
 
 
+def psql(url, sql):
+    """Runs SQL with psql against `url`; returns its unaligned output."""
+    out = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", url, "-c", sql],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def pg_fresh_schema(url, schema):
+    psql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-c%20search_path%3D{schema}"
+
+
+def pg_bytes(url, schema):
+    """Size of the schema's tables with their indexes and TOAST."""
+    return int(psql(url, f"SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c "
+                         f"JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '{schema}' "
+                         f"AND c.relkind IN ('r', 'm')"))
+
+
+def scenarios_postgres(url, n, runs):
+    """The 1M first fetch, the no-op and the 100,000-change incremental on PostgreSQL, each
+    into a schema of its own (dropped afterwards), against the same simulator seed."""
+    schema = "adesync_bench"
+    work = tempfile.mkdtemp(prefix="adesync-bench-pg-")
+    sim = Simulator(n, work)
+    out = []
+    try:
+        samples, sim_cpu = [], []
+        for _ in range(runs):
+            db = pg_fresh_schema(url, schema)
+            config = write_config(work, sim, db)
+            c0 = sim.cpu()
+            samples.append(sync_once(config))
+            sim_cpu.append(sim.cpu() - c0)
+        r = summarize("postgres: full fetch, fresh database", n, samples, sim_cpu)
+        r["pg_bytes"] = pg_bytes(url, schema)
+        out.append(r)
+        print(table([r]).splitlines()[-1], flush=True)
+        for r in [scenario_noop(sim, config, runs, n), scenario_incremental(sim, config, runs)]:
+            r["scenario"] = "postgres: " + r["scenario"]
+            out.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
+    finally:
+        sim.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        psql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    return out
+
+
 def floor_parse(sim, n, runs):
     samples, sim_cpu = [], []
     exe = os.path.join(RELEASE, "examples", "fetch_floor")
@@ -391,6 +444,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 run each, sizes 10k and 100k")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--postgres", metavar="URL",
+                    help="also run the first fetch, no-op and incremental of the largest size on this "
+                         "PostgreSQL database (a schema adesync_bench is made and dropped), e.g. the "
+                         "URL `ADESYNC_CI_PG_DURABLE=1 .ci/postgres start` prints")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.sizes = 1, "10000,100000"
@@ -427,6 +484,8 @@ def main():
         finally:
             sim.stop()
             shutil.rmtree(work, ignore_errors=True)
+    if args.postgres and sizes:
+        results += scenarios_postgres(args.postgres, max(sizes), args.runs)
     for n in org_sizes:
         rows, note = scenarios_org(n, args.runs)
         results += rows
@@ -434,6 +493,8 @@ def main():
     out = table(results)
     notes += [f"database after the {r['devices']:,}-device full fetch: {r['db_bytes'] / 1e6:.0f} MB"
               for r in results if "db_bytes" in r]
+    notes += [f"PostgreSQL schema after the {r['devices']:,}-device full fetch (tables, indexes, TOAST): "
+              f"{r['pg_bytes'] / 1e6:.0f} MB" for r in results if "pg_bytes" in r]
     if notes:
         out += "\n\n" + "\n".join(f"- {line}" for line in notes)
     print("\n" + out)

@@ -105,6 +105,9 @@ pub struct TokenStatus {
     pub full_fetch_missed: Option<i64>,
     /// What a person must do, if anything.
     pub attention: Vec<String>,
+    /// PostgreSQL: the replica syncing the token right now, as the server names its
+    /// connection (application_name, address, backend pid, since when); `None` when none is.
+    pub synced_by: Option<String>,
 }
 
 /// The changes a completed full re-fetch found that the sync cursor had missed: the
@@ -222,6 +225,7 @@ pub fn token_status(
         full_fetch_missed: missed,
         last_full_fetch_at: state.last_full_fetch_at,
         attention,
+        synced_by: None,
     }
 }
 
@@ -236,6 +240,12 @@ pub fn token_statuses(
         let state = store.sync_state(&t.name)?;
         let counts = store.device_counts(&t.name)?;
         out.push(token_status(t, state, counts, now));
+    }
+    let names: Vec<String> = config.tokens.iter().map(|t| t.name.clone()).collect();
+    for (token, holder) in store.token_holders(&names)? {
+        if let Some(s) = out.iter_mut().find(|s| s.token == token) {
+            s.synced_by = Some(holder);
+        }
     }
     Ok(out)
 }

@@ -554,11 +554,11 @@ fn postgres_a_connection_cut_mid_page_leaves_nothing_half_written() {
     assert!(per_serial.values().all(|n| *n == 1));
 }
 
-/// One process syncs a PostgreSQL database at a time: a second `run` is refused with
-/// that said while the first holds the lock, and runs once it is gone.
+/// Two `run --once` against one PostgreSQL mirror: the second leaves the token the
+/// first is syncing alone (it says who has it, and exits 0), and nothing is doubled.
 #[test]
-fn postgres_a_second_syncing_process_is_refused_while_the_first_runs() {
-    if postgres_url("postgres_a_second_syncing_process_is_refused_while_the_first_runs").is_none() {
+fn postgres_a_token_being_synced_is_left_to_its_replica() {
+    if postgres_url("postgres_a_token_being_synced_is_left_to_its_replica").is_none() {
         return;
     }
     let rt = runtime();
@@ -569,26 +569,259 @@ fn postgres_a_second_syncing_process_is_refused_while_the_first_runs() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut first = first.spawn().unwrap();
-    // Wait until the first is writing (it holds the lock from before its first page).
     let started = std::time::Instant::now();
     while env.store().device_counts("acme").unwrap().0 == 0 {
         assert!(
-            started.elapsed() < Duration::from_secs(20),
+            started.elapsed() < Duration::from_secs(30),
             "first run never wrote"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let second = rt.block_on(run_once(&env));
+    let mut second = adesync(&env);
+    second.args(["run", "--once"]).env("RUST_LOG", "info");
+    let second = rt.block_on(crate::common::output(second));
     let first_done = first.try_wait().unwrap().is_some();
-    let stderr = String::from_utf8_lossy(&second.stderr);
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{log}");
     if !first_done {
-        assert!(!second.status.success());
         assert!(
-            stderr.contains("another adesync process is already syncing"),
-            "{stderr}"
+            log.contains("another replica is syncing this token"),
+            "{log}"
         );
+        assert!(log.contains("held_by="), "{log}");
     }
     assert!(first.wait().unwrap().success());
+    let store = env.store();
+    assert_mirrors(&store, &env.mock);
+    assert_eq!(event_counts(&store), (50_000, 0, 0));
+}
+
+/// Writes a config of `tokens` tokens (t01, t02, ...) at the simulator, all with the same
+/// token file, into the env's folder, for replica `name` (its application_name).
+fn replica_config(env: &Env, name: &str, tokens: usize) -> std::path::PathBuf {
+    let mut text = format!(
+        "database = \"{}&application_name={name}\"\nschedule = \"10s\"\n\
+         [retry]\nmax_attempts = 3\ninitial_delay = \"100ms\"\nmax_delay = \"100ms\"\n",
+        env.database.replace(
+            &format!(
+                "application_name={}&",
+                env.database.rsplit("search_path%3D").next().unwrap()
+            ),
+            ""
+        )
+    );
+    for t in 1..=tokens {
+        text.push_str(&format!(
+            "[[tokens]]\nname = \"t{t:02}\"\ntoken_file = \"acme.json\"\napi_url = \"{}\"\npage_size = 100\n",
+            env.mock.base_url()
+        ));
+    }
+    let path = env.path(&format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Three replicas sync 12 tokens from one simulator into one PostgreSQL mirror; the one
+/// holding tokens mid-fetch is killed with SIGKILL. The others take its tokens over within
+/// a schedule interval (plus the moment the server needs to see the connection gone),
+/// and in the end every device of every token is stored once with exactly one event.
+#[test]
+fn postgres_three_replicas_share_the_tokens_and_survive_a_sigkill() {
+    if postgres_url("postgres_three_replicas_share_the_tokens_and_survive_a_sigkill").is_none() {
+        return;
+    }
+    const TOKENS: usize = 12;
+    const DEVICES: usize = 4000;
+    let rt = runtime();
+    let env = env(&rt, Backend::Postgres, DEVICES, 100);
+    let tokens: Vec<String> = (1..=TOKENS).map(|t| format!("t{t:02}")).collect();
+    let start = |name: &str| {
+        let config = replica_config(&env, name, TOKENS);
+        std::process::Command::new(env!("CARGO_BIN_EXE_adesync"))
+            .arg("--config")
+            .arg(&config)
+            .args(["run"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut replicas: Vec<(String, std::process::Child)> = ["replica-a", "replica-b", "replica-c"]
+        .iter()
+        .map(|n| (n.to_string(), start(n)))
+        .collect();
+    let store = env.store();
+    // Wait until some replica holds tokens mid-fetch, and kill the one holding the most.
+    let started = std::time::Instant::now();
+    let (victim, victim_tokens) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no replica ever held a token"
+        );
+        let holders = store.token_holders(&tokens).unwrap();
+        let mut by: HashMap<String, Vec<String>> = HashMap::new();
+        for (t, h) in holders {
+            let name = h.split(' ').next().unwrap().to_owned();
+            by.entry(name).or_default().push(t);
+        }
+        if let Some((name, held)) = by.into_iter().max_by_key(|(_, v)| v.len()) {
+            break (name, held);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let killed_at = std::time::Instant::now();
+    let i = replicas.iter().position(|(n, _)| *n == victim).unwrap();
+    let (_, mut child) = replicas.remove(i);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Every token ends synced by a survivor: the killed replica's tokens after takeover.
+    let mut takeover = None;
+    let done = loop {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "the tokens of {victim} ({victim_tokens:?}) were not taken over"
+        );
+        let holders = store.token_holders(&victim_tokens).unwrap();
+        if takeover.is_none() && holders.iter().any(|(_, h)| !h.starts_with(&victim)) {
+            takeover = Some(killed_at.elapsed());
+        }
+        let states = store.sync_states().unwrap();
+        let synced = tokens
+            .iter()
+            .filter(|t| {
+                states
+                    .iter()
+                    .any(|s| &s.token_name == *t && s.cursor.phase == Phase::Sync)
+                    && store.device_counts(t).unwrap().0 == DEVICES as u64
+            })
+            .count();
+        if synced == TOKENS {
+            break killed_at.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (_, mut c) in replicas {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().unwrap();
+    }
+    eprintln!(
+        "replicas: {victim} killed holding {} token(s); first taken over after {:?}, all {TOKENS} synced {:?} after the kill",
+        victim_tokens.len(),
+        takeover,
+        done
+    );
+    let truth = crate::common::truth(&env.mock);
+    let events = store.events_after(0, None, 1_000_000).unwrap();
+    let mut per_device: HashMap<(String, String), usize> = HashMap::new();
+    for e in &events {
+        assert_eq!(e.kind.as_str(), "added", "{e:?}");
+        *per_device
+            .entry((e.token_name.clone(), e.serial_number.clone()))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_device.len(),
+        TOKENS * DEVICES,
+        "every device of every token"
+    );
+    assert!(per_device.values().all(|n| *n == 1), "one event each");
+    for t in &tokens {
+        assert_eq!(crate::common::stored(&store, t), truth, "token {t}");
+    }
+}
+
+/// While another connection holds a token, `run` leaves it alone, and `status` and
+/// `/metrics` name the holder; once it lets go, the next run syncs it.
+#[test]
+fn postgres_status_and_metrics_name_the_replica_syncing_a_token() {
+    if postgres_url("postgres_status_and_metrics_name_the_replica_syncing_a_token").is_none() {
+        return;
+    }
+    let rt = runtime();
+    let port = crate::common::free_port();
+    let env = rt.block_on(Env::on(
+        Backend::Postgres,
+        MockConfig {
+            devices: 300,
+            ..Default::default()
+        },
+        100,
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    ));
+    let replica = env
+        .database
+        .split("application_name=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut holder = env.store();
+    assert_eq!(holder.own_token("acme").unwrap(), None, "free at first");
+    let out = rt.block_on(run_once(&env));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.store().device_counts("acme").unwrap(),
+        (0, 0),
+        "left alone"
+    );
+    let mut status = adesync(&env);
+    status.args(["status", "--format", "json"]);
+    let out = rt.block_on(crate::common::output(status));
+    let line: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let by = line["synced_by"].as_str().unwrap_or_default().to_owned();
+    assert!(by.starts_with(&replica), "{line}");
+    let mut status = adesync(&env);
+    status.arg("status");
+    let out = rt.block_on(crate::common::output(status));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("acme: being synced now by"));
+    // The daemon leaves it alone too, and says who has it.
+    let mut daemon = adesync(&env)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let started = std::time::Instant::now();
+    let metrics = loop {
+        let body = rt
+            .block_on(async {
+                reqwest::Client::new()
+                    .get(&url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .unwrap_or_default();
+        if body.contains("adesync_token_synced_by") || started.elapsed() > Duration::from_secs(15) {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    daemon.wait().unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "adesync_token_synced_by{{token=\"acme\",replica=\"{replica}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert_eq!(env.store().device_counts("acme").unwrap(), (0, 0));
+    drop(holder);
     let out = rt.block_on(run_once(&env));
     assert!(
         out.status.success(),

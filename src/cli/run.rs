@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use adesync::config::Config;
-use adesync::store::{Database, Store};
+use adesync::store::Database;
 
 /// `run --once`: every token once, then deliver events to the sinks. On a terminal a
 /// progress line per token shows pages and devices; elsewhere nothing extra is printed.
@@ -105,32 +105,13 @@ fn progress_bars() -> (indicatif::MultiProgress, adesync::syncer::Progress) {
 /// Only one process syncs a database at a time: two would move the same cursors and
 /// could write older pages over newer rows. The lock is released when the process exits.
 ///
-/// On PostgreSQL the lock is a session advisory lock held by a connection kept open for
-/// the process's life: the server drops it the moment the process dies.
-pub fn lock_database(database: &Database) -> anyhow::Result<DatabaseLock> {
+/// On PostgreSQL several processes (replicas) may run at once: each token is synced by one
+/// of them at a time, under a lock of its own (see `Store::own_token`).
+pub fn lock_database(database: &Database) -> anyhow::Result<Option<std::fs::File>> {
     match database {
-        Database::Sqlite(path) => lock_file(path).map(DatabaseLock::File),
-        Database::Postgres(_) => {
-            let mut store = Store::open(database)?;
-            if store.try_lock_syncing()? {
-                Ok(DatabaseLock::Postgres(Box::new(store)))
-            } else {
-                anyhow::bail!(
-                    "another adesync process is already syncing {} (one process syncs a PostgreSQL database at a time); stop it, or run this one later",
-                    database.display()
-                )
-            }
-        }
+        Database::Sqlite(path) => lock_file(path).map(Some),
+        Database::Postgres(_) => Ok(None),
     }
-}
-
-/// Held while this process syncs (see [`lock_database`]); dropping it releases the lock.
-#[allow(dead_code)] // held for its drop, never read
-pub enum DatabaseLock {
-    /// The lock file's handle.
-    File(std::fs::File),
-    /// The connection that holds the advisory lock.
-    Postgres(Box<Store>),
 }
 
 fn lock_file(database: &Path) -> anyhow::Result<std::fs::File> {

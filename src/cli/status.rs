@@ -131,6 +131,14 @@ pub(super) fn print_status(
                 &body,
             )?;
             for s in statuses {
+                if let Some(by) = &s.synced_by {
+                    writeln!(
+                        out,
+                        "{}: being synced now by {}",
+                        s.token,
+                        adesync::model::printable(by)
+                    )?;
+                }
                 if let (Some(n), Some(at)) = (s.full_fetch_missed, &s.last_full_fetch_at) {
                     writeln!(
                         out,

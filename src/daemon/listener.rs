@@ -141,6 +141,8 @@ struct DbView {
     sinks: Vec<crate::sinks::SinkStatus>,
     org: Vec<crate::status::OrgAccountStatus>,
     assignments: Vec<(String, String, String, u64)>,
+    /// PostgreSQL: (token, the connection syncing it now).
+    holders: Vec<(String, String)>,
 }
 
 /// The database view, read afresh at most once per [`VIEW_TTL`].
@@ -168,6 +170,15 @@ async fn read_db(app: &AppState) -> Result<DbView, String> {
             org: crate::status::org_statuses(&config, &s, chrono::Utc::now())
                 .map_err(|e| e.to_string())?,
             assignments: s.assignment_counts().map_err(|e| e.to_string())?,
+            holders: s
+                .token_holders(
+                    &config
+                        .tokens
+                        .iter()
+                        .map(|t| t.name.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(|e| e.to_string())?,
         })
     })
     .await
@@ -285,6 +296,23 @@ fn render_metrics(
         "Failed syncs since start, by error kind.",
         errors,
     );
+    if config.database.is_postgres() {
+        family(
+            "adesync_token_synced_by",
+            "gauge",
+            "1 for the replica (the server's name for its connection) syncing the token right now (PostgreSQL).",
+            view.holders
+                .iter()
+                .map(|(t, by)| {
+                    let replica = by.split(" at ").next().unwrap_or(by);
+                    (
+                        format!("token=\"{}\",replica=\"{}\"", label(t), label(replica)),
+                        1.0,
+                    )
+                })
+                .collect(),
+        );
+    }
     family(
         "adesync_token_parked",
         "gauge",

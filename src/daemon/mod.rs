@@ -202,6 +202,8 @@ async fn token_loop(
             h.runs += 1;
             h.consecutive_failures = failures;
             match &outcome {
+                // Another replica synced it: nothing of this replica's to report.
+                Ok(s) if s.held_by.is_some() => {}
                 Ok(s) => {
                     h.last_success = Some(SystemTime::now());
                     h.events_written += s.stats.events();

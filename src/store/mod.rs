@@ -258,12 +258,22 @@ impl Store {
         }
     }
 
-    /// Takes the lock that lets one process sync this PostgreSQL database; false when
-    /// another connection holds it. Held until this store is dropped.
-    pub fn try_lock_syncing(&mut self) -> Result<bool, StoreError> {
+    /// Takes `token` for this connection, so no other replica syncs it while this store
+    /// is open: None when taken, else who holds it. On PostgreSQL a session advisory lock
+    /// on the connection that commits the pages (the server frees it when the connection
+    /// ends); on SQLite always taken (one process syncs a file: `lock_database`).
+    pub fn own_token(&mut self, token: &str) -> Result<Option<String>, StoreError> {
         match &mut self.db {
-            Backend::Postgres(pg) => pg.get_mut().try_lock_syncing(),
-            Backend::Sqlite(_) => Ok(true),
+            Backend::Postgres(pg) => pg.get_mut().own_token(token),
+            Backend::Sqlite(_) => Ok(None),
+        }
+    }
+
+    /// Which replica syncs each of `tokens` now (PostgreSQL; empty on SQLite).
+    pub fn token_holders(&self, tokens: &[String]) -> Result<Vec<(String, String)>, StoreError> {
+        match self.pg() {
+            Some(mut pg) => pg.token_holders(tokens),
+            None => Ok(Vec::new()),
         }
     }
 

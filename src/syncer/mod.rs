@@ -123,6 +123,9 @@ pub struct RunSummary {
     pub assign_error: Option<String>,
     /// Wall time.
     pub duration: Duration,
+    /// Nothing was done: another replica syncs this token now (who, as the database
+    /// reports it). Not a failure; this replica tries again on its next run.
+    pub held_by: Option<String>,
 }
 
 /// Progress callback for a terminal: (token, pages, records) so far in this run.
@@ -201,7 +204,9 @@ pub async fn run_token_with(
     let db = config.database.clone();
     let name = token.name.clone();
     let result = run_inner(config, token, progress, started, cancel, force_full).await;
-    if matches!(result, Err(SyncError::Cancelled)) {
+    if matches!(result, Err(SyncError::Cancelled))
+        || matches!(&result, Ok(s) if s.held_by.is_some())
+    {
         return result;
     }
     // Record the outcome; a failure to record is logged, not allowed to mask the result.
@@ -239,6 +244,24 @@ async fn run_inner(
     cancel: &CancellationToken,
     force_full: bool,
 ) -> Result<RunSummary, SyncError> {
+    // The writer's connection takes the token first: on PostgreSQL another replica may be
+    // syncing it, and then this one does nothing (not a failure).
+    let db = config.database.clone();
+    let name = token.name.clone();
+    let (mut store, held_by) = blocking(move || -> Result<(Store, Option<String>), StoreError> {
+        let mut store = Store::open(&db)?;
+        let held_by = store.own_token(&name)?;
+        Ok((store, held_by))
+    })
+    .await??;
+    if let Some(holder) = held_by {
+        return Ok(RunSummary {
+            token: token.name.clone(),
+            held_by: Some(holder),
+            duration: started.elapsed(),
+            ..RunSummary::default()
+        });
+    }
     // Re-read the token file every run, so a renewed token takes effect without a restart;
     // refuse an expired token before any call to Apple.
     let server_token = token.load_token()?;
@@ -255,10 +278,8 @@ async fn run_inner(
         ..token.clone()
     };
 
-    let db = config.database.clone();
     let name = token.name.clone();
     let (store, state) = blocking(move || -> Result<(Store, SyncState), StoreError> {
-        let mut store = Store::open(&db)?;
         store.record_run_start(&name, &format_time(chrono::Utc::now()))?;
         let state = store.sync_state(&name)?;
         Ok((store, state))
@@ -302,7 +323,8 @@ async fn run_inner(
     drop(tx);
     let written = writer.await.map_err(|e| SyncError::Writer(e.to_string()))?;
     // A writer error is the root cause when both failed (the driver saw a closed channel).
-    summary.stats = written?;
+    let (stats, owner) = written?;
+    summary.stats = stats;
     driven?;
     if token.protocol_version >= 10 {
         summary.replacements = replacements(&client, config, token, cancel).await;
@@ -319,6 +341,8 @@ async fn run_inner(
         }
     }
     summary.duration = started.elapsed();
+    // The token stays this replica's until the pass is over.
+    tokio::task::spawn_blocking(move || drop(owner));
     Ok(summary)
 }
 
@@ -671,6 +695,10 @@ pub async fn run_all_once_with(
 
 /// The one summary line per token run.
 pub(crate) fn log_summary(s: &RunSummary) {
+    if let Some(holder) = &s.held_by {
+        tracing::info!(token = %s.token, held_by = %holder, "another replica is syncing this token; skipped");
+        return;
+    }
     tracing::info!(
         token = %s.token,
         pages = s.pages,

@@ -35,11 +35,12 @@ const GROUP_WAIT: Duration = Duration::from_millis(20);
 
 /// The blocking writer: applies pages in the order they were sent, several consecutive
 /// pages per commit when they are ready (never waiting on Apple with a write open).
+/// Returns the store with the stats: its connection holds the token until the pass ends.
 pub(super) fn writer_loop(
     mut store: Store,
     token: &str,
     mut rx: mpsc::Receiver<WriterMsg>,
-) -> Result<PageStats, SyncError> {
+) -> Result<(PageStats, Store), SyncError> {
     let runtime = tokio::runtime::Handle::current();
     let mut stats = PageStats::default();
     // A token without devices: its fetch pages are inserted without looking them up.
@@ -66,7 +67,7 @@ pub(super) fn writer_loop(
         batch.commit()?;
         stats.add(group);
     }
-    Ok(stats)
+    Ok((stats, store))
 }
 
 fn apply(
