@@ -830,3 +830,112 @@ fn postgres_status_and_metrics_name_the_replica_syncing_a_token() {
     );
     assert_mirrors(&env.store(), &env.mock);
 }
+
+/// `store copy` moves an SQLite mirror into PostgreSQL: the CLI shows the same devices and
+/// events (same ids) from both, the sink cursors come along, the next sync continues from
+/// the copied cursor (no re-fetch) with ids after the copied ones, and a second copy into
+/// the same database is refused.
+#[test]
+fn postgres_store_copy_moves_a_mirror_without_a_re_fetch() {
+    if postgres_url("postgres_store_copy_moves_a_mirror_without_a_re_fetch").is_none() {
+        return;
+    }
+    let rt = runtime();
+    let env = rt.block_on(Env::on(
+        Backend::Sqlite,
+        MockConfig {
+            devices: 3000,
+            ..Default::default()
+        },
+        500,
+        "[[sinks]]\nname = \"file\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
+    ));
+    let run = |config: &std::path::Path| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"));
+        c.arg("--config").arg(config).args(["run", "--once"]);
+        let out = rt.block_on(crate::common::output(c));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&env.config_path);
+    let serials = env.mock.serials();
+    env.mock.modify_devices(&serials[0..20]);
+    env.mock.delete_devices(&serials[100..103]);
+    run(&env.config_path);
+    let sqlite_view = cli_view(&rt, |args| {
+        let mut c = adesync(&env);
+        c.args(args);
+        c
+    });
+    let url = fresh_postgres_database();
+    let copy = |url: &str| {
+        let mut c = adesync(&env);
+        c.args(["store", "copy", "--to", url]);
+        rt.block_on(crate::common::output(c))
+    };
+    let out = copy(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("copied 3000 devices, 3023 events"), "{said}");
+    // The PostgreSQL side, without the sink (not kept on PostgreSQL yet).
+    let pg_config = env.path("pg.toml");
+    std::fs::write(
+        &pg_config,
+        std::fs::read_to_string(&env.config_path)
+            .unwrap()
+            .replace(
+                "database = \"adesync.db\"",
+                &format!("database = \"{url}\""),
+            )
+            .replace(
+                "[[sinks]]\nname = \"file\"\ntype = \"jsonl\"\npath = \"events.jsonl\"\n",
+                "",
+            ),
+    )
+    .unwrap();
+    let pg = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"));
+        c.arg("--config").arg(&pg_config).args(args);
+        c
+    };
+    let pg_view = cli_view(&rt, pg);
+    assert_eq!(pg_view.0, sqlite_view.0, "devices differ after the copy");
+    assert_eq!(pg_view.1, sqlite_view.1, "events differ after the copy");
+    let target = adesync::config::Database::postgres(&url, None).unwrap();
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let cursor: i64 = c
+        .query_one(
+            "SELECT last_event_id FROM sink_cursors WHERE sink_name = 'file'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(cursor, 3023, "the sink's cursor came along");
+    // The next sync continues from the copied cursor.
+    env.mock.modify_devices(&serials[200..205]);
+    env.mock.clear_requests();
+    run(&pg_config);
+    assert_eq!(
+        env.mock.count_requests(Endpoint::FetchDevices),
+        0,
+        "no re-fetch"
+    );
+    let store = Store::open(&target).unwrap();
+    let new = store.events_after(3023, None, 100).unwrap();
+    assert_eq!(new.len(), 5);
+    assert_eq!(new[0].id, 3024);
+    assert!(new.iter().all(|e| e.kind.as_str() == "modified"));
+    assert_mirrors(&store, &env.mock);
+    // A database that holds a mirror is not copied into.
+    let out = copy(&url);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds a mirror"), "{err}");
+}

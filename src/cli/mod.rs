@@ -21,6 +21,7 @@ mod render;
 mod run;
 mod sinks;
 mod status;
+mod store;
 mod token;
 
 use query::{filtered_events, open_existing, print_device_detail, print_devices, print_events};
@@ -249,6 +250,13 @@ pub enum Command {
         /// Only this token.
         #[arg(long)]
         token: Option<String>,
+    },
+    /// The mirror itself: `store copy --to postgres://…` moves an SQLite mirror into an
+    /// empty PostgreSQL database (events keep their ids; no re-fetch).
+    Store {
+        /// What to do with the mirror.
+        #[command(subcommand)]
+        cmd: store::StoreCommand,
     },
     /// Show the MDM server behind each token, as Apple's GET /account last reported it:
     /// server name and UUID, organisation, ABM or ASM, the admin who downloaded the token,
@@ -766,6 +774,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let cfg = adesync::config::LenientConfig::read(config_path, true)?;
             Ok(account::show(&cfg, token.as_deref(), format)?)
         }
+        Command::Store { cmd } => store::run(config_path, cmd),
     }
 }
 

@@ -37,6 +37,7 @@ pub use devices::{
     apple_columns, device_map, prepare, DeviceFilter, PageStats, PageWrite, Prepared, StoredDevice,
 };
 pub use org::{OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase};
+pub use pg::CopyReport;
 pub use sink_cursors::SinkCursor;
 
 use cursors::upsert_state;
@@ -275,6 +276,26 @@ impl Store {
             Some(mut pg) => pg.token_holders(tokens),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Copies this SQLite mirror into `target`, an empty PostgreSQL database, in one
+    /// transaction on each side (a consistent snapshot of this one; all or nothing there).
+    pub fn copy_to(&self, target: &mut Store) -> Result<CopyReport, StoreError> {
+        let from = self.conn()?;
+        let Backend::Postgres(pg) = &mut target.db else {
+            return Err(StoreError::PostgresConfig {
+                url: target.path.display().to_string(),
+                reason: "is not a PostgreSQL database; give a postgres:// URL".into(),
+            });
+        };
+        let snapshot = |sql: &str| {
+            from.execute_batch(sql)
+                .map_err(self.err("read the mirror to copy"))
+        };
+        snapshot("BEGIN")?;
+        let copied = pg.get_mut().copy_from_sqlite(from, &self.path);
+        let _ = snapshot("COMMIT");
+        copied
     }
 
     /// Whether this store is a PostgreSQL database.

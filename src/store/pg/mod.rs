@@ -15,10 +15,12 @@ use postgres::{Client, NoTls};
 use super::StoreError;
 use crate::config::PgTarget;
 
+mod copy;
 mod read;
 mod schema;
 mod write;
 
+pub use copy::CopyReport;
 pub(crate) use write::PgBatch;
 
 /// Advisory locks are per database, and one database may hold several mirrors (one per
