@@ -565,14 +565,13 @@ impl Config {
 
         if database.is_postgres() {
             let unsupported = [
-                (!sinks.is_empty(), "[[sinks]]"),
                 (!org_accounts.is_empty(), "[[org_accounts]]"),
                 (!assign_rules.is_empty(), "[[assign]]"),
             ];
             if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
                 return Err(invalid(
                     "database",
-                    format!("a PostgreSQL database keeps the ADE mirror (devices, events, sync state) but not yet {what}; remove {what} from this config, or keep the mirror in an SQLite file to use them"),
+                    format!("a PostgreSQL database keeps the ADE mirror, its events and their delivery, but not yet {what}; remove {what} from this config, or keep the mirror in an SQLite file to use them"),
                 ));
             }
         }
@@ -1066,11 +1065,23 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("only for a PostgreSQL"), "{e}");
+        // Sinks deliver from PostgreSQL; profile assignment is not kept there yet.
         let sink = "[[sinks]]\nname = \"s\"\ntype = \"jsonl\"\npath = \"-\"\n";
-        let e = parse(&dir, &format!("{pg}{sink}")).unwrap_err();
+        assert!(parse(&dir, &format!("{pg}{sink}")).is_ok());
+        std::fs::write(
+            dir.path().join("all.json"),
+            r#"{"profile_name":"All","url":"https://mdm.example.com/enroll"}"#,
+        )
+        .unwrap();
+        let assign =
+            "[[profiles]]\nname = \"all\"\nfile = \"all.json\"\n[[assign]]\nprofile = \"all\"\n";
+        if let Err(e) = parse(&dir, &format!("{MINIMAL}{assign}")) {
+            panic!("valid on SQLite: {e}");
+        }
+        let e = parse(&dir, &format!("{pg}{assign}")).unwrap_err();
         assert!(
             matches!(&e, ConfigError::Invalid { key, .. } if key == "database")
-                && e.to_string().contains("not yet [[sinks]]"),
+                && e.to_string().contains("not yet [[assign]]"),
             "{e}"
         );
         let e = parse(

@@ -348,6 +348,16 @@ async fn deliver_sink(
     };
     let name = sink.name.clone();
     let db = Db::open(db, &name).await?;
+    // On PostgreSQL, one replica at a time delivers each sink: this pass's connection takes
+    // it (and moves its cursor), or another replica has it and delivers the backlog.
+    let held_by = {
+        let name = name.clone();
+        db.run(move |s| s.own_sink(&name)).await?
+    };
+    if let Some(holder) = held_by {
+        tracing::debug!(sink = %name, held_by = %holder, "another replica is delivering this sink");
+        return Ok(0);
+    }
     let state = {
         let name = name.clone();
         db.run(move |s| s.sink_state(&name)).await?

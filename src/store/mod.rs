@@ -270,6 +270,15 @@ impl Store {
         }
     }
 
+    /// Takes `sink` for this connection, so no other replica delivers to it while this
+    /// store is open (see [`Store::own_token`]): None when taken, else who holds it.
+    pub fn own_sink(&mut self, sink: &str) -> Result<Option<String>, StoreError> {
+        match &mut self.db {
+            Backend::Postgres(pg) => pg.get_mut().own_sink(sink),
+            Backend::Sqlite(_) => Ok(None),
+        }
+    }
+
     /// Which replica syncs each of `tokens` now (PostgreSQL; empty on SQLite).
     pub fn token_holders(&self, tokens: &[String]) -> Result<Vec<(String, String)>, StoreError> {
         match self.pg() {

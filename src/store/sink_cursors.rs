@@ -31,6 +31,9 @@ pub struct SinkCursor {
 impl Store {
     /// A sink's delivery state (the default when it never delivered).
     pub fn sink_state(&self, sink: &str) -> Result<SinkCursor, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.sink_state(sink);
+        }
         self.conn()?
             .query_row(
                 "SELECT last_event_id, last_delivered_at, last_error, last_error_at, parked_at, retry_at
@@ -63,6 +66,9 @@ impl Store {
         to: i64,
         now: &str,
     ) -> Result<bool, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.advance_sink_cursor(sink, from, to, now);
+        }
         let path = self.path.clone();
         let wrap = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -94,6 +100,9 @@ impl Store {
         now: &str,
         retry_at: Option<&str>,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.record_sink_error(sink, error, now, retry_at);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO sink_cursors (sink_name, last_error, last_error_at, retry_at)
@@ -109,6 +118,9 @@ impl Store {
     /// Parks a sink: the receiver refused a batch for good, so delivery stops (keeping
     /// order) until [`Store::resume_sink`].
     pub fn park_sink(&mut self, sink: &str, error: &str, now: &str) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.park_sink(sink, error, now);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO sink_cursors (sink_name, last_error, last_error_at, parked_at)
@@ -125,6 +137,9 @@ impl Store {
     /// Un-parks a sink and drops any Retry-After wait; the next pass delivers again.
     /// Returns whether it was parked.
     pub fn resume_sink(&mut self, sink: &str) -> Result<bool, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.resume_sink(sink);
+        }
         let was_parked = self.sink_state(sink)?.parked_at.is_some();
         self.conn()?
             .execute(
@@ -137,6 +152,9 @@ impl Store {
 
     /// Sets a sink's cursor back so that events after `cursor` are delivered again (replay).
     pub fn rewind_sink(&mut self, sink: &str, cursor: i64) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.rewind_sink(sink, cursor);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO sink_cursors (sink_name, last_event_id) VALUES (?1, ?2)
@@ -149,6 +167,9 @@ impl Store {
 
     /// Events after `cursor`: how many, and when the oldest of them was written.
     pub fn pending_events(&self, cursor: i64) -> Result<(u64, Option<String>), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.pending_events(cursor);
+        }
         let count: i64 = self
             .conn()?
             .query_row("SELECT COUNT(*) FROM events WHERE id > ?1", [cursor], |r| {
@@ -169,6 +190,9 @@ impl Store {
 
     /// The smallest stored event id (None when there are no events).
     pub fn min_event_id(&self) -> Result<Option<i64>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.min_event_id();
+        }
         self.conn()?
             .query_row("SELECT MIN(id) FROM events", [], |r| r.get(0))
             .map_err(self.err("read events"))
@@ -183,6 +207,9 @@ impl Store {
         delivered_through: i64,
         older_than: &str,
     ) -> Result<u64, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.prune_events(delivered_through, older_than);
+        }
         const BATCH: i64 = 1000;
         let mut total = 0;
         loop {

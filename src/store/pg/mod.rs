@@ -36,8 +36,12 @@ const MIGRATION_LOCK: i32 = 0x4d49_4752;
 /// nothing more, and the server releases it the moment the connection ends.
 const TOKEN_LOCK: i32 = 0x544f_4b4e;
 
-/// The advisory-lock key of a token, as SQL over the token name in `$2`.
-const TOKEN_KEY: &str = "hashtext(current_schema() || '/' || $2)";
+/// The lock a replica holds on a sink while it delivers to it ("SINK"), the same way: one
+/// replica at a time delivers each sink, and its cursor moves on the locked connection.
+const SINK_LOCK: i32 = 0x5349_4e4b;
+
+/// The advisory-lock key of a token or sink, as SQL over its name in `$2`.
+const NAME_KEY: &str = "hashtext(current_schema() || '/' || $2)";
 
 /// One connection to the server.
 pub(crate) struct Pg {
@@ -251,19 +255,28 @@ impl Pg {
     /// Takes the token for this connection (see [`TOKEN_LOCK`]) without waiting: None
     /// when taken (or already held by this connection), else who holds it.
     pub(crate) fn own_token(&mut self, token: &str) -> Result<Option<String>, StoreError> {
+        self.own(TOKEN_LOCK, token)
+    }
+
+    /// Takes the sink for this connection, as [`Pg::own_token`] does a token.
+    pub(crate) fn own_sink(&mut self, sink: &str) -> Result<Option<String>, StoreError> {
+        self.own(SINK_LOCK, sink)
+    }
+
+    fn own(&mut self, lock: i32, name: &str) -> Result<Option<String>, StoreError> {
         let taken: bool = self
             .c()
             .query_one(
-                &format!("SELECT pg_try_advisory_lock($1, {TOKEN_KEY})"),
-                &[&TOKEN_LOCK, &token],
+                &format!("SELECT pg_try_advisory_lock($1, {NAME_KEY})"),
+                &[&lock, &name],
             )
-            .map_err(self.err("take the token"))?
+            .map_err(self.err("take a lock"))?
             .get(0);
         if taken {
             return Ok(None);
         }
         let holder = self
-            .token_holders(&[token.to_owned()])?
+            .holders(lock, &[name.to_owned()])?
             .pop()
             .map(|(_, h)| h);
         Ok(Some(holder.unwrap_or_else(|| "another adesync".into())))
@@ -274,6 +287,14 @@ impl Pg {
     pub(crate) fn token_holders(
         &mut self,
         tokens: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.holders(TOKEN_LOCK, tokens)
+    }
+
+    fn holders(
+        &mut self,
+        lock: i32,
+        names: &[String],
     ) -> Result<Vec<(String, String)>, StoreError> {
         let rows = self
             .c()
@@ -289,7 +310,7 @@ impl Pg {
                         AND l.objid::int8 = (hashtext(current_schema() || '/' || t)::int8 & 4294967295)
                    JOIN pg_stat_activity a ON a.pid = l.pid
                   ORDER BY t",
-                &[&TOKEN_LOCK, &tokens],
+                &[&lock, &names],
             )
             .map_err(self.err("read who syncs each token"))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -7,7 +7,8 @@ use serde_json::Value;
 use super::super::accounts::{token_rows_only, TOKEN_TABLES};
 use super::super::events::decode_snapshot;
 use super::super::{
-    CursorState, DeviceFilter, StoreError, StoredAccount, StoredDevice, SyncState, TokenFootprint,
+    CursorState, DeviceFilter, SinkCursor, StoreError, StoredAccount, StoredDevice, SyncState,
+    TokenFootprint,
 };
 use super::write::{device_from_row, upsert_state, PG_DEVICE_COLUMNS, PG_DEVICE_COLUMN_COUNT};
 use super::Pg;
@@ -557,5 +558,161 @@ impl Pg {
             .iter()
             .map(|r| r.get(0))
             .collect())
+    }
+}
+
+/// Event delivery (the SQLite twins are in `store/sink_cursors.rs`).
+impl Pg {
+    pub(crate) fn sink_state(&mut self, sink: &str) -> Result<SinkCursor, StoreError> {
+        Ok(self
+            .c()
+            .query_opt(
+                "SELECT last_event_id, last_delivered_at, last_error, last_error_at, parked_at, retry_at
+                 FROM sink_cursors WHERE sink_name = $1",
+                &[&sink],
+            )
+            .map_err(self.err("read sink state"))?
+            .map(|r| SinkCursor {
+                cursor: r.get(0),
+                last_delivered_at: r.get(1),
+                last_error: r.get(2),
+                last_error_at: r.get(3),
+                parked_at: r.get(4),
+                retry_at: r.get(5),
+            })
+            .unwrap_or_default())
+    }
+
+    pub(crate) fn advance_sink_cursor(
+        &mut self,
+        sink: &str,
+        from: i64,
+        to: i64,
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        let err = self.err("store sink cursor");
+        let moved = (|| -> Result<bool, postgres::Error> {
+            let mut tx = self.c().transaction()?;
+            tx.execute(
+                "INSERT INTO sink_cursors (sink_name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&sink],
+            )?;
+            let n = tx.execute(
+                "UPDATE sink_cursors SET last_event_id = $3, last_delivered_at = $4,
+                     last_error = NULL, last_error_at = NULL, retry_at = NULL
+                 WHERE sink_name = $1 AND last_event_id = $2 AND parked_at IS NULL",
+                &[&sink, &from, &to, &now],
+            )?;
+            tx.commit()?;
+            Ok(n == 1)
+        })();
+        moved.map_err(err)
+    }
+
+    pub(crate) fn record_sink_error(
+        &mut self,
+        sink: &str,
+        error: &str,
+        now: &str,
+        retry_at: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.c()
+            .execute(
+                "INSERT INTO sink_cursors (sink_name, last_error, last_error_at, retry_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (sink_name) DO UPDATE SET last_error = excluded.last_error,
+                     last_error_at = excluded.last_error_at, retry_at = excluded.retry_at",
+                &[&sink, &error, &now, &retry_at],
+            )
+            .map(drop)
+            .map_err(self.err("record sink error"))
+    }
+
+    pub(crate) fn park_sink(
+        &mut self,
+        sink: &str,
+        error: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        self.c()
+            .execute(
+                "INSERT INTO sink_cursors (sink_name, last_error, last_error_at, parked_at)
+                 VALUES ($1, $2, $3, $3)
+                 ON CONFLICT (sink_name) DO UPDATE SET last_error = excluded.last_error,
+                     last_error_at = excluded.last_error_at, parked_at = excluded.parked_at,
+                     retry_at = NULL",
+                &[&sink, &error, &now],
+            )
+            .map(drop)
+            .map_err(self.err("park sink"))
+    }
+
+    pub(crate) fn resume_sink(&mut self, sink: &str) -> Result<bool, StoreError> {
+        let was_parked = self.sink_state(sink)?.parked_at.is_some();
+        self.c()
+            .execute(
+                "UPDATE sink_cursors SET parked_at = NULL, retry_at = NULL WHERE sink_name = $1",
+                &[&sink],
+            )
+            .map_err(self.err("resume sink"))?;
+        Ok(was_parked)
+    }
+
+    pub(crate) fn rewind_sink(&mut self, sink: &str, cursor: i64) -> Result<(), StoreError> {
+        self.c()
+            .execute(
+                "INSERT INTO sink_cursors (sink_name, last_event_id) VALUES ($1, $2)
+                 ON CONFLICT (sink_name) DO UPDATE SET last_event_id = excluded.last_event_id",
+                &[&sink, &cursor],
+            )
+            .map(drop)
+            .map_err(self.err("rewind sink cursor"))
+    }
+
+    pub(crate) fn pending_events(
+        &mut self,
+        cursor: i64,
+    ) -> Result<(u64, Option<String>), StoreError> {
+        let r = self
+            .c()
+            .query_one(
+                "SELECT COUNT(*), (SELECT occurred_at FROM events WHERE id > $1 ORDER BY id LIMIT 1)
+                   FROM events WHERE id > $1",
+                &[&cursor],
+            )
+            .map_err(self.err("count pending events"))?;
+        Ok((r.get::<_, i64>(0) as u64, r.get(1)))
+    }
+
+    pub(crate) fn min_event_id(&mut self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .c()
+            .query_one("SELECT MIN(id) FROM events", &[])
+            .map_err(self.err("read events"))?
+            .get(0))
+    }
+
+    pub(crate) fn prune_events(
+        &mut self,
+        delivered_through: i64,
+        older_than: &str,
+    ) -> Result<u64, StoreError> {
+        const BATCH: i64 = 1000;
+        let mut total = 0;
+        loop {
+            let n = self
+                .c()
+                .execute(
+                    "DELETE FROM events WHERE id IN (
+                         SELECT id FROM events WHERE id <= $1 ORDER BY id LIMIT $3)
+                     AND occurred_at < $2",
+                    &[&delivered_through, &older_than, &BATCH],
+                )
+                .map_err(self.err("prune events"))?;
+            total += n;
+            if (n as i64) < BATCH {
+                return Ok(total);
+            }
+        }
     }
 }
