@@ -12,7 +12,8 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use crate::common::{adesync, kill_after, output, run_once, Env};
+use crate::common::{adesync, kill_after, output, run_once, runtime, Backend, Env};
+use crate::on_both_backends;
 
 const RULES: &str = r#"
 [[profiles]]
@@ -33,7 +34,12 @@ match = { device_family = "iPad" }
 "#;
 
 async fn env(devices: usize, extra: &str) -> Env {
-    let env = Env::with(
+    env_on(Backend::Sqlite, devices, extra).await
+}
+
+async fn env_on(b: Backend, devices: usize, extra: &str) -> Env {
+    let env = Env::on(
+        b,
         MockConfig {
             devices,
             ..Default::default()
@@ -96,10 +102,13 @@ async fn run(env: &Env) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync() {
-    let env = env(300, "").await;
-    run(&env).await;
+on_both_backends!(new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync);
+
+/// On both backends (the store is used from this thread, the simulator from the runtime).
+fn new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(env_on(b, 300, ""));
+    rt.block_on(run(&env));
     let fam = by_family(&env);
     let mac = uuid_of(&env, "Corp Mac");
     let ipad = uuid_of(&env, "Shared iPad");
@@ -132,7 +141,7 @@ async fn new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync() {
     }
     // The next sync shows Apple's change as profile_assigned; nothing is assigned again.
     let calls = assigned_serials(&env).len();
-    run(&env).await;
+    rt.block_on(run(&env));
     assert_eq!(assigned_serials(&env).len(), calls, "no second call");
     let stored = store
         .devices(&adesync::store::DeviceFilter {
@@ -146,7 +155,7 @@ async fn new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync() {
     // A device added later is assigned after the sync that brings it.
     let before = assigned_serials(&env).len();
     let new = env.mock.add_devices(12);
-    run(&env).await;
+    rt.block_on(run(&env));
     let calls = assigned_serials(&env);
     let newly: Vec<&String> = calls[before..].iter().flatten().collect();
     let fam = by_family(&env);
@@ -155,12 +164,11 @@ async fn new_devices_get_their_profile_and_apple_shows_it_on_the_next_sync() {
         assert_eq!(newly.contains(&s), family_has_rule, "{s}");
     }
     // status counts them.
-    let out = output({
+    let out = rt.block_on(output({
         let mut c = adesync(&env);
         c.args(["assign", "status", "--format", "json"]);
         c
-    })
-    .await;
+    }));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(r#""profile":"corp-mac""#), "{text}");
 }

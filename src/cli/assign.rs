@@ -167,6 +167,18 @@ pub(super) async fn run_now(config: &Config, token: Option<&str>) -> anyhow::Res
         if adesync::syncer::rules_for(config, &t.name).is_empty() {
             continue;
         }
+        // On PostgreSQL a replica may be syncing (and assigning for) this token now.
+        let (db, name) = (config.database.clone(), t.name.clone());
+        let (owner, held_by) = tokio::task::spawn_blocking(move || {
+            let mut s = adesync::store::Store::open(&db)?;
+            let held = s.own_token(&name)?;
+            Ok::<_, adesync::store::StoreError>((s, held))
+        })
+        .await??;
+        if let Some(holder) = held_by {
+            println!("{}: skipped: being synced now by {holder}", t.name);
+            continue;
+        }
         let server_token = t.load_token()?;
         let client = adesync::apple::AppleClient::new(
             server_token,
@@ -182,6 +194,7 @@ pub(super) async fn run_now(config: &Config, token: Option<&str>) -> anyhow::Res
                 failed = true;
             }
         }
+        tokio::task::spawn_blocking(move || drop(owner)).await?;
     }
     Ok(if failed {
         ExitCode::FAILURE

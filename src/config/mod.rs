@@ -563,17 +563,11 @@ impl Config {
         let event_retention = sinks::parse_retention(raw.event_retention.as_deref())
             .map_err(|r| invalid("event_retention", r))?;
 
-        if database.is_postgres() {
-            let unsupported = [
-                (!org_accounts.is_empty(), "[[org_accounts]]"),
-                (!assign_rules.is_empty(), "[[assign]]"),
-            ];
-            if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
-                return Err(invalid(
-                    "database",
-                    format!("a PostgreSQL database keeps the ADE mirror, its events and their delivery, but not yet {what}; remove {what} from this config, or keep the mirror in an SQLite file to use them"),
-                ));
-            }
+        if database.is_postgres() && !org_accounts.is_empty() {
+            return Err(invalid(
+                "database",
+                "a PostgreSQL database keeps the ADE mirror, its events, their delivery and profile assignment, but not yet [[org_accounts]]; remove [[org_accounts]] from this config, or keep the mirror in an SQLite file to use them".into(),
+            ));
         }
         Ok(Config {
             source: path.to_owned(),
@@ -1065,7 +1059,7 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("only for a PostgreSQL"), "{e}");
-        // Sinks deliver from PostgreSQL; profile assignment is not kept there yet.
+        // Sinks and profile assignment work on PostgreSQL; organisation accounts not yet.
         let sink = "[[sinks]]\nname = \"s\"\ntype = \"jsonl\"\npath = \"-\"\n";
         assert!(parse(&dir, &format!("{pg}{sink}")).is_ok());
         std::fs::write(
@@ -1078,10 +1072,19 @@ pub(crate) mod tests {
         if let Err(e) = parse(&dir, &format!("{MINIMAL}{assign}")) {
             panic!("valid on SQLite: {e}");
         }
-        let e = parse(&dir, &format!("{pg}{assign}")).unwrap_err();
+        assert!(parse(&dir, &format!("{pg}{assign}")).is_ok());
+        let key = dir.path().join("org.pem");
+        std::fs::write(&key, "not read at load").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let org = "[[org_accounts]]\nname = \"org\"\nclient_id = \"BUSINESSAPI.9703f56c-10ce-4876-8f59-e78e5e23a152\"\nkey_id = \"k1\"\nprivate_key_file = \"org.pem\"\n";
+        if let Err(e) = parse(&dir, &format!("{MINIMAL}{org}")) {
+            panic!("valid on SQLite: {e}");
+        }
+        let e = parse(&dir, &format!("{pg}{org}")).unwrap_err();
         assert!(
             matches!(&e, ConfigError::Invalid { key, .. } if key == "database")
-                && e.to_string().contains("not yet [[assign]]"),
+                && e.to_string().contains("not yet [[org_accounts]]"),
             "{e}"
         );
         let e = parse(

@@ -101,6 +101,9 @@ pub struct AssignInputs {
 impl Store {
     /// What an assignment pass of `token` plans from.
     pub fn assign_inputs(&self, token: &str) -> Result<AssignInputs, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.assign_inputs(token);
+        }
         let err = || self.err("read assignment state");
         let state = self.assign_state(token)?;
         let devices = self
@@ -215,6 +218,9 @@ impl Store {
 
     /// Where `token`'s assignment pass stands.
     pub fn assign_state(&self, token: &str) -> Result<AssignState, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.assign_state(token);
+        }
         Ok(self
             .conn()?
             .query_row(
@@ -241,6 +247,9 @@ impl Store {
         d: &ProfileDefinition,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.save_profile_definition(token, profile, d, now);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO profiles (token_name, profile_name, profile_uuid, file_hash, defined_at)
@@ -264,6 +273,9 @@ impl Store {
         outcomes: &[AssignOutcome],
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.save_assignments(token, profile, profile_uuid, outcomes, now);
+        }
         self.in_tx("store assignment results", |tx| {
             let mut up = tx.prepare_cached(
                 "INSERT INTO profile_assignments (token_name, serial_number, profile_name, profile_uuid,
@@ -318,6 +330,9 @@ impl Store {
         last_full_fetch_at: Option<&str>,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.finish_assign_pass(token, last_event_id, last_full_fetch_at, now);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO assign_state (token_name, last_event_id, last_full_fetch_at, last_run_at)
@@ -337,6 +352,9 @@ impl Store {
         profile: &str,
         status: &str,
     ) -> Result<Option<String>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.next_retry(token, profile, status);
+        }
         self.conn()?
             .query_row(
                 "SELECT MIN(retry_after) FROM profile_assignments
@@ -349,9 +367,8 @@ impl Store {
 
     /// Assignment counts per (token, profile, status), for `assign status` and `/metrics`.
     pub fn assignment_counts(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
-        if self.is_postgres() {
-            // Not yet configurable with PostgreSQL (see Config::load): nothing is stored.
-            return Ok(Vec::new());
+        if let Some(mut pg) = self.pg() {
+            return pg.assignment_counts();
         }
         let mut st = self
             .conn()?

@@ -15,6 +15,7 @@ use postgres::{Client, NoTls};
 use super::StoreError;
 use crate::config::PgTarget;
 
+mod assign;
 mod copy;
 mod read;
 mod schema;

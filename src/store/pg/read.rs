@@ -430,6 +430,22 @@ impl Pg {
             };
             let changes: Option<String> = r.get(4);
             let snapshot: String = r.get(6);
+            if r.get::<_, Option<&str>>(7) == Some("profile") {
+                out.push(StoredEvent {
+                    id: r.get(0),
+                    token_name: r.get(1),
+                    serial_number: r.get(2),
+                    kind,
+                    changes: Value::Object(Default::default()),
+                    occurred_at: r.get(5),
+                    scope: EventScope::Profile,
+                    device: None,
+                    org_device: None,
+                    reason: None,
+                    assignment: serde_json::from_str(&snapshot).ok(),
+                });
+                continue;
+            }
             let device = decode_snapshot(&snapshot);
             let changes = match (changes, &device, kind) {
                 (Some(text), _, _) => serde_json::from_str(&text).unwrap_or(Value::Null),

@@ -135,4 +135,33 @@ pub(super) const MIGRATIONS: &[&str] = &[
                device_json
           FROM events;
     "#,
+    // 2: enrollment profile assignment: each token's profile definitions, each device's
+    // last assignment, where each token's pass stands.
+    r#"
+    CREATE TABLE profiles (
+        token_name   text COLLATE "C" NOT NULL,
+        profile_name text NOT NULL,
+        profile_uuid text NOT NULL,
+        file_hash    text NOT NULL,
+        defined_at   text NOT NULL,
+        PRIMARY KEY (token_name, profile_name)
+    );
+    CREATE TABLE profile_assignments (
+        token_name    text COLLATE "C" NOT NULL,
+        serial_number text COLLATE "C" NOT NULL,
+        profile_name  text NOT NULL,
+        profile_uuid  text NOT NULL,
+        status        text NOT NULL CHECK (status IN ('SUCCESS', 'NOT_ACCESSIBLE', 'FAILED', 'THROTTLED')),
+        attempted_at  text NOT NULL,
+        retry_after   text,
+        attempts      bigint NOT NULL DEFAULT 1,
+        PRIMARY KEY (token_name, serial_number)
+    );
+    CREATE TABLE assign_state (
+        token_name         text COLLATE "C" PRIMARY KEY,
+        last_event_id      bigint NOT NULL DEFAULT 0,
+        last_full_fetch_at text,
+        last_run_at        text
+    );
+    "#,
 ];

@@ -587,13 +587,7 @@ fn insert_events(
     if events.is_empty() {
         return Ok(());
     }
-    let n = events.len() as i64;
-    let first: i64 = tx
-        .query_one(
-            "UPDATE event_ids SET next_id = next_id + $1 RETURNING next_id - $1",
-            &[&n],
-        )?
-        .get(0);
+    let first = take_event_ids(tx, events.len())?;
     let mut cols: Vec<Vec<Option<String>>> =
         (0..7).map(|_| Vec::with_capacity(events.len())).collect();
     for e in events {
@@ -616,6 +610,18 @@ fn insert_events(
         ],
     )?;
     Ok(())
+}
+
+/// Takes `n` consecutive event ids; returns the first. The `event_ids` row stays locked
+/// until the transaction ends, so no other writer's later ids become visible first.
+pub(super) fn take_event_ids(tx: &mut Transaction<'_>, n: usize) -> Result<i64, postgres::Error> {
+    let n = n as i64;
+    Ok(tx
+        .query_one(
+            "UPDATE event_ids SET next_id = next_id + $1 RETURNING next_id - $1",
+            &[&n],
+        )?
+        .get(0))
 }
 
 /// What the rest of the mirror says about a device leaving (see the SQLite twin).
