@@ -1034,7 +1034,10 @@ pub(crate) mod tests {
     #[test]
     fn a_postgres_url_selects_postgres_and_refuses_what_it_cannot_keep_yet() {
         let dir = dir_with_token();
-        let pg = MINIMAL.replace("\"a.db\"", "\"postgres://adesync:pw@127.0.0.1/mirror\"");
+        let pg = MINIMAL.replace(
+            "\"a.db\"",
+            "\"postgres://adesync:Zq9-secret-Zq9@127.0.0.1/mirror\"",
+        );
         let c = parse(&dir, &pg).unwrap();
         assert!(c.database.is_postgres());
         let shown = c.to_redacted_toml();
@@ -1043,7 +1046,7 @@ pub(crate) mod tests {
             "{shown}"
         );
         assert!(
-            !shown.contains("pw"),
+            !shown.contains("Zq9-secret"),
             "the password is never shown: {shown}"
         );
         // The password file resolves against the config's folder.

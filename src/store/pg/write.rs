@@ -153,11 +153,16 @@ struct PendingEvent {
     reason: Reason,
 }
 
+/// Events kept for the commit before they are inserted early (see `write_page`).
+const MAX_PENDING_EVENTS: usize = 4_000;
+
 /// An open write transaction taking whole pages (see [`super::super::Batch`]).
 pub(crate) struct PgBatch<'a> {
     tx: Transaction<'a>,
     shown: &'a str,
     events: Vec<PendingEvent>,
+    /// The connection's (new rows since the last ANALYZE, the next threshold).
+    inserted: &'a mut (u64, u64),
 }
 
 /// The stored state of one device, to diff an incoming record against.
@@ -188,15 +193,23 @@ const INSERT_DEVICES: &str = "INSERT INTO devices (token_name, first_seen_at, up
              imei, meid, eid, wifi, bt, eth, deadline, repl, released, hash)
     RETURNING id";
 
-const UPDATE_DEVICE: &str = "UPDATE devices SET model = $2, description = $3, color = $4,
-        asset_tag = $5, profile_status = $6, profile_uuid = $7, profile_assign_time = $8,
-        profile_push_time = $9, device_assigned_date = $10, device_assigned_by = $11, os = $12,
-        device_family = $13, extra_json = $14::text::json,
-        last_op_date = COALESCE($15, last_op_date), updated_at = $16, imei = $17, meid = $18,
-        eid = $19, wifi_mac_address = $20, bluetooth_mac_address = $21,
-        ethernet_mac_address = $22, mdm_migration_deadline = $23, is_replacement_device = $24,
-        released_by_replacement = $25, content_hash = $26, deleted_at = NULL
-    WHERE id = $1";
+const UPDATE_DEVICES: &str = "UPDATE devices d SET model = u.model, description = u.descr,
+        color = u.color, asset_tag = u.asset, profile_status = u.ps, profile_uuid = u.pu,
+        profile_assign_time = u.pat, profile_push_time = u.ppt, device_assigned_date = u.dad,
+        device_assigned_by = u.dab, os = u.os, device_family = u.fam, extra_json = u.extra::json,
+        last_op_date = COALESCE(u.op, d.last_op_date), updated_at = $1, imei = u.imei,
+        meid = u.meid, eid = u.eid, wifi_mac_address = u.wifi, bluetooth_mac_address = u.bt,
+        ethernet_mac_address = u.eth, mdm_migration_deadline = u.deadline,
+        is_replacement_device = u.repl, released_by_replacement = u.released,
+        content_hash = u.hash, deleted_at = NULL
+    FROM UNNEST($2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
+                $20::text[], $21::text[], $22::text[], $23::text[], $24::text[], $25::bool[],
+                $26::bool[], $27::int8[])
+        AS u(id, sn, model, descr, color, asset, ps, pu, pat, ppt, dad, dab, os, fam, extra, op,
+             imei, meid, eid, wifi, bt, eth, deadline, repl, released, hash)
+    WHERE d.id = u.id";
 
 const TOUCH_DEVICE: &str = "UPDATE devices SET last_op_date = COALESCE($2, last_op_date),
         content_hash = COALESCE($3, content_hash) WHERE id = $1";
@@ -208,11 +221,12 @@ const MARK_DELETED: &str = "UPDATE devices SET deleted_at = $2, updated_at = $2,
     WHERE id = $1";
 
 impl<'a> PgBatch<'a> {
-    pub(super) fn new(tx: Transaction<'a>, shown: &'a str) -> Self {
+    pub(super) fn new(tx: Transaction<'a>, shown: &'a str, inserted: &'a mut (u64, u64)) -> Self {
         PgBatch {
             tx,
             shown,
             events: Vec::new(),
+            inserted,
         }
     }
 
@@ -247,6 +261,15 @@ impl<'a> PgBatch<'a> {
         let err = self.wrap("commit pages");
         let events = std::mem::take(&mut self.events);
         insert_events(&mut self.tx, events).map_err(self.wrap("commit pages"))?;
+        let (since, next) = *self.inserted;
+        if since >= next {
+            // In the transaction (ANALYZE may run in one; VACUUM may not): this connection
+            // plans its next page with the new statistics at once.
+            *self.inserted = (0, next.saturating_mul(4));
+            self.tx
+                .batch_execute("ANALYZE devices")
+                .map_err(self.wrap("refresh the planner's statistics"))?;
+        }
         self.tx.commit().map_err(err)
     }
 
@@ -263,7 +286,7 @@ impl<'a> PgBatch<'a> {
         let existing = load_existing(&mut self.tx, page.token, page.records, prepared)?;
         let mut seen: Vec<i64> = Vec::new();
         let mut new_rows: Vec<(&DeviceRecord, &Prepared)> = Vec::new();
-        let update = self.tx.prepare(UPDATE_DEVICE)?;
+        let mut updates: Vec<(i64, &DeviceRecord, &Prepared)> = Vec::new();
         let touch = self.tx.prepare(TOUCH_DEVICE)?;
         let mark_deleted = self.tx.prepare(MARK_DELETED)?;
         let mut events: Vec<PendingEvent> = Vec::new();
@@ -380,31 +403,7 @@ impl<'a> PgBatch<'a> {
             match old {
                 None => new_rows.push((rec, p)),
                 Some(o) => {
-                    let cells = v10_cells(d);
-                    let extra = pg_extra_json(d, p.extra_json(), &cells.odd);
-                    let f = d.fields();
-                    let hash = p.content_hash();
-                    let mut args: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&o.id];
-                    args.extend(f.iter().map(|v| *v as &(dyn postgres::types::ToSql + Sync)));
-                    args.extend([
-                        &extra as &(dyn postgres::types::ToSql + Sync),
-                        &rec.op_date,
-                        &page.now,
-                    ]);
-                    args.extend(
-                        cells
-                            .text
-                            .iter()
-                            .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
-                    );
-                    args.extend(
-                        cells
-                            .flags
-                            .iter()
-                            .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
-                    );
-                    args.push(&hash);
-                    self.tx.execute(&update, &args)?;
+                    updates.push((o.id, rec, p));
                     seen.push(o.id);
                 }
             }
@@ -413,7 +412,9 @@ impl<'a> PgBatch<'a> {
                 _ => stats.modified += 1,
             }
         }
+        update_rows(&mut self.tx, page, &updates)?;
         seen.extend(insert_new(&mut self.tx, page, &new_rows)?);
+        self.inserted.0 += new_rows.len() as u64;
         if page.kind == Phase::Fetch {
             if !page.unreadable.is_empty() {
                 let serials: Vec<&str> = page.unreadable.iter().map(String::as_str).collect();
@@ -428,16 +429,26 @@ impl<'a> PgBatch<'a> {
         }
         if page.completes_fetch {
             let returned = load_seen(&mut self.tx, page.token, page.next.fetch_run)?;
-            let gone: Vec<i64> = self
-                .tx
-                .query(
-                    "SELECT id FROM devices WHERE token_name = $1 AND deleted_at IS NULL ORDER BY id",
-                    &[&page.token],
-                )?
-                .iter()
-                .map(|r| r.get::<_, i64>(0))
-                .filter(|id| !returned.contains(*id))
-                .collect();
+            // The token's assigned ids in chunks, so a million devices are never held at once.
+            let mut gone: Vec<i64> = Vec::new();
+            let mut after = 0i64;
+            loop {
+                let ids: Vec<i64> = self
+                    .tx
+                    .query(
+                        "SELECT id FROM devices WHERE token_name = $1 AND deleted_at IS NULL
+                           AND id > $2 ORDER BY id LIMIT 50000",
+                        &[&page.token, &after],
+                    )?
+                    .iter()
+                    .map(|r| r.get::<_, i64>(0))
+                    .collect();
+                let Some(last) = ids.last().copied() else {
+                    break;
+                };
+                after = last;
+                gone.extend(ids.into_iter().filter(|id| !returned.contains(*id)));
+            }
             let read = self.tx.prepare(&format!(
                 "SELECT {PG_DEVICE_COLUMNS} FROM devices WHERE id = $1"
             ))?;
@@ -482,6 +493,11 @@ impl<'a> PgBatch<'a> {
             )?;
         }
         self.events.extend(events);
+        if self.events.len() >= MAX_PENDING_EVENTS {
+            // Bounded memory on a large group: the ids are taken now, and the lock on them is
+            // held from here to the commit (at most one group, GROUP_MAX_AGE).
+            insert_events(&mut self.tx, std::mem::take(&mut self.events))?;
+        }
         Ok(stats)
     }
 }
@@ -539,43 +555,83 @@ fn insert_new(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let n = rows.len();
-    let mut text: Vec<Vec<Option<String>>> = (0..22).map(|_| Vec::with_capacity(n)).collect();
-    let mut flags: Vec<Vec<Option<bool>>> = (0..2).map(|_| Vec::with_capacity(n)).collect();
-    let mut hashes: Vec<i64> = Vec::with_capacity(n);
-    for (rec, p) in rows {
-        let d = &rec.device;
-        let cells = v10_cells(d);
-        text[0].push(Some(d.serial_number.clone()));
-        for (i, f) in d.fields().into_iter().enumerate() {
-            text[1 + i].push(f.clone());
-        }
-        text[13].push(pg_extra_json(d, p.extra_json(), &cells.odd));
-        text[14].push(rec.op_date.clone());
-        for (i, t) in cells.text.into_iter().enumerate() {
-            text[15 + i].push(t);
-        }
-        for (i, b) in cells.flags.into_iter().enumerate() {
-            flags[i].push(b);
-        }
-        hashes.push(p.content_hash());
-    }
+    let c = RowColumns::of(rows.iter().copied());
     let mut args: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&page.token, &page.now];
-    args.extend(
-        text.iter()
-            .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
-    );
-    args.extend(
-        flags
-            .iter()
-            .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
-    );
-    args.push(&hashes);
+    c.args(&mut args);
     Ok(tx
         .query(INSERT_DEVICES, &args)?
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+/// Rewrites changed rows, a page's worth in one statement (by id, read with the stored
+/// row; a row that had left comes back).
+fn update_rows(
+    tx: &mut Transaction<'_>,
+    page: &PageWrite<'_>,
+    rows: &[(i64, &DeviceRecord, &Prepared)],
+) -> Result<(), postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = rows.iter().map(|(id, ..)| *id).collect();
+    let c = RowColumns::of(rows.iter().map(|(_, r, p)| (*r, *p)));
+    let mut args: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&page.now, &ids];
+    c.args(&mut args);
+    tx.execute(UPDATE_DEVICES, &args)?;
+    Ok(())
+}
+
+/// A page's device rows as column arrays (bound with `UNNEST`): serial, the named fields,
+/// extra_json, op_date, the protocol-10 text columns; the two booleans; the digests.
+struct RowColumns {
+    text: Vec<Vec<Option<String>>>,
+    flags: Vec<Vec<Option<bool>>>,
+    hashes: Vec<i64>,
+}
+
+impl RowColumns {
+    fn of<'r>(rows: impl ExactSizeIterator<Item = (&'r DeviceRecord, &'r Prepared)>) -> Self {
+        let n = rows.len();
+        let mut c = RowColumns {
+            text: (0..22).map(|_| Vec::with_capacity(n)).collect(),
+            flags: (0..2).map(|_| Vec::with_capacity(n)).collect(),
+            hashes: Vec::with_capacity(n),
+        };
+        for (rec, p) in rows {
+            let d = &rec.device;
+            let cells = v10_cells(d);
+            c.text[0].push(Some(d.serial_number.clone()));
+            for (i, f) in d.fields().into_iter().enumerate() {
+                c.text[1 + i].push(f.clone());
+            }
+            c.text[13].push(pg_extra_json(d, p.extra_json(), &cells.odd));
+            c.text[14].push(rec.op_date.clone());
+            for (i, t) in cells.text.into_iter().enumerate() {
+                c.text[15 + i].push(t);
+            }
+            for (i, b) in cells.flags.into_iter().enumerate() {
+                c.flags[i].push(b);
+            }
+            c.hashes.push(p.content_hash());
+        }
+        c
+    }
+
+    fn args<'s>(&'s self, args: &mut Vec<&'s (dyn postgres::types::ToSql + Sync)>) {
+        args.extend(
+            self.text
+                .iter()
+                .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
+        );
+        args.extend(
+            self.flags
+                .iter()
+                .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
+        );
+        args.push(&self.hashes);
+    }
 }
 
 /// Gives `events` their ids, in order, and inserts them. The `event_ids` row stays locked
