@@ -45,7 +45,92 @@ on_both_backends!(
     the_cli_reads_devices_and_events_the_same_on_both,
     forgetting_a_token_deletes_its_rows_and_nothing_else,
     events_reach_a_sink_once_each_in_id_order,
+    odd_values_read_back_exactly,
 );
+
+/// A store of each backend, empty (the temp folder lives as long as the store is used).
+fn empty_store(b: Backend) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = match b {
+        Backend::Sqlite => Store::open(dir.path().join("a.db")).unwrap(),
+        Backend::Postgres => Store::open(
+            adesync::config::Database::postgres(&fresh_postgres_database(), None).unwrap(),
+        )
+        .unwrap(),
+    };
+    (dir, store)
+}
+
+/// Values Apple may send that a column cannot hold as they are — a NUL character (which
+/// PostgreSQL's text refuses), a number where text is documented, a string that looks like
+/// a list — come back exactly, from the row and from the event.
+fn odd_values_read_back_exactly(b: Backend) {
+    use adesync::model::{Device, DeviceRecord};
+    use adesync::store::{CursorState, PageWrite};
+    let (_dir, mut store) = empty_store(b);
+    let mut d = Device {
+        serial_number: "ODD1".into(),
+        model: Some("iPad".into()),
+        asset_tag: Some("tag\u{0}with NUL".into()),
+        ..Device::default()
+    };
+    d.extra.insert("eid".into(), serde_json::json!("89\u{0}01"));
+    d.extra
+        .insert("imei".into(), serde_json::json!("[\"not a list\"]"));
+    d.extra
+        .insert("mdm_migration_deadline".into(), serde_json::json!(42));
+    d.extra
+        .insert("is_replacement_device".into(), serde_json::json!("yes"));
+    d.extra
+        .insert("future_field".into(), serde_json::json!({"a": "b\u{0}c"}));
+    let records = vec![DeviceRecord {
+        device: d.clone(),
+        op_type: None,
+        op_date: None,
+    }];
+    store
+        .apply_page(&PageWrite {
+            token: "t",
+            kind: Phase::Fetch,
+            records: &records,
+            next: CursorState {
+                phase: Phase::Fetch,
+                cursor: Some("c1".into()),
+                fetch_run: 1,
+            },
+            fetched_until: None,
+            completes_fetch: false,
+            now: "2026-01-01T00:00:00Z",
+            unreadable: &[],
+            expect_new: true,
+            prepared: None,
+        })
+        .unwrap();
+    let stored = store.devices(&DeviceFilter::default()).unwrap();
+    assert_eq!(stored.len(), 1);
+    let row = stored[0].device.to_json();
+    if b == Backend::Postgres {
+        assert_eq!(row, d.to_json(), "the row");
+    } else {
+        // SQLite's protocol-10 columns keep SQLite's types (a known limit: the event keeps
+        // such a record exactly, below); the NULs and the extra fields survive.
+        for k in [
+            "asset_tag",
+            "eid",
+            "future_field",
+            "model",
+            "is_replacement_device",
+        ] {
+            assert_eq!(row[k], d.to_json()[k], "{k}");
+        }
+    }
+    let events = store.events_after(0, None, 10).unwrap();
+    assert_eq!(
+        events[0].device.as_ref().map(|e| e.to_json()),
+        Some(d.to_json()),
+        "the event"
+    );
+}
 
 /// Event delivery reads the same on both backends: every event reaches a sink once, in
 /// id order, and its cursor ends at the last id.
@@ -1022,4 +1107,76 @@ fn postgres_store_copy_moves_a_mirror_without_a_re_fetch() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already holds a mirror"), "{err}");
+}
+
+/// `store copy` carries profile assignment along: the definitions, each device's last
+/// assignment, where the pass stands and the profile events, so nothing is assigned or
+/// announced twice after the move.
+#[test]
+fn postgres_store_copy_keeps_profile_assignments() {
+    if postgres_url("postgres_store_copy_keeps_profile_assignments").is_none() {
+        return;
+    }
+    let rt = runtime();
+    let env = rt.block_on(Env::on(
+        Backend::Sqlite,
+        MockConfig {
+            devices: 200,
+            ..Default::default()
+        },
+        100,
+        "[[profiles]]\nname = \"all\"\nfile = \"all.json\"\n[[assign]]\nprofile = \"all\"\n",
+    ));
+    std::fs::write(
+        env.path("all.json"),
+        r#"{"profile_name":"All","url":"https://mdm.example.com/enroll"}"#,
+    )
+    .unwrap();
+    let out = rt.block_on(run_once(&env));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lite = rusqlite::Connection::open(env.path("adesync.db")).unwrap();
+    let one = |sql: &str| -> i64 { lite.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let assignments = one("SELECT count(*) FROM profile_assignments");
+    let profile_events = one("SELECT count(*) FROM events WHERE scope = 'profile'");
+    let pass = one("SELECT last_event_id FROM assign_state");
+    let last = one("SELECT max(id) FROM events");
+    assert!(
+        assignments > 0 && profile_events > 0,
+        "the scenario assigns"
+    );
+    let url = fresh_postgres_database();
+    let mut c = adesync(&env);
+    c.args(["store", "copy", "--to", &url]);
+    let out = rt.block_on(crate::common::output(c));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut one = |sql: &str| -> i64 { pg.query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(one("SELECT count(*) FROM profile_assignments"), assignments);
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE scope = 'profile'"),
+        profile_events
+    );
+    assert_eq!(one("SELECT last_event_id FROM assign_state"), pass);
+    assert_eq!(one("SELECT count(*) FROM profiles"), 1);
+    assert_eq!(one("SELECT next_id FROM event_ids"), last + 1);
+    let target = adesync::config::Database::postgres(&url, None).unwrap();
+    let store = Store::open(&target).unwrap();
+    let profile = store
+        .events_after(0, None, 100_000)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.scope == adesync::events::EventScope::Profile)
+        .unwrap();
+    assert_eq!(
+        adesync::events::event_json(&profile)["type"],
+        "profile.assigned"
+    );
 }

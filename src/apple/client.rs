@@ -152,6 +152,16 @@ fn parse_page(endpoint: Endpoint, bytes: &[u8]) -> Result<DevicePage, ApiError> 
         rec.device.normalise_v10();
         if rec.device.serial_number.trim().is_empty() {
             refused.push((i, format!("record {} has an empty serial number", i + 1)));
+        } else if rec.device.serial_number.chars().any(char::is_control) {
+            // No serial Apple gives has one, and a NUL cannot be a key in PostgreSQL.
+            refused.push((
+                i,
+                format!(
+                    "record {} has a control character in its serial number ({})",
+                    i + 1,
+                    crate::model::printable(&rec.device.serial_number)
+                ),
+            ));
         } else {
             devices.push(rec);
         }

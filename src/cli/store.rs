@@ -17,7 +17,7 @@ pub enum StoreCommand {
     /// first; afterwards set `database` to the URL.
     Copy {
         /// The PostgreSQL database, e.g. postgres://adesync@db.example.com/adesync (the
-        /// password from PGPASSWORD, or the config's database_password_file).
+        /// password from PGPASSWORD).
         #[arg(long, value_name = "URL")]
         to: String,
     },
@@ -63,9 +63,15 @@ pub fn run(config_path: &std::path::Path, cmd: StoreCommand) -> anyhow::Result<E
         path.display(),
         target.display()
     );
+    if r.assignments > 0 || r.profiles > 0 {
+        println!(
+            "and {} profile definitions and {} devices' last assignments",
+            r.profiles, r.assignments
+        );
+    }
     if r.events_left > 0 || r.org_devices_left > 0 {
         println!(
-            "not copied (not kept on PostgreSQL yet): {} organisation devices, {} organisation and profile-assignment events",
+            "not copied (not kept on PostgreSQL yet): {} organisation devices, {} organisation events",
             r.org_devices_left, r.events_left
         );
     }

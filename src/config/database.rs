@@ -207,6 +207,17 @@ impl PgTarget {
         config.keepalives_idle(Duration::from_secs(30));
         let mut shown = parsed.clone();
         let _ = shown.set_password(None);
+        // A password may also come as a query parameter; it is never shown either.
+        let kept: Vec<(String, String)> = parsed
+            .query_pairs()
+            .filter(|(k, _)| k != "password")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if kept.is_empty() {
+            shown.set_query(None);
+        } else {
+            shown.query_pairs_mut().clear().extend_pairs(kept);
+        }
         Ok(PgTarget {
             shown: shown.to_string(),
             config,
@@ -264,6 +275,24 @@ mod tests {
         let (c, tls) = t.connect_config().unwrap();
         assert_eq!(c.get_password(), Some(&b"secret"[..]));
         assert!(!tls, "loopback goes without TLS unless asked");
+    }
+
+    #[test]
+    fn a_password_given_as_a_query_parameter_is_not_shown_either() {
+        let d = Database::postgres(
+            "postgres://u@127.0.0.1/m?password=Qx7-secret&application_name=a",
+            None,
+        )
+        .unwrap();
+        let shown = d.display().to_string();
+        assert!(!shown.contains("Qx7-secret"), "{shown}");
+        assert!(shown.contains("application_name=a"), "{shown}");
+        assert!(!format!("{d:?}").contains("Qx7-secret"));
+        let Database::Postgres(t) = &d else { panic!() };
+        assert_eq!(
+            t.connect_config().unwrap().0.get_password(),
+            Some(&b"Qx7-secret"[..])
+        );
     }
 
     #[test]

@@ -203,7 +203,13 @@ pub async fn run_token_with(
     let started = Instant::now();
     let db = config.database.clone();
     let name = token.name.clone();
-    let result = run_inner(config, token, progress, started, cancel, force_full).await;
+    // The connection that holds the token (PostgreSQL) once the pass is over, so the
+    // outcome is recorded while this replica still owns the token.
+    let mut owner: Option<Store> = None;
+    let result = run_inner(
+        config, token, progress, started, cancel, force_full, &mut owner,
+    )
+    .await;
     if matches!(result, Err(SyncError::Cancelled))
         || matches!(&result, Ok(s) if s.held_by.is_some())
     {
@@ -215,7 +221,10 @@ pub async fn run_token_with(
         .err()
         .map(|e| (e.kind().as_str().to_owned(), e.to_string()));
     let recorded = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-        let mut store = Store::open(&db)?;
+        let mut store = match owner {
+            Some(store) => store,
+            None => Store::open(&db)?,
+        };
         let now = format_time(chrono::Utc::now());
         store.record_run_end(
             &name,
@@ -243,6 +252,7 @@ async fn run_inner(
     started: Instant,
     cancel: &CancellationToken,
     force_full: bool,
+    owner_slot: &mut Option<Store>,
 ) -> Result<RunSummary, SyncError> {
     // The writer's connection takes the token first: on PostgreSQL another replica may be
     // syncing it, and then this one does nothing (not a failure).
@@ -341,8 +351,8 @@ async fn run_inner(
         }
     }
     summary.duration = started.elapsed();
-    // The token stays this replica's until the pass is over.
-    tokio::task::spawn_blocking(move || drop(owner));
+    // The token stays this replica's until its outcome is recorded.
+    *owner_slot = Some(owner);
     Ok(summary)
 }
 

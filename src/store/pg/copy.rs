@@ -8,7 +8,7 @@ use rusqlite::Connection;
 
 use super::super::device_row::{device_from_row, DEVICE_COLUMNS};
 use super::super::StoreError;
-use super::write::{pg_extra_json, v10_cells};
+use super::write::{field_cells, pg_extra_json, v10_cells};
 use super::Pg;
 
 /// What a copy moved, and what it left behind.
@@ -26,7 +26,11 @@ pub struct CopyReport {
     pub sink_cursors: u64,
     /// An unfinished full fetch's bitmaps.
     pub fetch_seen: u64,
-    /// Organisation and profile-assignment events not copied (not kept on PostgreSQL yet).
+    /// Profile definitions.
+    pub profiles: u64,
+    /// Devices' last profile assignments.
+    pub assignments: u64,
+    /// Organisation events not copied (not kept on PostgreSQL yet).
     pub events_left: u64,
     /// Organisation devices not copied (not kept on PostgreSQL yet).
     pub org_devices_left: u64,
@@ -67,7 +71,8 @@ impl Pg {
         let mut tx = self.c().transaction().map_err(e_begin)?;
         let held: i64 = match tx.query_one(
             "SELECT (SELECT count(*) FROM devices) + (SELECT count(*) FROM events)
-                  + (SELECT count(*) FROM sync_state) + (SELECT count(*) FROM sink_cursors)",
+                  + (SELECT count(*) FROM sync_state) + (SELECT count(*) FROM sink_cursors)
+                  + (SELECT count(*) FROM profile_assignments) + (SELECT count(*) FROM assign_state)",
             &[],
         ) {
             Ok(r) => r.get(0),
@@ -100,7 +105,8 @@ impl Pg {
             let mut rows = stmt.query([last, CHUNK]).map_err(&read)?;
             while let Some(r) = rows.next().map_err(&read)? {
                 let d = device_from_row(r, 10).map_err(&read)?;
-                let cells = v10_cells(&d);
+                let mut cells = v10_cells(&d);
+                let fields = field_cells(&d, &mut cells.odd);
                 let sqlite_extra: Option<String> = r.get(10 + 13).map_err(&read)?;
                 ids.push(r.get(0).map_err(&read)?);
                 hashes.push(r.get(6).map_err(&read)?);
@@ -114,8 +120,8 @@ impl Pg {
                     put(r.get(i).map_err(&read)?);
                 }
                 put(Some(d.serial_number.clone()));
-                for f in d.fields() {
-                    put(f.clone());
+                for f in fields {
+                    put(f);
                 }
                 put(pg_extra_json(&d, sqlite_extra.as_deref(), &cells.odd));
                 for t in cells.text {
@@ -172,19 +178,21 @@ impl Pg {
             }
         }
 
-        // ADE events by id, snapshots resolved; organisation and profile events stay.
+        // ADE and profile-assignment events by id, snapshots resolved; organisation events
+        // stay (organisation accounts are not kept on PostgreSQL yet).
         let mut last = 0i64;
         loop {
             let mut stmt = from
                 .prepare_cached(
                     "SELECT id, token_name, serial_number, kind, changes, occurred_at,
-                            COALESCE(device_json, 'null'), reason
-                     FROM events_with_device WHERE id > ?1 AND scope IS NULL
+                            COALESCE(device_json, 'null'), reason, scope
+                     FROM events_with_device WHERE id > ?1
+                       AND (scope IS NULL OR scope = 'profile')
                      ORDER BY id LIMIT ?2",
                 )
                 .map_err(&read)?;
             let mut ids: Vec<i64> = Vec::new();
-            let mut cols: Vec<Vec<Option<String>>> = (0..7).map(|_| Vec::new()).collect();
+            let mut cols: Vec<Vec<Option<String>>> = (0..8).map(|_| Vec::new()).collect();
             let mut rows = stmt.query([last, CHUNK]).map_err(&read)?;
             while let Some(r) = rows.next().map_err(&read)? {
                 ids.push(r.get(0).map_err(&read)?);
@@ -200,13 +208,14 @@ impl Pg {
             report.events += ids.len() as u64;
             if let Err(e) = tx.execute(
                 "INSERT INTO events (id, token_name, serial_number, kind, changes, occurred_at,
-                     device_json, reason)
-                 SELECT u.id, u.t, u.s, u.k, u.c::json, u.o, u.d::json, u.r
+                     device_json, reason, scope)
+                 SELECT u.id, u.t, u.s, u.k, u.c::json, u.o, u.d::json, u.r, u.sc
                    FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[],
-                               $6::text[], $7::text[], $8::text[])
-                     AS u(id, t, s, k, c, o, d, r)",
+                               $6::text[], $7::text[], $8::text[], $9::text[])
+                     AS u(id, t, s, k, c, o, d, r, sc)",
                 &[
                     &ids, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &cols[6],
+                    &cols[7],
                 ],
             ) {
                 return Err(e_ev(e));
@@ -217,7 +226,8 @@ impl Pg {
                 .map(|n| n as u64)
                 .map_err(&read)
         };
-        report.events_left = count("SELECT count(*) FROM events WHERE scope IS NOT NULL")?;
+        report.events_left =
+            count("SELECT count(*) FROM events WHERE scope IS NOT NULL AND scope <> 'profile'")?;
         report.org_devices_left = count("SELECT count(*) FROM org_devices")?;
         // The next id continues after every id SQLite ever gave (AUTOINCREMENT's counter
         // too), so no receiver ever sees an id twice.
@@ -232,7 +242,10 @@ impl Pg {
 
         // The small tables, row by row.
         let rest = (|| -> Result<(), postgres::Error> {
-            tx.execute("UPDATE event_ids SET next_id = $1", &[&next])?;
+            tx.execute(
+                "UPDATE event_ids SET next_id = GREATEST(next_id, $1)",
+                &[&next],
+            )?;
             tx.execute(
                 "SELECT setval(pg_get_serial_sequence('devices', 'id'),
                                GREATEST((SELECT max(id) FROM devices), 1))",
@@ -345,6 +358,41 @@ impl Pg {
                 ("fetch_run", i),
                 ("chunk", i),
                 ("bits", "bytea"),
+            ],
+        )?;
+        report.profiles = copy_table(
+            &mut tx,
+            "profiles",
+            &[
+                ("token_name", t),
+                ("profile_name", t),
+                ("profile_uuid", t),
+                ("file_hash", t),
+                ("defined_at", t),
+            ],
+        )?;
+        report.assignments = copy_table(
+            &mut tx,
+            "profile_assignments",
+            &[
+                ("token_name", t),
+                ("serial_number", t),
+                ("profile_name", t),
+                ("profile_uuid", t),
+                ("status", t),
+                ("attempted_at", t),
+                ("retry_after", t),
+                ("attempts", i),
+            ],
+        )?;
+        copy_table(
+            &mut tx,
+            "assign_state",
+            &[
+                ("token_name", t),
+                ("last_event_id", i),
+                ("last_full_fetch_at", t),
+                ("last_run_at", t),
             ],
         )?;
         tx.commit().map_err(e_commit)?;

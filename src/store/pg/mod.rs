@@ -67,9 +67,18 @@ impl Drop for Pg {
         // own (the server ends the session when the socket closes either way).
         if let Some(client) = self.client.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
-                let _ = std::thread::Builder::new()
+                let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(client)));
+                let theirs = cell.clone();
+                let closing = std::thread::Builder::new()
                     .name("pg-close".into())
-                    .spawn(move || drop(client));
+                    .spawn(move || drop(theirs.lock().map(|mut c| c.take())));
+                if closing.is_err() {
+                    // No thread to close it on: leave the socket to the process's exit
+                    // rather than panic here.
+                    if let Ok(mut c) = cell.lock() {
+                        std::mem::forget(c.take());
+                    }
+                }
             }
         }
     }
@@ -312,23 +321,39 @@ impl Pg {
             .query(
                 "SELECT t, COALESCE(NULLIF(a.application_name, ''), 'adesync')
                            || ' at ' || COALESCE(host(a.client_addr), 'local socket')
-                           || ', pid ' || a.pid || ', since '
-                           || to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                           || ', pid ' || COALESCE(l.pid::text, '?') || COALESCE(', since '
+                           || to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '')
                    FROM unnest($2::text[]) AS t
                    JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                         AND l.classid::int8 = $1::int4
                         AND l.objid::int8 = (hashtext(current_schema() || '/' || t)::int8 & 4294967295)
-                   JOIN pg_stat_activity a ON a.pid = l.pid
+                   LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                   ORDER BY t",
                 &[&lock, &names],
             )
             .map_err(self.err("read who syncs each token"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        // A session of another role shows NULLs to a user without pg_read_all_stats.
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let who: Option<String> = r.try_get(1).ok().flatten();
+                (r.get(0), who.unwrap_or_else(|| "another adesync".into()))
+            })
+            .collect())
     }
 
     /// Opens a write transaction for one or more pages (group commit).
     pub(crate) fn batch(&mut self) -> Result<PgBatch<'_>, StoreError> {
+        let (since, next) = self.inserted;
+        if since >= next {
+            // Between transactions, holding no lock of adesync's: ANALYZE may wait behind a
+            // VACUUM, and no other writer should wait with it. A failure costs speed only.
+            self.inserted = (0, next.saturating_mul(4));
+            if let Err(e) = self.c().batch_execute("ANALYZE devices") {
+                tracing::debug!(error = %e, "refreshing the planner's statistics failed");
+            }
+        }
         let err = self.err("begin a write");
         let client = self
             .client

@@ -58,14 +58,16 @@ pub(super) fn v10_cells(d: &Device) -> V10Cells {
                 text[t] = match v {
                     None => None,
                     Some(Value::String(s)) => {
-                        // A string that reads back as a list would come back as one.
-                        if shape == FieldShape::List
+                        // A string that reads back as a list would come back as one; a NUL
+                        // cannot be stored in text at all.
+                        if (shape == FieldShape::List
                             && s.starts_with('[')
-                            && serde_json::from_str::<Value>(s).is_ok()
+                            && serde_json::from_str::<Value>(s).is_ok())
+                            || s.contains('\0')
                         {
                             odd.push((name, Value::String(s.clone())));
                         }
-                        Some(s.clone())
+                        Some(s.replace('\0', "\u{fffd}"))
                     }
                     Some(Value::Array(a)) if shape == FieldShape::List => {
                         Some(Value::Array(a.clone()).to_string())
@@ -80,6 +82,24 @@ pub(super) fn v10_cells(d: &Device) -> V10Cells {
         }
     }
     V10Cells { text, flags, odd }
+}
+
+/// A device's named fields as PostgreSQL's text columns hold them. PostgreSQL refuses a
+/// NUL character in text (Apple's JSON may carry `\u0000`): the column gets U+FFFD in its
+/// place and the exact value goes to `odd`, kept in `extra_json`, which wins when the row is
+/// read back (see [`device_from_row`]).
+pub(super) fn field_cells(d: &Device, odd: &mut Vec<(&'static str, Value)>) -> Vec<Option<String>> {
+    d.fields()
+        .into_iter()
+        .zip(crate::model::DEVICE_FIELDS)
+        .map(|(f, name)| match f {
+            Some(t) if t.contains('\0') => {
+                odd.push((name, Value::String(t.clone())));
+                Some(t.replace('\0', "\u{fffd}"))
+            }
+            other => other.clone(),
+        })
+        .collect()
 }
 
 /// `extra_json` as PostgreSQL stores it: SQLite's (the fields beyond the columns) plus the
@@ -137,7 +157,12 @@ pub(super) fn device_from_row(r: &postgres::Row, start: usize) -> Result<Device,
     }
     // Values kept exactly win over their columns; the rest are Apple's extra fields.
     for (k, v) in exact {
-        d.extra.insert(k, v);
+        match (crate::model::DEVICE_FIELDS.iter().position(|f| *f == k), v) {
+            (Some(i), Value::String(t)) => *d.fields_mut()[i] = Some(t),
+            (_, v) => {
+                d.extra.insert(k, v);
+            }
+        }
     }
     Ok(d)
 }
@@ -261,15 +286,6 @@ impl<'a> PgBatch<'a> {
         let err = self.wrap("commit pages");
         let events = std::mem::take(&mut self.events);
         insert_events(&mut self.tx, events).map_err(self.wrap("commit pages"))?;
-        let (since, next) = *self.inserted;
-        if since >= next {
-            // In the transaction (ANALYZE may run in one; VACUUM may not): this connection
-            // plans its next page with the new statistics at once.
-            *self.inserted = (0, next.saturating_mul(4));
-            self.tx
-                .batch_execute("ANALYZE devices")
-                .map_err(self.wrap("refresh the planner's statistics"))?;
-        }
         self.tx.commit().map_err(err)
     }
 
@@ -601,10 +617,10 @@ impl RowColumns {
         };
         for (rec, p) in rows {
             let d = &rec.device;
-            let cells = v10_cells(d);
+            let mut cells = v10_cells(d);
             c.text[0].push(Some(d.serial_number.clone()));
-            for (i, f) in d.fields().into_iter().enumerate() {
-                c.text[1 + i].push(f.clone());
+            for (i, f) in field_cells(d, &mut cells.odd).into_iter().enumerate() {
+                c.text[1 + i].push(f);
             }
             c.text[13].push(pg_extra_json(d, p.extra_json(), &cells.odd));
             c.text[14].push(rec.op_date.clone());
