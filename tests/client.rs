@@ -494,6 +494,7 @@ async fn records_without_a_usable_serial_are_set_aside_and_the_rest_of_the_page_
                 {"serial_number":5},
                 {"model":"no serial at all"},
                 {"serial_number":"C02BAD","profile_status":5},
+                {"serial_number":"C02\u0000NUL","model":"Mac"},
                 {"serial_number":"C02GOOD","model":"Mac"}
             ],"cursor":"C1","more_to_follow":false}"#,
         ))
@@ -506,7 +507,13 @@ async fn records_without_a_usable_serial_are_set_aside_and_the_rest_of_the_page_
         .map(|d| d.device.serial_number.as_str())
         .collect();
     assert_eq!(serials, ["C02GOOD"]);
-    assert_eq!(page.refused.len(), 5, "{:?}", page.refused);
+    assert_eq!(page.refused.len(), 6, "{:?}", page.refused);
+    assert!(
+        page.refused[5]
+            .contains("record 6 has a control character in its serial number (C02\\u{0}NUL)"),
+        "{:?}",
+        page.refused
+    );
     assert_eq!(
         page.unreadable_serials,
         ["C02BAD"],
