@@ -1180,3 +1180,52 @@ fn postgres_store_copy_keeps_profile_assignments() {
         "profile.assigned"
     );
 }
+
+/// The token's lock is the fence for everything a pass writes after its pages: replacement
+/// details and profile assignment go through the connection that holds it, so once that
+/// connection is gone (and another replica may hold the token) they fail instead of
+/// landing beside the new owner's.
+#[test]
+fn postgres_writes_after_the_pages_fail_once_the_token_connection_is_gone() {
+    if postgres_url("postgres_writes_after_the_pages_fail_once_the_token_connection_is_gone")
+        .is_none()
+    {
+        return;
+    }
+    let url = fresh_postgres_database();
+    let db = adesync::config::Database::postgres(&url, None).unwrap();
+    let mut owner = Store::open(&db).unwrap();
+    assert_eq!(owner.own_token("acme").unwrap(), None);
+    let pass = adesync::syncer::PassStore::owned(db.clone(), owner);
+    pass.with(|s| s.finish_assign_pass("acme", 1, None, "2026-01-01T00:00:00Z"))
+        .unwrap();
+    // The server ends the owner's session (a restart, a cut network).
+    let schema = url.rsplit("search_path%3D").next().unwrap().to_owned();
+    let mut admin = postgres::Client::connect(
+        &std::env::var("ADESYNC_TEST_POSTGRES_URL").unwrap(),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&schema],
+        )
+        .unwrap()
+        .len();
+    assert!(cut >= 1);
+    std::thread::sleep(Duration::from_millis(200));
+    // Another replica takes the token over...
+    let mut next = Store::open(&db).unwrap();
+    assert_eq!(
+        next.own_token("acme").unwrap(),
+        None,
+        "the lock went with the session"
+    );
+    // ...and the old pass can write nothing more.
+    assert!(pass
+        .with(|s| s.finish_assign_pass("acme", 99, None, "2026-01-01T00:00:01Z"))
+        .is_err());
+    assert_eq!(next.assign_state("acme").unwrap().last_event_id, 1);
+}

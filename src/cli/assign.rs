@@ -184,7 +184,9 @@ pub(super) async fn run_now(config: &Config, token: Option<&str>) -> anyhow::Res
             server_token,
             adesync::syncer::client_settings(config, t),
         )?;
-        match adesync::syncer::assign_token(config, t, &client).await {
+        // Written through the connection that holds the token.
+        let pass = adesync::syncer::PassStore::owned(config.database.clone(), owner);
+        match adesync::syncer::assign_token_on(config, t, &client, pass.clone()).await {
             Ok(s) => println!(
                 "{}: {} assigned, {} failed, {} throttled, {} not accessible ({} calls, {} profiles defined)",
                 t.name, s.success, s.failed, s.throttled, s.not_accessible, s.calls, s.defined
@@ -194,7 +196,7 @@ pub(super) async fn run_now(config: &Config, token: Option<&str>) -> anyhow::Res
                 failed = true;
             }
         }
-        tokio::task::spawn_blocking(move || drop(owner)).await?;
+        tokio::task::spawn_blocking(move || drop(pass)).await?;
     }
     Ok(if failed {
         ExitCode::FAILURE

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use super::PassStore;
 use crate::apple::{ApiError, AppleClient};
 use crate::config::{AssignRule, Config, TokenConfig};
 use crate::model::{format_time, parse_time, Reason};
@@ -254,13 +255,29 @@ pub async fn assign_token(
     token: &TokenConfig,
     client: &AppleClient,
 ) -> Result<AssignSummary, AssignError> {
+    assign_token_on(
+        config,
+        token,
+        client,
+        PassStore::fresh(config.database.clone()),
+    )
+    .await
+}
+
+/// [`assign_token`] writing through `store` (the connection holding the token).
+pub async fn assign_token_on(
+    config: &Config,
+    token: &TokenConfig,
+    client: &AppleClient,
+    store: PassStore,
+) -> Result<AssignSummary, AssignError> {
     let rules = rules_for(config, &token.name);
     let mut summary = AssignSummary::default();
     if rules.is_empty() {
         return Ok(summary);
     }
-    let (db, name) = (config.database.clone(), token.name.clone());
-    let inputs = blocking(move || Store::open(&db)?.assign_inputs(&name)).await?;
+    let (c, name) = (store.clone(), token.name.clone());
+    let inputs = blocking(move || c.with(|s| s.assign_inputs(&name))).await?;
     let mut profiles = profile_states(config, &rules, &inputs).map_err(AssignError::Profile)?;
     let now = Utc::now();
     let planned = plan(&rules, &inputs, &profiles, now);
@@ -292,15 +309,11 @@ pub async fn assign_token(
                             profile_uuid: u.clone(),
                             file_hash: state.hash.clone(),
                         };
-                        let (db, t, p) =
-                            (config.database.clone(), token.name.clone(), profile.clone());
+                        let (c, t, p) = (store.clone(), token.name.clone(), profile.clone());
                         blocking(move || {
-                            Store::open(&db)?.save_profile_definition(
-                                &t,
-                                &p,
-                                &def,
-                                &format_time(Utc::now()),
-                            )
+                            c.with(|s| {
+                                s.save_profile_definition(&t, &p, &def, &format_time(Utc::now()))
+                            })
                         })
                         .await?;
                         state.uuid = Some(u.clone());
@@ -368,23 +381,17 @@ pub async fn assign_token(
                     }
                 })
                 .collect();
-            let (db, t, p) = (config.database.clone(), token.name.clone(), profile.clone());
+            let (c, t, p) = (store.clone(), token.name.clone(), profile.clone());
             blocking(move || {
-                Store::open(&db)?.save_assignments(
-                    &t,
-                    &p,
-                    &uuid,
-                    &outcomes,
-                    &format_time(Utc::now()),
-                )
+                c.with(|s| s.save_assignments(&t, &p, &uuid, &outcomes, &format_time(Utc::now())))
             })
             .await?;
         }
     }
-    let (db, t) = (config.database.clone(), token.name.clone());
+    let (c, t) = (store.clone(), token.name.clone());
     let (last, fetch) = (inputs.last_event_id, inputs.last_full_fetch_at.clone());
     blocking(move || {
-        Store::open(&db)?.finish_assign_pass(&t, last, fetch.as_deref(), &format_time(Utc::now()))
+        c.with(|s| s.finish_assign_pass(&t, last, fetch.as_deref(), &format_time(Utc::now())))
     })
     .await?;
     if summary != AssignSummary::default() {

@@ -31,8 +31,8 @@ mod org;
 mod writer;
 
 pub use assign::{
-    assign_token, dry_run, plan, rule_matches, rules_for, AssignError, AssignSummary, Planned,
-    MAX_SERIALS_PER_CALL,
+    assign_token, assign_token_on, dry_run, plan, rule_matches, rules_for, AssignError,
+    AssignSummary, Planned, MAX_SERIALS_PER_CALL,
 };
 pub use org::{org_client_settings, run_account, run_account_with, OrgRunSummary, OrgSyncError};
 
@@ -336,13 +336,16 @@ async fn run_inner(
     let (stats, owner) = written?;
     summary.stats = stats;
     driven?;
+    // Replacement details and profile assignment write through the connection that holds
+    // the token, so a replica that lost it can write nothing more.
+    let pass = PassStore::owned(config.database.clone(), owner);
     if token.protocol_version >= 10 {
-        summary.replacements = replacements(&client, config, token, cancel).await;
+        summary.replacements = replacements(&client, token, cancel, &pass).await;
     }
     if !rules_for(config, &token.name).is_empty() && !cancel.is_cancelled() {
         // Assignment never fails the sync: its error is logged and the pass runs again
         // after the next sync.
-        match assign_token(config, token, &client).await {
+        match assign_token_on(config, token, &client, pass.clone()).await {
             Ok(a) => summary.assigned = a,
             Err(e) => {
                 tracing::error!(token = %token.name, error = %e, "profile assignment failed; it runs again after the next sync");
@@ -352,8 +355,49 @@ async fn run_inner(
     }
     summary.duration = started.elapsed();
     // The token stays this replica's until its outcome is recorded.
-    *owner_slot = Some(owner);
+    *owner_slot = pass.into_owner();
     Ok(summary)
+}
+
+/// The connection a pass writes through after its pages: the one that holds the token
+/// (on PostgreSQL its lock is the fence, see `Store::own_token`), or a fresh one per write
+/// when there is none (a pass started outside a sync, e.g. by a test).
+#[derive(Clone)]
+pub struct PassStore {
+    db: crate::config::Database,
+    owner: Option<std::sync::Arc<std::sync::Mutex<Store>>>,
+}
+
+impl PassStore {
+    /// Writes through `owner`, the connection holding the token.
+    pub fn owned(db: crate::config::Database, owner: Store) -> Self {
+        PassStore {
+            db,
+            owner: Some(std::sync::Arc::new(std::sync::Mutex::new(owner))),
+        }
+    }
+
+    /// Opens a connection for each write.
+    pub fn fresh(db: crate::config::Database) -> Self {
+        PassStore { db, owner: None }
+    }
+
+    /// Runs `f` on the store (call it from a blocking thread).
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match &self.owner {
+            Some(s) => f(&mut s.lock().unwrap_or_else(|e| e.into_inner())),
+            None => f(&mut Store::open(&self.db)?),
+        }
+    }
+
+    /// The owning connection back, when this is the last handle to it.
+    pub fn into_owner(self) -> Option<Store> {
+        let owner = std::sync::Arc::try_unwrap(self.owner?).ok()?;
+        Some(owner.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Most replacement devices asked about per run; the rest wait for the next run.
@@ -364,25 +408,24 @@ const MAX_REPLACEMENT_LOOKUPS: usize = 200;
 /// the devices are asked about on the next run; it never fails the sync.
 async fn replacements(
     client: &AppleClient,
-    config: &Config,
     token: &TokenConfig,
     cancel: &CancellationToken,
+    pass: &PassStore,
 ) -> u64 {
-    let (db, name) = (config.database.clone(), token.name.clone());
-    let due =
-        match blocking(move || Store::open(&db)?.replacements_due(&name, MAX_REPLACEMENT_LOOKUPS))
-            .await
-        {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                tracing::warn!(token = %token.name, error = %e, "cannot read replacement devices");
-                return 0;
-            }
-            Err(e) => {
-                tracing::warn!(token = %token.name, error = %e, "cannot read replacement devices");
-                return 0;
-            }
-        };
+    let (c, name) = (pass.clone(), token.name.clone());
+    let due = match blocking(move || c.with(|s| s.replacements_due(&name, MAX_REPLACEMENT_LOOKUPS)))
+        .await
+    {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            tracing::warn!(token = %token.name, error = %e, "cannot read replacement devices");
+            return 0;
+        }
+        Err(e) => {
+            tracing::warn!(token = %token.name, error = %e, "cannot read replacement devices");
+            return 0;
+        }
+    };
     let mut done = 0;
     for serial in due {
         let details = tokio::select! {
@@ -403,19 +446,16 @@ async fn replacements(
                 return done;
             }
         };
-        let (db, name) = (config.database.clone(), token.name.clone());
+        let (c, name) = (pass.clone(), token.name.clone());
         let saved = blocking(move || {
             let original = details.as_ref().and_then(|d| {
                 d.original_device_serial_number
                     .as_deref()
                     .map(|o| (o, d.replacement_date.as_deref()))
             });
-            Store::open(&db)?.save_replacement(
-                &name,
-                &serial,
-                original,
-                &format_time(chrono::Utc::now()),
-            )
+            c.with(|s| {
+                s.save_replacement(&name, &serial, original, &format_time(chrono::Utc::now()))
+            })
         })
         .await;
         if !matches!(saved, Ok(Ok(()))) {
