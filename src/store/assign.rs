@@ -98,6 +98,31 @@ pub struct AssignInputs {
     pub synced: bool,
 }
 
+/// The event Apple's answer for one device makes (both backends): `added`
+/// (`profile.assigned`) for SUCCESS, `modified` (`profile.assign_failed`) for FAILED and
+/// NOT_ACCESSIBLE, none for THROTTLED (simply tried again later); with its snapshot, the
+/// assignment as JSON.
+pub(super) fn assignment_event(
+    o: &AssignOutcome,
+    profile: &str,
+    profile_uuid: &str,
+    attempts: i64,
+) -> Option<(EventKind, String)> {
+    let kind = match o.status.as_str() {
+        "SUCCESS" => EventKind::Added,
+        "THROTTLED" => return None,
+        _ => EventKind::Modified,
+    };
+    let detail = json!({
+        "profile": profile,
+        "profile_uuid": profile_uuid,
+        "status": o.status,
+        "attempts": attempts,
+        "retry_after": o.retry_after,
+    });
+    Some((kind, detail.to_string()))
+}
+
 impl Store {
     /// What an assignment pass of `token` plans from.
     pub fn assign_inputs(&self, token: &str) -> Result<AssignInputs, StoreError> {
@@ -297,24 +322,16 @@ impl Store {
                     params![token, o.serial_number, profile, profile_uuid, o.status, now, o.retry_after],
                     |r| r.get(0),
                 )?;
-                let kind = match o.status.as_str() {
-                    "SUCCESS" => EventKind::Added,
-                    "THROTTLED" => continue,
-                    _ => EventKind::Modified,
+                let Some((kind, detail)) = assignment_event(o, profile, profile_uuid, attempts)
+                else {
+                    continue;
                 };
-                let detail = json!({
-                    "profile": profile,
-                    "profile_uuid": profile_uuid,
-                    "status": o.status,
-                    "attempts": attempts,
-                    "retry_after": o.retry_after,
-                });
                 ev.execute(params![
                     token,
                     o.serial_number,
                     kind.as_str(),
                     now,
-                    detail.to_string(),
+                    detail,
                     EventScope::Profile.stored()
                 ])?;
             }

@@ -352,27 +352,20 @@ pub(super) fn write_page(
             }
             Decision::Deleted => {
                 if let Some(o) = old {
-                    // The last stored record, and what the deletion itself says
-                    // (`released_by_replacement`), kept with it.
-                    let mut stored = o.device(&rec.device).clone();
-                    let by_replacement = rec.device.v10("released_by_replacement").cloned();
-                    let mut new_hash = None;
-                    // Only a boolean reaches the column (see mark_deleted below).
-                    if let Some(v) = by_replacement.as_ref().filter(|v| v.is_boolean()) {
-                        if stored.v10("released_by_replacement") != Some(v) {
-                            // The row's Apple fields change.
-                            o.materialize(tx, &rec.device)?;
-                            stored
-                                .extra
-                                .insert("released_by_replacement".into(), v.clone());
-                            new_hash = Some(content_hash(&stored, extra_json(&stored).as_deref()));
-                        }
+                    let Departure {
+                        stored,
+                        by_replacement,
+                        new_hash,
+                    } = departure(o.device(&rec.device), &rec.device);
+                    if new_hash.is_some() {
+                        // The row's Apple fields change.
+                        o.materialize(tx, &rec.device)?;
                     }
                     mark_deleted.execute(params![
                         o.id,
                         page.now,
                         rec.op_date,
-                        by_replacement.as_ref().and_then(Value::as_bool),
+                        by_replacement,
                         new_hash,
                     ])?;
                     let why = reason(
@@ -609,6 +602,39 @@ fn reason_context(tx: &rusqlite::Transaction<'_>, serial: &str) -> rusqlite::Res
         released_from_org,
         original_of_replacement,
     })
+}
+
+/// What a deletion record leaves in its row (both backends).
+pub(super) struct Departure {
+    /// The last stored record, with the `released_by_replacement` the deletion carries.
+    pub(super) stored: Device,
+    /// That value for its column: only a boolean reaches it.
+    pub(super) by_replacement: Option<bool>,
+    /// The row's new digest, when the deletion changed its Apple fields.
+    pub(super) new_hash: Option<i64>,
+}
+
+/// The row a deletion leaves: `stored` (the last stored record) with what the deletion
+/// itself says (`released_by_replacement`, when a boolean).
+pub(super) fn departure(stored: &Device, record: &Device) -> Departure {
+    let mut stored = stored.clone();
+    let by_replacement = record
+        .v10("released_by_replacement")
+        .and_then(Value::as_bool);
+    let mut new_hash = None;
+    if let Some(b) = by_replacement {
+        if stored.v10("released_by_replacement") != Some(&Value::Bool(b)) {
+            stored
+                .extra
+                .insert("released_by_replacement".into(), Value::Bool(b));
+            new_hash = Some(content_hash(&stored, extra_json(&stored).as_deref()));
+        }
+    }
+    Departure {
+        stored,
+        by_replacement,
+        new_hash,
+    }
 }
 
 /// Device ids per `fetch_seen` chunk (2 KiB of bits).

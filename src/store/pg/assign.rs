@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::json;
-
+use super::super::assign::assignment_event;
 use super::super::{
     AssignDevice, AssignInputs, AssignOutcome, AssignState, Assignment, ProfileDefinition,
     StoreError,
@@ -191,19 +190,9 @@ impl Pg {
                         ],
                     )?
                     .get(0);
-                let kind = match o.status.as_str() {
-                    "SUCCESS" => EventKind::Added,
-                    "THROTTLED" => continue,
-                    _ => EventKind::Modified,
-                };
-                let detail = json!({
-                    "profile": profile,
-                    "profile_uuid": profile_uuid,
-                    "status": o.status,
-                    "attempts": attempts,
-                    "retry_after": o.retry_after,
-                });
-                events.push((o.serial_number.clone(), kind, detail.to_string()));
+                if let Some((kind, detail)) = assignment_event(o, profile, profile_uuid, attempts) {
+                    events.push((o.serial_number.clone(), kind, detail));
+                }
             }
             if !events.is_empty() {
                 let first = take_event_ids(&mut tx, events.len())?;

@@ -123,7 +123,7 @@ impl Pg {
                 for f in fields {
                     put(f);
                 }
-                put(pg_extra_json(&d, sqlite_extra.as_deref(), &cells.odd));
+                put(pg_extra_json(sqlite_extra.as_deref(), &cells.odd));
                 for t in cells.text {
                     put(t);
                 }

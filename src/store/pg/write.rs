@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use postgres::Transaction;
 use serde_json::Value;
 
-use super::super::devices::{prepare, PageStats, PageWrite, Prepared, SeenIds, SEEN_CHUNK_IDS};
+use super::super::devices::{
+    departure, prepare, Departure, PageStats, PageWrite, Prepared, SeenIds, SEEN_CHUNK_IDS,
+};
 use super::super::events::encode_snapshot;
 use super::super::{device_row::extra_json, CursorState, StoreError};
 use crate::events::{decide, reason, Decision, Known, ReasonContext};
@@ -104,11 +106,7 @@ pub(super) fn field_cells(d: &Device, odd: &mut Vec<(&'static str, Value)>) -> V
 
 /// `extra_json` as PostgreSQL stores it: SQLite's (the fields beyond the columns) plus the
 /// protocol-10 values their columns cannot hold exactly.
-pub(super) fn pg_extra_json(
-    d: &Device,
-    sqlite_extra: Option<&str>,
-    odd: &[(&str, Value)],
-) -> Option<String> {
+pub(super) fn pg_extra_json(sqlite_extra: Option<&str>, odd: &[(&str, Value)]) -> Option<String> {
     if odd.is_empty() {
         return sqlite_extra.map(str::to_owned);
     }
@@ -119,7 +117,6 @@ pub(super) fn pg_extra_json(
     for (k, v) in odd {
         m.insert((*k).to_owned(), v.clone());
     }
-    let _ = d;
     Some(Value::Object(m).to_string())
 }
 
@@ -366,29 +363,14 @@ impl<'a> PgBatch<'a> {
                 }
                 Decision::Deleted => {
                     if let Some(o) = old {
-                        let mut stored = o.device.clone().unwrap_or_else(|| rec.device.clone());
-                        let by_replacement = rec.device.v10("released_by_replacement").cloned();
-                        let mut new_hash = None;
-                        if let Some(v) = by_replacement.as_ref().filter(|v| v.is_boolean()) {
-                            if stored.v10("released_by_replacement") != Some(v) {
-                                stored
-                                    .extra
-                                    .insert("released_by_replacement".into(), v.clone());
-                                new_hash = Some(super::super::device_row::content_hash(
-                                    &stored,
-                                    extra_json(&stored).as_deref(),
-                                ));
-                            }
-                        }
+                        let Departure {
+                            stored,
+                            by_replacement,
+                            new_hash,
+                        } = departure(o.device.as_ref().unwrap_or(&rec.device), &rec.device);
                         self.tx.execute(
                             &mark_deleted,
-                            &[
-                                &o.id,
-                                &page.now,
-                                &rec.op_date,
-                                &by_replacement.as_ref().and_then(Value::as_bool),
-                                &new_hash,
-                            ],
+                            &[&o.id, &page.now, &rec.op_date, &by_replacement, &new_hash],
                         )?;
                         let ctx = reason_context(&mut self.tx, serial)?;
                         let why = reason(&Decision::Deleted, Some(&stored), &rec.device, ctx);
@@ -622,7 +604,7 @@ impl RowColumns {
             for (i, f) in field_cells(d, &mut cells.odd).into_iter().enumerate() {
                 c.text[1 + i].push(f);
             }
-            c.text[13].push(pg_extra_json(d, p.extra_json(), &cells.odd));
+            c.text[13].push(pg_extra_json(p.extra_json(), &cells.odd));
             c.text[14].push(rec.op_date.clone());
             for (i, t) in cells.text.into_iter().enumerate() {
                 c.text[15 + i].push(t);
