@@ -1229,3 +1229,30 @@ fn postgres_writes_after_the_pages_fail_once_the_token_connection_is_gone() {
         .is_err());
     assert_eq!(next.assign_state("acme").unwrap().last_event_id, 1);
 }
+
+/// Before the first sync, a PostgreSQL database adesync never set up reads like a missing
+/// SQLite file: `devices` says to run a sync first, `status` says every token never synced.
+#[test]
+fn postgres_a_database_never_set_up_reads_as_no_mirror_yet() {
+    if postgres_url("postgres_a_database_never_set_up_reads_as_no_mirror_yet").is_none() {
+        return;
+    }
+    let rt = runtime();
+    let env = env(&rt, Backend::Postgres, 10, 100);
+    let run = |args: &[&str]| {
+        let mut c = adesync(&env);
+        c.args(args);
+        rt.block_on(crate::common::output(c))
+    };
+    let out = run(&["devices"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run `adesync run --once` first"), "{err}");
+    let out = run(&["status", "--format", "json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(r#""phase":"new""#),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

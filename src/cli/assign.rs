@@ -14,11 +14,7 @@ pub(super) fn dry_run(config: &Config, token: Option<&str>) -> anyhow::Result<Ex
         println!("no [[assign]] rules are configured; nothing would be assigned");
         return Ok(ExitCode::SUCCESS);
     }
-    let store = if config.database.exists() {
-        Some(Store::open_read_only(&config.database)?)
-    } else {
-        None
-    };
+    let store = Store::open_read_only_if_exists(&config.database)?;
     let plans = adesync::syncer::dry_run(config, store.as_ref(), token)?;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -58,11 +54,7 @@ pub(super) fn dry_run(config: &Config, token: Option<&str>) -> anyhow::Result<Ex
 /// many wait (failed with the next retry, throttled) and how many left the server; plus
 /// how many are pending (the dry run's count).
 pub(super) fn status(config: &Config, format: Format) -> anyhow::Result<ExitCode> {
-    let store = if config.database.exists() {
-        Some(Store::open_read_only(&config.database)?)
-    } else {
-        None
-    };
+    let store = Store::open_read_only_if_exists(&config.database)?;
     let counts = match &store {
         Some(s) => s.assignment_counts()?,
         None => Vec::new(),

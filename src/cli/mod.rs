@@ -690,10 +690,9 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             let config = Config::load_for_reports(config_path)?;
             // Read-only when there is a database (a monitoring user may not write it);
             // before the first sync an empty one is made, and every token says so.
-            let store = if config.database.exists() {
-                Store::open_read_only(&config.database)?
-            } else {
-                Store::open(&config.database)?
+            let store = match Store::open_read_only_if_exists(&config.database)? {
+                Some(store) => store,
+                None => Store::open(&config.database)?,
             };
             let statuses = adesync::status::token_statuses(&config, &store, chrono::Utc::now())?;
             let org = adesync::status::org_statuses(&config, &store, chrono::Utc::now())?;

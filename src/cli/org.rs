@@ -287,11 +287,7 @@ pub(super) async fn test_account(config: &Config, name: &str) -> anyhow::Result<
 
 /// `adesync org-accounts`: each account, its key file and its walk.
 pub(super) fn list_accounts(config: &Config, format: Format) -> anyhow::Result<ExitCode> {
-    let store = if config.database.exists() {
-        Some(Store::open_read_only(&config.database)?)
-    } else {
-        None
-    };
+    let store = Store::open_read_only_if_exists(&config.database)?;
     let mut out = std::io::stdout().lock();
     let mut rows = Vec::new();
     for a in &config.org_accounts {

@@ -57,13 +57,15 @@ pub(super) fn event_reason(e: &adesync::store::StoredEvent) -> Option<Reason> {
 
 pub(super) fn open_existing(config_path: &Path) -> anyhow::Result<Store> {
     let config = Config::load_for_reports(config_path)?;
-    if !config.database.exists() {
-        anyhow::bail!(
-            "database {} does not exist yet; run `adesync run --once` first",
-            config.database.display()
-        );
-    }
-    Ok(Store::open_read_only(&config.database)?)
+    Store::open_read_only_if_exists(&config.database)?.ok_or_else(|| no_mirror(&config))
+}
+
+/// The error for a command that reads the mirror before anything was synced into it.
+pub(super) fn no_mirror(config: &Config) -> anyhow::Error {
+    anyhow::anyhow!(
+        "database {} does not exist yet; run `adesync run --once` first",
+        config.database.display()
+    )
 }
 
 pub(super) const DEVICE_HEADER: [&str; 9] = [

@@ -109,18 +109,12 @@ pub async fn events(config_path: &Path, action: EventsAction) -> anyhow::Result<
 }
 
 fn check_store(config: &Config) -> anyhow::Result<()> {
-    if !config.database.exists() {
-        anyhow::bail!(
-            "database {} does not exist yet; run `adesync run --once` first",
-            config.database.display()
-        );
-    }
-    Ok(())
+    open_store(config).map(drop)
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Store> {
-    check_store(config)?;
-    Ok(Store::open_read_only(&config.database)?)
+    Store::open_read_only_if_exists(&config.database)?
+        .ok_or_else(|| super::query::no_mirror(config))
 }
 
 fn age(secs: Option<u64>) -> String {

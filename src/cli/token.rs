@@ -409,8 +409,5 @@ fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCo
 
 /// The database for reading, when there is one (read-only: these commands never write).
 pub(super) fn open_for_reading(path: &Database) -> anyhow::Result<Option<Store>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    Ok(Some(Store::open_read_only(path)?))
+    Ok(Store::open_read_only_if_exists(path)?)
 }

@@ -115,15 +115,6 @@ impl Database {
         Shown(self)
     }
 
-    /// Whether there is anything to read yet: the SQLite file exists, or the database is
-    /// a server (whose emptiness the store itself reports).
-    pub fn exists(&self) -> bool {
-        match self {
-            Database::Sqlite(p) => p.exists(),
-            Database::Postgres(_) => true,
-        }
-    }
-
     /// The SQLite file, if it is one.
     pub fn as_path(&self) -> Option<&Path> {
         match self {

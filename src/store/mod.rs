@@ -240,11 +240,23 @@ impl Batch<'_> {
 impl Store {
     /// Opens the database when it exists; `None` when there is none yet (nothing synced).
     pub fn open_if_exists(db: impl Into<Database>) -> Result<Option<Self>, StoreError> {
-        let db = db.into();
-        if !db.exists() {
-            return Ok(None);
+        match db.into() {
+            Database::Sqlite(path) if !path.exists() => Ok(None),
+            db => Self::open(db).map(Some),
         }
-        Self::open(db).map(Some)
+    }
+
+    /// Opens the database for reading when it holds a mirror: None when there is none yet
+    /// (no SQLite file, or a PostgreSQL database adesync has never set up).
+    pub fn open_read_only_if_exists(db: impl Into<Database>) -> Result<Option<Self>, StoreError> {
+        match db.into() {
+            Database::Sqlite(path) if !path.exists() => Ok(None),
+            Database::Sqlite(path) => Self::open_sqlite_read_only(&path).map(Some),
+            Database::Postgres(target) => Ok(pg::Pg::open_read_only(&target)?.map(|pg| Store {
+                db: Backend::Postgres(Box::new(std::cell::RefCell::new(pg))),
+                path: target.shown().into(),
+            })),
+        }
     }
 
     /// Opens (creating if missing) and migrates the database: an SQLite file, or a
@@ -430,12 +442,13 @@ impl Store {
     pub fn open_read_only(db: impl Into<Database>) -> Result<Self, StoreError> {
         match db.into() {
             Database::Sqlite(path) => Self::open_sqlite_read_only(&path),
-            Database::Postgres(target) => Ok(Store {
-                db: Backend::Postgres(Box::new(std::cell::RefCell::new(pg::Pg::open_read_only(
-                    &target,
-                )?))),
-                path: target.shown().into(),
-            }),
+            db => {
+                let url = db.display().to_string();
+                Self::open_read_only_if_exists(db)?.ok_or(StoreError::PostgresConfig {
+                    url,
+                    reason: "holds no adesync mirror yet; run `adesync run --once` first".into(),
+                })
+            }
         }
     }
 

@@ -92,11 +92,15 @@ impl Pg {
         Ok(pg)
     }
 
-    /// Connects for reading: nothing is created; a database that needs a migration says so.
-    pub(crate) fn open_read_only(target: &PgTarget) -> Result<Self, StoreError> {
+    /// Connects for reading: nothing is created. None when adesync never set the database
+    /// up; a database that needs a migration says so.
+    pub(crate) fn open_read_only(target: &PgTarget) -> Result<Option<Self>, StoreError> {
         let mut pg = Self::connect(target)?;
         let version = pg.schema_version()?;
         let known = schema::MIGRATIONS.len() as i64;
+        if version == 0 {
+            return Ok(None);
+        }
         if version > known {
             return Err(StoreError::TooNew {
                 path: target.shown().into(),
@@ -112,7 +116,7 @@ impl Pg {
         pg.c()
             .batch_execute("SET default_transaction_read_only = on")
             .map_err(pg.err("configure"))?;
-        Ok(pg)
+        Ok(Some(pg))
     }
 
     fn connect(target: &PgTarget) -> Result<Self, StoreError> {
