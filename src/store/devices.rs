@@ -604,6 +604,36 @@ fn reason_context(tx: &rusqlite::Transaction<'_>, serial: &str) -> rusqlite::Res
     })
 }
 
+/// Devices read in chunks by key (token, serial), each chunk its own read, so a slow
+/// consumer (`| less`) never holds one read open while the daemon writes (both backends).
+/// `fetch(after, n)` reads at most `n` devices after the key `after` (from the start when
+/// None), in key order; `f` gets each, up to `limit` in all.
+pub(super) fn in_key_chunks<E: From<StoreError>>(
+    limit: Option<u64>,
+    mut f: impl FnMut(StoredDevice) -> Result<(), E>,
+    mut fetch: impl FnMut(Option<&(String, String)>, u64) -> Result<Vec<StoredDevice>, StoreError>,
+) -> Result<(), E> {
+    const CHUNK: u64 = 5000;
+    let mut left = limit.unwrap_or(u64::MAX);
+    let mut after: Option<(String, String)> = None;
+    while left > 0 {
+        let want = left.min(CHUNK);
+        let chunk = fetch(after.as_ref(), want)?;
+        let got = chunk.len() as u64;
+        after = chunk
+            .last()
+            .map(|d| (d.token_name.clone(), d.device.serial_number.clone()));
+        for d in chunk {
+            f(d)?;
+        }
+        if got < want {
+            break;
+        }
+        left -= got;
+    }
+    Ok(())
+}
+
 /// What a deletion record leaves in its row (both backends).
 pub(super) struct Departure {
     /// The last stored record, with the `released_by_replacement` the deletion carries.
@@ -802,7 +832,7 @@ impl Store {
     pub fn for_each_device<E: From<StoreError>>(
         &self,
         filter: &DeviceFilter,
-        mut f: impl FnMut(StoredDevice) -> Result<(), E>,
+        f: impl FnMut(StoredDevice) -> Result<(), E>,
     ) -> Result<(), E> {
         if let Some(mut pg) = self.pg() {
             return pg.for_each_device(filter, f);
@@ -845,7 +875,6 @@ impl Store {
         }
         // Read in chunks by key, each its own read, so a slow consumer (`| less`) never
         // holds one read open while the daemon writes (the WAL could not be reset).
-        const CHUNK: u64 = 5000;
         // The first chunk from the start, the next ones after the last key read (a plain
         // row-value comparison, so SQLite starts in the key index, not from the top).
         let keyed = args.len();
@@ -860,49 +889,32 @@ impl Store {
             keyed + 2,
             keyed + 3
         );
-        let mut left = filter.limit.unwrap_or(u64::MAX);
-        let mut after: Option<(String, String)> = None;
-        while left > 0 {
-            let want = left.min(CHUNK);
+        in_key_chunks(filter.limit, f, |after, want| {
             let mut chunk_args = args.clone();
-            let sql = match after.clone() {
+            let sql = match after {
                 Some((t, sn)) => {
-                    chunk_args.extend([t.into(), sn.into()]);
+                    chunk_args.extend([t.clone().into(), sn.clone().into()]);
                     &next_sql
                 }
                 None => &first_sql,
             };
             chunk_args.push((want as i64).into());
-            let chunk: Vec<StoredDevice> = {
-                let mut stmt = self
-                    .conn()?
-                    .prepare_cached(sql)
-                    .map_err(self.err("list devices"))?;
-                let rows = stmt.query_map(rusqlite::params_from_iter(chunk_args), |r| {
-                    Ok(StoredDevice {
-                        token_name: r.get(0)?,
-                        device: device_from_row(r, 1)?,
-                        first_seen_at: r.get(DEVICE_COLUMN_COUNT + 1)?,
-                        updated_at: r.get(DEVICE_COLUMN_COUNT + 2)?,
-                        deleted_at: r.get(DEVICE_COLUMN_COUNT + 3)?,
-                    })
-                });
-                rows.and_then(|it| it.collect::<Result<_, _>>())
-                    .map_err(self.err("list devices"))?
-            };
-            let got = chunk.len() as u64;
-            after = chunk
-                .last()
-                .map(|d| (d.token_name.clone(), d.device.serial_number.clone()));
-            for d in chunk {
-                f(d)?;
-            }
-            if got < want {
-                break;
-            }
-            left -= got;
-        }
-        Ok(())
+            let mut stmt = self
+                .conn()?
+                .prepare_cached(sql)
+                .map_err(self.err("list devices"))?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(chunk_args), |r| {
+                Ok(StoredDevice {
+                    token_name: r.get(0)?,
+                    device: device_from_row(r, 1)?,
+                    first_seen_at: r.get(DEVICE_COLUMN_COUNT + 1)?,
+                    updated_at: r.get(DEVICE_COLUMN_COUNT + 2)?,
+                    deleted_at: r.get(DEVICE_COLUMN_COUNT + 3)?,
+                })
+            });
+            rows.and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(self.err("list devices"))
+        })
     }
 
     /// Whether `token` has any device row, assigned or deleted.

@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::super::accounts::{token_rows_only, TOKEN_TABLES};
+use super::super::devices::in_key_chunks;
 use super::super::events::decode_snapshot;
 use super::super::{
     CursorState, DeviceFilter, SinkCursor, StoreError, StoredAccount, StoredDevice, SyncState,
@@ -307,7 +308,7 @@ impl Pg {
     pub(crate) fn for_each_device<E: From<StoreError>>(
         &mut self,
         filter: &DeviceFilter,
-        mut f: impl FnMut(StoredDevice) -> Result<(), E>,
+        f: impl FnMut(StoredDevice) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut sql = format!(
             "SELECT token_name, {PG_DEVICE_COLUMNS}, first_seen_at, updated_at, deleted_at FROM devices WHERE true"
@@ -340,7 +341,6 @@ impl Pg {
             Some(true) => sql.push_str(" AND deleted_at IS NOT NULL"),
             Some(false) => {}
         }
-        const CHUNK: u64 = 5000;
         let k = args.len();
         let first_sql = format!("{sql} ORDER BY token_name, serial_number LIMIT ${}", k + 1);
         let next_sql = format!(
@@ -350,15 +350,13 @@ impl Pg {
             k + 2,
             k + 3
         );
-        let mut left = filter.limit.unwrap_or(u64::MAX);
-        let mut after: Option<(String, String)> = None;
-        while left > 0 {
-            let want = left.min(CHUNK) as i64;
+        in_key_chunks(filter.limit, f, |after, want| {
+            let want = want as i64;
             let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = args
                 .iter()
                 .map(|a| a as &(dyn postgres::types::ToSql + Sync))
                 .collect();
-            let sql = match &after {
+            let sql = match after {
                 Some((t, s)) => {
                     params.push(t);
                     params.push(s);
@@ -367,34 +365,21 @@ impl Pg {
                 None => &first_sql,
             };
             params.push(&want);
-            let rows = self
-                .c()
-                .query(sql.as_str(), &params)
-                .map_err(self.err("list devices"))?;
-            let mut chunk = Vec::with_capacity(rows.len());
-            for r in &rows {
-                chunk.push(StoredDevice {
-                    token_name: r.get(0),
-                    device: device_from_row(r, 1).map_err(self.err("list devices"))?,
-                    first_seen_at: r.get(PG_DEVICE_COLUMN_COUNT + 1),
-                    updated_at: r.get(PG_DEVICE_COLUMN_COUNT + 2),
-                    deleted_at: r.get(PG_DEVICE_COLUMN_COUNT + 3),
-                });
-            }
-            drop(rows);
-            let got = chunk.len() as i64;
-            after = chunk
-                .last()
-                .map(|d| (d.token_name.clone(), d.device.serial_number.clone()));
-            for d in chunk {
-                f(d)?;
-            }
-            if got < want {
-                break;
-            }
-            left -= got as u64;
-        }
-        Ok(())
+            let err = self.err("list devices");
+            let rows = self.c().query(sql.as_str(), &params).map_err(err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(StoredDevice {
+                        token_name: r.try_get(0)?,
+                        device: device_from_row(r, 1)?,
+                        first_seen_at: r.try_get(PG_DEVICE_COLUMN_COUNT + 1)?,
+                        updated_at: r.try_get(PG_DEVICE_COLUMN_COUNT + 2)?,
+                        deleted_at: r.try_get(PG_DEVICE_COLUMN_COUNT + 3)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, postgres::Error>>()
+                .map_err(self.err("list devices"))
+        })
     }
 
     /// Events after `after`, oldest first (see `Store::events_of`).
