@@ -277,6 +277,9 @@ pub struct OrgAccountStatus {
     pub rate_limited: u64,
     /// What a person must do, if anything.
     pub attention: Vec<String>,
+    /// PostgreSQL: the replica walking the account right now (see
+    /// [`TokenStatus::synced_by`]); `None` when none is.
+    pub walked_by: Option<String>,
 }
 
 /// Every configured organisation account's status.
@@ -327,7 +330,14 @@ pub fn org_statuses(
             mdm_servers: counts.servers,
             rate_limited: walk.rate_limited.max(0) as u64,
             attention,
+            walked_by: None,
         });
+    }
+    let names: Vec<String> = config.org_accounts.iter().map(|a| a.name.clone()).collect();
+    for (account, holder) in store.account_holders(&names)? {
+        if let Some(s) = out.iter_mut().find(|s| s.account == account) {
+            s.walked_by = Some(holder);
+        }
     }
     Ok(out)
 }

@@ -235,6 +235,14 @@ pub(super) fn print_org_status(
                 &body,
             )?;
             for s in statuses {
+                if let Some(by) = &s.walked_by {
+                    writeln!(
+                        out,
+                        "org account {}: being walked now by {}",
+                        s.account,
+                        printable(by)
+                    )?;
+                }
                 for a in &s.attention {
                     writeln!(out, "org account {}: {}", s.account, printable(a))?;
                 }

@@ -69,10 +69,10 @@ pub fn run(config_path: &std::path::Path, cmd: StoreCommand) -> anyhow::Result<E
             r.profiles, r.assignments
         );
     }
-    if r.events_left > 0 || r.org_devices_left > 0 {
+    if r.org_accounts > 0 || r.org_devices > 0 {
         println!(
-            "not copied (not kept on PostgreSQL yet): {} organisation devices, {} organisation events",
-            r.org_devices_left, r.events_left
+            "and {} organisation accounts' walks, {} organisation devices, {} MDM servers and {} AppleCare coverages",
+            r.org_accounts, r.org_devices, r.mdm_servers, r.applecare_coverages
         );
     }
     println!(

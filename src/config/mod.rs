@@ -563,12 +563,6 @@ impl Config {
         let event_retention = sinks::parse_retention(raw.event_retention.as_deref())
             .map_err(|r| invalid("event_retention", r))?;
 
-        if database.is_postgres() && !org_accounts.is_empty() {
-            return Err(invalid(
-                "database",
-                "a PostgreSQL database keeps the ADE mirror, its events, their delivery and profile assignment, but not yet [[org_accounts]]; remove [[org_accounts]] from this config, or keep the mirror in an SQLite file to use them".into(),
-            ));
-        }
         Ok(Config {
             source: path.to_owned(),
             instance,
@@ -1062,7 +1056,7 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("only for a PostgreSQL"), "{e}");
-        // Sinks and profile assignment work on PostgreSQL; organisation accounts not yet.
+        // Sinks, profile assignment and organisation accounts work on PostgreSQL.
         let sink = "[[sinks]]\nname = \"s\"\ntype = \"jsonl\"\npath = \"-\"\n";
         assert!(parse(&dir, &format!("{pg}{sink}")).is_ok());
         std::fs::write(
@@ -1084,12 +1078,9 @@ pub(crate) mod tests {
         if let Err(e) = parse(&dir, &format!("{MINIMAL}{org}")) {
             panic!("valid on SQLite: {e}");
         }
-        let e = parse(&dir, &format!("{pg}{org}")).unwrap_err();
-        assert!(
-            matches!(&e, ConfigError::Invalid { key, .. } if key == "database")
-                && e.to_string().contains("not yet [[org_accounts]]"),
-            "{e}"
-        );
+        if let Err(e) = parse(&dir, &format!("{pg}{org}")) {
+            panic!("valid on PostgreSQL: {e}");
+        }
         let e = parse(
             &dir,
             &MINIMAL.replace(

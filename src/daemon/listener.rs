@@ -312,6 +312,22 @@ fn render_metrics(
                 })
                 .collect(),
         );
+        family(
+            "adesync_org_account_walked_by",
+            "gauge",
+            "1 for the replica (the server's name for its connection) walking the organisation account right now (PostgreSQL).",
+            view.org
+                .iter()
+                .filter_map(|o| {
+                    let by = o.walked_by.as_deref()?;
+                    let replica = by.split(" at ").next().unwrap_or(by);
+                    Some((
+                        format!("account=\"{}\",replica=\"{}\"", label(&o.account), label(replica)),
+                        1.0,
+                    ))
+                })
+                .collect(),
+        );
     }
     family(
         "adesync_token_parked",

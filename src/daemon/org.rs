@@ -73,6 +73,11 @@ async fn account_loop(
             None => run_account(&config, &account, &shutdown).await,
         };
         let wait = match &result {
+            Ok(s) if s.held_by.is_some() => {
+                // Another replica walks it (logged by the run); try again on the schedule.
+                failures = 0;
+                until_next(&account.schedule)
+            }
             Ok(s) => {
                 failures = 0;
                 tracing::info!(

@@ -250,12 +250,12 @@ pub(super) fn materialize(
 
 /// An organisation device event read back: the snapshot is the device's JSON object;
 /// an addition's or removal's changes are derived from it, as for ADE events.
-fn org_event(
-    r: &rusqlite::Row<'_>,
+pub(super) fn org_event(
+    (id, token_name, serial_number, occurred_at): (i64, String, String, String),
     kind: EventKind,
     changes: Option<String>,
     snapshot: &str,
-) -> rusqlite::Result<StoredEvent> {
+) -> StoredEvent {
     let device = serde_json::from_str::<Value>(snapshot)
         .ok()
         .and_then(|v| OrgDevice::from_json(&v));
@@ -264,19 +264,19 @@ fn org_event(
         (None, Some(d)) => Value::Object(d.all_changes(kind == EventKind::Deleted)),
         (None, None) => Value::Null,
     };
-    Ok(StoredEvent {
-        id: r.get(0)?,
-        token_name: r.get(1)?,
-        serial_number: r.get(2)?,
+    StoredEvent {
+        id,
+        token_name,
+        serial_number,
         kind,
         changes,
-        occurred_at: r.get(5)?,
+        occurred_at,
         scope: EventScope::OrgDevice,
         device: None,
         org_device: device,
         reason: None,
         assignment: None,
-    })
+    }
 }
 
 /// A profile assignment event read back: its snapshot is the assignment.
@@ -356,7 +356,10 @@ impl Store {
                 let snapshot: String = r.get(6)?;
                 match r.get_ref(7)?.as_str_or_null()? {
                     Some("profile") => return profile_event(r, kind, &snapshot),
-                    Some(_) => return org_event(r, kind, changes, &snapshot),
+                    Some(_) => {
+                        let key = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(5)?);
+                        return Ok(org_event(key, kind, changes, &snapshot));
+                    }
                     None => {}
                 }
                 let device = if snapshot.is_empty() {

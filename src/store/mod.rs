@@ -291,6 +291,27 @@ impl Store {
         }
     }
 
+    /// Takes organisation account `account` for this connection, so no other replica walks
+    /// it while this store is open (see [`Store::own_token`]): None when taken, else who
+    /// holds it.
+    pub fn own_account(&mut self, account: &str) -> Result<Option<String>, StoreError> {
+        match &mut self.db {
+            Backend::Postgres(pg) => pg.get_mut().own_account(account),
+            Backend::Sqlite(_) => Ok(None),
+        }
+    }
+
+    /// Which replica walks each of `accounts` now (PostgreSQL; empty on SQLite).
+    pub fn account_holders(
+        &self,
+        accounts: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        match self.pg() {
+            Some(mut pg) => pg.account_holders(accounts),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Which replica syncs each of `tokens` now (PostgreSQL; empty on SQLite).
     pub fn token_holders(&self, tokens: &[String]) -> Result<Vec<(String, String)>, StoreError> {
         match self.pg() {

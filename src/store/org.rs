@@ -157,7 +157,7 @@ pub struct OrgCounts {
     pub applecare_checked: u64,
 }
 
-const WALK_COLUMNS: &str = "account_name, walk_run, phase, server_index, cursor, last_run_at, last_success_at, last_complete_at, last_walk_devices, last_error, last_error_kind, last_error_at, rate_limited";
+pub(super) const WALK_COLUMNS: &str = "account_name, walk_run, phase, server_index, cursor, last_run_at, last_success_at, last_complete_at, last_walk_devices, last_error, last_error_kind, last_error_at, rate_limited";
 
 fn walk_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OrgWalk> {
     Ok(OrgWalk {
@@ -182,7 +182,7 @@ fn walk_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OrgWalk> {
 }
 
 /// `SELECT` list of an org device row, in [`device_from_row`]'s order.
-fn device_columns() -> String {
+pub(super) fn device_columns() -> String {
     let mut cols = vec!["serial_number"];
     cols.extend(ORG_COLUMNS.iter().map(|c| c.0));
     cols.extend([
@@ -198,7 +198,7 @@ fn device_columns() -> String {
 }
 
 /// A column's SQL value back to JSON.
-fn read_value(r: &rusqlite::Row<'_>, i: usize, shape: Shape) -> rusqlite::Result<Value> {
+pub(super) fn read_value(r: &rusqlite::Row<'_>, i: usize, shape: Shape) -> rusqlite::Result<Value> {
     use rusqlite::types::ValueRef;
     Ok(match r.get_ref(i)? {
         ValueRef::Null => Value::Null,
@@ -234,7 +234,7 @@ fn sql_value(v: &Value) -> rusqlite::types::Value {
     }
 }
 
-fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredOrgDevice> {
+pub(super) fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredOrgDevice> {
     let mut values = Vec::with_capacity(ORG_COLUMNS.len());
     for (i, (_, _, shape)) in ORG_COLUMNS.iter().enumerate() {
         values.push(read_value(r, 1 + i, *shape)?);
@@ -265,15 +265,10 @@ fn extra_text(d: &OrgDevice) -> Option<String> {
 impl Store {
     /// Where `account`'s walk stands (a fresh walk when it never ran).
     pub fn org_walk(&self, account: &str) -> Result<OrgWalk, StoreError> {
-        let found = self
-            .conn()?
-            .query_row(
-                &format!("SELECT {WALK_COLUMNS} FROM org_walks WHERE account_name = ?1"),
-                [account],
-                walk_from_row,
-            )
-            .optional()
-            .map_err(self.err("read the walk state"))?;
+        let found = match self.pg() {
+            Some(mut pg) => pg.org_walk(account)?,
+            None => self.sqlite_org_walk(account)?,
+        };
         Ok(found.unwrap_or_else(|| OrgWalk {
             account: account.to_owned(),
             walk_run: 1,
@@ -281,8 +276,22 @@ impl Store {
         }))
     }
 
+    fn sqlite_org_walk(&self, account: &str) -> Result<Option<OrgWalk>, StoreError> {
+        self.conn()?
+            .query_row(
+                &format!("SELECT {WALK_COLUMNS} FROM org_walks WHERE account_name = ?1"),
+                [account],
+                walk_from_row,
+            )
+            .optional()
+            .map_err(self.err("read the walk state"))
+    }
+
     /// Every account's walk state.
     pub fn org_walks(&self) -> Result<Vec<OrgWalk>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.org_walks();
+        }
         let mut stmt = self
             .conn()?
             .prepare(&format!(
@@ -297,6 +306,9 @@ impl Store {
 
     /// Records that a run of `account` began.
     pub fn record_org_run_start(&mut self, account: &str, now: &str) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.record_org_run_start(account, now);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO org_walks (account_name, last_run_at) VALUES (?1, ?2)
@@ -315,6 +327,9 @@ impl Store {
         rate_limited: u64,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.record_org_run_end(account, error, rate_limited, now);
+        }
         let sql = match error {
             None => "UPDATE org_walks SET last_success_at = ?2, last_error = NULL, last_error_kind = NULL,
                      last_error_at = NULL, rate_limited = rate_limited + ?5 WHERE account_name = ?1",
@@ -339,6 +354,9 @@ impl Store {
         servers: &[MdmServer],
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.save_mdm_servers(account, servers, now);
+        }
         self.in_tx("store the MDM servers", |tx| {
             let mut up = tx.prepare_cached(
                 "INSERT INTO mdm_servers (account_name, id, server_name, server_type, status, device_count,
@@ -381,6 +399,9 @@ impl Store {
         &self,
         account: &str,
     ) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.listed_mdm_servers(account);
+        }
         let mut stmt = self
             .conn()?
             .prepare_cached(
@@ -404,6 +425,9 @@ impl Store {
         next: Option<&str>,
         last_server: bool,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.stage_server_devices(account, server_id, serials, next, last_server);
+        }
         self.in_tx("stage a server's devices", |tx| {
             let mut put = tx.prepare_cached(
                 "INSERT INTO org_server_devices (account_name, serial_number, server_id) VALUES (?1, ?2, ?3)
@@ -434,6 +458,9 @@ impl Store {
     /// phase the servers are listed again (and their staged lists dropped); in the devices
     /// phase the device list is read again from its first page (what was seen stays seen).
     pub fn reset_walk_position(&mut self, account: &str) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.reset_walk_position(account);
+        }
         self.in_tx("reset the walk", |tx| {
             let phase: Option<String> = tx
                 .query_row(
@@ -464,6 +491,9 @@ impl Store {
     /// The device walk starts over from its first page (Apple refused the cursor); what
     /// it has seen so far stays seen.
     pub fn restart_device_walk(&mut self, account: &str) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.restart_device_walk(account);
+        }
         self.conn()?
             .execute(
                 "UPDATE org_walks SET cursor = NULL WHERE account_name = ?1",
@@ -487,6 +517,9 @@ impl Store {
         next: Option<&str>,
         now: &str,
     ) -> Result<OrgPageStats, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.apply_org_page(account, walk_run, resources, next, now);
+        }
         self.in_tx("write a page of organisation devices", |tx| {
             write_org_page(tx, account, walk_run, resources, next, now)
         })
@@ -494,9 +527,8 @@ impl Store {
 
     /// Organisation devices, by account and serial.
     pub fn org_devices(&self, f: &OrgDeviceFilter) -> Result<Vec<StoredOrgDevice>, StoreError> {
-        if self.is_postgres() {
-            // Not yet configurable with PostgreSQL (see Config::load): nothing is stored.
-            return Ok(Vec::new());
+        if let Some(mut pg) = self.pg() {
+            return pg.org_devices(f);
         }
         let accounts =
             (!f.accounts.is_empty()).then(|| Value::from(f.accounts.clone()).to_string());
@@ -533,6 +565,9 @@ impl Store {
 
     /// Counts for one account.
     pub fn org_counts(&self, account: &str) -> Result<OrgCounts, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.org_counts(account);
+        }
         self.conn()?
             .query_row(
                 "SELECT
@@ -564,6 +599,9 @@ impl Store {
         older_than: &str,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.applecare_due(account, older_than, limit);
+        }
         let mut stmt = self
             .conn()?
             .prepare_cached(
@@ -588,6 +626,9 @@ impl Store {
         coverages: &[Coverage],
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.save_applecare(account, serial, coverages, now);
+        }
         self.in_tx("store AppleCare coverage", |tx| {
             tx.execute(
                 "DELETE FROM applecare_coverage WHERE account_name = ?1 AND serial_number = ?2",
@@ -632,6 +673,9 @@ impl Store {
         serial: &str,
         now: &str,
     ) -> Result<(), StoreError> {
+        if let Some(mut pg) = self.pg() {
+            return pg.applecare_checked(account, serial, now);
+        }
         self.conn()?
             .execute(
                 "UPDATE org_devices SET applecare_checked_at = ?3 WHERE account_name = ?1 AND serial_number = ?2",
@@ -643,9 +687,8 @@ impl Store {
 
     /// A device's AppleCare coverage as JSON objects (snake_case columns).
     pub fn applecare_of(&self, account: &str, serial: &str) -> Result<Vec<Value>, StoreError> {
-        if self.is_postgres() {
-            // Not yet configurable with PostgreSQL (see Config::load): nothing is stored.
-            return Ok(Vec::new());
+        if let Some(mut pg) = self.pg() {
+            return pg.applecare_of(account, serial);
         }
         let cols: Vec<&str> = COVERAGE_COLUMNS.iter().map(|c| c.0).collect();
         let sql = format!(
@@ -678,13 +721,27 @@ impl Store {
 /// One page's organisation events, inserted together at the end of the page (ids follow
 /// the page's order).
 #[derive(Default)]
-struct OrgEvents {
+pub(super) struct OrgEvents {
     /// (serial, kind, changes, device JSON)
-    rows: Vec<(String, EventKind, Option<String>, String)>,
+    pub(super) rows: Vec<(String, EventKind, Option<String>, String)>,
 }
 
 impl OrgEvents {
-    fn push(&mut self, d: &OrgDevice, kind: EventKind, changes: Option<&Map<String, Value>>) {
+    /// The serial numbers this page removed, in order.
+    pub(super) fn removed_serials(&self) -> Vec<String> {
+        self.rows
+            .iter()
+            .filter(|r| r.1 == EventKind::Deleted)
+            .map(|r| r.0.clone())
+            .collect()
+    }
+
+    pub(super) fn push(
+        &mut self,
+        d: &OrgDevice,
+        kind: EventKind,
+        changes: Option<&Map<String, Value>>,
+    ) {
         self.rows.push((
             d.serial_number.clone(),
             kind,
@@ -722,6 +779,13 @@ impl OrgEvents {
     }
 }
 
+/// Whether an ADE device that left `token` gets a `released` event of its own now that
+/// the organisation released it (see [`released_from_org`]): its row is gone from the
+/// token, no replacement names it, and its story does not already end with a release.
+pub(super) fn owes_release(replaced: bool, last_reason: Option<&str>) -> bool {
+    !replaced && last_reason != Some("released")
+}
+
 /// Devices the organisation released that an ADE token had already seen leave (without a
 /// replacement): their story ends with a `released` event of their own (a later ADE
 /// deletion is `released` by itself, see `devices::reason_context`).
@@ -757,15 +821,10 @@ fn released_from_org(
             else {
                 continue;
             };
-            if replaced.exists([serial])? {
-                continue;
-            }
-            // Its story already ends with a release (released, re-added and released
-            // again by the organisation): not twice.
             let last: Option<Option<String>> = last_reason
                 .query_row(params![token, serial], |r| r.get(0))
                 .optional()?;
-            if last.flatten().as_deref() == Some("released") {
+            if !owes_release(replaced.exists([serial])?, last.flatten().as_deref()) {
                 continue;
             }
             events.push(
@@ -784,21 +843,16 @@ fn released_from_org(
 
 /// The key of an account's seen-set in `fetch_seen`, apart from every token's (a token
 /// name never holds a `:`).
-fn seen_key(account: &str) -> String {
+pub(super) fn seen_key(account: &str) -> String {
     format!("org:{account}")
 }
 
-fn write_org_page(
-    tx: &rusqlite::Transaction<'_>,
-    account: &str,
-    walk_run: i64,
+/// A page's resources by serial (the id; decoded when there is none), the last record
+/// winning when a serial repeats within the page. Unreadable ones are counted in `stats`.
+pub(super) fn page_items(
     resources: Vec<RawResource>,
-    next: Option<&str>,
-    now: &str,
-) -> rusqlite::Result<OrgPageStats> {
-    let mut stats = OrgPageStats::default();
-    // Each resource by its serial (its id; decoded when it has none). A serial repeated
-    // within a page: the last record wins.
+    stats: &mut OrgPageStats,
+) -> Vec<(String, RawResource)> {
     let mut items: Vec<(String, RawResource)> = Vec::with_capacity(resources.len());
     for r in resources {
         match r.id_text().filter(|id| id.len() <= 64) {
@@ -809,24 +863,149 @@ fn write_org_page(
             },
         }
     }
-    {
-        let mut last = std::collections::HashMap::with_capacity(items.len());
-        for (i, (serial, _)) in items.iter().enumerate() {
-            last.insert(serial.clone(), i);
-        }
-        let mut i = 0;
-        items.retain(|(serial, _)| {
-            let keep = last[serial] == i;
-            i += 1;
-            keep
-        });
+    let mut last = std::collections::HashMap::with_capacity(items.len());
+    for (i, (serial, _)) in items.iter().enumerate() {
+        last.insert(serial.clone(), i);
     }
+    let mut i = 0;
+    items.retain(|(serial, _)| {
+        let keep = last[serial] == i;
+        i += 1;
+        keep
+    });
+    items
+}
+
+/// A stored organisation device as a page needs it: (id, digest, removed).
+pub(super) type StoredDigest = (i64, i64, bool);
+
+/// What a page of the device walk writes, decided the same way on both backends.
+#[derive(Default)]
+pub(super) struct OrgPlan {
+    /// New devices with their digests.
+    pub(super) new_rows: Vec<(OrgDevice, i64)>,
+    /// Changed (or returning) devices: (id, device, digest).
+    pub(super) updates: Vec<(i64, OrgDevice, i64)>,
+    /// Ids of stored devices the page listed.
+    pub(super) seen: Vec<i64>,
+    /// The page's events, in its order.
+    pub(super) events: OrgEvents,
+    /// Counts.
+    pub(super) stats: OrgPageStats,
+}
+
+/// Decides a page: each item with the server its staged list names (`staged`, taken),
+/// against the stored digests; `read_old` reads a stored device whose digest differs.
+pub(super) fn plan_org_page<E>(
+    items: Vec<(String, RawResource)>,
+    mut staged: std::collections::HashMap<String, (String, Option<String>)>,
+    stored: &std::collections::HashMap<String, StoredDigest>,
+    stats: OrgPageStats,
+    mut read_old: impl FnMut(i64) -> Result<OrgDevice, E>,
+) -> Result<OrgPlan, E> {
+    let mut plan = OrgPlan {
+        stats,
+        seen: Vec::with_capacity(items.len()),
+        ..OrgPlan::default()
+    };
+    for (serial, raw) in items {
+        let (server_id, server_name) = match staged.remove(&serial) {
+            Some((id, name)) => (Some(id), name),
+            None => (None, None),
+        };
+        let hash = raw.digest(server_id.as_deref(), server_name.as_deref());
+        let existing = stored.get(&serial).copied();
+        if let Some((id, stored_hash, removed)) = existing {
+            // Listed, even if its record cannot be read: never removed for that.
+            plan.seen.push(id);
+            if stored_hash == hash && !removed {
+                plan.stats.unchanged += 1;
+                continue;
+            }
+        }
+        let mut d = match raw.decode() {
+            Ok(d) => d,
+            Err(why) => {
+                plan.stats.refuse(why);
+                continue;
+            }
+        };
+        d.serial_number = serial;
+        d.server_id = server_id;
+        d.server_name = server_name;
+        match existing {
+            None => {
+                plan.events.push(&d, EventKind::Added, None);
+                plan.stats.added += 1;
+                plan.new_rows.push((d, hash));
+            }
+            Some((id, _, true)) => {
+                plan.events.push(&d, EventKind::Added, None);
+                plan.stats.added += 1;
+                plan.updates.push((id, d, hash));
+            }
+            Some((id, _, false)) => {
+                let old = read_old(id)?;
+                let changes = d.changes_from(&old);
+                if changes.is_empty() {
+                    // A difference of shape, or only attributes beyond the columns:
+                    // stored, no event.
+                    plan.stats.unchanged += 1;
+                } else {
+                    plan.events.push(&d, EventKind::Modified, Some(&changes));
+                    plan.stats.modified += 1;
+                }
+                plan.updates.push((id, d, hash));
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// At the end of a complete walk: every device of `alive` (ids of the account's listed
+/// devices) the walk did not list is removed by `remove` (which marks its row and returns
+/// the device as stored), one event each. Returns how many of `alive` the walk listed.
+pub(super) fn remove_unlisted<E>(
+    alive: Vec<i64>,
+    listed: &super::devices::SeenIds,
+    events: &mut OrgEvents,
+    stats: &mut OrgPageStats,
+    mut remove: impl FnMut(i64) -> Result<OrgDevice, E>,
+) -> Result<i64, E> {
+    let listed_count = alive.iter().filter(|id| listed.contains(**id)).count();
+    for id in alive.into_iter().filter(|id| !listed.contains(*id)) {
+        let old = remove(id)?;
+        events.push(&old, EventKind::Deleted, None);
+        stats.removed += 1;
+    }
+    Ok(listed_count as i64)
+}
+
+/// The columns a device row is written with after its key: Apple's attributes, then
+/// these.
+pub(super) const ROW_TAIL: [&str; 4] = [
+    "extra_json",
+    "assigned_server_id",
+    "assigned_server_name",
+    "content_hash",
+];
+
+fn write_org_page(
+    tx: &rusqlite::Transaction<'_>,
+    account: &str,
+    walk_run: i64,
+    resources: Vec<RawResource>,
+    next: Option<&str>,
+    now: &str,
+) -> rusqlite::Result<OrgPageStats> {
+    let mut stats = OrgPageStats::default();
+    let items = page_items(resources, &mut stats);
     let serials = {
         let all: Vec<&str> = items.iter().map(|(s, _)| s.as_str()).collect();
         serde_json::to_string(&all).expect("strings always serialise")
     };
     // The page's staged servers and stored rows, one statement each.
-    let mut staged: std::collections::HashMap<String, (String, Option<String>)> = tx
+    let staged: std::collections::HashMap<String, (String, Option<String>)> = tx
         .prepare_cached(
             "SELECT s.serial_number, s.server_id, m.server_name FROM org_server_devices s
              LEFT JOIN mdm_servers m ON m.account_name = s.account_name AND m.id = s.server_id
@@ -836,7 +1015,7 @@ fn write_org_page(
             Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?)))
         })?
         .collect::<Result<_, _>>()?;
-    let stored: std::collections::HashMap<String, (i64, i64, bool)> = tx
+    let stored: std::collections::HashMap<String, StoredDigest> = tx
         .prepare_cached(
             "SELECT serial_number, id, content_hash, removed_at IS NOT NULL FROM org_devices
              WHERE account_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))",
@@ -849,22 +1028,9 @@ fn write_org_page(
         "SELECT {} FROM org_devices WHERE id = ?1",
         device_columns()
     ))?;
-    let set_list: Vec<String> = ORG_COLUMNS
-        .iter()
-        .map(|c| c.0)
-        .chain([
-            "extra_json",
-            "assigned_server_id",
-            "assigned_server_name",
-            "content_hash",
-        ])
-        .enumerate()
-        .map(|(i, c)| format!("{c} = ?{}", i + 3))
-        .collect();
-    let mut update = tx.prepare_cached(&format!(
-        "UPDATE org_devices SET {}, updated_at = ?2, removed_at = NULL WHERE id = ?1",
-        set_list.join(", ")
-    ))?;
+    let mut plan = plan_org_page(items, staged, &stored, stats, |id| {
+        read.query_row([id], device_from_row).map(|s| s.device)
+    })?;
     let row_values = |d: &OrgDevice, hash: i64| -> Vec<rusqlite::types::Value> {
         let mut v: Vec<rusqlite::types::Value> = Vec::with_capacity(ORG_COLUMNS.len() + 4);
         v.extend(d.values.iter().map(sql_value));
@@ -874,84 +1040,44 @@ fn write_org_page(
         v.push(hash.into());
         v
     };
-    let mut events = OrgEvents::default();
-    let mut released = Vec::new();
-    let mut seen = Vec::with_capacity(items.len());
-    // New rows: ids given here, inserted many per statement at the end of the page.
-    let mut new_rows: Vec<Vec<rusqlite::types::Value>> = Vec::new();
-    let mut next_id: Option<i64> = None;
-    for (serial, raw) in items {
-        let (server_id, server_name) = match staged.remove(&serial) {
-            Some((id, name)) => (Some(id), name),
-            None => (None, None),
-        };
-        let hash = raw.digest(server_id.as_deref(), server_name.as_deref());
-        let existing = stored.get(&serial).copied();
-        if let Some((id, stored_hash, removed)) = existing {
-            // Listed, even if its record cannot be read: never removed for that.
-            seen.push(id);
-            if stored_hash == hash && !removed {
-                stats.unchanged += 1;
-                continue;
-            }
-        }
-        let mut d = match raw.decode() {
-            Ok(d) => d,
-            Err(why) => {
-                stats.refuse(why);
-                continue;
-            }
-        };
-        d.serial_number = serial;
-        d.server_id = server_id;
-        d.server_name = server_name;
-        match existing {
-            None => {
-                let id = match next_id {
-                    Some(id) => id,
-                    None => tx.query_row(
-                        "SELECT COALESCE(MAX(id), 0) + 1 FROM org_devices",
-                        [],
-                        |r| r.get(0),
-                    )?,
-                };
-                next_id = Some(id + 1);
-                let mut row: Vec<rusqlite::types::Value> = vec![
-                    id.into(),
-                    account.to_owned().into(),
-                    d.serial_number.clone().into(),
-                    now.to_owned().into(),
-                    now.to_owned().into(),
-                ];
-                row.extend(row_values(&d, hash));
-                new_rows.push(row);
-                seen.push(id);
-                events.push(&d, EventKind::Added, None);
-                stats.added += 1;
-            }
-            Some((id, _, removed)) => {
-                let old = read.query_row([id], device_from_row)?;
-                let mut vals: Vec<rusqlite::types::Value> = vec![id.into(), now.to_owned().into()];
-                vals.extend(row_values(&d, hash));
-                update.execute(rusqlite::params_from_iter(vals))?;
-                if removed {
-                    events.push(&d, EventKind::Added, None);
-                    stats.added += 1;
-                } else {
-                    let changes = d.changes_from(&old.device);
-                    if changes.is_empty() {
-                        // A difference of shape, or only attributes beyond the columns:
-                        // stored, no event.
-                        stats.unchanged += 1;
-                    } else {
-                        events.push(&d, EventKind::Modified, Some(&changes));
-                        stats.modified += 1;
-                    }
-                }
-            }
+    if !plan.updates.is_empty() {
+        let set_list: Vec<String> = ORG_COLUMNS
+            .iter()
+            .map(|c| c.0)
+            .chain(ROW_TAIL)
+            .enumerate()
+            .map(|(i, c)| format!("{c} = ?{}", i + 3))
+            .collect();
+        let mut update = tx.prepare_cached(&format!(
+            "UPDATE org_devices SET {}, updated_at = ?2, removed_at = NULL WHERE id = ?1",
+            set_list.join(", ")
+        ))?;
+        for (id, d, hash) in &plan.updates {
+            let mut vals: Vec<rusqlite::types::Value> = vec![(*id).into(), now.to_owned().into()];
+            vals.extend(row_values(d, *hash));
+            update.execute(rusqlite::params_from_iter(vals))?;
         }
     }
-    if !new_rows.is_empty() {
+    if !plan.new_rows.is_empty() {
+        // New rows: ids given here, inserted many per statement.
+        let first: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(id), 0) + 1 FROM org_devices",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut rows: Vec<Vec<rusqlite::types::Value>> = Vec::with_capacity(plan.new_rows.len());
+        for (id, (d, hash)) in (first..).zip(&plan.new_rows) {
+            let mut row: Vec<rusqlite::types::Value> = vec![
+                id.into(),
+                account.to_owned().into(),
+                d.serial_number.clone().into(),
+                now.to_owned().into(),
+                now.to_owned().into(),
+            ];
+            row.extend(row_values(d, *hash));
+            rows.push(row);
+            plan.seen.push(id);
+        }
         let cols: Vec<&str> = [
             "id",
             "account_name",
@@ -961,14 +1087,9 @@ fn write_org_page(
         ]
         .into_iter()
         .chain(ORG_COLUMNS.iter().map(|c| c.0))
-        .chain([
-            "extra_json",
-            "assigned_server_id",
-            "assigned_server_name",
-            "content_hash",
-        ])
+        .chain(ROW_TAIL)
         .collect();
-        let values: Vec<&dyn rusqlite::ToSql> = new_rows
+        let values: Vec<&dyn rusqlite::ToSql> = rows
             .iter()
             .flatten()
             .map(|v| v as &dyn rusqlite::ToSql)
@@ -980,6 +1101,12 @@ fn write_org_page(
             &values,
         )?;
     }
+    let OrgPlan {
+        seen,
+        mut events,
+        mut stats,
+        ..
+    } = plan;
     mark_seen(tx, &seen_key(account), walk_run, seen)?;
     match next {
         Some(cursor) => {
@@ -996,17 +1123,14 @@ fn write_org_page(
                 )?
                 .query_map([account], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
-            let listed_count = alive.iter().filter(|id| listed.contains(**id)).count();
             let mut remove = tx.prepare_cached(
                 "UPDATE org_devices SET removed_at = ?2, updated_at = ?2 WHERE id = ?1",
             )?;
-            for id in alive.into_iter().filter(|id| !listed.contains(*id)) {
+            let listed_count = remove_unlisted(alive, &listed, &mut events, &mut stats, |id| {
                 let old = read.query_row([id], device_from_row)?;
                 remove.execute(params![id, now])?;
-                events.push(&old.device, EventKind::Deleted, None);
-                released.push(old.device.serial_number);
-                stats.removed += 1;
-            }
+                Ok::<_, rusqlite::Error>(old.device)
+            })?;
 
             tx.execute(
                 "DELETE FROM fetch_seen WHERE token_name = ?1",
@@ -1024,6 +1148,7 @@ fn write_org_page(
             )?;
         }
     }
+    let released = events.removed_serials();
     events.insert(tx, account, now)?;
     // After the organisation's own events: the cause before its effect.
     released_from_org(tx, &released, now)?;

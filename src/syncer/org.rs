@@ -84,6 +84,9 @@ pub struct OrgRunSummary {
     pub tokens_minted: u64,
     /// Wall time.
     pub duration: Duration,
+    /// Nothing was done: another replica walks this account now (who, as the database
+    /// reports it). Not a failure; this replica tries again on its next run.
+    pub held_by: Option<String>,
 }
 
 /// The client settings an account's runs use.
@@ -106,20 +109,40 @@ pub async fn run_account(
         Ok(client) => run_account_with(config, &client, cancel).await,
         Err(e) => {
             let e = OrgSyncError::Api(e);
-            record_end(config, &account.name, Some(&e), 0).await;
+            record_end(config, &account.name, Some(&e), 0, None).await;
             Err(e)
         }
     }
 }
 
 /// One walk with a client that lives longer (the daemon keeps one per account, so its
-/// access token is reused between runs). Records the outcome.
+/// access token is reused between runs). Records the outcome. On PostgreSQL the walk first
+/// takes the account (see `Store::own_account`); when another replica holds it, nothing is
+/// done and the summary says who (`held_by`).
 pub async fn run_account_with(
     config: &Config,
     client: &OrgClient,
     cancel: &CancellationToken,
 ) -> Result<OrgRunSummary, OrgSyncError> {
     let name = client.account().name.clone();
+    let started = Instant::now();
+    let (n, d) = (name.clone(), config.database.clone());
+    let (store, held_by) = blocking(move || {
+        let mut store = Store::open(&d)?;
+        let held_by = store.own_account(&n)?;
+        Ok((store, held_by))
+    })
+    .await?;
+    if let Some(holder) = held_by {
+        tracing::info!(account = %name, held_by = %holder, "another replica is walking this account; skipped");
+        return Ok(OrgRunSummary {
+            account: name,
+            held_by: Some(holder),
+            duration: started.elapsed(),
+            ..OrgRunSummary::default()
+        });
+    }
+    let mut owner = Owner(Some(store));
     let limited_before = client
         .counters
         .rate_limited
@@ -128,8 +151,7 @@ pub async fn run_account_with(
         .counters
         .tokens
         .load(std::sync::atomic::Ordering::Relaxed);
-    let started = Instant::now();
-    let result = walk(config, client, cancel).await;
+    let result = walk(client, cancel, &mut owner).await;
     let limited = client
         .counters
         .rate_limited
@@ -146,17 +168,28 @@ pub async fn run_account_with(
         s
     });
     if !matches!(result, Err(OrgSyncError::Cancelled)) {
-        record_end(config, &name, result.as_ref().err(), limited).await;
+        record_end(config, &name, result.as_ref().err(), limited, owner.0).await;
     }
     result
 }
 
-async fn record_end(config: &Config, account: &str, error: Option<&OrgSyncError>, limited: u64) {
+/// Records how a walk ended, through the connection that holds the account when there is
+/// one (so it is recorded while this replica still owns it).
+async fn record_end(
+    config: &Config,
+    account: &str,
+    error: Option<&OrgSyncError>,
+    limited: u64,
+    owner: Option<Store>,
+) {
     let db = config.database.clone();
     let account = account.to_owned();
     let outcome = error.map(|e| (e.kind().as_str().to_owned(), e.to_string()));
     let recorded = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-        let mut store = Store::open(&db)?;
+        let mut store = match owner {
+            Some(s) => s,
+            None => Store::open(&db)?,
+        };
         let now = format_time(chrono::Utc::now());
         store.record_org_run_end(
             &account,
@@ -170,6 +203,34 @@ async fn record_end(config: &Config, account: &str, error: Option<&OrgSyncError>
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "cannot record the walk's outcome"),
         Err(e) => tracing::error!(error = %e, "cannot record the walk's outcome"),
+    }
+}
+
+/// The walk's connection: on PostgreSQL the one holding the account's lock, so every
+/// write of the walk goes through it and a replica that lost it writes nothing more. Each
+/// use runs on a blocking thread and gives the connection back whatever its outcome.
+struct Owner(Option<Store>);
+
+impl Owner {
+    async fn with<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, OrgSyncError> {
+        let mut store = self.take()?;
+        let (store, result) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut store);
+            (store, r)
+        })
+        .await
+        .map_err(|e| OrgSyncError::Internal(e.to_string()))?;
+        self.0 = Some(store);
+        result.map_err(OrgSyncError::Store)
+    }
+
+    fn take(&mut self) -> Result<Store, OrgSyncError> {
+        self.0
+            .take()
+            .ok_or_else(|| OrgSyncError::Internal("the walk's database connection was lost".into()))
     }
 }
 
@@ -199,11 +260,11 @@ async fn or_cancel<T>(
 /// devices, from the start instead of failing there forever. What was committed stays;
 /// the devices seen so far stay seen.
 async fn walk(
-    config: &Config,
     client: &OrgClient,
     cancel: &CancellationToken,
+    owner: &mut Owner,
 ) -> Result<OrgRunSummary, OrgSyncError> {
-    let result = walk_inner(config, client, cancel).await;
+    let result = walk_inner(client, cancel, owner).await;
     if let Err(e) = &result {
         let recurring = matches!(
             e,
@@ -213,9 +274,8 @@ async fn walk(
                 | OrgSyncError::Api(OrgApiError::CursorRefused { .. })
         );
         if recurring {
-            let (db, n) = (config.database.clone(), client.account().name.clone());
-            let reset = blocking(move || Store::open(&db)?.reset_walk_position(&n)).await;
-            if let Err(r) = reset {
+            let n = client.account().name.clone();
+            if let Err(r) = owner.with(move |s| s.reset_walk_position(&n)).await {
                 tracing::warn!(account = %client.account().name, error = %r, "cannot reset the walk's position");
             }
         }
@@ -224,24 +284,23 @@ async fn walk(
 }
 
 async fn walk_inner(
-    config: &Config,
     client: &OrgClient,
     cancel: &CancellationToken,
+    owner: &mut Owner,
 ) -> Result<OrgRunSummary, OrgSyncError> {
     let account = client.account().clone();
     let name = account.name.clone();
-    let db = config.database.clone();
     let mut summary = OrgRunSummary {
         account: name.clone(),
         ..OrgRunSummary::default()
     };
-    let (n, d) = (name.clone(), db.clone());
-    let state = blocking(move || {
-        let mut store = Store::open(&d)?;
-        store.record_org_run_start(&n, &format_time(chrono::Utc::now()))?;
-        store.org_walk(&n)
-    })
-    .await?;
+    let n = name.clone();
+    let state = owner
+        .with(move |store| {
+            store.record_org_run_start(&n, &format_time(chrono::Utc::now()))?;
+            store.org_walk(&n)
+        })
+        .await?;
 
     if state.phase == WalkPhase::Servers {
         if state.server_index == 0 && state.cursor.is_none() {
@@ -259,28 +318,19 @@ async fn walk_inner(
                     None => break,
                 }
             }
-            let (n, d) = (name.clone(), db.clone());
-            blocking(move || {
-                Store::open(&d)?.save_mdm_servers(&n, &servers, &format_time(chrono::Utc::now()))
-            })
-            .await?;
+            let n = name.clone();
+            owner
+                .with(move |s| s.save_mdm_servers(&n, &servers, &format_time(chrono::Utc::now())))
+                .await?;
         }
-        let (n, d) = (name.clone(), db.clone());
-        let servers = blocking(move || Store::open(&d)?.listed_mdm_servers(&n)).await?;
+        let n = name.clone();
+        let servers = owner.with(move |s| s.listed_mdm_servers(&n)).await?;
         summary.servers = servers.len() as u64;
-        let mut store = Some(
-            blocking({
-                let d = db.clone();
-                move || Store::open(&d)
-            })
-            .await?,
-        );
         if servers.is_empty() {
-            let (n, mut s) = (name.clone(), store.take().expect("store"));
-            store = Some(
-                blocking(move || s.stage_server_devices(&n, "", &[], None, true).map(|()| s))
-                    .await?,
-            );
+            let n = name.clone();
+            owner
+                .with(move |s| s.stage_server_devices(&n, "", &[], None, true))
+                .await?;
         }
         let mut cursor = state.cursor.clone();
         for (i, (server_id, _)) in servers.iter().enumerate().skip(state.server_index as usize) {
@@ -323,19 +373,10 @@ async fn walk_inner(
                     "GET /v1/mdmServers/{id}/relationships/devices",
                 )?;
                 let last = i + 1 == servers.len();
-                let (n, sid, nx, mut s) = (
-                    name.clone(),
-                    server_id.clone(),
-                    next.clone(),
-                    store.take().expect("store"),
-                );
-                store = Some(
-                    blocking(move || {
-                        s.stage_server_devices(&n, &sid, &serials, nx.as_deref(), last)
-                            .map(|()| s)
-                    })
-                    .await?,
-                );
+                let (n, sid, nx) = (name.clone(), server_id.clone(), next.clone());
+                owner
+                    .with(move |s| s.stage_server_devices(&n, &sid, &serials, nx.as_deref(), last))
+                    .await?;
                 match next {
                     Some(c) => cursor = Some(c),
                     None => {
@@ -348,48 +389,29 @@ async fn walk_inner(
     }
 
     // The device walk, from where it stands.
-    let (n, d) = (name.clone(), db.clone());
-    let state = blocking(move || Store::open(&d)?.org_walk(&n)).await?;
+    let n = name.clone();
+    let state = owner.with(move |s| s.org_walk(&n)).await?;
     let mut cursor = state.cursor.clone();
-    let mut store = Some(
-        blocking({
-            let d = db.clone();
-            move || Store::open(&d)
-        })
-        .await?,
-    );
-    let mut pending: Option<JoinHandle<Result<PageDone, StoreError>>> = None;
+    let mut pending: Option<JoinHandle<PageDone>> = None;
     let mut restarted = false;
     let mut pages = 0u64;
-    let finish = |pending: Option<JoinHandle<Result<PageDone, StoreError>>>| async move {
-        match pending {
-            None => Ok(None),
-            Some(h) => h
-                .await
-                .map_err(|e| OrgSyncError::Internal(e.to_string()))?
-                .map(Some)
-                .map_err(OrgSyncError::Store),
-        }
-    };
     loop {
         pages += 1;
         if pages > MAX_PAGES {
-            finish(pending.take()).await?;
+            summary.settle(pending.take(), owner).await?;
             return Err(OrgSyncError::TooManyPages("GET /v1/orgDevices"));
         }
         let fetched = or_cancel(cancel, client.org_devices(cursor.as_deref())).await;
         // The previous page's commit ran while this page downloaded.
-        if let Some(done) = finish(pending.take()).await? {
-            store = Some(summary.count(done));
-        }
+        summary.settle(pending.take(), owner).await?;
         let page: ListPage<RawResource> = match fetched {
             Err(OrgSyncError::Api(OrgApiError::CursorRefused { .. }))
                 if cursor.is_some() && !restarted =>
             {
                 tracing::warn!(account = %name, "Apple refused the walk's cursor; reading the list again from its start");
                 restarted = true;
-                let (n, mut s) = (name.clone(), store.take().expect("store"));
-                store = Some(blocking(move || s.restart_device_walk(&n).map(|()| s)).await?);
+                let n = name.clone();
+                owner.with(move |s| s.restart_device_walk(&n)).await?;
                 cursor = None;
                 continue;
             }
@@ -397,32 +419,30 @@ async fn walk_inner(
         };
         let next = next_of(page.next_cursor, &cursor, "GET /v1/orgDevices")?;
         summary.pages += 1;
-        let (n, nx, mut s) = (name.clone(), next.clone(), store.take().expect("store"));
+        let (n, nx, mut s) = (name.clone(), next.clone(), owner.take()?);
         let walk_run = state.walk_run;
         // Resources become rows on the writer's thread (only new or changed ones are
         // decoded), so the next page downloads meanwhile.
         pending = Some(tokio::task::spawn_blocking(move || {
             let read = page.data.len() as u64;
             let now = format_time(chrono::Utc::now());
-            let stats = s.apply_org_page(&n, walk_run, page.data, nx.as_deref(), &now)?;
-            Ok(PageDone {
+            let result = s.apply_org_page(&n, walk_run, page.data, nx.as_deref(), &now);
+            PageDone {
                 store: s,
-                devices: read - stats.refused,
-                stats,
-            })
+                read,
+                result,
+            }
         }));
         match next {
             Some(c) => cursor = Some(c),
             None => break,
         }
         if cancel.is_cancelled() {
-            finish(pending.take()).await?;
+            summary.settle(pending.take(), owner).await?;
             return Err(OrgSyncError::Cancelled);
         }
     }
-    if let Some(done) = finish(pending.take()).await? {
-        store = Some(summary.count(done));
-    }
+    summary.settle(pending.take(), owner).await?;
     summary.complete = true;
     tracing::info!(
         account = %name,
@@ -435,30 +455,40 @@ async fn walk_inner(
     );
 
     if account.applecare {
-        let store = store.take().expect("store");
-        summary.applecare = applecare(client, &account, store, cancel).await?;
+        summary.applecare = applecare(client, &account, owner, cancel).await?;
     }
     Ok(summary)
 }
 
-/// A committed page: the store back, and what the page did.
+/// A page's commit: the connection back, the devices read, and what the page did.
 struct PageDone {
     store: Store,
-    stats: OrgPageStats,
-    devices: u64,
+    read: u64,
+    result: Result<OrgPageStats, StoreError>,
 }
 
 impl OrgRunSummary {
-    /// Adds a committed page's counts; gives the store back.
-    fn count(&mut self, done: PageDone) -> Store {
-        if let Some(first) = &done.stats.first_refusal {
-            tracing::warn!(account = %self.account, refused = done.stats.refused, first = %first,
+    /// Waits for the page in flight, if any: the connection goes back to `owner`, the
+    /// page's counts into the summary.
+    async fn settle(
+        &mut self,
+        pending: Option<JoinHandle<PageDone>>,
+        owner: &mut Owner,
+    ) -> Result<(), OrgSyncError> {
+        let Some(h) = pending else {
+            return Ok(());
+        };
+        let done = h.await.map_err(|e| OrgSyncError::Internal(e.to_string()))?;
+        owner.0 = Some(done.store);
+        let stats = done.result?;
+        if let Some(first) = &stats.first_refusal {
+            tracing::warn!(account = %self.account, refused = stats.refused, first = %first,
                 "organisation devices that could not be read were skipped (they are not removed for it)");
         }
-        self.refused += done.stats.refused;
-        self.devices += done.devices;
-        self.stats.add(done.stats);
-        done.store
+        self.refused += stats.refused;
+        self.devices += done.read - stats.refused;
+        self.stats.add(stats);
+        Ok(())
     }
 }
 
@@ -480,7 +510,7 @@ fn next_of(
 async fn applecare(
     client: &OrgClient,
     account: &OrgAccountConfig,
-    store: Store,
+    owner: &mut Owner,
     cancel: &CancellationToken,
 ) -> Result<u64, OrgSyncError> {
     let budget = (account.requests_per_second * APPLECARE_RUN_BUDGET.as_secs_f64()) as usize;
@@ -488,14 +518,9 @@ async fn applecare(
         - chrono::Duration::from_std(account.applecare_refresh)
             .unwrap_or(chrono::Duration::days(7));
     let (n, older) = (account.name.clone(), format_time(older_than));
-    let (store, due) = tokio::task::spawn_blocking(move || {
-        let due = store.applecare_due(&n, &older, budget.max(1));
-        (store, due)
-    })
-    .await
-    .map_err(|e| OrgSyncError::Internal(e.to_string()))?;
-    let due = due?;
-    let mut store = Some(store);
+    let due = owner
+        .with(move |s| s.applecare_due(&n, &older, budget.max(1)))
+        .await?;
     let mut done = 0;
     for serial in due {
         // Best effort: the walk is complete whatever happens here. A refusal for one
@@ -517,18 +542,16 @@ async fn applecare(
                 break;
             }
         };
-        let (n, mut s) = (account.name.clone(), store.take().expect("store"));
-        store = Some(
-            blocking(move || {
+        let n = account.name.clone();
+        owner
+            .with(move |s| {
                 let now = format_time(chrono::Utc::now());
                 match coverage {
                     Some(c) => s.save_applecare(&n, &serial, &c, &now),
                     None => s.applecare_checked(&n, &serial, &now),
                 }
-                .map(|()| s)
             })
-            .await?,
-        );
+            .await?;
         done += 1;
     }
     if done > 0 {

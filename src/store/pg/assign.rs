@@ -1,5 +1,4 @@
-//! Enrollment profile assignment on PostgreSQL: the twins of `store/assign.rs` (the
-//! organisation's purchase data, which rules may match, is not kept here yet: NULL).
+//! Enrollment profile assignment on PostgreSQL: the twins of `store/assign.rs`.
 
 use std::collections::HashMap;
 
@@ -21,8 +20,13 @@ impl Pg {
         let devices = self
             .c()
             .query(
-                "SELECT serial_number, device_family, model, os, profile_uuid FROM devices
-                 WHERE token_name = $1 AND deleted_at IS NULL ORDER BY serial_number",
+                "SELECT d.serial_number, d.device_family, d.model, d.os, d.profile_uuid,
+                        (SELECT o.purchase_source_type FROM org_devices o
+                          WHERE o.serial_number = d.serial_number AND o.removed_at IS NULL LIMIT 1),
+                        (SELECT o.order_number FROM org_devices o
+                          WHERE o.serial_number = d.serial_number AND o.removed_at IS NULL LIMIT 1)
+                 FROM devices d WHERE d.token_name = $1 AND d.deleted_at IS NULL
+                 ORDER BY d.serial_number",
                 &[&token],
             )
             .map_err(e1)?
@@ -33,8 +37,8 @@ impl Pg {
                 model: r.get(2),
                 os: r.get(3),
                 profile_uuid: r.get(4),
-                purchase_source_type: None,
-                order_number: None,
+                purchase_source_type: r.get(5),
+                order_number: r.get(6),
             })
             .collect();
         let assignments = self

@@ -2,7 +2,8 @@
 //! transaction, so an admin moves without a full re-fetch and receivers never see an event
 //! twice: device rows keep their ids (an unfinished fetch's `fetch_seen` bitmaps name them),
 //! events keep their ids and carry their snapshots resolved (`events_with_device`), and the
-//! cursors, accounts and sink cursors come along as they are.
+//! cursors, accounts, sink cursors, profile assignment and the organisation's inventory
+//! come along as they are.
 
 use rusqlite::Connection;
 
@@ -16,7 +17,7 @@ use super::Pg;
 pub struct CopyReport {
     /// Device rows.
     pub devices: u64,
-    /// ADE events.
+    /// Events (ADE, profile assignment and organisation device events).
     pub events: u64,
     /// Tokens' sync state rows.
     pub sync_states: u64,
@@ -30,10 +31,14 @@ pub struct CopyReport {
     pub profiles: u64,
     /// Devices' last profile assignments.
     pub assignments: u64,
-    /// Organisation events not copied (not kept on PostgreSQL yet).
-    pub events_left: u64,
-    /// Organisation devices not copied (not kept on PostgreSQL yet).
-    pub org_devices_left: u64,
+    /// Organisation accounts' walk states.
+    pub org_accounts: u64,
+    /// Organisation devices.
+    pub org_devices: u64,
+    /// MDM servers.
+    pub mdm_servers: u64,
+    /// AppleCare coverages.
+    pub applecare_coverages: u64,
 }
 
 /// Rows per read from SQLite and per statement into PostgreSQL.
@@ -72,7 +77,8 @@ impl Pg {
         let held: i64 = match tx.query_one(
             "SELECT (SELECT count(*) FROM devices) + (SELECT count(*) FROM events)
                   + (SELECT count(*) FROM sync_state) + (SELECT count(*) FROM sink_cursors)
-                  + (SELECT count(*) FROM profile_assignments) + (SELECT count(*) FROM assign_state)",
+                  + (SELECT count(*) FROM profile_assignments) + (SELECT count(*) FROM assign_state)
+                  + (SELECT count(*) FROM org_devices) + (SELECT count(*) FROM org_walks)",
             &[],
         ) {
             Ok(r) => r.get(0),
@@ -178,17 +184,14 @@ impl Pg {
             }
         }
 
-        // ADE and profile-assignment events by id, snapshots resolved; organisation events
-        // stay (organisation accounts are not kept on PostgreSQL yet).
+        // Every event by id, snapshots resolved.
         let mut last = 0i64;
         loop {
             let mut stmt = from
                 .prepare_cached(
                     "SELECT id, token_name, serial_number, kind, changes, occurred_at,
                             COALESCE(device_json, 'null'), reason, scope
-                     FROM events_with_device WHERE id > ?1
-                       AND (scope IS NULL OR scope = 'profile')
-                     ORDER BY id LIMIT ?2",
+                     FROM events_with_device WHERE id > ?1 ORDER BY id LIMIT ?2",
                 )
                 .map_err(&read)?;
             let mut ids: Vec<i64> = Vec::new();
@@ -221,14 +224,6 @@ impl Pg {
                 return Err(e_ev(e));
             }
         }
-        let count = |sql: &str| -> Result<u64, StoreError> {
-            from.query_row(sql, [], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-                .map_err(&read)
-        };
-        report.events_left =
-            count("SELECT count(*) FROM events WHERE scope IS NOT NULL AND scope <> 'profile'")?;
-        report.org_devices_left = count("SELECT count(*) FROM org_devices")?;
         // The next id continues after every id SQLite ever gave (AUTOINCREMENT's counter
         // too), so no receiver ever sees an id twice.
         let next: i64 = from
@@ -394,6 +389,57 @@ impl Pg {
                 ("last_full_fetch_at", t),
                 ("last_run_at", t),
             ],
+        )?;
+        let org = super::org::copy_org_from_sqlite(&mut tx, from, &read, &|source| {
+            StoreError::Postgres {
+                url: shown.clone(),
+                action: "copy the organisation's inventory",
+                source,
+            }
+        })?;
+        report.org_devices = org.devices;
+        report.applecare_coverages = org.coverages;
+        let json = "text::json";
+        report.mdm_servers = copy_table(
+            &mut tx,
+            "mdm_servers",
+            &[
+                ("account_name", t),
+                ("id", t),
+                ("server_name", t),
+                ("server_type", t),
+                ("status", t),
+                ("device_count", i),
+                ("created_date_time", t),
+                ("updated_date_time", t),
+                ("extra_json", json),
+                ("seen_at", t),
+                ("removed_at", t),
+            ],
+        )?;
+        report.org_accounts = copy_table(
+            &mut tx,
+            "org_walks",
+            &[
+                ("account_name", t),
+                ("walk_run", i),
+                ("phase", t),
+                ("server_index", i),
+                ("cursor", t),
+                ("last_run_at", t),
+                ("last_success_at", t),
+                ("last_complete_at", t),
+                ("last_walk_devices", i),
+                ("last_error", t),
+                ("last_error_kind", t),
+                ("last_error_at", t),
+                ("rate_limited", i),
+            ],
+        )?;
+        copy_table(
+            &mut tx,
+            "org_server_devices",
+            &[("account_name", t), ("serial_number", t), ("server_id", t)],
         )?;
         tx.commit().map_err(e_commit)?;
         Ok(report)

@@ -17,6 +17,7 @@ use crate::config::PgTarget;
 
 mod assign;
 mod copy;
+mod org;
 mod read;
 mod schema;
 mod write;
@@ -41,7 +42,12 @@ const TOKEN_LOCK: i32 = 0x544f_4b4e;
 /// replica at a time delivers each sink, and its cursor moves on the locked connection.
 const SINK_LOCK: i32 = 0x5349_4e4b;
 
-/// The advisory-lock key of a token or sink, as SQL over its name in `$2`.
+/// The lock a replica holds on an organisation account while it walks it ("ORGA"), the
+/// same way: one replica at a time walks each account, writing through the locked
+/// connection.
+const ACCOUNT_LOCK: i32 = 0x4f52_4741;
+
+/// The advisory-lock key of a token, sink or account, as SQL over its name in `$2`.
 const NAME_KEY: &str = "hashtext(current_schema() || '/' || $2)";
 
 /// New device rows after which a writer refreshes the planner's statistics of `devices`
@@ -280,6 +286,20 @@ impl Pg {
     /// when taken (or already held by this connection), else who holds it.
     pub(crate) fn own_token(&mut self, token: &str) -> Result<Option<String>, StoreError> {
         self.own(TOKEN_LOCK, token)
+    }
+
+    /// Takes the organisation account for this connection, as [`Pg::own_token`] does a
+    /// token.
+    pub(crate) fn own_account(&mut self, account: &str) -> Result<Option<String>, StoreError> {
+        self.own(ACCOUNT_LOCK, account)
+    }
+
+    /// Which connection holds each of `accounts` that is held (see [`Pg::token_holders`]).
+    pub(crate) fn account_holders(
+        &mut self,
+        accounts: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.holders(ACCOUNT_LOCK, accounts)
     }
 
     /// Takes the sink for this connection, as [`Pg::own_token`] does a token.

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::super::accounts::{token_rows_only, TOKEN_TABLES};
 use super::super::devices::in_key_chunks;
-use super::super::events::decode_snapshot;
+use super::super::events::{decode_snapshot, org_event};
 use super::super::{
     CursorState, DeviceFilter, SinkCursor, StoreError, StoredAccount, StoredDevice, SyncState,
     TokenFootprint,
@@ -429,6 +429,11 @@ impl Pg {
                     reason: None,
                     assignment: serde_json::from_str(&snapshot).ok(),
                 });
+                continue;
+            }
+            if r.get::<_, Option<&str>>(7) == EventScope::OrgDevice.stored() {
+                let key = (r.get(0), r.get(1), r.get(2), r.get(5));
+                out.push(org_event(key, kind, changes, &snapshot));
                 continue;
             }
             let device = decode_snapshot(&snapshot);

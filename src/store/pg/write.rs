@@ -165,14 +165,17 @@ pub(super) fn device_from_row(r: &postgres::Row, start: usize) -> Result<Device,
 }
 
 /// One event waiting for its id (given at commit).
-struct PendingEvent {
-    token: String,
-    serial: String,
-    kind: EventKind,
-    changes: Option<String>,
-    occurred_at: String,
-    snapshot: String,
-    reason: Reason,
+pub(super) struct PendingEvent {
+    pub(super) token: String,
+    pub(super) serial: String,
+    pub(super) kind: EventKind,
+    pub(super) changes: Option<String>,
+    pub(super) occurred_at: String,
+    pub(super) snapshot: String,
+    /// None for an organisation device event.
+    pub(super) reason: Option<Reason>,
+    /// `events.scope` (None: an ADE device event).
+    pub(super) scope: Option<&'static str>,
 }
 
 /// Events kept for the commit before they are inserted early (see `write_page`).
@@ -316,7 +319,8 @@ impl<'a> PgBatch<'a> {
                 changes,
                 occurred_at: page.now.to_owned(),
                 snapshot: encode_snapshot(d, extra),
-                reason: why,
+                reason: Some(why),
+                scope: None,
             });
         };
         for (rec, p) in page.records.iter().zip(prepared) {
@@ -634,7 +638,7 @@ impl RowColumns {
 
 /// Gives `events` their ids, in order, and inserts them. The `event_ids` row stays locked
 /// until the transaction ends, so no other writer's later ids become visible first.
-fn insert_events(
+pub(super) fn insert_events(
     tx: &mut Transaction<'_>,
     events: Vec<PendingEvent>,
 ) -> Result<(), postgres::Error> {
@@ -643,7 +647,7 @@ fn insert_events(
     }
     let first = take_event_ids(tx, events.len())?;
     let mut cols: Vec<Vec<Option<String>>> =
-        (0..7).map(|_| Vec::with_capacity(events.len())).collect();
+        (0..8).map(|_| Vec::with_capacity(events.len())).collect();
     for e in events {
         cols[0].push(Some(e.token));
         cols[1].push(Some(e.serial));
@@ -651,16 +655,17 @@ fn insert_events(
         cols[3].push(e.changes);
         cols[4].push(Some(e.occurred_at));
         cols[5].push(Some(e.snapshot));
-        cols[6].push(Some(e.reason.as_str().to_owned()));
+        cols[6].push(e.reason.map(|r| r.as_str().to_owned()));
+        cols[7].push(e.scope.map(str::to_owned));
     }
     tx.execute(
         "INSERT INTO events (id, token_name, serial_number, kind, changes, occurred_at,
-             device_json, reason)
-         SELECT $1 + u.n - 1, u.t, u.s, u.k, u.c::json, u.o, u.d::json, u.r
+             device_json, reason, scope)
+         SELECT $1 + u.n - 1, u.t, u.s, u.k, u.c::json, u.o, u.d::json, u.r, u.sc
            FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                       $8::text[]) WITH ORDINALITY AS u(t, s, k, c, o, d, r, n)",
+                       $8::text[], $9::text[]) WITH ORDINALITY AS u(t, s, k, c, o, d, r, sc, n)",
         &[
-            &first, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &cols[6],
+            &first, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &cols[6], &cols[7],
         ],
     )?;
     Ok(())
@@ -683,6 +688,12 @@ fn reason_context(
     tx: &mut Transaction<'_>,
     serial: &str,
 ) -> Result<ReasonContext, postgres::Error> {
+    let released_from_org = tx
+        .query_opt(
+            "SELECT 1 FROM org_devices WHERE serial_number = $1 AND removed_at IS NOT NULL LIMIT 1",
+            &[&serial],
+        )?
+        .is_some();
     let original_of_replacement = tx
         .query_opt(
             "SELECT 1 FROM devices WHERE original_device_serial_number = $1 LIMIT 1",
@@ -690,13 +701,13 @@ fn reason_context(
         )?
         .is_some();
     Ok(ReasonContext {
-        released_from_org: false,
+        released_from_org,
         original_of_replacement,
     })
 }
 
 /// Records `ids` as returned by full fetch `run` of `token` (bitmaps, as on SQLite).
-fn mark_seen(
+pub(super) fn mark_seen(
     tx: &mut Transaction<'_>,
     token: &str,
     run: i64,
@@ -736,7 +747,11 @@ fn mark_seen(
     Ok(())
 }
 
-fn load_seen(tx: &mut Transaction<'_>, token: &str, run: i64) -> Result<SeenIds, postgres::Error> {
+pub(super) fn load_seen(
+    tx: &mut Transaction<'_>,
+    token: &str,
+    run: i64,
+) -> Result<SeenIds, postgres::Error> {
     Ok(SeenIds(
         tx.query(
             "SELECT chunk, bits FROM fetch_seen WHERE token_name = $1 AND fetch_run = $2",
