@@ -920,15 +920,7 @@ fn postgres_status_and_metrics_name_the_replica_syncing_a_token() {
         100,
         &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
     ));
-    let replica = env
-        .database
-        .split("application_name=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap()
-        .to_owned();
+    let replica = crate::common::application_name(&env.database);
     let mut holder = env.store();
     assert_eq!(holder.own_token("acme").unwrap(), None, "free at first");
     let out = rt.block_on(run_once(&env));
@@ -960,25 +952,7 @@ fn postgres_status_and_metrics_name_the_replica_syncing_a_token() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let started = std::time::Instant::now();
-    let metrics = loop {
-        let body = rt
-            .block_on(async {
-                reqwest::Client::new()
-                    .get(&url)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await?
-                    .text()
-                    .await
-            })
-            .unwrap_or_default();
-        if body.contains("adesync_token_synced_by") || started.elapsed() > Duration::from_secs(15) {
-            break body;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let metrics = crate::common::metrics_once_they_show(&rt, port, "adesync_token_synced_by");
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
         .status();

@@ -279,3 +279,38 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The `application_name` of a test database URL (the replica name the server reports).
+pub fn application_name(url: &str) -> String {
+    url.split("application_name=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The daemon's `/metrics` on `port` once they contain `want` (or after 15 s, whatever
+/// they are then).
+pub fn metrics_once_they_show(rt: &tokio::runtime::Runtime, port: u16, want: &str) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let started = std::time::Instant::now();
+    loop {
+        let body = rt
+            .block_on(async {
+                reqwest::Client::new()
+                    .get(&url)
+                    .timeout(std::time::Duration::from_secs(2))
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .unwrap_or_default();
+        if body.contains(want) || started.elapsed() > std::time::Duration::from_secs(15) {
+            return body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

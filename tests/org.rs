@@ -19,18 +19,43 @@ use adesync_mock::{
 };
 use serde_json::Value;
 
-use super::common::{output, write_token};
+use super::common::{fresh_postgres_database, output, runtime, write_token, Backend};
+use crate::on_both_backends;
+
+on_both_backends!(
+    a_walk_mirrors_the_organisation_with_one_event_per_device_and_a_rewalk_writes_nothing,
+    changes_give_exactly_one_event_each_with_what_changed,
+    an_interrupted_walk_removes_nothing_and_the_next_complete_one_removes_once,
+    two_accounts_stay_apart,
+    applecare_coverage_is_fetched_once_per_refresh_and_a_429_is_waited_out,
+    sigkill_during_a_walk_loses_and_doubles_nothing,
+    org_devices_and_device_show_the_inventory,
+    a_walk_stuck_on_a_cursor_starts_the_list_again_and_a_vanished_server_is_skipped,
+);
 
 pub struct OrgEnv {
     pub dir: tempfile::TempDir,
     pub mock: MockHandle,
     pub config_path: PathBuf,
+    /// The config's `database`: a file name in `dir`, or a PostgreSQL URL.
+    pub database: String,
 }
 
 impl OrgEnv {
-    /// A simulator with `ade` ADE devices and one organisation account per entry of
-    /// `accounts`; a config with the token "acme" and accounts "org0", "org1", ….
+    /// [`OrgEnv::on`] SQLite.
     pub async fn new(ade: usize, accounts: Vec<OrgAccountConfig>, extra: &str) -> OrgEnv {
+        Self::on(Backend::Sqlite, ade, accounts, extra).await
+    }
+
+    /// A simulator with `ade` ADE devices and one organisation account per entry of
+    /// `accounts`; a config with the token "acme" and accounts "org0", "org1", …, keeping
+    /// the mirror on `backend`.
+    pub async fn on(
+        backend: Backend,
+        ade: usize,
+        accounts: Vec<OrgAccountConfig>,
+        extra: &str,
+    ) -> OrgEnv {
         let n = accounts.len();
         let mock = adesync_mock::start(MockConfig {
             devices: ade,
@@ -41,8 +66,14 @@ impl OrgEnv {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_token(&dir.path().join("acme.json"), &Credentials::depsim(), 365);
+        let database = match backend {
+            Backend::Sqlite => "adesync.db".to_owned(),
+            Backend::Postgres => tokio::task::spawn_blocking(fresh_postgres_database)
+                .await
+                .unwrap(),
+        };
         let mut text = format!(
-            "database = \"adesync.db\"\n{extra}\n\
+            "database = \"{database}\"\n{extra}\n\
              [retry]\nmax_attempts = 3\ninitial_delay = \"100ms\"\nmax_delay = \"100ms\"\n\
              [[tokens]]\nname = \"acme\"\ntoken_file = \"acme.json\"\napi_url = \"{}\"\n",
             mock.base_url()
@@ -66,6 +97,7 @@ impl OrgEnv {
             dir,
             mock,
             config_path,
+            database,
         }
     }
 
@@ -73,8 +105,26 @@ impl OrgEnv {
         Config::load(&self.config_path).unwrap()
     }
 
+    /// The store the config names (on PostgreSQL: call it off the async runtime).
     pub fn store(&self) -> Store {
-        Store::open(self.dir.path().join("adesync.db")).unwrap()
+        if adesync::config::Database::is_url(&self.database) {
+            Store::open(adesync::config::Database::postgres(&self.database, None).unwrap()).unwrap()
+        } else {
+            Store::open(self.dir.path().join(&self.database)).unwrap()
+        }
+    }
+
+    /// The one number `sql` selects, run on the mirror's own database as an admin would.
+    pub fn count(&self, sql: &str) -> i64 {
+        if adesync::config::Database::is_url(&self.database) {
+            let mut c = postgres::Client::connect(&self.database, postgres::NoTls).unwrap();
+            c.query_one(sql, &[]).unwrap().get(0)
+        } else {
+            rusqlite::Connection::open(self.dir.path().join(&self.database))
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
+        }
     }
 
     pub async fn run(&self) -> adesync::syncer::OnceReport {
@@ -144,6 +194,34 @@ fn assert_org_mirrors(store: &Store, mock: &MockHandle, i: usize) {
     }
 }
 
+/// The next walk of org0 gets `page - 1` pages of devices, then `fault` (`times` times)
+/// in place of page `page`.
+fn fault_the_walk_at_page(env: &OrgEnv, page: usize, kind: FaultKind, times: u32) {
+    for _ in 1..page {
+        env.mock.push_org_fault(
+            0,
+            OrgEndpoint::OrgDevices,
+            Fault {
+                times: 1,
+                kind: FaultKind::Delay(Duration::ZERO),
+            },
+        );
+    }
+    env.mock
+        .push_org_fault(0, OrgEndpoint::OrgDevices, Fault { times, kind });
+}
+
+/// The next walk of org0 gets two pages of devices, then errors on the third past every
+/// retry.
+fn fail_the_walk_at_page_3(env: &OrgEnv) {
+    let error = FaultKind::Status {
+        status: 500,
+        body: String::new(),
+        headers: vec![],
+    };
+    fault_the_walk_at_page(env, 3, error, 3);
+}
+
 fn org_events(store: &Store) -> Vec<StoredEvent> {
     store
         .events_after(0, None, 1 << 40)
@@ -175,10 +253,12 @@ fn max_updated(store: &Store) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_walk_mirrors_the_organisation_with_one_event_per_device_and_a_rewalk_writes_nothing() {
-    let env = OrgEnv::new(50, vec![account(250, 1)], "").await;
-    let report = env.run().await;
+fn a_walk_mirrors_the_organisation_with_one_event_per_device_and_a_rewalk_writes_nothing(
+    b: Backend,
+) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 50, vec![account(250, 1)], ""));
+    let report = rt.block_on(env.run());
     assert!(
         report.failed.is_empty() && report.org_failed.is_empty(),
         "{report:?}"
@@ -214,19 +294,13 @@ async fn a_walk_mirrors_the_organisation_with_one_event_per_device_and_a_rewalk_
         );
     }
     // The inventory view joins the ADE mirror: the 50 ADE devices are mirrored by "acme".
-    let mirrored: i64 = rusqlite::Connection::open(env.dir.path().join("adesync.db"))
-        .unwrap()
-        .query_row(
-            "SELECT COUNT(*) FROM inventory WHERE mirrored AND token_name = 'acme'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let mirrored =
+        env.count("SELECT COUNT(*) FROM inventory WHERE mirrored AND token_name = 'acme'");
     assert_eq!(mirrored, 50);
 
     // Identical data: no event, no row written.
     let before = max_updated(&store);
-    let report = env.run().await;
+    let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty());
     assert_eq!(report.org_ok[0].stats.unchanged, 300);
     assert_eq!(org_events(&env.store()).len(), 300);
@@ -242,7 +316,7 @@ async fn a_walk_mirrors_the_organisation_with_one_event_per_device_and_a_rewalk_
             future_field: false,
         },
     );
-    env.run().await;
+    rt.block_on(env.run());
     assert_eq!(
         org_events(&env.store()).len(),
         300,
@@ -250,10 +324,10 @@ async fn a_walk_mirrors_the_organisation_with_one_event_per_device_and_a_rewalk_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changes_give_exactly_one_event_each_with_what_changed() {
-    let env = OrgEnv::new(20, vec![account(180, 2)], "").await;
-    env.run().await;
+fn changes_give_exactly_one_event_each_with_what_changed(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 20, vec![account(180, 2)], ""));
+    rt.block_on(env.run());
     let servers = env.mock.org_servers(0);
     let other = servers
         .iter()
@@ -289,7 +363,7 @@ async fn changes_give_exactly_one_event_each_with_what_changed() {
     env.mock.assign_org_devices(0, unassign, None);
     let added = env.mock.add_org_devices(0, 4, None);
     let before = org_events(&env.store()).len();
-    let report = env.run().await;
+    let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty(), "{report:?}");
     let store = env.store();
     assert_org_mirrors(&store, &env.mock, 0);
@@ -341,42 +415,15 @@ async fn changes_give_exactly_one_event_each_with_what_changed() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_walk_removes_nothing_and_the_next_complete_one_removes_once() {
-    let env = OrgEnv::new(0, vec![account(500, 3)], "").await;
-    env.run().await;
+fn an_interrupted_walk_removes_nothing_and_the_next_complete_one_removes_once(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 0, vec![account(500, 3)], ""));
+    rt.block_on(env.run());
     let gone = env.mock.pick_org_devices(0, 5);
     env.mock.release_org_devices(0, &gone);
     // Page 3 of the walk fails past every retry.
-    env.mock.push_org_fault(
-        0,
-        OrgEndpoint::OrgDevices,
-        Fault {
-            times: 1,
-            kind: FaultKind::Delay(Duration::ZERO),
-        },
-    );
-    env.mock.push_org_fault(
-        0,
-        OrgEndpoint::OrgDevices,
-        Fault {
-            times: 1,
-            kind: FaultKind::Delay(Duration::ZERO),
-        },
-    );
-    env.mock.push_org_fault(
-        0,
-        OrgEndpoint::OrgDevices,
-        Fault {
-            times: 3,
-            kind: FaultKind::Status {
-                status: 500,
-                body: String::new(),
-                headers: vec![],
-            },
-        },
-    );
-    let report = env.run().await;
+    fail_the_walk_at_page_3(&env);
+    let report = rt.block_on(env.run());
     assert_eq!(report.org_failed.len(), 1);
     assert!(matches!(report.org_failed[0].1, OrgSyncError::Api(_)));
     let store = env.store();
@@ -394,7 +441,7 @@ async fn an_interrupted_walk_removes_nothing_and_the_next_complete_one_removes_o
         status[0].attention
     );
 
-    let report = env.run().await;
+    let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty(), "{report:?}");
     let evs = org_events(&env.store());
     let removed: Vec<&str> = evs
@@ -411,10 +458,10 @@ async fn an_interrupted_walk_removes_nothing_and_the_next_complete_one_removes_o
     assert_org_mirrors(&env.store(), &env.mock, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_accounts_stay_apart() {
-    let env = OrgEnv::new(10, vec![account(120, 4), account(80, 5)], "").await;
-    let report = env.run().await;
+fn two_accounts_stay_apart(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 10, vec![account(120, 4), account(80, 5)], ""));
+    let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty(), "{report:?}");
     assert_eq!(report.org_ok.len(), 2);
     let store = env.store();
@@ -432,9 +479,9 @@ async fn two_accounts_stay_apart() {
     assert!(env.mock.org_stats(1).tokens_issued >= 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn applecare_coverage_is_fetched_once_per_refresh_and_a_429_is_waited_out() {
-    let env = OrgEnv::new(0, vec![account(40, 6)], "").await;
+fn applecare_coverage_is_fetched_once_per_refresh_and_a_429_is_waited_out(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 0, vec![account(40, 6)], ""));
     let text = std::fs::read_to_string(&env.config_path)
         .unwrap()
         .replace("page_size = 100\n", "page_size = 100\napplecare = true\n");
@@ -451,7 +498,7 @@ async fn applecare_coverage_is_fetched_once_per_refresh_and_a_429_is_waited_out(
             },
         },
     );
-    let report = env.run().await;
+    let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty(), "{report:?}");
     assert_eq!(report.org_ok[0].applecare, 40);
     assert_eq!(report.org_ok[0].rate_limited, 1);
@@ -467,16 +514,16 @@ async fn applecare_coverage_is_fetched_once_per_refresh_and_a_429_is_waited_out(
     let gap = reqs[i + 1].received.duration_since(reqs[i].received);
     assert!(gap >= Duration::from_millis(950), "{gap:?}");
     // Within applecare_refresh nothing is asked again.
-    let report = env.run().await;
+    let report = rt.block_on(env.run());
     assert_eq!(report.org_ok[0].applecare, 0);
 }
 
 /// Nothing lost, nothing doubled: the `adesync` process killed with SIGKILL during a walk
 /// of 30,000 devices, several times, then run to completion: exactly one `added` event per
 /// device, and the mirror equals the simulator.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_during_a_walk_loses_and_doubles_nothing() {
-    let env = OrgEnv::new(0, vec![account(30_000, 7)], "").await;
+fn sigkill_during_a_walk_loses_and_doubles_nothing(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 0, vec![account(30_000, 7)], ""));
     // Only the account: the token would finish at once anyway.
     let mut kills = 0;
     for delay_ms in [300u64, 600, 900, 1200] {
@@ -485,7 +532,10 @@ async fn sigkill_during_a_walk_loses_and_doubles_nothing() {
             .arg(&env.config_path)
             .args(["run", "--once", "--token", "org0"])
             .env("RUST_LOG", "warn");
-        kills += crate::common::kill_after(cmd, Duration::from_millis(delay_ms)).await as usize;
+        kills += rt.block_on(crate::common::kill_after(
+            cmd,
+            Duration::from_millis(delay_ms),
+        )) as usize;
         let store = env.store();
         let (added, modified, removed) = counts(&org_events(&store));
         let stored = store.org_counts("org0").unwrap().devices as usize;
@@ -500,7 +550,7 @@ async fn sigkill_during_a_walk_loses_and_doubles_nothing() {
     cmd.arg("--config")
         .arg(&env.config_path)
         .args(["run", "--once", "--token", "org0"]);
-    let out = output(cmd).await;
+    let out = rt.block_on(output(cmd));
     assert!(
         out.status.success(),
         "{}",
@@ -583,16 +633,21 @@ async fn a_key_readable_by_everyone_or_missing_is_a_config_error_before_anything
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn org_devices_and_device_show_the_inventory() {
-    let env = OrgEnv::new(10, vec![account(30, 10)], "").await;
-    env.run().await;
+fn org_devices_and_device_show_the_inventory(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 10, vec![account(30, 10)], ""));
+    rt.block_on(env.run());
     let run = |args: &[&str]| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"));
         cmd.arg("--config").arg(&env.config_path).args(args);
         cmd
     };
-    let out = output(run(&["org-devices", "--unassigned", "--format", "json"])).await;
+    let out = rt.block_on(output(run(&[
+        "org-devices",
+        "--unassigned",
+        "--format",
+        "json",
+    ])));
     assert!(out.status.success());
     let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -606,13 +661,13 @@ async fn org_devices_and_device_show_the_inventory() {
         .count();
     assert_eq!(rows.len(), want);
     assert!(rows.iter().all(|r| r["assigned_server_id"].is_null()));
-    let out = output(run(&["org-devices", "--format", "csv"])).await;
+    let out = rt.block_on(output(run(&["org-devices", "--format", "csv"])));
     let csv = String::from_utf8_lossy(&out.stdout);
     assert_eq!(csv.lines().count(), 41);
     assert!(csv.lines().next().unwrap().contains("ethernet_mac_address"));
     // A serial both mirrored by the token and known to the organisation: both sides.
     let serial = env.mock.serials()[0].clone();
-    let out = output(run(&["device", &serial])).await;
+    let out = rt.block_on(output(run(&["device", &serial])));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -625,7 +680,7 @@ async fn org_devices_and_device_show_the_inventory() {
         "{text}"
     );
     assert!(text.contains("org_device.added"), "{text}");
-    let out = output(run(&["status"])).await;
+    let out = rt.block_on(output(run(&["status"])));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("org_account"), "{text}");
 }
@@ -738,27 +793,12 @@ async fn org_accounts_test_says_what_apple_answered() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("configured: org0"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_walk_stuck_on_a_cursor_starts_the_list_again_and_a_vanished_server_is_skipped() {
-    let env = OrgEnv::new(0, vec![account(500, 13)], "").await;
+fn a_walk_stuck_on_a_cursor_starts_the_list_again_and_a_vanished_server_is_skipped(b: Backend) {
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(b, 0, vec![account(500, 13)], ""));
     // Page 2 answers with the cursor it was sent: this run fails...
-    env.mock.push_org_fault(
-        0,
-        OrgEndpoint::OrgDevices,
-        Fault {
-            times: 1,
-            kind: FaultKind::Delay(Duration::ZERO),
-        },
-    );
-    env.mock.push_org_fault(
-        0,
-        OrgEndpoint::OrgDevices,
-        Fault {
-            times: 1,
-            kind: FaultKind::SameCursor,
-        },
-    );
-    let report = env.run().await;
+    fault_the_walk_at_page(&env, 2, FaultKind::SameCursor, 1);
+    let report = rt.block_on(env.run());
     assert!(
         matches!(report.org_failed[0].1, OrgSyncError::SameCursor(_)),
         "{report:?}"
@@ -778,8 +818,339 @@ async fn a_walk_stuck_on_a_cursor_starts_the_list_again_and_a_vanished_server_is
             },
         },
     );
-    let report = env.run().await;
+    let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty(), "{report:?}");
     assert!(report.org_ok[0].complete);
     assert_eq!(counts(&org_events(&env.store())).0, 500, "nothing doubled");
+}
+
+/// The `adesync` binary with `config`.
+fn adesync_with(config: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"));
+    cmd.arg("--config").arg(config);
+    cmd
+}
+
+/// The env's config for replica `name`: its connections carry that application_name.
+fn replica_config(env: &OrgEnv, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let schema = env.database.rsplit("search_path%3D").next().unwrap();
+    let url = env
+        .database
+        .replace(&format!("application_name={schema}&"), "");
+    let text = text.replace(
+        &format!("database = \"{}\"", env.database),
+        &format!("database = \"{url}&application_name={name}\""),
+    );
+    let path = env.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// While another connection holds an organisation account, `run` leaves it alone and
+/// says who has it; `status` (table and JSON) and the daemon's `/metrics` name the holder;
+/// once it lets go, the next run walks the account.
+#[test]
+fn postgres_an_account_being_walked_is_left_to_its_replica() {
+    if super::common::postgres_url("postgres_an_account_being_walked_is_left_to_its_replica")
+        .is_none()
+    {
+        return;
+    }
+    let rt = runtime();
+    let port = super::common::free_port();
+    let env = rt.block_on(OrgEnv::on(
+        Backend::Postgres,
+        5,
+        vec![account(120, 31)],
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    ));
+    let replica = super::common::application_name(&env.database);
+    let mut holder = env.store();
+    assert_eq!(holder.own_account("org0").unwrap(), None, "free at first");
+    let report = rt.block_on(env.run());
+    assert!(report.org_failed.is_empty(), "{report:?}");
+    let held = report.org_ok[0].held_by.clone().unwrap_or_default();
+    assert!(held.starts_with(&replica), "{report:?}");
+    assert_eq!(report.org_ok[0].pages, 0);
+    assert_eq!(
+        env.store().org_counts("org0").unwrap().devices,
+        0,
+        "left alone"
+    );
+    // The ADE token is not the account: it synced.
+    assert_eq!(env.store().device_counts("acme").unwrap().0, 5);
+
+    let out = rt.block_on(output({
+        let mut c = adesync_with(&env.config_path);
+        c.arg("status");
+        c
+    }));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("org account org0: being walked now by {replica}")),
+        "{text}"
+    );
+    let out = rt.block_on(output({
+        let mut c = adesync_with(&env.config_path);
+        c.args(["status", "--format", "json"]);
+        c
+    }));
+    let org_line: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["account"] == "org0")
+        .unwrap();
+    assert!(
+        org_line["walked_by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with(&replica)),
+        "{org_line}"
+    );
+
+    let mut daemon = adesync_with(&env.config_path)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let want = format!("adesync_org_account_walked_by{{account=\"org0\",replica=\"{replica}\"}} 1");
+    let metrics = super::common::metrics_once_they_show(&rt, port, &want);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    daemon.wait().unwrap();
+    assert!(metrics.contains(&want), "{metrics}");
+    assert_eq!(env.store().org_counts("org0").unwrap().devices, 0);
+
+    drop(holder);
+    let report = rt.block_on(env.run());
+    assert!(report.org_failed.is_empty(), "{report:?}");
+    assert_eq!(report.org_ok[0].held_by, None);
+    let store = env.store();
+    assert_org_mirrors(&store, &env.mock, 0);
+    // The organisation holds the token's 5 devices too.
+    assert_eq!(counts(&org_events(&store)), (125, 0, 0));
+}
+
+/// Two replicas walk three organisation accounts of one PostgreSQL mirror: while one walks
+/// them, the other leaves them alone; the first is killed with SIGKILL mid-walk, and the
+/// second takes every account over at its next run and finishes the walks where the
+/// committed pages left them. Every device is stored once, with exactly one event.
+#[test]
+fn postgres_a_replica_killed_mid_walk_leaves_its_accounts_to_another() {
+    if super::common::postgres_url(
+        "postgres_a_replica_killed_mid_walk_leaves_its_accounts_to_another",
+    )
+    .is_none()
+    {
+        return;
+    }
+    const DEVICES: usize = 15_000;
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::on(
+        Backend::Postgres,
+        0,
+        (0..3).map(|i| account(DEVICES, 40 + i)).collect(),
+        "",
+    ));
+    let accounts: Vec<String> = (0..3).map(|i| format!("org{i}")).collect();
+    let (a, b) = (
+        replica_config(&env, "replica-a"),
+        replica_config(&env, "replica-b"),
+    );
+    let mut first = adesync_with(&a)
+        .args(["run", "--once"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = env.store();
+    let started = std::time::Instant::now();
+    // Wait until replica-a holds every account and has committed pages of each.
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "replica-a never walked all accounts"
+        );
+        let held = store.account_holders(&accounts).unwrap();
+        let walking = held
+            .iter()
+            .filter(|(_, h)| h.starts_with("replica-a"))
+            .count();
+        let written = accounts
+            .iter()
+            .all(|n| store.org_counts(n).unwrap().devices > 0);
+        if walking == 3 && written {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // replica-b, meanwhile, leaves all three alone.
+    let out = rt.block_on(output({
+        let mut c = adesync_with(&b);
+        c.args(["run", "--once"]).env("RUST_LOG", "info");
+        c
+    }));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("another replica is walking this account")
+            .count(),
+        3,
+        "{log}"
+    );
+    first.kill().unwrap();
+    let killed_at = std::time::Instant::now();
+    first.wait().unwrap();
+    let partial: Vec<u64> = accounts
+        .iter()
+        .map(|n| store.org_counts(n).unwrap().devices)
+        .collect();
+    assert!(
+        partial.iter().any(|n| (*n as usize) < DEVICES),
+        "the walks finished before the kill: {partial:?}"
+    );
+    let out = rt.block_on(output({
+        let mut c = adesync_with(&b);
+        c.args(["run", "--once"]).env("RUST_LOG", "warn");
+        c
+    }));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "replica-a killed with {partial:?} of {DEVICES} devices stored per account; replica-b finished every walk {:?} after the kill",
+        killed_at.elapsed()
+    );
+    for i in 0..3 {
+        assert_org_mirrors(&store, &env.mock, i);
+    }
+    let evs = org_events(&store);
+    assert_eq!(counts(&evs), (3 * DEVICES, 0, 0));
+    let mut per: HashMap<(String, String), usize> = HashMap::new();
+    for e in &evs {
+        *per.entry((e.token_name.clone(), e.serial_number.clone()))
+            .or_default() += 1;
+    }
+    assert!(per.values().all(|n| *n == 1), "one event per device");
+}
+
+/// What the CLI shows of the organisation: its devices (removed ones too) and every event.
+fn org_cli_view(rt: &tokio::runtime::Runtime, config: &std::path::Path) -> (String, String) {
+    let run = |args: &[&str]| {
+        let mut c = adesync_with(config);
+        c.args(args);
+        let out = rt.block_on(output(c));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    (
+        run(&["org-devices", "--removed", "--format", "json"]),
+        run(&["events", "--format", "json", "--limit", "100000"]),
+    )
+}
+
+/// `store copy` moves the organisation's inventory along, even in the middle of a walk:
+/// devices (with their ids, which the walk's seen-set names), servers, AppleCare coverage,
+/// where each walk stands and the organisation events. The CLI shows the same on both
+/// sides, and the walk finishes on PostgreSQL with exactly the removals it owed, once.
+#[test]
+fn postgres_store_copy_moves_the_organisations_inventory_mid_walk() {
+    if super::common::postgres_url("postgres_store_copy_moves_the_organisations_inventory_mid_walk")
+        .is_none()
+    {
+        return;
+    }
+    let rt = runtime();
+    let env = rt.block_on(OrgEnv::new(10, vec![account(490, 50)], ""));
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("page_size = 100\n", "page_size = 100\napplecare = true\n");
+    std::fs::write(&env.config_path, text).unwrap();
+    rt.block_on(env.run());
+    let gone = env.mock.pick_org_devices(0, 4);
+    env.mock.release_org_devices(0, &gone);
+    // The next walk stops after two pages, past every retry.
+    fail_the_walk_at_page_3(&env);
+    let report = rt.block_on(env.run());
+    assert_eq!(report.org_failed.len(), 1, "{report:?}");
+    let lite = env.store();
+    assert!(lite.org_walk("org0").unwrap().cursor.is_some(), "mid-walk");
+    let serial = env.mock.org_devices(0)[0].serial.clone();
+    let coverage = lite.applecare_of("org0", &serial).unwrap();
+    assert!(!coverage.is_empty());
+    let walk = lite.org_walk("org0").unwrap();
+    drop(lite);
+    let before = org_cli_view(&rt, &env.config_path);
+
+    let url = fresh_postgres_database();
+    let out = rt.block_on(output({
+        let mut c = adesync_with(&env.config_path);
+        c.args(["store", "copy", "--to", &url]);
+        c
+    }));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("and 1 organisation accounts' walks, 500 organisation devices"),
+        "{said}"
+    );
+    let pg_config = env.dir.path().join("pg.toml");
+    std::fs::write(
+        &pg_config,
+        std::fs::read_to_string(&env.config_path).unwrap().replace(
+            "database = \"adesync.db\"",
+            &format!("database = \"{url}\""),
+        ),
+    )
+    .unwrap();
+    let after = org_cli_view(&rt, &pg_config);
+    assert_eq!(
+        after.0, before.0,
+        "organisation devices differ after the copy"
+    );
+    assert_eq!(after.1, before.1, "events differ after the copy");
+    let pg = Store::open(adesync::config::Database::postgres(&url, None).unwrap()).unwrap();
+    assert_eq!(
+        pg.org_walk("org0").unwrap(),
+        walk,
+        "the walk stands where it stood"
+    );
+    assert_eq!(pg.applecare_of("org0", &serial).unwrap(), coverage);
+    let copied_events = pg.max_event_id().unwrap();
+
+    // The walk finishes on PostgreSQL: the four releases, once each, nothing re-added.
+    let out = rt.block_on(output({
+        let mut c = adesync_with(&pg_config);
+        c.args(["run", "--once"]);
+        c
+    }));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new: Vec<StoredEvent> = org_events(&pg)
+        .into_iter()
+        .filter(|e| e.id > copied_events)
+        .collect();
+    let mut removed: Vec<&str> = new.iter().map(|e| e.serial_number.as_str()).collect();
+    removed.sort();
+    let mut want: Vec<&str> = gone.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(new.iter().all(|e| e.kind == EventKind::Deleted));
+    assert_org_mirrors(&pg, &env.mock, 0);
 }

@@ -10,6 +10,9 @@ use adesync::syncer::run_all_once;
 use serde_json::{json, Value};
 
 use crate::common::{adesync, output, Env};
+use crate::on_both_backends;
+
+on_both_backends!(a_release_the_organisation_saw_makes_a_released_event);
 
 /// The device events after `after`, with their derived reasons.
 fn events_after(env: &Env, after: i64) -> Vec<StoredEvent> {
@@ -253,10 +256,16 @@ async fn protocol_10_fields_are_columns_and_version_7_gets_none() {
         .all(|d| d.device.v10("wifi_mac_address").is_none() && d.device.v10("imei").is_none()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_the_organisation_saw_makes_a_released_event() {
-    let env = crate::org::OrgEnv::new(30, vec![crate::org::account(10, 21)], "").await;
-    env.run().await;
+/// On both backends: the organisation's release reaches the ADE side's story.
+fn a_release_the_organisation_saw_makes_a_released_event(b: crate::common::Backend) {
+    let rt = crate::common::runtime();
+    let env = rt.block_on(crate::org::OrgEnv::on(
+        b,
+        30,
+        vec![crate::org::account(10, 21)],
+        "",
+    ));
+    rt.block_on(env.run());
     let serials = env.mock.serials();
     let store = || env.store();
     let device_event = |serial: &str| {
@@ -270,10 +279,10 @@ async fn a_release_the_organisation_saw_makes_a_released_event() {
     };
     // Unassigned first, released from the organisation later: its own released event.
     env.mock.delete_devices(&serials[0..1]);
-    env.run().await;
+    rt.block_on(env.run());
     assert_eq!(reason_of(&device_event(&serials[0])), "unassigned");
     env.mock.release_org_devices(0, &serials[0..1]);
-    env.run().await;
+    rt.block_on(env.run());
     let e = device_event(&serials[0]);
     assert_eq!(
         (e.kind, reason_of(&e)),
@@ -283,9 +292,9 @@ async fn a_release_the_organisation_saw_makes_a_released_event() {
 
     // Released from the organisation first, the ADE deletion follows: released at once.
     env.mock.release_org_devices(0, &serials[1..2]);
-    env.run().await;
+    rt.block_on(env.run());
     env.mock.delete_devices(&serials[1..2]);
-    env.run().await;
+    rt.block_on(env.run());
     let e = device_event(&serials[1]);
     assert_eq!(
         (e.kind, e.reason),
