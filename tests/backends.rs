@@ -13,8 +13,8 @@ use adesync::syncer::run_token;
 use adesync_mock::{Endpoint, Fault, FaultKind, MockConfig};
 
 use crate::common::{
-    adesync, assert_mirrors, event_counts, fresh_postgres_database, kill_after, postgres_url,
-    run_once, runtime, Backend, Env,
+    adesync, assert_mirrors, empty_store, event_counts, fresh_postgres_database, kill_after,
+    postgres_url, run_once, runtime, Backend, Env,
 };
 use crate::on_both_backends;
 
@@ -47,19 +47,6 @@ on_both_backends!(
     events_reach_a_sink_once_each_in_id_order,
     odd_values_read_back_exactly,
 );
-
-/// A store of each backend, empty (the temp folder lives as long as the store is used).
-fn empty_store(b: Backend) -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = match b {
-        Backend::Sqlite => Store::open(dir.path().join("a.db")).unwrap(),
-        Backend::Postgres => Store::open(
-            adesync::config::Database::postgres(&fresh_postgres_database(), None).unwrap(),
-        )
-        .unwrap(),
-    };
-    (dir, store)
-}
 
 /// Values Apple may send that a column cannot hold as they are — a NUL character (which
 /// PostgreSQL's text refuses), a number where text is documented, a string that looks like
@@ -1175,20 +1162,7 @@ fn postgres_writes_after_the_pages_fail_once_the_token_connection_is_gone() {
         .unwrap();
     // The server ends the owner's session (a restart, a cut network).
     let schema = url.rsplit("search_path%3D").next().unwrap().to_owned();
-    let mut admin = postgres::Client::connect(
-        &std::env::var("ADESYNC_TEST_POSTGRES_URL").unwrap(),
-        postgres::NoTls,
-    )
-    .unwrap();
-    let cut = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = $1 AND pid <> pg_backend_pid()",
-            &[&schema],
-        )
-        .unwrap()
-        .len();
-    assert!(cut >= 1);
+    assert!(crate::common::terminate_sessions(&schema) >= 1);
     std::thread::sleep(Duration::from_millis(200));
     // Another replica takes the token over...
     let mut next = Store::open(&db).unwrap();

@@ -314,3 +314,35 @@ pub fn metrics_once_they_show(rt: &tokio::runtime::Runtime, port: u16, want: &st
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A store of each backend, empty (the temp folder lives as long as the store is used).
+pub fn empty_store(b: Backend) -> (tempfile::TempDir, adesync::store::Store) {
+    use adesync::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let store = match b {
+        Backend::Sqlite => Store::open(dir.path().join("a.db")).unwrap(),
+        Backend::Postgres => Store::open(
+            adesync::config::Database::postgres(&fresh_postgres_database(), None).unwrap(),
+        )
+        .unwrap(),
+    };
+    (dir, store)
+}
+
+/// Ends every session of the test server whose application_name is `name` (a restart or a
+/// cut network, as the client sees it); returns how many.
+pub fn terminate_sessions(name: &str) -> usize {
+    let mut admin = postgres::Client::connect(
+        &std::env::var("ADESYNC_TEST_POSTGRES_URL").unwrap(),
+        postgres::NoTls,
+    )
+    .unwrap();
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .unwrap()
+        .len()
+}

@@ -19,7 +19,7 @@ use adesync_mock::{
 };
 use serde_json::Value;
 
-use super::common::{fresh_postgres_database, output, runtime, write_token, Backend};
+use super::common::{empty_store, fresh_postgres_database, output, runtime, write_token, Backend};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -865,13 +865,22 @@ fn postgres_an_account_being_walked_is_left_to_its_replica() {
         vec![account(120, 31)],
         &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
     ));
-    let replica = super::common::application_name(&env.database);
-    let mut holder = env.store();
+    // The holder has a name of its own, so what is named is the holder, not the runner.
+    let replica = "the-holder";
+    let holder_url = env.database.replace(
+        &format!(
+            "application_name={}",
+            super::common::application_name(&env.database)
+        ),
+        &format!("application_name={replica}"),
+    );
+    let mut holder =
+        Store::open(adesync::config::Database::postgres(&holder_url, None).unwrap()).unwrap();
     assert_eq!(holder.own_account("org0").unwrap(), None, "free at first");
     let report = rt.block_on(env.run());
     assert!(report.org_failed.is_empty(), "{report:?}");
     let held = report.org_ok[0].held_by.clone().unwrap_or_default();
-    assert!(held.starts_with(&replica), "{report:?}");
+    assert!(held.starts_with(replica), "{report:?}");
     assert_eq!(report.org_ok[0].pages, 0);
     assert_eq!(
         env.store().org_counts("org0").unwrap().devices,
@@ -904,7 +913,7 @@ fn postgres_an_account_being_walked_is_left_to_its_replica() {
     assert!(
         org_line["walked_by"]
             .as_str()
-            .is_some_and(|b| b.starts_with(&replica)),
+            .is_some_and(|b| b.starts_with(replica)),
         "{org_line}"
     );
 
@@ -1131,7 +1140,9 @@ fn postgres_store_copy_moves_the_organisations_inventory_mid_walk() {
     assert_eq!(pg.applecare_of("org0", &serial).unwrap(), coverage);
     let copied_events = pg.max_event_id().unwrap();
 
-    // The walk finishes on PostgreSQL: the four releases, once each, nothing re-added.
+    // The walk finishes on PostgreSQL: the four releases, once each, nothing re-added; new
+    // devices get ids after the copied ones.
+    let bought = env.mock.add_org_devices(0, 3, None);
     let out = rt.block_on(output({
         let mut c = adesync_with(&pg_config);
         c.args(["run", "--once"]);
@@ -1146,11 +1157,143 @@ fn postgres_store_copy_moves_the_organisations_inventory_mid_walk() {
         .into_iter()
         .filter(|e| e.id > copied_events)
         .collect();
-    let mut removed: Vec<&str> = new.iter().map(|e| e.serial_number.as_str()).collect();
-    removed.sort();
+    let of = |kind: EventKind| {
+        let mut v: Vec<&str> = new
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.serial_number.as_str())
+            .collect();
+        v.sort();
+        v
+    };
     let mut want: Vec<&str> = gone.iter().map(String::as_str).collect();
     want.sort();
-    assert_eq!(removed, want);
-    assert!(new.iter().all(|e| e.kind == EventKind::Deleted));
+    assert_eq!(of(EventKind::Deleted), want);
+    let mut want: Vec<&str> = bought.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(of(EventKind::Added), want);
+    assert_eq!(new.len(), 7);
     assert_org_mirrors(&pg, &env.mock, 0);
+}
+
+fn resources(json: Value) -> Vec<adesync::orgapi::RawResource> {
+    serde_json::from_str(&json.to_string()).unwrap()
+}
+
+on_both_backends!(
+    odd_org_values_read_back_exactly_and_are_no_change_when_sent_again,
+    a_repeated_serial_or_an_unusable_id_never_stops_a_walk,
+);
+
+/// Attributes a column cannot hold as they are — a NUL character, a number where text is
+/// documented, a list where a string is, a boolean that is not one — come back exactly on
+/// PostgreSQL (the row) and on both (the event); sent again they are no change, and a real
+/// change next to them is the only one reported.
+fn odd_org_values_read_back_exactly_and_are_no_change_when_sent_again(b: Backend) {
+    let (_dir, mut store) = empty_store(b);
+    let odd = serde_json::json!([{"type": "orgDevices", "id": "ODD1", "attributes": {
+        "serialNumber": "ODD1", "deviceModel": "iPad\u{0}Pro", "productFamily": 42,
+        "color": ["SPACE", "GRAY"], "isMdmMigrationCapable": "yes",
+        "imei": ["35\u{0}1"], "status": "ASSIGNED", "newThing": {"a": "b\u{0}c"}}}]);
+    let page = resources(odd.clone());
+    let decoded = page[0].decode().unwrap();
+    let now = "2026-01-01T00:00:00Z";
+    let stats = store
+        .apply_org_page("org", 1, page, Some("c1"), now)
+        .unwrap();
+    assert_eq!(stats.added, 1);
+    let stored = store.org_devices(&OrgDeviceFilter::default()).unwrap();
+    assert_eq!(stored.len(), 1);
+    if b == Backend::Postgres {
+        assert_eq!(stored[0].device, decoded, "the row");
+    }
+    let event = &org_events(&store)[0];
+    assert_eq!(event.org_device.as_ref(), Some(&decoded), "the event");
+    // Sent again: unchanged (the digest), no event.
+    let stats = store
+        .apply_org_page("org", 1, resources(odd.clone()), Some("c2"), now)
+        .unwrap();
+    assert_eq!(stats.unchanged, 1);
+    // One real change beside them: only it is reported.
+    let mut changed = odd;
+    changed[0]["attributes"]["status"] = "UNASSIGNED".into();
+    let stats = store
+        .apply_org_page("org", 1, resources(changed), Some("c3"), now)
+        .unwrap();
+    assert_eq!(stats.modified, 1);
+    let evs = org_events(&store);
+    assert_eq!(evs.len(), 2);
+    let changes: Vec<&String> = evs[1].changes.as_object().unwrap().keys().collect();
+    if b == Backend::Postgres {
+        assert_eq!(changes, ["status"]);
+    } else {
+        // SQLite's text columns hold a number as text: the known limit of its read-back.
+        assert!(changes.contains(&&"status".to_owned()), "{changes:?}");
+    }
+}
+
+/// A server's device list that repeats a serial, and devices whose ids are not serial
+/// numbers (a NUL, too long), are stored or refused one by one: the walk goes on.
+fn a_repeated_serial_or_an_unusable_id_never_stops_a_walk(b: Backend) {
+    let (_dir, mut store) = empty_store(b);
+    let now = "2026-01-01T00:00:00Z";
+    store.record_org_run_start("org", now).unwrap();
+    let listed = vec!["S1".to_owned(), "S1".to_owned(), "S2".to_owned()];
+    store
+        .stage_server_devices("org", "srv", &listed, None, true)
+        .unwrap();
+    let page = resources(serde_json::json!([
+        {"type": "orgDevices", "id": "S1", "attributes": {"serialNumber": "S1"}},
+        {"type": "orgDevices", "id": "AB\u{0}C", "attributes": {"status": "ASSIGNED"}},
+        {"type": "orgDevices", "id": "X\u{0}Y", "attributes": {"serialNumber": "S3"}},
+        {"type": "orgDevices", "id": "L".repeat(65), "attributes": {}},
+    ]));
+    let stats = store.apply_org_page("org", 1, page, None, now).unwrap();
+    assert_eq!((stats.added, stats.refused), (2, 2), "{stats:?}");
+    let serials: Vec<String> = store
+        .org_devices(&OrgDeviceFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device.serial_number)
+        .collect();
+    assert_eq!(serials, ["S1", "S3"]);
+    let walk = store.org_walk("org").unwrap();
+    assert_eq!((walk.walk_run, walk.last_walk_devices), (2, Some(2)));
+}
+
+/// A walk whose connection the server ended (a restart, a cut network) can write nothing
+/// more once another replica has taken the account: the lock went with the session.
+#[test]
+fn postgres_a_walk_that_lost_its_connection_writes_nothing_more() {
+    if super::common::postgres_url("postgres_a_walk_that_lost_its_connection_writes_nothing_more")
+        .is_none()
+    {
+        return;
+    }
+    let url = fresh_postgres_database();
+    let schema = url.rsplit("search_path%3D").next().unwrap().to_owned();
+    let db = adesync::config::Database::postgres(&url, None).unwrap();
+    let mut owner = Store::open(&db).unwrap();
+    assert_eq!(owner.own_account("org").unwrap(), None);
+    let page = |id: &str| {
+        resources(serde_json::json!([{"type": "orgDevices", "id": id, "attributes": {}}]))
+    };
+    owner
+        .apply_org_page("org", 1, page("S1"), Some("c1"), "2026-01-01T00:00:00Z")
+        .unwrap();
+    assert!(super::common::terminate_sessions(&schema) >= 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut next = Store::open(&db).unwrap();
+    assert_eq!(next.own_account("org").unwrap(), None, "taken over");
+    assert!(owner
+        .apply_org_page("org", 1, page("S2"), Some("c2"), "2026-01-01T00:00:01Z")
+        .is_err());
+    let serials: Vec<String> = next
+        .org_devices(&OrgDeviceFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device.serial_number)
+        .collect();
+    assert_eq!(serials, ["S1"]);
+    assert_eq!(org_events(&next).len(), 1);
 }

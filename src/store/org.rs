@@ -855,7 +855,7 @@ pub(super) fn page_items(
 ) -> Vec<(String, RawResource)> {
     let mut items: Vec<(String, RawResource)> = Vec::with_capacity(resources.len());
     for r in resources {
-        match r.id_text().filter(|id| id.len() <= 64) {
+        match r.id_text().filter(|id| is_serial(id)) {
             Some(id) => items.push((id, r)),
             None => match r.decode() {
                 Ok(d) => items.push((d.serial_number, r)),
@@ -874,6 +874,12 @@ pub(super) fn page_items(
         keep
     });
     items
+}
+
+/// A usable serial number: 1-64 printable ASCII characters (as `org_device` requires of a
+/// decoded device's). Any other id is decoded for its `serialNumber`, or refused.
+pub fn is_serial(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// A stored organisation device as a page needs it: (id, digest, removed).

@@ -35,6 +35,9 @@ pub enum OrgSyncError {
     /// Apple returned the cursor it was sent.
     #[error("{0}: Apple returned the cursor it was sent, which would repeat the same page forever; the walk stops here and the next run starts the list again")]
     SameCursor(&'static str),
+    /// Apple sent a cursor with control characters.
+    #[error("{0}: Apple sent a next-page cursor with control characters, which cannot be sent back; the walk stops here and the next run starts the list again")]
+    BadCursor(&'static str),
     /// A list longer than any organisation has.
     #[error("{0}: more than {MAX_PAGES} pages; stopping (the next run starts the list again)")]
     TooManyPages(&'static str),
@@ -52,7 +55,9 @@ impl OrgSyncError {
         match self {
             OrgSyncError::Api(e) => e.kind(),
             OrgSyncError::Store(_) => ErrorKind::Database,
-            OrgSyncError::SameCursor(_) | OrgSyncError::TooManyPages(_) => ErrorKind::Cursor,
+            OrgSyncError::SameCursor(_)
+            | OrgSyncError::BadCursor(_)
+            | OrgSyncError::TooManyPages(_) => ErrorKind::Cursor,
             OrgSyncError::Cancelled => ErrorKind::Cancelled,
             OrgSyncError::Internal(_) => ErrorKind::Internal,
         }
@@ -173,8 +178,10 @@ pub async fn run_account_with(
     result
 }
 
-/// Records how a walk ended, through the connection that holds the account when there is
-/// one (so it is recorded while this replica still owns it).
+/// Records how a walk ended, through the connection that holds the account (so it is
+/// recorded while this replica still owns it). Without one (the client could not be made,
+/// or the walk's connection was lost), a new connection takes the account first, and
+/// records nothing when another replica holds it: its walk's outcome is the one to show.
 async fn record_end(
     config: &Config,
     account: &str,
@@ -188,7 +195,15 @@ async fn record_end(
     let recorded = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
         let mut store = match owner {
             Some(s) => s,
-            None => Store::open(&db)?,
+            None => {
+                let mut s = Store::open(&db)?;
+                if let Some(holder) = s.own_account(&account)? {
+                    tracing::debug!(account = %account, held_by = %holder,
+                        "not recording this run's outcome: another replica walks the account");
+                    return Ok(());
+                }
+                s
+            }
         };
         let now = format_time(chrono::Utc::now());
         store.record_org_run_end(
@@ -269,6 +284,7 @@ async fn walk(
         let recurring = matches!(
             e,
             OrgSyncError::SameCursor(_)
+                | OrgSyncError::BadCursor(_)
                 | OrgSyncError::TooManyPages(_)
                 | OrgSyncError::Api(OrgApiError::Http { .. })
                 | OrgSyncError::Api(OrgApiError::CursorRefused { .. })
@@ -366,7 +382,13 @@ async fn walk_inner(
                     }
                     other => other?,
                 };
-                let serials: Vec<String> = page.data.iter().filter_map(|r| r.id_text()).collect();
+                // Only usable serials (a device listed with another id can never match one).
+                let serials: Vec<String> = page
+                    .data
+                    .iter()
+                    .filter_map(|r| r.id_text())
+                    .filter(|id| crate::store::is_serial(id))
+                    .collect();
                 let next = next_of(
                     page.next_cursor,
                     &cursor,
@@ -493,7 +515,7 @@ impl OrgRunSummary {
 }
 
 /// The cursor of the next page: `None` at the end; the same cursor again is Apple's bug,
-/// not a reason to spin.
+/// not a reason to spin; a cursor with control characters cannot be sent back (nor kept).
 fn next_of(
     next: Option<String>,
     sent: &Option<String>,
@@ -501,6 +523,7 @@ fn next_of(
 ) -> Result<Option<String>, OrgSyncError> {
     match next {
         Some(c) if Some(&c) == sent.as_ref() => Err(OrgSyncError::SameCursor(what)),
+        Some(c) if c.chars().any(char::is_control) => Err(OrgSyncError::BadCursor(what)),
         other => Ok(other),
     }
 }

@@ -277,7 +277,12 @@ impl Pg {
                     values.push(match *ty {
                         "int8" => Box::new(r.get::<_, Option<i64>>(i).map_err(&read)?),
                         "bytea" => Box::new(r.get::<_, Option<Vec<u8>>>(i).map_err(&read)?),
-                        _ => Box::new(r.get::<_, Option<String>>(i).map_err(&read)?),
+                        // PostgreSQL's text refuses a NUL, which SQLite may hold.
+                        _ => Box::new(
+                            r.get::<_, Option<String>>(i)
+                                .map_err(&read)?
+                                .map(|t| t.replace('\0', "\u{fffd}")),
+                        ),
                     });
                 }
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =

@@ -23,8 +23,8 @@ use super::super::org::{
 };
 use super::super::StoreError;
 use super::write::{
-    device_from_row as ade_device_from_row, insert_events, load_seen, mark_seen, PendingEvent,
-    PG_DEVICE_COLUMNS,
+    device_from_row as ade_device_from_row, insert_events, load_seen, lock_event_order, mark_seen,
+    PendingEvent, PG_DEVICE_COLUMNS,
 };
 use super::Pg;
 use crate::events::EventScope;
@@ -417,7 +417,10 @@ impl Pg {
         next: Option<&str>,
         last_server: bool,
     ) -> Result<(), StoreError> {
-        let serials: Vec<String> = serials.iter().map(|s| pg_text(s)).collect();
+        // Once each: one statement cannot write a row twice (a list may repeat a serial).
+        let mut serials: Vec<String> = serials.iter().map(|s| pg_text(s)).collect();
+        serials.sort_unstable();
+        serials.dedup();
         let server_id = pg_text(server_id);
         self.in_tx("stage a server's devices", |tx| {
             if !serials.is_empty() {
@@ -897,6 +900,9 @@ fn released_from_org(
     if serials.is_empty() {
         return Ok(());
     }
+    // An ADE transaction deciding a deletion's reason at this moment reads our removals:
+    // one of the two waits for the other (see `lock_event_order`).
+    lock_event_order(tx, &mut false)?;
     let tokens: Vec<String> = tx
         .query("SELECT token_name FROM sync_state ORDER BY 1", &[])?
         .iter()
@@ -911,11 +917,11 @@ fn released_from_org(
                         (SELECT e.reason FROM events e
                           WHERE e.token_name = d.token_name AND e.serial_number = d.serial_number
                             AND e.scope IS NULL ORDER BY e.id DESC LIMIT 1)
-                   FROM devices d
-                  WHERE d.token_name = $1 AND d.serial_number = ANY($2)
-                    AND d.deleted_at IS NOT NULL
+                   FROM UNNEST($2::text[]) WITH ORDINALITY AS s(serial, n)
+                   JOIN devices d ON d.token_name = $1 AND d.serial_number = s.serial
+                  WHERE d.deleted_at IS NOT NULL
                     AND d.released_by_replacement IS NOT TRUE
-                  ORDER BY array_position($2, d.serial_number::text)"
+                  ORDER BY s.n"
             ),
             &[token, &serials],
         )? {
@@ -991,8 +997,8 @@ pub(super) fn copy_org_from_sqlite(
         let text = |f: fn(&StoredOrgDevice) -> Option<String>| -> Vec<Option<String>> {
             devices.iter().map(|(s, _)| f(s)).collect()
         };
-        let accounts = text(|s| Some(s.account.clone()));
-        let serials = text(|s| Some(s.device.serial_number.clone()));
+        let accounts = text(|s| Some(pg_text(&s.account)));
+        let serials = text(|s| Some(pg_text(&s.device.serial_number)));
         let first_seen = text(|s| Some(s.first_seen_at.clone()));
         let updated = text(|s| Some(s.updated_at.clone()));
         let removed = text(|s| s.removed_at.clone());

@@ -188,6 +188,8 @@ pub(crate) struct PgBatch<'a> {
     events: Vec<PendingEvent>,
     /// The connection's (new rows since the last ANALYZE, the next threshold).
     inserted: &'a mut (u64, u64),
+    /// This transaction holds the `event_ids` row (see [`lock_event_order`]).
+    order_locked: bool,
 }
 
 /// The stored state of one device, to diff an incoming record against.
@@ -252,6 +254,7 @@ impl<'a> PgBatch<'a> {
             shown,
             events: Vec::new(),
             inserted,
+            order_locked: false,
         }
     }
 
@@ -376,6 +379,7 @@ impl<'a> PgBatch<'a> {
                             &mark_deleted,
                             &[&o.id, &page.now, &rec.op_date, &by_replacement, &new_hash],
                         )?;
+                        lock_event_order(&mut self.tx, &mut self.order_locked)?;
                         let ctx = reason_context(&mut self.tx, serial)?;
                         let why = reason(&Decision::Deleted, Some(&stored), &rec.device, ctx);
                         push(
@@ -461,6 +465,7 @@ impl<'a> PgBatch<'a> {
                     &mark_deleted,
                     &[&id, &page.now, &None::<String>, &None::<bool>, &None::<i64>],
                 )?;
+                lock_event_order(&mut self.tx, &mut self.order_locked)?;
                 let ctx = reason_context(&mut self.tx, &d.serial_number)?;
                 let why = reason(&Decision::Deleted, Some(&d), &d, ctx);
                 push(
@@ -681,6 +686,26 @@ pub(super) fn take_event_ids(tx: &mut Transaction<'_>, n: usize) -> Result<i64, 
             &[&n],
         )?
         .get(0))
+}
+
+/// Locks the `event_ids` row for the rest of the transaction (once: `locked` says whether
+/// it already is). Taken before a transaction reads what another writer may be changing at
+/// the same moment to decide an event — an ADE deletion's reason reads the organisation's
+/// removals, an organisation removal's `released` events read the ADE deletions — so of
+/// two such transactions the second waits for the first's commit, and then sees it (READ
+/// COMMITTED: each statement sees what committed before it began). SQLite has one writer
+/// at a time and needs nothing of the kind. One lock for both, and the one every writer
+/// takes before committing events anyway, so no two writers ever wait on each other in
+/// opposite orders.
+pub(super) fn lock_event_order(
+    tx: &mut Transaction<'_>,
+    locked: &mut bool,
+) -> Result<(), postgres::Error> {
+    if !*locked {
+        tx.execute("SELECT 1 FROM event_ids FOR UPDATE", &[])?;
+        *locked = true;
+    }
+    Ok(())
 }
 
 /// What the rest of the mirror says about a device leaving (see the SQLite twin).
