@@ -151,6 +151,40 @@ async fn check_config_prints_the_effective_config_without_secrets() {
     }
 }
 
+/// A reader that stops reading (`adesync check-config | head -1`) ends a command quietly,
+/// as it ends any Unix tool: no panic, no error message. Each command here writes to a
+/// pipe whose reading end is already closed.
+#[tokio::test]
+async fn a_closed_pipe_ends_the_output_quietly() {
+    let env = Env::new(20, 100).await;
+    let out = crate::common::run_once(&env).await;
+    assert!(out.status.success());
+    for args in [
+        &["check-config"][..],
+        &["devices"],
+        &["devices", "--format", "json"],
+        &["events", "--format", "csv"],
+        &["status"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut c = adesync(&env);
+        c.args(args).stdout(writer);
+        let out = output(c).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?}: {err}"
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.success() || out.status.signal() == Some(13),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_failed_token_makes_run_once_exit_1_with_the_reason() {
     let env = Env::new(3, 100).await;

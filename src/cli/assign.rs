@@ -11,7 +11,7 @@ use adesync::store::Store;
 /// now and why. Reads only; exits 0 even before the first sync.
 pub(super) fn dry_run(config: &Config, token: Option<&str>) -> anyhow::Result<ExitCode> {
     if config.assign_rules.is_empty() {
-        println!("no [[assign]] rules are configured; nothing would be assigned");
+        outln!("no [[assign]] rules are configured; nothing would be assigned");
         return Ok(ExitCode::SUCCESS);
     }
     let store = Store::open_read_only_if_exists(&config.database)?;
@@ -168,7 +168,7 @@ pub(super) async fn run_now(config: &Config, token: Option<&str>) -> anyhow::Res
         })
         .await??;
         if let Some(holder) = held_by {
-            println!("{}: skipped: being synced now by {holder}", t.name);
+            outln!("{}: skipped: being synced now by {holder}", t.name);
             continue;
         }
         let server_token = t.load_token()?;
@@ -179,7 +179,7 @@ pub(super) async fn run_now(config: &Config, token: Option<&str>) -> anyhow::Res
         // Written through the connection that holds the token.
         let pass = adesync::syncer::PassStore::owned(config.database.clone(), owner);
         match adesync::syncer::assign_token_on(config, t, &client, pass.clone()).await {
-            Ok(s) => println!(
+            Ok(s) => outln!(
                 "{}: {} assigned, {} failed, {} throttled, {} not accessible ({} calls, {} profiles defined)",
                 t.name, s.success, s.failed, s.throttled, s.not_accessible, s.calls, s.defined
             ),

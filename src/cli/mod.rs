@@ -12,6 +12,15 @@ use adesync::model::{EventKind, SinkState};
 use adesync::status::TokenExpiry;
 use adesync::store::{DeviceFilter, Store};
 
+/// `println!` that returns the error instead of panicking: a reader that stops reading
+/// (`adesync check-config | head -1`) ends the command quietly (see `is_broken_pipe`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 mod account;
 mod assign;
 mod demo;
@@ -468,7 +477,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
         }
         Command::CheckConfig => {
             let config = Config::load(config_path)?;
-            print!("{}", config.to_redacted_toml());
+            write!(std::io::stdout(), "{}", config.to_redacted_toml())?;
             let now = chrono::Utc::now();
             for (i, t) in config.tokens.iter().enumerate() {
                 // The file was found at load; check-config also proves it decrypts.
@@ -477,7 +486,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                     key: format!("tokens[{i}].token_file"),
                     reason: e.to_string(),
                 })?;
-                println!(
+                outln!(
                     "# token {:?}: consumer_key {:?}, secrets redacted, expires {}",
                     t.name,
                     adesync::config::redact_key(&token.consumer_key),
@@ -499,7 +508,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                         reason: e.to_string(),
                     }
                 })?;
-                println!(
+                outln!(
                     "# org account {:?}: {} ({}), key {} readable",
                     a.name,
                     a.client_id,
@@ -651,14 +660,14 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
             if format != Format::Json && !devices.is_empty() {
                 let (replaced, by) = store.replacement_links(&serial)?;
                 if let Some((original, date)) = replaced {
-                    println!(
+                    outln!(
                         "Replaces {} (replaced {})",
                         adesync::model::printable(&original),
                         date.as_deref().unwrap_or("on an unknown date")
                     );
                 }
                 for s in by {
-                    println!("Replaced by {}", adesync::model::printable(&s));
+                    outln!("Replaced by {}", adesync::model::printable(&s));
                 }
             }
             if format == Format::Json {
@@ -674,7 +683,7 @@ fn run_blocking(config_path: &Path, command: Command) -> anyhow::Result<ExitCode
                         .collect();
                     v["events"] = evs.into();
                     v["applecare"] = store.applecare_of(&d.account, &serial)?.into();
-                    println!("{v}");
+                    outln!("{v}");
                 }
             } else {
                 org::print_org_detail(

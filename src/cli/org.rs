@@ -275,7 +275,7 @@ pub(super) async fn test_account(config: &Config, name: &str) -> anyhow::Result<
         adesync::orgapi::OrgClient::new(account, adesync::syncer::org_client_settings(config))?;
     match client.fetch_token().await {
         Ok(grant) => {
-            println!(
+            outln!(
                 "{}: Apple issued an access token ({} {}, valid {} s) for {} at {}",
                 account.name,
                 grant.token_type,

@@ -66,17 +66,17 @@ pub async fn sinks(
         }
         Some(SinksAction::Test { name }) => {
             adesync::sinks::send_test(&config, &name).await?;
-            println!("sink \"{name}\": the test event was accepted");
+            outln!("sink \"{name}\": the test event was accepted");
         }
         Some(SinksAction::Resume { name }) => {
             check_store(&config)?;
             let was_parked = adesync::sinks::resume(&config, &name).await?;
             if was_parked {
-                println!(
+                outln!(
                     "sink \"{name}\" resumed: the next delivery pass (the daemon's within 30 s, or the next `adesync run --once`) sends again from where it stopped"
                 );
             } else {
-                println!("sink \"{name}\" was not parked; nothing to do");
+                outln!("sink \"{name}\" was not parked; nothing to do");
             }
         }
     }
@@ -91,7 +91,7 @@ pub async fn events(config_path: &Path, action: EventsAction) -> anyhow::Result<
             check_store(&config)?;
             match adesync::sinks::replay(&config, &sink, from).await {
                 Ok(n) => {
-                    println!("sink \"{sink}\": sent {n} event(s) again, from id {from}");
+                    outln!("sink \"{sink}\": sent {n} event(s) again, from id {from}");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e @ (SinkError::Replay { .. } | SinkError::UnknownSink { .. })) => {

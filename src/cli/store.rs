@@ -48,7 +48,7 @@ pub fn run(config_path: &std::path::Path, cmd: StoreCommand) -> anyhow::Result<E
     let source = Store::open(path)?;
     let mut dest = Store::open(&target)?;
     let r = source.copy_to(&mut dest)?;
-    println!(
+    outln!(
         "copied {} devices, {} events, {} sync states, {} accounts, {} sink cursors{} from {} to {}",
         r.devices,
         r.events,
@@ -64,18 +64,19 @@ pub fn run(config_path: &std::path::Path, cmd: StoreCommand) -> anyhow::Result<E
         target.display()
     );
     if r.assignments > 0 || r.profiles > 0 {
-        println!(
+        outln!(
             "and {} profile definitions and {} devices' last assignments",
-            r.profiles, r.assignments
+            r.profiles,
+            r.assignments
         );
     }
     if r.org_accounts > 0 || r.org_devices > 0 {
-        println!(
+        outln!(
             "and {} organisation accounts' walks, {} organisation devices, {} MDM servers and {} AppleCare coverages",
             r.org_accounts, r.org_devices, r.mdm_servers, r.applecare_coverages
         );
     }
-    println!(
+    outln!(
         "next: set database = \"{}\" in {} and start adesync again; it continues from the copied cursors",
         target.display(),
         config.source.display()

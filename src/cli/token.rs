@@ -356,7 +356,7 @@ fn describe(f: &TokenFootprint) -> String {
 
 fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCode> {
     let Some(mut store) = Store::open_if_exists(&cfg.database)? else {
-        println!(
+        outln!(
             "Nothing is stored for \"{name}\": database {} does not exist.",
             cfg.database.display()
         );
@@ -365,7 +365,7 @@ fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCo
     let found = store.token_footprint(name)?;
     if found.is_empty() {
         let others = store.stored_token_names()?;
-        println!(
+        outln!(
             "Nothing is stored for \"{name}\" in {}{}.",
             cfg.database.display(),
             if others.is_empty() {
@@ -378,10 +378,10 @@ fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCo
     }
     let configured = cfg.token(name).is_some();
     if !purge {
-        println!("Stored for \"{name}\": {}.", describe(&found));
-        println!("Nothing was deleted; run again with --purge to delete them.");
+        outln!("Stored for \"{name}\": {}.", describe(&found));
+        outln!("Nothing was deleted; run again with --purge to delete them.");
         if configured {
-            println!(
+            outln!(
                 "Note: \"{name}\" is still in {}; unless you remove its [[tokens]] entry, the next sync fetches everything again.",
                 cfg.source.display()
             );
@@ -389,20 +389,20 @@ fn forget(cfg: &LenientConfig, name: &str, purge: bool) -> anyhow::Result<ExitCo
         return Ok(ExitCode::SUCCESS);
     }
     let deleted = store.purge_token(name)?;
-    println!("Deleted for \"{name}\": {}.", describe(&deleted));
-    println!("Other tokens were not touched.");
-    println!();
-    println!("Also:");
-    println!("  - remove the MDM server in Apple Business/School Manager (Preferences → Your MDM Servers)");
-    println!("    if it is no longer used, so Apple stops assigning devices to it;");
+    outln!("Deleted for \"{name}\": {}.", describe(&deleted));
+    outln!("Other tokens were not touched.");
+    outln!();
+    outln!("Also:");
+    outln!("  - remove the MDM server in Apple Business/School Manager (Preferences → Your MDM Servers)");
+    outln!("    if it is no longer used, so Apple stops assigning devices to it;");
     if configured {
-        println!(
+        outln!(
             "  - remove the [[tokens]] entry \"{name}\" from {} (else the next sync fetches everything again),",
             cfg.source.display()
         );
-        println!("    and delete its token file and private key.");
+        outln!("    and delete its token file and private key.");
     } else {
-        println!("  - delete its token file and private key if they are still around.");
+        outln!("  - delete its token file and private key if they are still around.");
     }
     Ok(ExitCode::SUCCESS)
 }
