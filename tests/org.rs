@@ -1297,3 +1297,121 @@ fn postgres_a_walk_that_lost_its_connection_writes_nothing_more() {
     assert_eq!(serials, ["S1"]);
     assert_eq!(org_events(&next).len(), 1);
 }
+
+/// On PostgreSQL an ADE deletion and the organisation's removal of the same device may be
+/// written at the same moment by two replicas. Each decides its event by reading the
+/// other's side, so neither may miss the other: both are held at the point where they read
+/// (here by a third session holding the event-id counter, which is where they wait for
+/// each other), then let go together. Whichever commits first, the device's story ends
+/// with exactly one `released` event.
+#[test]
+fn postgres_an_ade_deletion_and_an_organisation_removal_at_once_end_in_one_release() {
+    use adesync::model::{Device, DeviceRecord, OpType, Phase, Reason};
+    use adesync::store::{CursorState, PageWrite};
+    if super::common::postgres_url(
+        "postgres_an_ade_deletion_and_an_organisation_removal_at_once_end_in_one_release",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let url = fresh_postgres_database();
+    let schema = super::common::application_name(&url);
+    let db = adesync::config::Database::postgres(&url, None).unwrap();
+    let device = Device {
+        serial_number: "S1".into(),
+        model: Some("iPad".into()),
+        ..Device::default()
+    };
+    let page = |records: &[DeviceRecord], kind: Phase, cursor: &str, completes: bool| {
+        let mut store = Store::open(&db).unwrap();
+        store
+            .apply_page(&PageWrite {
+                token: "acme",
+                kind,
+                records,
+                next: CursorState {
+                    phase: if completes { Phase::Sync } else { kind },
+                    cursor: Some(cursor.into()),
+                    fetch_run: 1,
+                },
+                fetched_until: None,
+                completes_fetch: completes,
+                now: "2026-01-01T00:00:00Z",
+                unreadable: &[],
+                expect_new: false,
+                prepared: None,
+            })
+            .unwrap();
+    };
+    let fetched = [DeviceRecord {
+        device: device.clone(),
+        op_type: None,
+        op_date: None,
+    }];
+    page(&fetched, Phase::Fetch, "c1", true);
+    let org_page = |run: i64, listed: Value| {
+        let mut store = Store::open(&db).unwrap();
+        store
+            .apply_org_page("org", run, resources(listed), None, "2026-01-01T00:00:01Z")
+            .unwrap();
+    };
+    org_page(
+        1,
+        serde_json::json!([{"type": "orgDevices", "id": "S1", "attributes": {}}]),
+    );
+
+    // A third session holds the counter; both writers start and must stop at it.
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = admin.transaction().unwrap();
+    hold.execute("SELECT 1 FROM event_ids FOR UPDATE", &[])
+        .unwrap();
+    let deleted = [DeviceRecord {
+        device,
+        op_type: Some(OpType::Deleted),
+        op_date: Some("2026-01-01T00:00:02Z".into()),
+    }];
+    std::thread::scope(|threads| {
+        threads.spawn(|| page(&deleted, Phase::Sync, "c2", false));
+        threads.spawn(|| org_page(2, serde_json::json!([])));
+        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let waiting: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                      WHERE NOT l.granted AND a.application_name = $1",
+                    &[&schema],
+                )
+                .unwrap()
+                .get(0);
+            if waiting >= 2 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "both writers should wait for the counter ({waiting} waiting)"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        hold.commit().unwrap();
+    });
+
+    let store = Store::open(&db).unwrap();
+    let story: Vec<Option<Reason>> = store
+        .events_of(0, Some("acme"), Some("S1"), 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Deleted)
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(story.last(), Some(&Some(Reason::Released)), "{story:?}");
+    assert_eq!(
+        story
+            .iter()
+            .filter(|r| **r == Some(Reason::Released))
+            .count(),
+        1,
+        "{story:?}"
+    );
+}
