@@ -17,7 +17,8 @@ downloaded and parsed through adesync's own client and parser, nothing stored), 
 alternately with the re-walk, and the ratio re-walk / floor (issue target: <= 1.5x).
 
 With --postgres URL it also runs the largest size's first fetch, no-op and 100,000-change
-incremental with the mirror in PostgreSQL (same simulator seed, same machine, same run).
+incremental with the mirror in PostgreSQL (same simulator seed, same machine, same run), and
+with --org-sizes the largest organisation's first walk and unchanged re-walk.
 
 Usage:  bench/bench.py [--quick] [--runs N] [--sizes 10000,100000,1000000]
                        [--org-sizes 10000,100000] [--postgres URL] [--markdown FILE]
@@ -331,6 +332,47 @@ def scenarios_postgres(url, n, runs):
     return out
 
 
+def scenarios_org_postgres(url, n, runs):
+    """The organisation's first walk into an empty PostgreSQL schema and an unchanged
+    re-walk (checked: no row rewritten, no event), as `scenarios_org` does on SQLite."""
+    schema = "adesync_bench_org"
+    work = tempfile.mkdtemp(prefix="adesync-bench-pg-org-")
+    sim = Simulator(0, work, org_devices=n)
+    out = []
+    state = ("SELECT (SELECT count(*) FROM org_devices) || '|' || "
+             "COALESCE((SELECT max(updated_at) FROM org_devices), '') || '|' || "
+             "(SELECT count(*) FROM events)")
+    try:
+        samples, sim_cpu = [], []
+        for _ in range(runs):
+            db = pg_fresh_schema(url, schema)
+            config = write_org_config(work, sim, db)
+            c0 = sim.cpu()
+            samples.append(sync_once(config))
+            sim_cpu.append(sim.cpu() - c0)
+        first = summarize("postgres: org first walk, empty store", n, samples, sim_cpu)
+        first["pg_bytes"] = pg_bytes(url, schema)
+        stored, newest, events = psql(db, state).split("|")
+        if int(stored) != n or int(events) != n:
+            raise RuntimeError(f"org first walk on PostgreSQL stored {stored} devices and {events} events, expected {n}")
+        samples, sim_cpu = [], []
+        for _ in range(runs):
+            c0 = sim.cpu()
+            samples.append(sync_once(config))
+            sim_cpu.append(sim.cpu() - c0)
+            if psql(db, state) != f"{stored}|{newest}|{events}":
+                raise RuntimeError("an unchanged org re-walk on PostgreSQL wrote rows or events")
+        rewalk = summarize("postgres: org re-walk, nothing changed", n, samples, sim_cpu)
+        for r in (first, rewalk):
+            out.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
+    finally:
+        sim.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        psql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    return out
+
+
 def floor_parse(sim, n, runs):
     samples, sim_cpu = [], []
     exe = os.path.join(RELEASE, "examples", "fetch_floor")
@@ -445,8 +487,9 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument("--postgres", metavar="URL",
-                    help="also run the first fetch, no-op and incremental of the largest size on this "
-                         "PostgreSQL database (a schema adesync_bench is made and dropped), e.g. the "
+                    help="also run the first fetch, no-op and incremental of the largest size (and, "
+                         "with --org-sizes, the largest organisation's first walk and re-walk) on this "
+                         "PostgreSQL database (schemas adesync_bench* are made and dropped), e.g. the "
                          "URL `ADESYNC_CI_PG_DURABLE=1 .ci/postgres start` prints")
     args = ap.parse_args()
     if args.quick:
@@ -490,6 +533,8 @@ def main():
         rows, note = scenarios_org(n, args.runs)
         results += rows
         notes += note
+    if args.postgres and org_sizes:
+        results += scenarios_org_postgres(args.postgres, max(org_sizes), args.runs)
     out = table(results)
     notes += [f"database after the {r['devices']:,}-device full fetch: {r['db_bytes'] / 1e6:.0f} MB"
               for r in results if "db_bytes" in r]

@@ -64,6 +64,8 @@ pub(crate) struct Pg {
     /// Device rows this connection inserted since it last refreshed the planner's
     /// statistics, and the count that triggers the next refresh (see `PgBatch::commit`).
     inserted: (u64, u64),
+    /// The same for `org_devices` (see `Pg::apply_org_page`).
+    pub(super) org_inserted: (u64, u64),
 }
 
 impl Drop for Pg {
@@ -153,6 +155,7 @@ impl Pg {
             client: Some(client),
             shown,
             inserted: (0, FIRST_ANALYZE),
+            org_inserted: (0, FIRST_ANALYZE),
         };
         // The server notices a replica that vanished from the network (and frees its
         // tokens) within about 25 s, instead of the system's two hours. Ignored over a
@@ -367,17 +370,23 @@ impl Pg {
             .collect())
     }
 
+    /// Refreshes the planner's statistics of `table` when `since` new rows reached `next`
+    /// (see [`FIRST_ANALYZE`]); returns the counter to keep. Called between transactions,
+    /// holding no lock of adesync's: ANALYZE may wait behind a VACUUM, and no other writer
+    /// should wait with it. A failure costs speed only.
+    pub(super) fn analyze_if_due(&mut self, table: &str, (since, next): (u64, u64)) -> (u64, u64) {
+        if since < next {
+            return (since, next);
+        }
+        if let Err(e) = self.c().batch_execute(&format!("ANALYZE {table}")) {
+            tracing::debug!(error = %e, table, "refreshing the planner's statistics failed");
+        }
+        (0, next.saturating_mul(4))
+    }
+
     /// Opens a write transaction for one or more pages (group commit).
     pub(crate) fn batch(&mut self) -> Result<PgBatch<'_>, StoreError> {
-        let (since, next) = self.inserted;
-        if since >= next {
-            // Between transactions, holding no lock of adesync's: ANALYZE may wait behind a
-            // VACUUM, and no other writer should wait with it. A failure costs speed only.
-            self.inserted = (0, next.saturating_mul(4));
-            if let Err(e) = self.c().batch_execute("ANALYZE devices") {
-                tracing::debug!(error = %e, "refreshing the planner's statistics failed");
-            }
-        }
+        self.inserted = self.analyze_if_due("devices", self.inserted);
         let err = self.err("begin a write");
         let client = self
             .client

@@ -422,7 +422,7 @@ impl Pg {
         serials.sort_unstable();
         serials.dedup();
         let server_id = pg_text(server_id);
-        self.in_tx("stage a server's devices", |tx| {
+        let staged = self.in_tx("stage a server's devices", |tx| {
             if !serials.is_empty() {
                 tx.execute(
                     "INSERT INTO org_server_devices (account_name, serial_number, server_id)
@@ -447,7 +447,13 @@ impl Pg {
                 )?,
             };
             Ok(())
-        })
+        });
+        if staged.is_ok() && next.is_none() && last_server {
+            // Every page of the device walk reads the staged lists by serial: the planner
+            // must know how large they have grown since the last walk (see FIRST_ANALYZE).
+            let _ = self.analyze_if_due("org_server_devices", (1, 1));
+        }
+        staged
     }
 
     pub(crate) fn reset_walk_position(&mut self, account: &str) -> Result<(), StoreError> {
@@ -495,9 +501,12 @@ impl Pg {
         next: Option<&str>,
         now: &str,
     ) -> Result<OrgPageStats, StoreError> {
-        self.in_tx("write a page of organisation devices", |tx| {
+        self.org_inserted = self.analyze_if_due("org_devices", self.org_inserted);
+        let stats = self.in_tx("write a page of organisation devices", |tx| {
             write_org_page(tx, account, walk_run, resources, next, now)
-        })
+        })?;
+        self.org_inserted.0 += stats.added;
+        Ok(stats)
     }
 
     pub(crate) fn org_devices(
