@@ -538,7 +538,7 @@ def main():
     out = table(results)
     notes += [f"database after the {r['devices']:,}-device full fetch: {r['db_bytes'] / 1e6:.0f} MB"
               for r in results if "db_bytes" in r]
-    notes += [f"PostgreSQL schema after the {r['devices']:,}-device full fetch (tables, indexes, TOAST): "
+    notes += [f"PostgreSQL schema after \"{r['scenario']}\" of {r['devices']:,} devices (tables, indexes, TOAST): "
               f"{r['pg_bytes'] / 1e6:.0f} MB" for r in results if "pg_bytes" in r]
     if notes:
         out += "\n\n" + "\n".join(f"- {line}" for line in notes)
