@@ -302,6 +302,21 @@ def pg_bytes(url, schema):
                          f"AND c.relkind IN ('r', 'm')"))
 
 
+def first_runs_postgres(url, schema, sim, work, runs, name, n, config_for):
+    """`runs` first syncs, each into a fresh schema with the config `config_for(work, sim,
+    db)` writes; returns (summary with the schema's size, the last db URL, its config)."""
+    samples, sim_cpu = [], []
+    for _ in range(runs):
+        db = pg_fresh_schema(url, schema)
+        config = config_for(work, sim, db)
+        c0 = sim.cpu()
+        samples.append(sync_once(config))
+        sim_cpu.append(sim.cpu() - c0)
+    r = summarize(name, n, samples, sim_cpu)
+    r["pg_bytes"] = pg_bytes(url, schema)
+    return r, db, config
+
+
 def scenarios_postgres(url, n, runs):
     """The 1M first fetch, the no-op and the 100,000-change incremental on PostgreSQL, each
     into a schema of its own (dropped afterwards), against the same simulator seed."""
@@ -310,15 +325,8 @@ def scenarios_postgres(url, n, runs):
     sim = Simulator(n, work)
     out = []
     try:
-        samples, sim_cpu = [], []
-        for _ in range(runs):
-            db = pg_fresh_schema(url, schema)
-            config = write_config(work, sim, db)
-            c0 = sim.cpu()
-            samples.append(sync_once(config))
-            sim_cpu.append(sim.cpu() - c0)
-        r = summarize("postgres: full fetch, fresh database", n, samples, sim_cpu)
-        r["pg_bytes"] = pg_bytes(url, schema)
+        r, _, config = first_runs_postgres(url, schema, sim, work, runs,
+                                           "postgres: full fetch, fresh database", n, write_config)
         out.append(r)
         print(table([r]).splitlines()[-1], flush=True)
         for r in [scenario_noop(sim, config, runs, n), scenario_incremental(sim, config, runs)]:
@@ -343,15 +351,9 @@ def scenarios_org_postgres(url, n, runs):
              "COALESCE((SELECT max(updated_at) FROM org_devices), '') || '|' || "
              "(SELECT count(*) FROM events)")
     try:
-        samples, sim_cpu = [], []
-        for _ in range(runs):
-            db = pg_fresh_schema(url, schema)
-            config = write_org_config(work, sim, db)
-            c0 = sim.cpu()
-            samples.append(sync_once(config))
-            sim_cpu.append(sim.cpu() - c0)
-        first = summarize("postgres: org first walk, empty store", n, samples, sim_cpu)
-        first["pg_bytes"] = pg_bytes(url, schema)
+        first, db, config = first_runs_postgres(url, schema, sim, work, runs,
+                                                "postgres: org first walk, empty store", n,
+                                                write_org_config)
         stored, newest, events = psql(db, state).split("|")
         if int(stored) != n or int(events) != n:
             raise RuntimeError(f"org first walk on PostgreSQL stored {stored} devices and {events} events, expected {n}")

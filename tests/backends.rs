@@ -1014,7 +1014,8 @@ fn postgres_store_copy_moves_a_mirror_without_a_re_fetch() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("copied 3000 devices, 3023 events"), "{said}");
-    // The PostgreSQL side, without the sink (not kept on PostgreSQL yet).
+    // The PostgreSQL side, without the sink: the run after the copy delivers nothing, so the
+    // copied sink cursor is read as it came.
     let pg_config = env.path("pg.toml");
     std::fs::write(
         &pg_config,

@@ -63,6 +63,12 @@ pub const ORG_COLUMNS: [(&str, &str, Shape); 23] = [
     ),
 ];
 
+/// A usable serial number: 1-64 printable ASCII characters. A resource whose id is not one
+/// is decoded for its `serialNumber`, or refused.
+pub fn is_serial(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Index of `purchase_source_id` in [`ORG_COLUMNS`]; `purchaseSourceUid` fills it too.
 const PURCHASE_SOURCE_ID: usize = 19;
 
@@ -282,7 +288,7 @@ pub fn org_device(r: Resource) -> Result<OrgDevice, Refused> {
     if serial.is_empty() {
         return Err(refuse("no serial number (neither serialNumber nor id)"));
     }
-    if serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+    if !is_serial(&serial) {
         return Err(refuse(
             "the serial number is not 1-64 printable ASCII characters",
         ));

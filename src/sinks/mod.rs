@@ -28,7 +28,6 @@ pub(crate) mod webhook;
 pub use webhook::{verify, VerifyError, DEFAULT_TOLERANCE};
 
 use std::collections::BTreeSet;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -36,9 +36,7 @@ pub use cursors::{CursorState, SyncState};
 pub use devices::{
     apple_columns, device_map, prepare, DeviceFilter, PageStats, PageWrite, Prepared, StoredDevice,
 };
-pub use org::{
-    is_serial, OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase,
-};
+pub use org::{OrgCounts, OrgDeviceFilter, OrgPageStats, OrgWalk, StoredOrgDevice, WalkPhase};
 pub use pg::CopyReport;
 pub use sink_cursors::SinkCursor;
 

@@ -14,7 +14,7 @@ use super::events::PageEvents;
 use super::{Store, StoreError};
 use crate::events::EventScope;
 use crate::model::{EventKind, Reason};
-use crate::orgapi::device::{Shape, COVERAGE_COLUMNS, ORG_COLUMNS};
+use crate::orgapi::device::{is_serial, Shape, COVERAGE_COLUMNS, ORG_COLUMNS};
 use crate::orgapi::{Coverage, MdmServer, OrgDevice, RawResource};
 
 /// Where an account's walk stands.
@@ -874,12 +874,6 @@ pub(super) fn page_items(
         keep
     });
     items
-}
-
-/// A usable serial number: 1-64 printable ASCII characters (as `org_device` requires of a
-/// decoded device's). Any other id is decoded for its `serialNumber`, or refused.
-pub fn is_serial(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// A stored organisation device as a page needs it: (id, digest, removed).

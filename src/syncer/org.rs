@@ -387,7 +387,7 @@ async fn walk_inner(
                     .data
                     .iter()
                     .filter_map(|r| r.id_text())
-                    .filter(|id| crate::store::is_serial(id))
+                    .filter(|id| device::is_serial(id))
                     .collect();
                 let next = next_of(
                     page.next_cursor,

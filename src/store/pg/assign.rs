@@ -7,10 +7,10 @@ use super::super::{
     AssignDevice, AssignInputs, AssignOutcome, AssignState, Assignment, ProfileDefinition,
     StoreError,
 };
-use super::write::take_event_ids;
+use super::write::{insert_events, PendingEvent};
 use super::Pg;
 use crate::events::EventScope;
-use crate::model::{EventKind, Reason};
+use crate::model::Reason;
 
 impl Pg {
     pub(crate) fn assign_inputs(&mut self, token: &str) -> Result<AssignInputs, StoreError> {
@@ -163,9 +163,7 @@ impl Pg {
         outcomes: &[AssignOutcome],
         now: &str,
     ) -> Result<(), StoreError> {
-        let err = self.err("store assignment results");
-        let saved = (|| -> Result<(), postgres::Error> {
-            let mut tx = self.c().transaction()?;
+        self.in_tx("store assignment results", |tx| {
             let up = tx.prepare(
                 "INSERT INTO profile_assignments AS p (token_name, serial_number, profile_name,
                      profile_uuid, status, attempted_at, retry_after, attempts)
@@ -178,7 +176,7 @@ impl Pg {
                      retry_after = excluded.retry_after
                  RETURNING attempts",
             )?;
-            let mut events: Vec<(String, EventKind, String)> = Vec::new();
+            let mut events: Vec<PendingEvent> = Vec::new();
             for o in outcomes {
                 let attempts: i64 = tx
                     .query_one(
@@ -195,34 +193,20 @@ impl Pg {
                     )?
                     .get(0);
                 if let Some((kind, detail)) = assignment_event(o, profile, profile_uuid, attempts) {
-                    events.push((o.serial_number.clone(), kind, detail));
+                    events.push(PendingEvent {
+                        token: token.to_owned(),
+                        serial: o.serial_number.clone(),
+                        kind,
+                        changes: None,
+                        occurred_at: now.to_owned(),
+                        snapshot: detail,
+                        reason: None,
+                        scope: EventScope::Profile.stored(),
+                    });
                 }
             }
-            if !events.is_empty() {
-                let first = take_event_ids(&mut tx, events.len())?;
-                let ins = tx.prepare(
-                    "INSERT INTO events (id, token_name, serial_number, kind, changes, occurred_at,
-                         device_json, scope)
-                     VALUES ($1, $2, $3, $4, NULL, $5, $6::text::json, $7)",
-                )?;
-                for (k, (serial, kind, detail)) in events.iter().enumerate() {
-                    tx.execute(
-                        &ins,
-                        &[
-                            &(first + k as i64),
-                            &token,
-                            serial,
-                            &kind.as_str(),
-                            &now,
-                            detail,
-                            &EventScope::Profile.stored(),
-                        ],
-                    )?;
-                }
-            }
-            tx.commit()
-        })();
-        saved.map_err(err)
+            insert_events(tx, events)
+        })
     }
 
     pub(crate) fn finish_assign_pass(

@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::write::{field_cells, pg_extra_json, v10_cells};
 use super::Pg;
 
-/// What a copy moved, and what it left behind.
+/// What a copy moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CopyReport {
     /// Device rows.

@@ -185,6 +185,23 @@ impl Pg {
         }
     }
 
+    /// Runs `f` in a transaction of its own, committed when it returns Ok (rolled back
+    /// otherwise); an error names `action`.
+    pub(super) fn in_tx<T>(
+        &mut self,
+        action: &'static str,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let err = self.err(action);
+        let done = (|| {
+            let mut tx = self.c().transaction()?;
+            let out = f(&mut tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        done.map_err(err)
+    }
+
     /// Applies the missing migrations, each in its own transaction, under an advisory lock
     /// (a second replica waits, then finds nothing to do).
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -227,16 +244,14 @@ impl Pg {
             });
         }
         for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let err = || self.err("migrate the schema");
-            let (e1, e2, e3, e4) = (err(), err(), err(), err());
-            let mut tx = self.c().transaction().map_err(e1)?;
-            tx.batch_execute(sql).map_err(e2)?;
-            tx.execute(
-                "INSERT INTO adesync_schema (version) VALUES ($1)",
-                &[&(i as i32 + 1)],
-            )
-            .map_err(e3)?;
-            tx.commit().map_err(e4)?;
+            self.in_tx("migrate the schema", |tx| {
+                tx.batch_execute(sql)?;
+                tx.execute(
+                    "INSERT INTO adesync_schema (version) VALUES ($1)",
+                    &[&(i as i32 + 1)],
+                )
+                .map(drop)
+            })?;
         }
         Ok(())
     }
@@ -378,10 +393,15 @@ impl Pg {
         if since < next {
             return (since, next);
         }
+        self.analyze(table);
+        (0, next.saturating_mul(4))
+    }
+
+    /// Refreshes the planner's statistics of `table` now (between transactions, as above).
+    pub(super) fn analyze(&mut self, table: &str) {
         if let Err(e) = self.c().batch_execute(&format!("ANALYZE {table}")) {
             tracing::debug!(error = %e, table, "refreshing the planner's statistics failed");
         }
-        (0, next.saturating_mul(4))
     }
 
     /// Opens a write transaction for one or more pages (group commit).

@@ -451,7 +451,7 @@ impl Pg {
         if staged.is_ok() && next.is_none() && last_server {
             // Every page of the device walk reads the staged lists by serial: the planner
             // must know how large they have grown since the last walk (see FIRST_ANALYZE).
-            let _ = self.analyze_if_due("org_server_devices", (1, 1));
+            self.analyze("org_server_devices");
         }
         staged
     }
@@ -660,20 +660,6 @@ impl Pg {
             })
             .collect::<Result<_, postgres::Error>>()
             .map_err(self.err("read AppleCare coverage"))
-    }
-
-    /// Runs `f` in a transaction of its own, committed when it returns Ok.
-    fn in_tx<T>(
-        &mut self,
-        action: &'static str,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
-    ) -> Result<T, StoreError> {
-        let err = || self.err(action);
-        let (e1, e2, e3) = (err(), err(), err());
-        let mut tx = self.c().transaction().map_err(e1)?;
-        let out = f(&mut tx).map_err(e2)?;
-        tx.commit().map_err(e3)?;
-        Ok(out)
     }
 }
 

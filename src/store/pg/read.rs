@@ -521,26 +521,20 @@ impl Pg {
 
     /// Deletes every row of `token` in one transaction (see the SQLite twin).
     pub(crate) fn purge_token(&mut self, token: &str) -> Result<TokenFootprint, StoreError> {
-        let err = || self.err("forget a token");
-        let (e1, e2, e3, e4) = (err(), err(), err(), err());
-        let mut tx = self.c().transaction().map_err(e1)?;
-        let mut deleted = [0u64; TOKEN_TABLES.len()];
-        for (i, table) in TOKEN_TABLES.iter().enumerate() {
-            deleted[i] = match tx.execute(
-                &format!(
-                    "DELETE FROM {table} WHERE token_name = $1{}",
-                    token_rows_only(table)
-                ),
-                &[&token],
-            ) {
-                Ok(n) => n,
-                Err(e) => return Err(e2(e)),
-            };
-        }
-        if let Err(e) = tx.execute("DELETE FROM fetch_seen WHERE token_name = $1", &[&token]) {
-            return Err(e3(e));
-        }
-        tx.commit().map_err(e4)?;
+        let deleted = self.in_tx("forget a token", |tx| {
+            let mut deleted = [0u64; TOKEN_TABLES.len()];
+            for (i, table) in TOKEN_TABLES.iter().enumerate() {
+                deleted[i] = tx.execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE token_name = $1{}",
+                        token_rows_only(table)
+                    ),
+                    &[&token],
+                )?;
+            }
+            tx.execute("DELETE FROM fetch_seen WHERE token_name = $1", &[&token])?;
+            Ok(deleted)
+        })?;
         Ok(TokenFootprint {
             events: deleted[0],
             devices: deleted[1],
@@ -596,9 +590,7 @@ impl Pg {
         to: i64,
         now: &str,
     ) -> Result<bool, StoreError> {
-        let err = self.err("store sink cursor");
-        let moved = (|| -> Result<bool, postgres::Error> {
-            let mut tx = self.c().transaction()?;
+        self.in_tx("store sink cursor", |tx| {
             tx.execute(
                 "INSERT INTO sink_cursors (sink_name) VALUES ($1) ON CONFLICT DO NOTHING",
                 &[&sink],
@@ -609,10 +601,8 @@ impl Pg {
                  WHERE sink_name = $1 AND last_event_id = $2 AND parked_at IS NULL",
                 &[&sink, &from, &to, &now],
             )?;
-            tx.commit()?;
             Ok(n == 1)
-        })();
-        moved.map_err(err)
+        })
     }
 
     pub(crate) fn record_sink_error(

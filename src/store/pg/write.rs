@@ -678,7 +678,7 @@ pub(super) fn insert_events(
 
 /// Takes `n` consecutive event ids; returns the first. The `event_ids` row stays locked
 /// until the transaction ends, so no other writer's later ids become visible first.
-pub(super) fn take_event_ids(tx: &mut Transaction<'_>, n: usize) -> Result<i64, postgres::Error> {
+fn take_event_ids(tx: &mut Transaction<'_>, n: usize) -> Result<i64, postgres::Error> {
     let n = n as i64;
     Ok(tx
         .query_one(
