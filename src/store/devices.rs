@@ -728,8 +728,10 @@ pub(super) fn load_seen(
     Ok(SeenIds(chunks))
 }
 
-/// Reads the stored rows for a page's serials in one statement (`prepared`: each
-/// record's stored form).
+/// Reads the stored rows for a page's serials (`prepared`: each record's stored form).
+/// The first statement reads only each row's bookkeeping: an unchanged device — most of a
+/// re-fetch — is recognised by its digest without its 23 Apple columns being read; the
+/// columns of the rest (changed, or stored without a digest) are read by id afterwards.
 pub(super) fn load_existing(
     tx: &rusqlite::Transaction<'_>,
     token: &str,
@@ -741,41 +743,121 @@ pub(super) fn load_existing(
         .zip(prepared)
         .map(|(r, p)| (r.device.serial_number.as_str(), (&r.device, p.content_hash)))
         .collect();
-    let serials = serde_json::to_string(&incoming.keys().collect::<Vec<_>>())
-        .expect("strings always serialise");
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT content_hash, last_op_date, deleted_at, id, snapshot_event_id, snapshot_source_id,
-                {DEVICE_COLUMNS}
-         FROM devices
-         WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
-    ))?;
-    const AT: usize = 6;
     let mut map = HashMap::with_capacity(records.len());
-    let mut rows = stmt.query(params![token, serials])?;
-    while let Some(r) = rows.next()? {
-        let serial = r.get_ref(AT)?.as_str()?;
-        let stored_hash: Option<i64> = r.get(0)?;
-        let same = match (incoming.get(serial), stored_hash) {
-            (Some((_, hash)), Some(stored)) => *hash == stored,
-            (Some((d, _)), None) => stored_equals(r, AT, d)?,
-            (None, _) => false,
+    // Rows whose Apple columns must be read: (serial, whether the stored row has a digest).
+    let mut unsure: Vec<(String, bool)> = Vec::new();
+    type Incoming<'a> = HashMap<&'a str, (&'a Device, i64)>;
+    fn take(
+        r: &rusqlite::Row<'_>,
+        incoming: &Incoming<'_>,
+        map: &mut HashMap<String, Existing>,
+        unsure: &mut Vec<(String, bool)>,
+    ) -> rusqlite::Result<()> {
+        let serial = r.get_ref(0)?.as_str()?;
+        let Some((_, incoming_hash)) = incoming.get(serial) else {
+            return Ok(());
         };
+        let stored_hash: Option<i64> = r.get(1)?;
+        if stored_hash != Some(*incoming_hash) {
+            unsure.push((serial.to_owned(), stored_hash.is_some()));
+        }
         let e = Existing {
-            device: if same {
-                None
-            } else {
-                Some(device_from_row(r, AT)?)
-            },
-            last_op_date: r.get(1)?,
-            deleted: r.get_ref(2)? != rusqlite::types::ValueRef::Null,
-            id: r.get(3)?,
-            rehash: incoming.get(serial).map(|(_, h)| *h) != stored_hash,
-            snapshot_event_id: r.get(4)?,
-            snapshot_source_id: r.get(5)?,
+            device: None,
+            last_op_date: r.get(2)?,
+            deleted: r.get(3)?,
+            id: r.get(4)?,
+            rehash: Some(*incoming_hash) != stored_hash,
+            snapshot_event_id: r.get(5)?,
+            snapshot_source_id: r.get(6)?,
         };
         map.insert(serial.to_owned(), e);
+        Ok(())
+    }
+    const BOOKKEEPING: &str = "SELECT serial_number, content_hash, last_op_date,
+        deleted_at IS NOT NULL, id, snapshot_event_id, snapshot_source_id FROM devices";
+    // A page Apple sends again in the order it first sent it (a re-fetch) holds the rows
+    // that page inserted, numbered in record order: when the page's first and last
+    // serials are stored close together, the rows between them are read in id order — a
+    // sequential read of the table instead of a key-index seek per record. Whatever that
+    // range does not hold is looked up by key below, so the result is the same either way.
+    if let Some((lo, hi)) = id_range(tx, token, records)? {
+        let mut stmt = tx.prepare_cached(&format!(
+            "{BOOKKEEPING} NOT INDEXED WHERE id BETWEEN ?1 AND ?2 AND token_name = ?3"
+        ))?;
+        let mut rows = stmt.query(params![lo, hi, token])?;
+        while let Some(r) = rows.next()? {
+            take(r, &incoming, &mut map, &mut unsure)?;
+        }
+    }
+    if map.len() < incoming.len() {
+        // The rest by key, in key order: consecutive lookups walk the key index forward.
+        let mut serials: Vec<&str> = incoming
+            .keys()
+            .copied()
+            .filter(|s| !map.contains_key(*s))
+            .collect();
+        serials.sort_unstable();
+        let serials = serde_json::to_string(&serials).expect("strings always serialise");
+        let mut stmt = tx.prepare_cached(&format!(
+            "{BOOKKEEPING}
+             WHERE token_name = ?1 AND serial_number IN (SELECT value FROM json_each(?2))"
+        ))?;
+        let mut rows = stmt.query(params![token, serials])?;
+        while let Some(r) = rows.next()? {
+            take(r, &incoming, &mut map, &mut unsure)?;
+        }
+    }
+    if unsure.is_empty() {
+        return Ok(map);
+    }
+    let mut read = tx.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+    ))?;
+    for (serial, hashed) in unsure {
+        let Some(e) = map.get_mut(&serial) else {
+            continue;
+        };
+        let incoming = incoming.get(serial.as_str()).map(|(d, _)| *d);
+        e.device = read.query_row([e.id], |r| {
+            // A row without a digest is compared in place: equal, it stays undecoded.
+            match incoming {
+                Some(d) if !hashed && stored_equals(r, 0, d)? => Ok(None),
+                _ => device_from_row(r, 0).map(Some),
+            }
+        })?;
     }
     Ok(map)
+}
+
+/// The ids between the stored rows of a page's first and last records, when both are
+/// stored and no further apart than twice the page's length (see `load_existing`).
+fn id_range(
+    tx: &rusqlite::Transaction<'_>,
+    token: &str,
+    records: &[DeviceRecord],
+) -> rusqlite::Result<Option<(i64, i64)>> {
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Ok(None);
+    };
+    // A short page (most sync pages) is looked up by key alone.
+    if records.len() < 64 {
+        return Ok(None);
+    }
+    let mut probe =
+        tx.prepare_cached("SELECT id FROM devices WHERE token_name = ?1 AND serial_number = ?2")?;
+    let mut id = |serial: &str| {
+        probe
+            .query_row(params![token, serial], |r| r.get::<_, i64>(0))
+            .optional()
+    };
+    let (Some(a), Some(b)) = (
+        id(&first.device.serial_number)?,
+        id(&last.device.serial_number)?,
+    ) else {
+        return Ok(None);
+    };
+    let (lo, hi) = (a.min(b), a.max(b));
+    Ok((hi - lo < 2 * records.len() as i64).then_some((lo, hi)))
 }
 
 /// Whether a stored row (serial, the named columns, extra_json, protocol 10, from

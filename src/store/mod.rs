@@ -1295,6 +1295,67 @@ mod tests {
     }
 
     #[test]
+    fn a_refetch_page_read_by_id_range_matches_its_rows_by_token_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
+        let serials: Vec<String> = (0..150).map(|i| format!("S{i:03}")).collect();
+        let recs = |range: std::ops::Range<usize>, color: &str| -> Vec<DeviceRecord> {
+            range.map(|i| rec(&serials[i], None, None, color)).collect()
+        };
+        // acme's first 80 devices, then another token with the same serials (its rows sit
+        // between acme's), then acme's other 70.
+        let (a1, other, a2) = (
+            recs(0..80, "red"),
+            recs(0..80, "blue"),
+            recs(80..150, "red"),
+        );
+        s.apply_page(&page(&a1, Phase::Fetch, "c1", 1, false))
+            .unwrap();
+        s.apply_page(&PageWrite {
+            token: "other",
+            ..page(&other, Phase::Fetch, "o1", 1, true)
+        })
+        .unwrap();
+        s.apply_page(&page(&a2, Phase::Fetch, "c2", 1, true))
+            .unwrap();
+        // A re-fetch in one page: the first and last records are acme's first and last
+        // rows, so the page is read by id range — a range that also holds the other
+        // token's rows with the same serials. S010 changed, S020 is gone, S999 is new.
+        let mut again: Vec<DeviceRecord> = recs(0..150, "red")
+            .into_iter()
+            .filter(|r| r.device.serial_number != "S020")
+            .collect();
+        again[10].device.color = Some("gold".into());
+        again.insert(75, rec("S999", None, None, "red"));
+        let st = s
+            .apply_page(&page(&again, Phase::Fetch, "c3", 2, true))
+            .unwrap();
+        assert_eq!(
+            (st.added, st.modified, st.deleted, st.unchanged),
+            (1, 1, 1, 148)
+        );
+        let color = |token: &str, serial: &str| {
+            s.devices(&DeviceFilter {
+                token: Some(token.into()),
+                serial: Some(serial.into()),
+                ..Default::default()
+            })
+            .unwrap()
+            .first()
+            .and_then(|d| d.device.color.clone())
+        };
+        assert_eq!(color("acme", "S010").as_deref(), Some("gold"));
+        assert_eq!(color("acme", "S020"), None);
+        assert_eq!(color("acme", "S999").as_deref(), Some("red"));
+        assert_eq!(color("other", "S010").as_deref(), Some("blue"));
+        assert_eq!(s.device_counts("acme").unwrap(), (150, 1));
+        assert_eq!(s.device_counts("other").unwrap(), (80, 0));
+        // Nothing of the other token was taken for acme's: no event names it.
+        let evs = s.events_after(0, None, 1000).unwrap();
+        assert_eq!(evs.iter().filter(|e| e.token_name == "other").count(), 80);
+    }
+
+    #[test]
     fn devices_are_read_in_chunks_in_key_order_up_to_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path().join("x.db")).unwrap();
