@@ -15,7 +15,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::apple::{ApiError, AppleClient, ClientSettings, CursorError, DevicePage};
@@ -299,7 +298,7 @@ async fn run_inner(
     let refetch = full_fetch_due(token, &state, force_full, chrono::Utc::now());
 
     // Two pages in flight at most: one being committed, one downloaded ahead.
-    let (tx, rx) = mpsc::channel::<WriterMsg>(1);
+    let (tx, rx) = writer::pipe();
     let writer_token = token.name.clone();
     let writer = tokio::task::spawn_blocking(move || writer_loop(store, &writer_token, rx));
 
@@ -317,7 +316,7 @@ async fn run_inner(
         };
         tracing::info!(token = %token.name, reason = why,
             "full re-fetch: every device is read again and compared with the mirror; what the sync cursor missed is corrected and counted");
-        send(&tx, WriterMsg::Cursor(initial.clone())).await?;
+        tx.send(WriterMsg::Cursor(initial.clone())).await?;
         summary.full_refetch = true;
     }
     let driven = drive(
@@ -471,7 +470,7 @@ async fn drive(
     client: &AppleClient,
     token: &TokenConfig,
     mut state: CursorState,
-    tx: &mpsc::Sender<WriterMsg>,
+    tx: &writer::Pipe,
     summary: &mut RunSummary,
     progress: Option<&Progress>,
     cancel: &CancellationToken,
@@ -556,7 +555,7 @@ async fn drive(
                     restarted = true;
                     summary.fetched = true;
                 }
-                send(tx, WriterMsg::Cursor(s.clone())).await?;
+                tx.send(WriterMsg::Cursor(s.clone())).await?;
                 state = s;
                 continue;
             }
@@ -585,18 +584,15 @@ async fn drive(
             None => (Vec::new(), None, Vec::new()),
         };
         fetch_done |= completes_fetch;
-        send(
-            tx,
-            WriterMsg::Page {
-                kind,
-                prepared: crate::store::prepare(&records),
-                records,
-                state: s.clone(),
-                fetched_until,
-                completes_fetch,
-                unreadable,
-            },
-        )
+        tx.send(WriterMsg::Page {
+            kind,
+            prepared: crate::store::prepare(&records),
+            records,
+            state: s.clone(),
+            fetched_until,
+            completes_fetch,
+            unreadable,
+        })
         .await?;
         state = s;
         match then {
@@ -610,13 +606,6 @@ async fn drive(
             }
         }
     }
-}
-
-async fn send(tx: &mpsc::Sender<WriterMsg>, msg: WriterMsg) -> Result<(), SyncError> {
-    // A closed channel means the writer failed; its error is reported by run_inner.
-    tx.send(msg)
-        .await
-        .map_err(|_| SyncError::Writer("the database writer stopped early".into()))
 }
 
 async fn blocking<T: Send + 'static>(

@@ -24,6 +24,56 @@ pub(super) enum WriterMsg {
     Cursor(CursorState),
 }
 
+/// A page's records after the writer wrote them, on their way back to be freed.
+type Written = (Vec<DeviceRecord>, Vec<Prepared>);
+
+/// The driver's end of the pipeline to the writer: pages go to the writer, and the pages
+/// it has written come back to be freed by the thread that parsed them. glibc's malloc
+/// frees memory another thread allocated under that thread's arena lock, so freeing
+/// pages anywhere else made the parsing thread wait on the lock (BENCHMARKS.md).
+pub(super) struct Pipe {
+    tx: mpsc::Sender<WriterMsg>,
+    /// Behind a lock only so the driver's future may be sent between threads.
+    written: std::sync::Mutex<std::sync::mpsc::Receiver<Written>>,
+}
+
+/// The writer's end: pages in, written pages back.
+pub(super) struct WriterEnd {
+    rx: mpsc::Receiver<WriterMsg>,
+    written: std::sync::mpsc::SyncSender<Written>,
+}
+
+/// A pipeline with one page queued ahead of the one being written (so at most two
+/// pages in flight, and as many on their way back).
+pub(super) fn pipe() -> (Pipe, WriterEnd) {
+    let (tx, rx) = mpsc::channel(1);
+    let (back, written) = std::sync::mpsc::sync_channel(2);
+    (
+        Pipe {
+            tx,
+            written: written.into(),
+        },
+        WriterEnd { rx, written: back },
+    )
+}
+
+impl Pipe {
+    /// Sends a message to the writer, then frees the pages it has written since.
+    pub(super) async fn send(&self, msg: WriterMsg) -> Result<(), SyncError> {
+        // A closed channel means the writer failed; its error is reported by run_inner.
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| SyncError::Writer("the database writer stopped early".into()))?;
+        if let Ok(written) = self.written.lock() {
+            while let Ok(page) = written.try_recv() {
+                drop(page);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Group commit limits (see [`crate::store::Batch`]): a commit takes every page already
 /// downloaded, up to this many pages...
 const GROUP_MAX_PAGES: usize = 32;
@@ -39,8 +89,9 @@ const GROUP_WAIT: Duration = Duration::from_millis(20);
 pub(super) fn writer_loop(
     mut store: Store,
     token: &str,
-    mut rx: mpsc::Receiver<WriterMsg>,
+    end: WriterEnd,
 ) -> Result<(PageStats, Store), SyncError> {
+    let WriterEnd { mut rx, written } = end;
     let runtime = tokio::runtime::Handle::current();
     let mut stats = PageStats::default();
     // A token without devices: its fetch pages are inserted without looking them up.
@@ -52,7 +103,7 @@ pub(super) fn writer_loop(
         let mut pages = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            apply(&mut batch, token, expect_new, msg, &mut group)?;
+            apply(&mut batch, token, expect_new, msg, &written, &mut group)?;
             pages += 1;
             if pages >= GROUP_MAX_PAGES || opened.elapsed() >= GROUP_MAX_AGE {
                 break;
@@ -75,6 +126,7 @@ fn apply(
     token: &str,
     expect_new: bool,
     msg: WriterMsg,
+    written_pages: &std::sync::mpsc::SyncSender<Written>,
     stats: &mut PageStats,
 ) -> Result<(), StoreError> {
     let now = format_time(chrono::Utc::now());
@@ -100,9 +152,12 @@ fn apply(
                 expect_new,
                 prepared: Some(&prepared),
             });
-            // Freeing a page's records costs the writer, the slower side, about a tenth of
-            // its time (BENCHMARKS.md): another thread does it.
-            tokio::task::spawn_blocking(move || drop((records, prepared)));
+            // Freeing a page's records costs the writer, the slower side of a first fetch,
+            // about a tenth of its time (BENCHMARKS.md): the driver frees them (see
+            // `Pipe`), or this thread when the driver has stopped taking them back.
+            if let Err(back) = written_pages.try_send((records, prepared)) {
+                drop(back);
+            }
             stats.add(written?);
         }
         WriterMsg::Cursor(state) => batch.set_cursor(token, &state, &now)?,
