@@ -258,7 +258,7 @@ pub(super) fn write_page(
         }
     };
     // By id (read with the stored row): no second index lookup. Two statements so that a
-    // change to an assigned device does not rewrite its `devices_alive` entry.
+    // change to an assigned device does not touch the `devices_gone` index.
     const SET_FIELDS: &str = "model = ?2, description = ?3, color = ?4, asset_tag = ?5,
              profile_status = ?6, profile_uuid = ?7, profile_assign_time = ?8,
              profile_push_time = ?9, device_assigned_date = ?10, device_assigned_by = ?11,
@@ -491,16 +491,28 @@ pub(super) fn write_page(
         // Reconcile: the completed full fetch is Apple's whole membership; a device it did
         // not return left while we were not looking (e.g. during an expired cursor).
         let returned = load_seen(tx, page.token, page.next.fetch_run)?;
-        let gone: Vec<i64> = tx
-            .prepare_cached("SELECT id FROM devices WHERE token_name = ?1 AND deleted_at IS NULL")?
+        // The token's ids from the key index alone; of those the fetch did not return,
+        // the ones already deleted are skipped when their row is read (in id order).
+        let mut gone: Vec<i64> = tx
+            .prepare_cached("SELECT id FROM devices WHERE token_name = ?1")?
             .query_map([page.token], |r| r.get::<_, i64>(0))?
             .filter(|id| id.as_ref().map_or(true, |id| !returned.contains(*id)))
             .collect::<Result<_, _>>()?;
+        gone.sort_unstable();
         let mut read = tx.prepare_cached(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+            "SELECT deleted_at IS NULL, {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
         ))?;
         for id in gone {
-            let d = read.query_row([id], |r| device_from_row(r, 0))?;
+            let Some(d) = read.query_row([id], |r| {
+                Ok(if r.get(0)? {
+                    Some(device_from_row(r, 1)?)
+                } else {
+                    None
+                })
+            })?
+            else {
+                continue;
+            };
             mark_deleted.execute(params![
                 id,
                 page.now,
@@ -1097,12 +1109,17 @@ impl Store {
         if let Some(mut pg) = self.pg() {
             return pg.device_counts(token);
         }
+        // Both from indexes alone: every row of the token from the key, the deleted ones
+        // from `devices_gone`.
         self.conn()?
             .query_row(
-                "SELECT COUNT(*) FILTER (WHERE deleted_at IS NULL), COUNT(*) FILTER (WHERE deleted_at IS NOT NULL)
-                 FROM devices WHERE token_name = ?1",
+                "SELECT (SELECT COUNT(*) FROM devices WHERE token_name = ?1),
+                        (SELECT COUNT(*) FROM devices WHERE token_name = ?1 AND deleted_at IS NOT NULL)",
                 [token],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                |r| {
+                    let (all, deleted) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+                    Ok((all - deleted, deleted))
+                },
             )
             .map_err(self.err("count devices"))
     }
@@ -1115,7 +1132,10 @@ impl Store {
         let mut stmt = self
             .conn()?
             .prepare(
-                "SELECT token_name, COALESCE(profile_status, 'unknown'), COUNT(*) FROM devices
+                // Read in table order: through the key index it would visit the rows at
+                // random (3.4 s against 0.9 s for a million).
+                "SELECT token_name, COALESCE(profile_status, 'unknown'), COUNT(*)
+                 FROM devices NOT INDEXED
                  WHERE deleted_at IS NULL GROUP BY 1, 2 ORDER BY 1, 2",
             )
             .map_err(self.err("count devices"))?;

@@ -1428,6 +1428,42 @@ mod tests {
     }
 
     #[test]
+    fn a_mirror_from_schema_6_drops_devices_alive_and_counts_and_reconciles_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        database_at(
+            &path,
+            6,
+            r#"INSERT INTO devices (token_name, serial_number, model, first_seen_at, updated_at, deleted_at)
+                   VALUES ('acme', 'A', 'iPad', 'x', 'x', NULL), ('acme', 'B', 'iPad', 'x', 'x', 'y'),
+                          ('acme', 'C', 'iPad', 'x', 'x', NULL), ('other', 'A', 'iPad', 'x', 'x', 'y');"#,
+        );
+        let mut s = Store::open(&path).unwrap();
+        let indexes: Vec<String> = s
+            .conn()
+            .unwrap()
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'devices' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!indexes.contains(&"devices_alive".to_owned()));
+        assert!(indexes.contains(&"devices_gone".to_owned()));
+        assert_eq!(s.device_counts("acme").unwrap(), (2, 1));
+        assert_eq!(s.device_counts("other").unwrap(), (0, 1));
+        // A complete fetch without C deletes C, and only C (B already is).
+        let p = [rec("A", None, None, "red")];
+        let st = s
+            .apply_page(&page(&p, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        assert_eq!((st.deleted, st.modified), (1, 1));
+        assert_eq!(s.device_counts("acme").unwrap(), (1, 2));
+        let by_status = s.profile_status_counts().unwrap();
+        assert_eq!(by_status, vec![("acme".into(), "unknown".into(), 1)]);
+    }
+
+    #[test]
     fn a_completed_fetch_reconciles_devices_it_did_not_return() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path().join("x.db")).unwrap();
@@ -1457,6 +1493,15 @@ mod tests {
             .unwrap();
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].device.serial_number, "B");
+        assert_eq!(s.device_counts("acme").unwrap(), (2, 1));
+        // The next complete fetch does not return B either: B is already deleted, so
+        // nothing happens to it again.
+        let both = [rec("A", None, None, "r"), rec("C", None, None, "r")];
+        let st = s
+            .apply_page(&page(&both, Phase::Fetch, "g1", 3, true))
+            .unwrap();
+        assert_eq!(st.events(), 0);
+        assert_eq!(s.device_counts("acme").unwrap(), (2, 1));
     }
 
     #[test]
