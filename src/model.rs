@@ -504,23 +504,38 @@ impl std::fmt::Display for ErrorKind {
 /// Ties, and fetch records without `op_date`, resolve in array order: the later wins.
 /// The result keeps the order of each serial's first appearance.
 pub fn dedupe_latest(records: Vec<DeviceRecord>) -> Vec<DeviceRecord> {
-    use std::collections::HashMap;
-    let mut index: HashMap<String, usize> = HashMap::with_capacity(records.len());
-    let mut out: Vec<DeviceRecord> = Vec::with_capacity(records.len());
-    for rec in records {
-        match index.get(&rec.device.serial_number) {
-            Some(&i) => {
-                if !is_older(rec.op_date.as_deref(), out[i].op_date.as_deref()) {
-                    out[i] = rec;
+    use std::collections::hash_map::{Entry, HashMap};
+    // Each serial's first position, and which record fills it: the serials are borrowed,
+    // and a page without repeats (nearly every page) is returned as it came.
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(records.len());
+    let mut latest: Vec<usize> = (0..records.len()).collect();
+    let mut repeated = vec![false; records.len()];
+    for (i, rec) in records.iter().enumerate() {
+        match first.entry(rec.device.serial_number.as_str()) {
+            Entry::Occupied(slot) => {
+                let slot = *slot.get();
+                repeated[i] = true;
+                if !is_older(
+                    rec.op_date.as_deref(),
+                    records[latest[slot]].op_date.as_deref(),
+                ) {
+                    latest[slot] = i;
                 }
             }
-            None => {
-                index.insert(rec.device.serial_number.clone(), out.len());
-                out.push(rec);
+            Entry::Vacant(slot) => {
+                slot.insert(i);
             }
         }
     }
-    out
+    drop(first);
+    if !repeated.contains(&true) {
+        return records;
+    }
+    let mut taken: Vec<Option<DeviceRecord>> = records.into_iter().map(Some).collect();
+    (0..taken.len())
+        .filter(|i| !repeated[*i])
+        .filter_map(|i| taken[latest[i]].take())
+        .collect()
 }
 
 /// True when `a` is strictly older than `b`. Unknown or unparsable dates are never older.
@@ -649,6 +664,43 @@ mod tests {
             ),
         ];
         assert_eq!(dedupe_latest(tie)[0].op_type, Some(OpType::Deleted));
+    }
+
+    #[test]
+    fn a_serial_repeated_three_times_keeps_its_first_place_and_its_latest_record() {
+        let page = vec![
+            rec("A", Some(OpType::Added), Some("2024-07-03T09:00:00Z"), "a1"),
+            rec("B", None, None, "b"),
+            rec(
+                "A",
+                Some(OpType::Modified),
+                Some("2024-07-03T11:00:00Z"),
+                "a2",
+            ),
+            rec("C", None, None, "c"),
+            rec(
+                "A",
+                Some(OpType::Modified),
+                Some("2024-07-03T10:00:00Z"),
+                "a3",
+            ),
+            rec("C", None, None, "c2"),
+        ];
+        let out: Vec<(String, Option<String>)> = dedupe_latest(page)
+            .into_iter()
+            .map(|r| (r.device.serial_number, r.device.color))
+            .collect();
+        let want = [("A", "a2"), ("B", "b"), ("C", "c2")];
+        assert_eq!(
+            out,
+            want.map(|(s, c)| (s.to_owned(), Some(c.to_owned())))
+                .to_vec()
+        );
+        // Without repeats the page comes back as it was.
+        let plain = vec![rec("X", None, None, "x"), rec("Y", None, None, "y")];
+        let out = dedupe_latest(plain);
+        assert_eq!(out[0].device.serial_number, "X");
+        assert_eq!(out[1].device.serial_number, "Y");
     }
 
     #[test]

@@ -288,17 +288,19 @@ async fn run_inner(
     };
 
     let name = token.name.clone();
-    let (store, state) = blocking(move || -> Result<(Store, SyncState), StoreError> {
-        store.record_run_start(&name, &format_time(chrono::Utc::now()))?;
-        let state = store.sync_state(&name)?;
-        Ok((store, state))
-    })
-    .await??;
+    let (store, state, has_devices) =
+        blocking(move || -> Result<(Store, SyncState, bool), StoreError> {
+            store.record_run_start(&name, &format_time(chrono::Utc::now()))?;
+            let state = store.sync_state(&name)?;
+            let has_devices = store.has_devices(&name)?;
+            Ok((store, state, has_devices))
+        })
+        .await??;
     let mut initial = state.cursor.clone();
     let refetch = full_fetch_due(token, &state, force_full, chrono::Utc::now());
 
     // Two pages in flight at most: one being committed, one downloaded ahead.
-    let (tx, rx) = writer::pipe();
+    let (tx, rx) = writer::pipe(has_devices);
     let writer_token = token.name.clone();
     let writer = tokio::task::spawn_blocking(move || writer_loop(store, &writer_token, rx));
 
@@ -586,7 +588,7 @@ async fn drive(
         fetch_done |= completes_fetch;
         tx.send(WriterMsg::Page {
             kind,
-            prepared: crate::store::prepare(&records),
+            prepared: tx.prepare(kind, &records),
             records,
             state: s.clone(),
             fetched_until,

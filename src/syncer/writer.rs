@@ -14,7 +14,8 @@ pub(super) enum WriterMsg {
     Page {
         kind: Phase,
         records: Vec<DeviceRecord>,
-        /// The records' stored form, made by the sender (see `store::prepare`).
+        /// The records' stored form, made by the sender (see `store::prepare`), or empty
+        /// when the writer makes it (see [`Pipe::prepare`]).
         prepared: Vec<Prepared>,
         state: CursorState,
         fetched_until: Option<String>,
@@ -33,6 +34,10 @@ type Written = (Vec<DeviceRecord>, Vec<Prepared>);
 /// pages anywhere else made the parsing thread wait on the lock (BENCHMARKS.md).
 pub(super) struct Pipe {
     tx: mpsc::Sender<WriterMsg>,
+    /// The token had devices when the pass started: its fetch pages are mostly looked up
+    /// and unchanged, the writer keeps up with the download, and the records' stored form
+    /// is made by the writer instead of the parsing thread (see [`Pipe::prepare`]).
+    writer_prepares_fetch_pages: bool,
     /// Behind a lock only so the driver's future may be sent between threads.
     written: std::sync::Mutex<std::sync::mpsc::Receiver<Written>>,
 }
@@ -44,13 +49,15 @@ pub(super) struct WriterEnd {
 }
 
 /// A pipeline with one page queued ahead of the one being written (so at most two
-/// pages in flight, and as many on their way back).
-pub(super) fn pipe() -> (Pipe, WriterEnd) {
+/// pages in flight, and as many on their way back). `token_has_devices`: see
+/// [`Pipe::prepare`].
+pub(super) fn pipe(token_has_devices: bool) -> (Pipe, WriterEnd) {
     let (tx, rx) = mpsc::channel(1);
     let (back, written) = std::sync::mpsc::sync_channel(2);
     (
         Pipe {
             tx,
+            writer_prepares_fetch_pages: token_has_devices,
             written: written.into(),
         },
         WriterEnd { rx, written: back },
@@ -58,6 +65,17 @@ pub(super) fn pipe() -> (Pipe, WriterEnd) {
 }
 
 impl Pipe {
+    /// The records' stored form ([`crate::store::prepare`]) made here, on the parsing
+    /// thread, when the writer is the slower side (a first fetch, sync pages); empty when
+    /// the writer makes it (a re-fetch, where the parsing thread is the slower side).
+    pub(super) fn prepare(&self, kind: Phase, records: &[DeviceRecord]) -> Vec<Prepared> {
+        if kind == Phase::Fetch && self.writer_prepares_fetch_pages {
+            Vec::new()
+        } else {
+            crate::store::prepare(records)
+        }
+    }
+
     /// Sends a message to the writer, then frees the pages it has written since.
     pub(super) async fn send(&self, msg: WriterMsg) -> Result<(), SyncError> {
         // A closed channel means the writer failed; its error is reported by run_inner.
