@@ -47,12 +47,14 @@ pub struct PageWrite<'a> {
     pub prepared: Option<&'a [Prepared]>,
 }
 
-/// What a record is stored as beyond its fields: its `extra_json` and content digest, and
-/// whether its row reads back exactly as the record (see [`reads_back_exactly`]).
+/// What a record is stored as beyond its fields: its `extra_json`, content digest and
+/// protocol-10 column values, and whether its row reads back exactly as the record (see
+/// [`reads_back_exactly`]).
 #[derive(Clone, Debug)]
 pub struct Prepared {
     extra_json: Option<String>,
     content_hash: i64,
+    v10: Vec<rusqlite::types::Value>,
     exact: bool,
 }
 
@@ -66,10 +68,25 @@ impl Prepared {
     pub(super) fn content_hash(&self) -> i64 {
         self.content_hash
     }
+
+    /// The record's protocol-10 column values (made now if [`prepare_with`] left them).
+    fn v10(&self, d: &Device) -> std::borrow::Cow<'_, [rusqlite::types::Value]> {
+        if self.v10.is_empty() {
+            v10_sql(d).into()
+        } else {
+            self.v10.as_slice().into()
+        }
+    }
 }
 
 /// The stored form of each record, in order (see [`PageWrite::prepared`]).
 pub fn prepare(records: &[DeviceRecord]) -> Vec<Prepared> {
+    prepare_with(records, true)
+}
+
+/// [`prepare`]; without `v10` the protocol-10 values are left to be made when a row is
+/// written (the writer's own preparation of a re-fetch, whose rows are mostly unchanged).
+pub(super) fn prepare_with(records: &[DeviceRecord], v10: bool) -> Vec<Prepared> {
     records
         .iter()
         .map(|rec| {
@@ -78,6 +95,11 @@ pub fn prepare(records: &[DeviceRecord]) -> Vec<Prepared> {
             Prepared {
                 extra_json,
                 content_hash,
+                v10: if v10 {
+                    v10_sql(&rec.device)
+                } else {
+                    Vec::new()
+                },
                 exact: reads_back_exactly(&rec.device),
             }
         })
@@ -198,7 +220,7 @@ pub(super) fn write_page(
     let prepared: &[Prepared] = match page.prepared {
         Some(p) if p.len() == page.records.len() => p,
         _ => {
-            made = prepare(page.records);
+            made = prepare_with(page.records, false);
             &made
         }
     };
@@ -227,7 +249,7 @@ pub(super) fn write_page(
             .filter(|((rec, _), _)| rec.op_type.is_none())
             .map(|((rec, p), k)| {
                 let event = p.exact.then_some(first_event + k);
-                (first_id + k, rec, &p.extra_json, p.content_hash, event)
+                (first_id + k, rec, p, event)
             })
             .collect();
         insert_new(tx, page, &rows, true)?;
@@ -441,7 +463,7 @@ pub(super) fn write_page(
                     }
                 };
                 next_id = Some(id + 1);
-                new_devices.push((id, rec, extra, *hash, event_id));
+                new_devices.push((id, rec, p, event_id));
                 id
             }
             Some(o) => {
@@ -450,7 +472,7 @@ pub(super) fn write_page(
                     o.materialize(tx, d)?;
                 }
                 let stmt = if o.deleted { &mut revive } else { &mut update };
-                let v10 = v10_sql(d);
+                let v10 = p.v10(d);
                 let f = d.fields();
                 let values: Vec<&dyn rusqlite::ToSql> = [&o.id as &dyn rusqlite::ToSql]
                     .into_iter()
@@ -553,9 +575,8 @@ pub(super) fn write_page(
     Ok(stats)
 }
 
-/// A new device row: (id, record, extra_json, content digest, the `added` event whose
-/// snapshot it is).
-type NewRow<'a> = (i64, &'a DeviceRecord, &'a Option<String>, i64, Option<i64>);
+/// A new device row: (id, record, its stored form, the `added` event whose snapshot it is).
+type NewRow<'a> = (i64, &'a DeviceRecord, &'a Prepared, Option<i64>);
 
 /// Inserts new device rows many per statement; `ignore_existing`: a row whose serial is
 /// already stored is skipped instead of failing the page.
@@ -565,12 +586,12 @@ fn insert_new(
     rows: &[NewRow<'_>],
     ignore_existing: bool,
 ) -> rusqlite::Result<()> {
-    let v10s: Vec<Vec<rusqlite::types::Value>> = rows
+    let v10s: Vec<_> = rows
         .iter()
-        .map(|(_, rec, ..)| v10_sql(&rec.device))
+        .map(|(_, rec, p, _)| p.v10(&rec.device))
         .collect();
     let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(rows.len() * 30);
-    for ((id, rec, extra, hash, event_id), v10) in rows.iter().zip(&v10s) {
+    for ((id, rec, p, event_id), v10) in rows.iter().zip(&v10s) {
         values.extend([
             id as &dyn rusqlite::ToSql,
             &page.token,
@@ -578,13 +599,13 @@ fn insert_new(
         ]);
         values.extend(rec.device.fields().map(|v| v as &dyn rusqlite::ToSql));
         values.extend([
-            *extra as &dyn rusqlite::ToSql,
+            &p.extra_json as &dyn rusqlite::ToSql,
             &rec.op_date,
             &page.now,
             &page.now,
         ]);
         values.extend(v10.iter().map(|v| v as &dyn rusqlite::ToSql));
-        values.extend([hash as &dyn rusqlite::ToSql, event_id]);
+        values.extend([&p.content_hash as &dyn rusqlite::ToSql, event_id]);
     }
     const COLUMNS: &str = "devices (id, token_name, serial_number, model, description, color,
              asset_tag, profile_status, profile_uuid, profile_assign_time, profile_push_time,

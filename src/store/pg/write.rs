@@ -8,7 +8,7 @@ use postgres::Transaction;
 use serde_json::Value;
 
 use super::super::devices::{
-    departure, prepare, Departure, PageStats, PageWrite, Prepared, SeenIds, SEEN_CHUNK_IDS,
+    departure, prepare_with, Departure, PageStats, PageWrite, Prepared, SeenIds, SEEN_CHUNK_IDS,
 };
 use super::super::events::encode_snapshot;
 use super::super::{device_row::extra_json, CursorState, StoreError};
@@ -298,7 +298,7 @@ impl<'a> PgBatch<'a> {
         let prepared: &[Prepared] = match page.prepared {
             Some(p) if p.len() == page.records.len() => p,
             _ => {
-                made = prepare(page.records);
+                made = prepare_with(page.records, false);
                 &made
             }
         };
