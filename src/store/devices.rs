@@ -513,14 +513,30 @@ pub(super) fn write_page(
         // Reconcile: the completed full fetch is Apple's whole membership; a device it did
         // not return left while we were not looking (e.g. during an expired cursor).
         let returned = load_seen(tx, page.token, page.next.fetch_run)?;
-        // The token's ids from the key index alone; of those the fetch did not return,
-        // the ones already deleted are skipped when their row is read (in id order).
-        let mut gone: Vec<i64> = tx
+        // The token's ids from the key index alone, less those the fetch returned and
+        // those already deleted (read from `devices_gone` alone), so a long history of
+        // deleted devices is never read row by row.
+        let mut unreturned: Vec<i64> = tx
             .prepare_cached("SELECT id FROM devices WHERE token_name = ?1")?
             .query_map([page.token], |r| r.get::<_, i64>(0))?
             .filter(|id| id.as_ref().map_or(true, |id| !returned.contains(*id)))
             .collect::<Result<_, _>>()?;
-        gone.sort_unstable();
+        unreturned.sort_unstable();
+        let mut already = vec![false; unreturned.len()];
+        let mut deleted_ids = tx.prepare_cached(
+            "SELECT id FROM devices WHERE token_name = ?1 AND deleted_at IS NOT NULL",
+        )?;
+        for id in deleted_ids.query_map([page.token], |r| r.get::<_, i64>(0))? {
+            if let Ok(i) = unreturned.binary_search(&id?) {
+                already[i] = true;
+            }
+        }
+        let gone: Vec<i64> = unreturned
+            .into_iter()
+            .zip(already)
+            .filter_map(|(id, deleted)| (!deleted).then_some(id))
+            .collect();
+        // The row's own deleted_at is checked again as it is read.
         let mut read = tx.prepare_cached(&format!(
             "SELECT deleted_at IS NULL, {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
         ))?;
@@ -864,7 +880,7 @@ pub(super) fn load_existing(
 
 /// The ids between the stored rows of a page's first and last records, when both are
 /// stored and no further apart than twice the page's length (see `load_existing`).
-fn id_range(
+pub(super) fn id_range(
     tx: &rusqlite::Transaction<'_>,
     token: &str,
     records: &[DeviceRecord],

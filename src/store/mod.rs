@@ -1318,21 +1318,41 @@ mod tests {
         .unwrap();
         s.apply_page(&page(&a2, Phase::Fetch, "c2", 1, true))
             .unwrap();
+        // S030 is deleted by a sync: a deleted row inside the range.
+        let del = [rec(
+            "S030",
+            Some(OpType::Deleted),
+            Some("2026-01-01T00:00:00Z"),
+            "red",
+        )];
+        let st = s
+            .apply_page(&page(&del, Phase::Sync, "c3", 1, false))
+            .unwrap();
+        assert_eq!(st.deleted, 1);
         // A re-fetch in one page: the first and last records are acme's first and last
         // rows, so the page is read by id range — a range that also holds the other
-        // token's rows with the same serials. S010 changed, S020 is gone, S999 is new.
+        // token's rows with the same serials. S010 changed, S020 is gone, S030 is back,
+        // S999 is new.
         let mut again: Vec<DeviceRecord> = recs(0..150, "red")
             .into_iter()
             .filter(|r| r.device.serial_number != "S020")
             .collect();
         again[10].device.color = Some("gold".into());
         again.insert(75, rec("S999", None, None, "red"));
+        {
+            let tx = s.conn_mut().unwrap().transaction().unwrap();
+            // The rows of acme's first and last serials: ids 1 and 230.
+            assert_eq!(
+                devices::id_range(&tx, "acme", &again).unwrap(),
+                Some((1, 230))
+            );
+        }
         let st = s
-            .apply_page(&page(&again, Phase::Fetch, "c3", 2, true))
+            .apply_page(&page(&again, Phase::Fetch, "c4", 2, true))
             .unwrap();
         assert_eq!(
             (st.added, st.modified, st.deleted, st.unchanged),
-            (1, 1, 1, 148)
+            (2, 1, 1, 147)
         );
         let color = |token: &str, serial: &str| {
             s.devices(&DeviceFilter {
@@ -1347,6 +1367,7 @@ mod tests {
         assert_eq!(color("acme", "S010").as_deref(), Some("gold"));
         assert_eq!(color("acme", "S020"), None);
         assert_eq!(color("acme", "S999").as_deref(), Some("red"));
+        assert_eq!(color("acme", "S030").as_deref(), Some("red"));
         assert_eq!(color("other", "S010").as_deref(), Some("blue"));
         assert_eq!(s.device_counts("acme").unwrap(), (150, 1));
         assert_eq!(s.device_counts("other").unwrap(), (80, 0));

@@ -399,7 +399,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // token's rows) and the small index of deleted rows below (which of them are gone).
     r#"
     DROP INDEX devices_alive;
-    CREATE INDEX devices_gone ON devices (token_name) WHERE deleted_at IS NOT NULL;
+    CREATE INDEX devices_gone ON devices (token_name, deleted_at) WHERE deleted_at IS NOT NULL;
     "#,
 ];
 
