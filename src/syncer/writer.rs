@@ -182,3 +182,86 @@ fn apply(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Device;
+
+    fn records(serials: &[&str]) -> Vec<DeviceRecord> {
+        serials
+            .iter()
+            .map(|s| DeviceRecord {
+                op_type: None,
+                op_date: None,
+                device: Device {
+                    serial_number: (*s).into(),
+                    model: Some("iPad".into()),
+                    ..Device::default()
+                },
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_prepared_by_the_writer_are_stored_and_come_back_to_be_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path().join("x.db")).unwrap();
+        // The token already has a device: its fetch pages are prepared by the writer.
+        store
+            .apply_page(&PageWrite {
+                token: "acme",
+                kind: Phase::Fetch,
+                records: &records(&["A"]),
+                next: CursorState {
+                    phase: Phase::Sync,
+                    cursor: Some("c0".into()),
+                    fetch_run: 1,
+                },
+                fetched_until: None,
+                completes_fetch: true,
+                now: "2026-01-01T00:00:00.000Z",
+                unreadable: &[],
+                expect_new: false,
+                prepared: None,
+            })
+            .unwrap();
+        let (pipe, end) = pipe(true);
+        let writer = tokio::task::spawn_blocking(move || writer_loop(store, "acme", end));
+        let pages = [records(&["A", "B"]), records(&["C"]), records(&["D"])];
+        for (i, recs) in pages.into_iter().enumerate() {
+            let prepared = pipe.prepare(Phase::Fetch, &recs);
+            assert!(prepared.is_empty(), "the writer prepares re-fetch pages");
+            // Sent without taking written pages back, so they stay in the channel.
+            pipe.tx
+                .send(WriterMsg::Page {
+                    kind: Phase::Fetch,
+                    prepared,
+                    records: recs,
+                    state: CursorState {
+                        phase: Phase::Fetch,
+                        cursor: Some(format!("f{i}")),
+                        fetch_run: 2,
+                    },
+                    fetched_until: None,
+                    completes_fetch: false,
+                    unreadable: Vec::new(),
+                })
+                .await
+                .map_err(drop)
+                .unwrap();
+        }
+        // Sync pages are still prepared here.
+        assert_eq!(pipe.prepare(Phase::Sync, &records(&["E"])).len(), 1);
+        // The written pages come back, at most two of them; the third, with nobody taking
+        // them back, was freed by the writer.
+        let Pipe { tx, written, .. } = pipe;
+        drop(tx);
+        let (stats, store) = writer.await.unwrap().unwrap();
+        assert_eq!((stats.added, stats.unchanged), (3, 1));
+        assert_eq!(store.device_counts("acme").unwrap(), (4, 0));
+        let back = written.into_inner().unwrap();
+        let returned: Vec<usize> = back.try_iter().map(|(recs, _)| recs.len()).collect();
+        assert_eq!(returned, [2, 1]);
+    }
+}
