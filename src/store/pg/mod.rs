@@ -66,26 +66,60 @@ pub(crate) struct Pg {
     inserted: (u64, u64),
     /// The same for `org_devices` (see `Pg::apply_org_page`).
     pub(super) org_inserted: (u64, u64),
+    /// This connection took a token, sink or account (`Pg::own`): it lets go of them
+    /// before closing (see the Drop impl).
+    owns: bool,
 }
+
+/// Lets go of the session's advisory locks, then closes. The server would free them when
+/// it notices the closed socket, but that happens after the client has moved on: the next
+/// pass of this process could find its own token still held and skip it. Any transaction
+/// left open is rolled back first; a failure leaves the locks to the disconnect.
+fn close(mut client: Client, owns: bool, released: impl FnOnce()) {
+    if owns && !client.is_closed() {
+        let _ = client.batch_execute("ROLLBACK; SELECT pg_advisory_unlock_all()");
+    }
+    released();
+    drop(client);
+}
+
+/// How long dropping a connection that took a lock waits for the server to free it.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        // Closing a connection blocks on the client's own runtime, which tokio forbids on
-        // a thread that drives async tasks: inside a runtime, close it on a thread of its
-        // own (the server ends the session when the socket closes either way).
-        if let Some(client) = self.client.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(client)));
-                let theirs = cell.clone();
-                let closing = std::thread::Builder::new()
-                    .name("pg-close".into())
-                    .spawn(move || drop(theirs.lock().map(|mut c| c.take())));
-                if closing.is_err() {
-                    // No thread to close it on: leave the socket to the process's exit
-                    // rather than panic here.
-                    if let Ok(mut c) = cell.lock() {
-                        std::mem::forget(c.take());
-                    }
+        let owns = self.owns;
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return close(client, owns, || ());
+        }
+        // The client blocks on a runtime of its own, which tokio forbids on a thread that
+        // drives async tasks (and a blocking task cannot be told apart from one here): close
+        // it on a thread of its own, waiting (briefly) only until its locks are free.
+        let (done, freed) = std::sync::mpsc::sync_channel::<()>(1);
+        let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(client)));
+        let theirs = cell.clone();
+        let closing = std::thread::Builder::new()
+            .name("pg-close".into())
+            .spawn(move || {
+                if let Some(c) = theirs.lock().ok().and_then(|mut c| c.take()) {
+                    close(c, owns, move || {
+                        let _ = done.send(());
+                    });
+                }
+            });
+        match closing {
+            Ok(_) if owns => {
+                let _ = freed.recv_timeout(RELEASE_WAIT);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // No thread to close it on: leave the socket (and the locks) to the
+                // process's exit rather than panic here.
+                if let Ok(mut c) = cell.lock() {
+                    std::mem::forget(c.take());
                 }
             }
         }
@@ -156,6 +190,7 @@ impl Pg {
             shown,
             inserted: (0, FIRST_ANALYZE),
             org_inserted: (0, FIRST_ANALYZE),
+            owns: false,
         };
         // The server notices a replica that vanished from the network (and frees its
         // tokens) within about 25 s, instead of the system's two hours. Ignored over a
@@ -335,6 +370,7 @@ impl Pg {
             .map_err(self.err("take a lock"))?
             .get(0);
         if taken {
+            self.owns = true;
             return Ok(None);
         }
         let holder = self
