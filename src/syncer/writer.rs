@@ -46,11 +46,15 @@ pub(super) struct Pipe {
 pub(super) struct WriterEnd {
     rx: mpsc::Receiver<WriterMsg>,
     written: std::sync::mpsc::SyncSender<Written>,
+    /// The token had no devices when the pass started: its fetch pages are inserted
+    /// without being looked up (see `PageWrite::expect_new`).
+    expect_new: bool,
 }
 
 /// A pipeline with one page queued ahead of the one being written (so at most two
-/// pages in flight, and as many on their way back). `token_has_devices`: see
-/// [`Pipe::prepare`].
+/// pages in flight, and as many on their way back). `token_has_devices`, read once
+/// before the writer starts, decides both where fetch pages are prepared
+/// ([`Pipe::prepare`]) and whether the writer expects new devices.
 pub(super) fn pipe(token_has_devices: bool) -> (Pipe, WriterEnd) {
     let (tx, rx) = mpsc::channel(1);
     let (back, written) = std::sync::mpsc::sync_channel(2);
@@ -60,7 +64,11 @@ pub(super) fn pipe(token_has_devices: bool) -> (Pipe, WriterEnd) {
             writer_prepares_fetch_pages: token_has_devices,
             written: written.into(),
         },
-        WriterEnd { rx, written: back },
+        WriterEnd {
+            rx,
+            written: back,
+            expect_new: !token_has_devices,
+        },
     )
 }
 
@@ -109,11 +117,13 @@ pub(super) fn writer_loop(
     token: &str,
     end: WriterEnd,
 ) -> Result<(PageStats, Store), SyncError> {
-    let WriterEnd { mut rx, written } = end;
+    let WriterEnd {
+        mut rx,
+        written,
+        expect_new,
+    } = end;
     let runtime = tokio::runtime::Handle::current();
     let mut stats = PageStats::default();
-    // A token without devices: its fetch pages are inserted without looking them up.
-    let expect_new = !store.has_devices(token)?;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = store.batch()?;
         let opened = Instant::now();
