@@ -151,6 +151,9 @@ fn refuse_non_sqlite(path: &Path) -> Result<(), StoreError> {
     })
 }
 
+/// The page size of a new SQLite database (see `Store::configure`).
+pub(crate) const PAGE_SIZE: u32 = 8192;
+
 /// `PRAGMA application_id` of an adesync database ("ADES"): how adesync tells its own
 /// file from another application's before writing anything.
 pub(crate) const APPLICATION_ID: i32 = 0x4144_4553;
@@ -523,6 +526,13 @@ impl Store {
         // Room for every statement a page write prepares (see write_page), so none is
         // re-prepared per page.
         self.conn()?.set_prepared_statement_cache_capacity(32);
+        // A new database gets 8 KiB pages (SQLite's default is 4 KiB): a first fetch of a
+        // million devices writes half as many pages and WAL frames, about 12% faster, and
+        // the file is 2% smaller; an incremental sync was no slower (BENCHMARKS.md). This
+        // only applies while the file is empty; an existing database keeps its page size.
+        self.conn()?
+            .execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};"))
+            .map_err(self.err("configure"))?;
         // WAL lets readers (the CLI) run beside the writer. synchronous=NORMAL in WAL mode
         // keeps the database consistent on power loss; the last commits may be lost, and
         // they are re-fetched from Apple because the cursor commits with them. A 24 MiB page
@@ -788,6 +798,43 @@ mod tests {
         drop(s);
         let s = Store::open(&p).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    /// A new database takes PAGE_SIZE pages; one made with SQLite's default (every mirror
+    /// made before) keeps its pages and goes on taking pages and answering queries.
+    #[test]
+    fn a_new_database_has_its_page_size_and_an_older_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let page_size = |s: &Store| -> i64 {
+            s.conn()
+                .unwrap()
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        let s = Store::open(dir.path().join("new.db")).unwrap();
+        assert_eq!(page_size(&s), i64::from(PAGE_SIZE));
+
+        let old = dir.path().join("old.db");
+        database_at(&old, MIGRATIONS.len(), "");
+        let mut s = Store::open(&old).unwrap();
+        assert_eq!(page_size(&s), 4096);
+        let records: Vec<DeviceRecord> = (0..500)
+            .map(|i| rec(&format!("S{i:04}"), None, None, "BLACK"))
+            .collect();
+        s.apply_page(&page(&records, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        drop(s);
+        let s = Store::open(&old).unwrap();
+        assert_eq!(page_size(&s), 4096, "reopened");
+        assert_eq!(s.device_counts("acme").unwrap(), (500, 0));
+        let one = s
+            .devices(&DeviceFilter {
+                serial: Some("S0250".into()),
+                ..DeviceFilter::default()
+            })
+            .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].device.color.as_deref(), Some("BLACK"));
     }
 
     #[test]
