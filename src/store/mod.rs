@@ -154,6 +154,9 @@ fn refuse_non_sqlite(path: &Path) -> Result<(), StoreError> {
 /// The page size of a new SQLite database (see `Store::configure`).
 pub(crate) const PAGE_SIZE: u32 = 8192;
 
+/// How much the WAL holds before it is checkpointed (see `Store::configure`).
+const WAL_CHECKPOINT_BYTES: i64 = 256 << 20;
+
 /// `PRAGMA application_id` of an adesync database ("ADES"): how adesync tells its own
 /// file from another application's before writing anything.
 pub(crate) const APPLICATION_ID: i32 = 0x4144_4553;
@@ -543,11 +546,22 @@ impl Store {
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
                  PRAGMA cache_size = -24576;
-                 PRAGMA wal_autocheckpoint = 65536;
                  PRAGMA temp_store = MEMORY;
                  PRAGMA foreign_keys = ON;
                  PRAGMA busy_timeout = 30000;",
             )
+            .map_err(self.err("configure"))?;
+        // The WAL is checkpointed into the database once it holds 256 MiB (whatever the
+        // page size): long enough that group commits rarely wait on a checkpoint.
+        let page_size: i64 = self
+            .conn()?
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(self.err("configure"))?;
+        self.conn()?
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = {};",
+                WAL_CHECKPOINT_BYTES / page_size.max(512)
+            ))
             .map_err(self.err("configure"))
     }
 
@@ -811,13 +825,21 @@ mod tests {
                 .query_row("PRAGMA page_size", [], |r| r.get(0))
                 .unwrap()
         };
+        let checkpoint_at = |s: &Store| -> i64 {
+            s.conn()
+                .unwrap()
+                .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+                .unwrap()
+        };
         let s = Store::open(dir.path().join("new.db")).unwrap();
         assert_eq!(page_size(&s), i64::from(PAGE_SIZE));
+        assert_eq!(checkpoint_at(&s) * page_size(&s), WAL_CHECKPOINT_BYTES);
 
         let old = dir.path().join("old.db");
         database_at(&old, MIGRATIONS.len(), "");
         let mut s = Store::open(&old).unwrap();
         assert_eq!(page_size(&s), 4096);
+        assert_eq!(checkpoint_at(&s), 65536, "the same 256 MiB of WAL");
         let records: Vec<DeviceRecord> = (0..500)
             .map(|i| rec(&format!("S{i:04}"), None, None, "BLACK"))
             .collect();
