@@ -37,7 +37,7 @@ pub struct PageWrite<'a> {
     /// Serials of records on this (fetch) page that could not be read: the devices are on
     /// the server, so reconciliation must not delete them.
     pub unreadable: &'a [String],
-    /// The token had no devices when this fetch's writer started, so the page's records
+    /// The token had no devices when this pass started, so the page's records
     /// are most likely new: they are inserted without being looked up first, and a serial
     /// already stored (Apple repeated it on an earlier page) is found by its insert being
     /// ignored and then handled as usual.

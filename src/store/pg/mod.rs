@@ -73,17 +73,20 @@ pub(crate) struct Pg {
 
 /// Lets go of the session's advisory locks, then closes. The server would free them when
 /// it notices the closed socket, but that happens after the client has moved on: the next
-/// pass of this process could find its own token still held and skip it. Any transaction
-/// left open is rolled back first; a failure leaves the locks to the disconnect.
+/// pass of this process could find its own token still held and skip it. No transaction
+/// is open here (each is a `postgres::Transaction`, rolled back when dropped); should the
+/// query fail anyway, the locks go with the disconnect.
 fn close(mut client: Client, owns: bool, released: impl FnOnce()) {
     if owns && !client.is_closed() {
-        let _ = client.batch_execute("ROLLBACK; SELECT pg_advisory_unlock_all()");
+        let _ = client.batch_execute("SELECT pg_advisory_unlock_all()");
     }
     released();
     drop(client);
 }
 
-/// How long dropping a connection that took a lock waits for the server to free it.
+/// How long dropping a connection that took a lock waits for the server to free it (a
+/// server gone from the network would otherwise hold the drop for minutes). On an async
+/// worker thread (an error or a cancelled pass) this is how long that thread may wait.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Pg {
@@ -92,12 +95,13 @@ impl Drop for Pg {
         let Some(client) = self.client.take() else {
             return;
         };
-        if tokio::runtime::Handle::try_current().is_err() {
+        if !owns && tokio::runtime::Handle::try_current().is_err() {
             return close(client, owns, || ());
         }
         // The client blocks on a runtime of its own, which tokio forbids on a thread that
-        // drives async tasks (and a blocking task cannot be told apart from one here): close
-        // it on a thread of its own, waiting (briefly) only until its locks are free.
+        // drives async tasks (and a blocking task cannot be told apart from one here); and
+        // letting go of locks waits on the server. Close it on a thread of its own, waiting
+        // (at most RELEASE_WAIT) only until its locks are free.
         let (done, freed) = std::sync::mpsc::sync_channel::<()>(1);
         let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(client)));
         let theirs = cell.clone();
