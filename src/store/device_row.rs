@@ -96,7 +96,21 @@ pub(super) fn content_hash(d: &Device, extra: Option<&str>) -> i64 {
                 buf.push(3);
                 buf.extend_from_slice(&n.as_i64().unwrap_or(0).to_le_bytes());
             }
-            (_, Some(other)) => text(&mut buf, Some(&other.to_string())),
+            // A list or another shape: its compact JSON, as `to_string` writes it, written
+            // in place (no String per value) with its length put in front afterwards.
+            (_, Some(other)) => {
+                buf.push(1);
+                let at = buf.len();
+                buf.extend_from_slice(&[0; 8]);
+                if serde_json::to_writer(&mut buf, other).is_err() {
+                    // Not reachable for a parsed value; keep the digest defined anyway.
+                    buf.truncate(at - 1);
+                    text(&mut buf, Some(&other.to_string()));
+                    continue;
+                }
+                let len = (buf.len() - at - 8) as u64;
+                buf[at..at + 8].copy_from_slice(&len.to_le_bytes());
+            }
         }
     }
     xxhash_rust::xxh3::xxh3_64(&buf) as i64
@@ -158,4 +172,35 @@ pub(super) fn reads_back_exactly(d: &Device) -> bool {
             (FieldShape::Bool, Some(Value::Bool(_))) => true,
             _ => false,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest of a device with every kind of protocol-10 value. Stored digests are
+    /// compared with new ones on every re-fetch, so the bytes it is made of must never
+    /// change: a change would make every stored device look modified.
+    #[test]
+    fn the_content_digest_is_stable() {
+        let mut d = Device {
+            serial_number: "C02XL0GZJGH5".into(),
+            model: Some("MacBook Pro".into()),
+            color: Some("SPACE GRAY".into()),
+            profile_status: Some("assigned".into()),
+            ..Device::default()
+        };
+        let extra = serde_json::json!({
+            "imei": ["358827312806247", "358827312806248"], "meid": ["35882731280624"],
+            "eid": "89049032239957267180587455049202",
+            "wifi_mac_address": ["BC:D0:74:B5:33:3A"], "bluetooth_mac_address": "BC:D0:74:B5:33:3B",
+            "is_replacement_device": false, "mdm_migration_deadline": 42,
+            "released_by_replacement": {"odd": [1, "two"]}, "future_field": "x"
+        });
+        if let Value::Object(m) = extra {
+            d.extra = m;
+        }
+        let extra = extra_json(&d);
+        assert_eq!(content_hash(&d, extra.as_deref()), 8902975220534423927);
+    }
 }
