@@ -152,7 +152,7 @@ fn refuse_non_sqlite(path: &Path) -> Result<(), StoreError> {
 }
 
 /// The page size of a new SQLite database (see `Store::configure`).
-pub(crate) const PAGE_SIZE: u32 = 8192;
+const PAGE_SIZE: u32 = 8192;
 
 /// How much the WAL holds before it is checkpointed (see `Store::configure`).
 const WAL_CHECKPOINT_BYTES: i64 = 256 << 20;
