@@ -108,6 +108,10 @@ class Simulator:
     def cpu(self):
         return proc_cpu(self.proc.pid)
 
+    def devices(self):
+        """How many devices the simulator has assigned now (what a full fetch returns)."""
+        return json.loads(urllib.request.urlopen(self.url + "/_mock/stats", timeout=10).read())["devices"]
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
@@ -272,14 +276,57 @@ def scenario_noop(sim, config, runs, store_size):
     return r
 
 
-def scenario_reconcile(sim, config, runs, store_size):
-    samples, sim_cpu = [], []
+def scenario_reconcile(sim, config, runs):
+    """The expired cursor's full re-fetch, and the floor of the same number of devices run
+    alternately with it. After the incrementals the simulator holds more devices than the
+    first fetch did (each adds 60,000 and deletes 10,000), so the re-fetch is read against a
+    floor that downloads and parses as many as it does, not the first fetch's."""
+    n = sim.devices()
+    samples, sim_cpu, floor, floor_cpu = [], [], [], []
+    exe = os.path.join(RELEASE, "examples", "fetch_floor")
     for _ in range(runs):
         sim.admin("/_mock/clock/advance", {"seconds": 8 * 86400})
         c0 = sim.cpu()
         samples.append(sync_once(config))
         sim_cpu.append(sim.cpu() - c0)
-    return summarize(f"expired cursor: full re-fetch + reconcile", store_size, samples, sim_cpu)
+        c0 = sim.cpu()
+        floor.append(run_measured([exe, sim.url, sim.token, str(n)]))
+        floor_cpu.append(sim.cpu() - c0)
+    return [
+        summarize("expired cursor: full re-fetch + reconcile", n, samples, sim_cpu),
+        summarize(f"floor: download + parse only, nothing stored (the re-fetch's {n:,})", n, floor, floor_cpu),
+    ]
+
+
+def target_notes(results):
+    """The issue's targets read from one run: each ratio against the floor of the same size."""
+    def find(prefix, devices=None):
+        for r in results:
+            if r["scenario"].startswith(prefix) and (devices is None or r["devices"] == devices):
+                return r
+        return None
+    notes = []
+    def ratio(name, a, b, target):
+        if a and b:
+            x = a["wall_median"] / b["wall_median"]
+            notes.append(f"target: {name} = {a['wall_median']:.3f} s / {b['wall_median']:.3f} s = {x:.2f}x "
+                         f"(<= {target}x: {'met' if x <= target else 'NOT met'})")
+    largest = max((r["devices"] for r in results if r["scenario"] == "full fetch, fresh database"), default=None)
+    if largest is None:
+        return notes
+    ratio(f"first fetch of {largest:,} / its download + parse", find("full fetch, fresh database", largest),
+          find("floor: download + parse only, nothing stored", largest), 1.5)
+    refetch = find("expired cursor")
+    if refetch:
+        ratio(f"full re-fetch of {refetch['devices']:,}, nothing changed / its download + parse", refetch,
+              find("floor: download + parse only, nothing stored (the re-fetch's"), 1.3)
+    ratio("100,000 changes / their download + parse", find("incremental"),
+          find("floor: download + parse only, nothing stored (the incremental's", 100_000), 3)
+    noop = find("no-op sync")
+    if noop:
+        notes.append(f"target: no-op sync {noop['wall_median'] * 1000:.0f} ms "
+                     f"(<= 100 ms: {'met' if noop['wall_median'] <= 0.1 else 'NOT met'})")
+    return notes
 
 
 def psql(url, sql):
@@ -522,8 +569,7 @@ def main():
                 floor_sqlite(n, args.runs),
                 scenario_noop(sim, config, args.runs, n),
                 scenario_incremental(sim, config, args.runs),
-                scenario_reconcile(sim, config, args.runs, n),
-            ]:
+            ] + scenario_reconcile(sim, config, args.runs):
                 results.append(r)
                 print(table([r]).splitlines()[-1], flush=True)
         finally:
@@ -538,6 +584,7 @@ def main():
     if args.postgres and org_sizes:
         results += scenarios_org_postgres(args.postgres, max(org_sizes), args.runs)
     out = table(results)
+    notes += target_notes(results)
     notes += [f"database after the {r['devices']:,}-device full fetch: {r['db_bytes'] / 1e6:.0f} MB"
               for r in results if "db_bytes" in r]
     notes += [f"PostgreSQL schema after \"{r['scenario']}\" of {r['devices']:,} devices (tables, indexes, TOAST): "
