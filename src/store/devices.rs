@@ -15,7 +15,7 @@ use super::device_row::{
 use super::events::{materialize, PageEvents};
 use super::{insert_many, insert_many_or, upsert_state, CursorState, Store, StoreError};
 use crate::events::{decide, reason, Decision, Known, ReasonContext};
-use crate::model::{Device, DeviceRecord, EventKind, Phase, DEVICE_FIELDS};
+use crate::model::{Device, DeviceRecord, EventKind, Phase, Reason, DEVICE_FIELDS};
 
 /// One page to write.
 #[derive(Debug)]
@@ -309,6 +309,9 @@ pub(super) fn write_page(
          WHERE id = ?1",
     )?;
 
+    // Rows inserted above whose `added` event defers its snapshot to them: their events
+    // are inserted from the rows themselves (see `PageEvents::added_from_rows`).
+    let mut added_from_rows = false;
     for (k, (rec, p)) in page.records.iter().zip(prepared).enumerate() {
         let (extra, hash) = (&p.extra_json, &p.content_hash);
         let serial = rec.device.serial_number.as_str();
@@ -320,7 +323,10 @@ pub(super) fn write_page(
                 let added = Decision::Added { revived: false };
                 let why = reason(&added, None, d, ReasonContext::default());
                 if p.exact {
-                    events.push_deferred(serial, EventKind::Added, why);
+                    // Its event is made from its row, with the page's others (below).
+                    debug_assert_eq!(why, Reason::Assigned);
+                    events.set_next_id(first_event + k as i64 + 1);
+                    added_from_rows = true;
                 } else {
                     events.push(serial, EventKind::Added, None, d, extra.as_deref(), why);
                 }
@@ -577,6 +583,10 @@ pub(super) fn write_page(
         tx.execute("DELETE FROM fetch_seen WHERE token_name = ?1", [page.token])?;
     }
 
+    if added_from_rows {
+        let last_id = first_id + page.records.len() as i64 - 1;
+        PageEvents::added_from_rows(tx, first_id, last_id, page.now)?;
+    }
     events.insert(tx, page.token, page.now)?;
     upsert_state(tx, page.token, &page.next, page.fetched_until, page.now)?;
     if page.kind == Phase::Fetch {

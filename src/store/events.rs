@@ -183,6 +183,28 @@ impl PageEvents {
         id
     }
 
+    /// The `added` events of the rows with ids `first..=last` that name one as theirs
+    /// (`snapshot_event_id`), made from the rows in one statement: a new device's event is
+    /// its token, serial and id, which the row already holds, so a first fetch binds
+    /// nothing more per event. Each is new to the server (`assigned`) and defers its
+    /// snapshot to the row (`device_json` '').
+    pub(super) fn added_from_rows(
+        tx: &rusqlite::Transaction<'_>,
+        first: i64,
+        last: i64,
+        now: &str,
+    ) -> rusqlite::Result<()> {
+        tx.prepare_cached(
+            "INSERT OR ROLLBACK INTO events (id, token_name, serial_number, kind, changes,
+                 occurred_at, device_json, previous_json, reason)
+             SELECT snapshot_event_id, token_name, serial_number, 'added', NULL, ?3, '', NULL, ?4
+               FROM devices WHERE id BETWEEN ?1 AND ?2 AND snapshot_event_id IS NOT NULL
+              ORDER BY id",
+        )?
+        .execute(params![first, last, now, Reason::Assigned.as_str()])
+        .map(drop)
+    }
+
     pub(super) fn insert(
         self,
         tx: &rusqlite::Transaction<'_>,

@@ -1412,6 +1412,117 @@ mod tests {
         );
     }
 
+    /// A new token's fetch pages make their `added` events from the rows they insert
+    /// (`PageEvents::added_from_rows`); the events must be the ones the lookup path writes:
+    /// same order, kinds, reasons, stored snapshots, and the same device for each.
+    #[test]
+    fn a_new_tokens_events_made_from_its_rows_match_the_lookup_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        // A record whose protocol-10 list is a string that reads as a JSON list does not
+        // read back exactly, so its event carries its own snapshot.
+        let mut odd = rec10("N", None, None, "teal");
+        odd.device
+            .extra
+            .insert("imei".into(), serde_json::json!("[\"35\"]"));
+        let p1 = [
+            rec10("A", None, None, "red"),
+            odd,
+            rec("B", None, None, "blue"),
+            rec("Z", Some(OpType::Deleted), None, "red"),
+            rec("C", None, None, "gold"),
+        ];
+        // Page 2 repeats A (changed) among new devices, in the same transaction.
+        let p2 = [
+            rec("D", None, None, "grey"),
+            rec10("A", None, None, "green"),
+            rec("E", None, None, "black"),
+        ];
+        let write = |name: &str, expect_new: bool| {
+            let mut s = Store::open(dir.path().join(name)).unwrap();
+            let mut batch = s.batch().unwrap();
+            for (records, cursor, completes) in [(&p1[..], "c1", false), (&p2[..], "c2", true)] {
+                batch
+                    .apply_page(&PageWrite {
+                        expect_new,
+                        ..page(records, Phase::Fetch, cursor, 1, completes)
+                    })
+                    .unwrap();
+            }
+            batch.commit().unwrap();
+            s
+        };
+        let (made, looked_up) = (write("made.db", true), write("looked.db", false));
+        let rows = |s: &Store| -> Vec<Vec<Option<String>>> {
+            let mut q = s
+                .conn()
+                .unwrap()
+                .prepare(
+                    "SELECT token_name, serial_number, kind, changes, occurred_at, device_json,
+                            previous_json, reason, scope
+                       FROM events ORDER BY id",
+                )
+                .unwrap();
+            q.query_map([], |r| (0..9).map(|i| r.get(i)).collect())
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let made_rows = rows(&made);
+        assert_eq!(made_rows, rows(&looked_up));
+        // Six added (A, N, B, C, D, E), A modified; the deletion of an unknown device none.
+        let kinds: Vec<_> = made_rows
+            .iter()
+            .map(|r| {
+                (
+                    r[1].clone().unwrap(),
+                    r[2].clone().unwrap(),
+                    r[7].clone().unwrap(),
+                )
+            })
+            .collect();
+        let want = [
+            ("A", "added", "assigned"),
+            ("N", "added", "assigned"),
+            ("B", "added", "assigned"),
+            ("C", "added", "assigned"),
+            ("D", "added", "assigned"),
+            ("A", "modified", "updated"),
+            ("E", "added", "assigned"),
+        ];
+        assert_eq!(
+            kinds,
+            want.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+                .to_vec()
+        );
+        // N carries its own snapshot; the other added events defer theirs to the row.
+        let deferred: Vec<bool> = made_rows
+            .iter()
+            .map(|r| r[5].as_deref() == Some(""))
+            .collect();
+        assert_eq!(deferred, [true, false, true, true, true, false, true]);
+        // Each event resolves to the same device either way, and each deferring event is
+        // the one its row names.
+        let events = |s: &Store| s.events_after(0, None, 100).unwrap();
+        let devices = |evs: Vec<StoredEvent>| -> Vec<_> {
+            evs.into_iter()
+                .map(|e| (e.serial_number, e.device, e.reason))
+                .collect()
+        };
+        assert_eq!(devices(events(&made)), devices(events(&looked_up)));
+        let named: i64 = made
+            .conn()
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM devices d JOIN events e ON e.id = d.snapshot_event_id
+                  WHERE e.serial_number = d.serial_number AND e.kind = 'added'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        // A too: its row changed later, and the modifying event keeps what the row was.
+        assert_eq!(named, 5, "A, B, C, D and E name their added events");
+    }
+
     #[test]
     fn a_refetch_page_read_by_id_range_matches_its_rows_by_token_and_serial() {
         let dir = tempfile::tempdir().unwrap();
