@@ -1431,10 +1431,17 @@ mod tests {
             rec("Z", Some(OpType::Deleted), None, "red"),
             rec("C", None, None, "gold"),
         ];
-        // Page 2 repeats A (changed) among new devices, in the same transaction.
+        // Page 2 repeats A (changed) among new devices, in the same transaction, and F
+        // comes as a sync-style record (with an op_type), which goes the lookup way.
         let p2 = [
             rec("D", None, None, "grey"),
             rec10("A", None, None, "green"),
+            rec(
+                "F",
+                Some(OpType::Added),
+                Some("2026-01-01T00:00:00Z"),
+                "white",
+            ),
             rec("E", None, None, "black"),
         ];
         let write = |name: &str, expect_new: bool| {
@@ -1487,6 +1494,7 @@ mod tests {
             ("C", "added", "assigned"),
             ("D", "added", "assigned"),
             ("A", "modified", "updated"),
+            ("F", "added", "assigned"),
             ("E", "added", "assigned"),
         ];
         assert_eq!(
@@ -1499,7 +1507,7 @@ mod tests {
             .iter()
             .map(|r| r[5].as_deref() == Some(""))
             .collect();
-        assert_eq!(deferred, [true, false, true, true, true, false, true]);
+        assert_eq!(deferred, [true, false, true, true, true, false, true, true]);
         // Each event resolves to the same device either way, and each deferring event is
         // the one its row names.
         let events = |s: &Store| s.events_after(0, None, 100).unwrap();
@@ -1508,7 +1516,16 @@ mod tests {
                 .map(|e| (e.serial_number, e.device, e.reason))
                 .collect()
         };
-        assert_eq!(devices(events(&made)), devices(events(&looked_up)));
+        let made_events = events(&made);
+        let colors: Vec<_> = made_events
+            .iter()
+            .map(|e| e.device.as_ref().and_then(|d| d.color.clone()).unwrap())
+            .collect();
+        let want = [
+            "red", "teal", "blue", "gold", "grey", "green", "white", "black",
+        ];
+        assert_eq!(colors, want);
+        assert_eq!(devices(made_events), devices(events(&looked_up)));
         let named: i64 = made
             .conn()
             .unwrap()
@@ -1520,7 +1537,7 @@ mod tests {
             )
             .unwrap();
         // A too: its row changed later, and the modifying event keeps what the row was.
-        assert_eq!(named, 5, "A, B, C, D and E name their added events");
+        assert_eq!(named, 6, "A, B, C, D, E and F name their added events");
     }
 
     #[test]
