@@ -300,12 +300,14 @@ pub(super) fn write_page(
         "UPDATE devices SET last_op_date = COALESCE(?2, last_op_date),
              content_hash = COALESCE(?3, content_hash) WHERE id = ?1",
     )?;
+    // A deletion that changes the row (its `released_by_replacement`) names its event as
+    // the one that keeps the row's old content (?6), like any first change after a
+    // deferred `added` event: the old event is never rewritten.
     let mut mark_deleted = tx.prepare_cached(
         "UPDATE devices SET deleted_at = ?2, updated_at = ?2, last_op_date = COALESCE(?3, last_op_date),
              released_by_replacement = COALESCE(?4, released_by_replacement),
              content_hash = COALESCE(?5, content_hash),
-             snapshot_event_id = CASE WHEN ?5 IS NULL THEN snapshot_event_id END,
-             snapshot_source_id = CASE WHEN ?5 IS NULL THEN snapshot_source_id END
+             snapshot_source_id = COALESCE(?6, snapshot_source_id)
          WHERE id = ?1",
     )?;
 
@@ -385,31 +387,48 @@ pub(super) fn write_page(
                         by_replacement,
                         new_hash,
                     } = departure(o.device(&rec.device), &rec.device);
-                    if new_hash.is_some() {
-                        // The row's Apple fields change.
-                        o.materialize(tx, &rec.device)?;
-                    }
-                    mark_deleted.execute(params![
-                        o.id,
-                        page.now,
-                        rec.op_date,
-                        by_replacement,
-                        new_hash,
-                    ])?;
                     let why = reason(
                         &Decision::Deleted,
                         Some(&stored),
                         &rec.device,
                         reason_context(tx, serial)?,
                     );
-                    events.push(
-                        serial,
-                        EventKind::Deleted,
-                        None,
-                        &stored,
-                        extra_json(&stored).as_deref(),
-                        why,
-                    );
+                    let extra = extra_json(&stored);
+                    // The row's Apple fields change, and it is still the snapshot of its
+                    // `added` event: this event keeps what the row was.
+                    let keeps_old = new_hash.is_some()
+                        && o.snapshot_event_id.is_some()
+                        && o.snapshot_source_id.is_none();
+                    let source = if keeps_old {
+                        let previous = o.device(&rec.device);
+                        Some(events.push_with_previous(
+                            serial,
+                            EventKind::Deleted,
+                            None,
+                            &stored,
+                            extra.as_deref(),
+                            previous,
+                            why,
+                        ))
+                    } else {
+                        events.push(
+                            serial,
+                            EventKind::Deleted,
+                            None,
+                            &stored,
+                            extra.as_deref(),
+                            why,
+                        );
+                        None
+                    };
+                    mark_deleted.execute(params![
+                        o.id,
+                        page.now,
+                        rec.op_date,
+                        by_replacement,
+                        new_hash,
+                        source,
+                    ])?;
                     stats.deleted += 1;
                 }
                 continue;
@@ -562,6 +581,7 @@ pub(super) fn write_page(
                 page.now,
                 Option::<String>::None,
                 Option::<bool>::None,
+                Option::<i64>::None,
                 Option::<i64>::None
             ])?;
             let why = reason(

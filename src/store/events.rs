@@ -246,9 +246,8 @@ impl PageEvents {
 }
 
 /// Writes the snapshot of a deferred `added` event into it: `source`'s previous_json when a
-/// later event keeps it, else the device as it is now (`d`). For the rare changes after
-/// which the row can no longer name the event (it is added again, or its deletion
-/// changes it).
+/// later event keeps it, else the device as it is now (`d`). For the one change after
+/// which the row can no longer name the event: the device is added again.
 pub(super) fn materialize(
     tx: &rusqlite::Transaction<'_>,
     event_id: i64,

@@ -1261,6 +1261,102 @@ mod tests {
         assert_eq!(via_view[0], kept);
     }
 
+    /// A deletion that changes its row (released by a replacement) keeps the row's old
+    /// content with its own event, as a modification does: the deferred `added` event is
+    /// never rewritten, and still reads the device as it was added.
+    #[test]
+    fn a_deletion_that_changes_its_row_appends_and_never_rewrites_the_added_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
+        let p1 = [rec("A", None, None, "red"), rec("B", None, None, "blue")];
+        s.apply_page(&page(&p1, Phase::Fetch, "c1", 1, true))
+            .unwrap();
+        let mut gone = rec(
+            "A",
+            Some(OpType::Deleted),
+            Some("2026-01-02T00:00:00Z"),
+            "red",
+        );
+        gone.device
+            .extra
+            .insert("released_by_replacement".into(), serde_json::json!(true));
+        s.apply_page(&page(&[gone], Phase::Sync, "c2", 1, false))
+            .unwrap();
+        let flag = |e: &StoredEvent| {
+            e.device
+                .as_ref()
+                .and_then(|d| d.v10("released_by_replacement").cloned())
+        };
+        let evs = s.events_after(0, None, 10).unwrap();
+        let seen: Vec<_> = evs
+            .iter()
+            .map(|e| (e.serial_number.as_str(), e.kind, flag(e)))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("A", EventKind::Added, None),
+                ("B", EventKind::Added, None),
+                ("A", EventKind::Deleted, Some(serde_json::json!(true))),
+            ]
+        );
+        assert_eq!(evs[2].reason, Some(crate::model::Reason::Replaced));
+        // Both `added` events still defer; A's row names the deletion as the event that
+        // keeps what it was.
+        let deferred: Vec<i64> = column(
+            &s,
+            "SELECT id FROM events WHERE device_json = '' ORDER BY id",
+        );
+        assert_eq!(deferred, vec![1, 2]);
+        let named: Vec<(i64, i64)> = s
+            .conn()
+            .unwrap()
+            .prepare("SELECT snapshot_event_id, snapshot_source_id FROM devices WHERE serial_number = 'A'")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(named, vec![(1, 3)]);
+        // A comes back: its first `added` event gets what the deletion kept.
+        let back = [rec(
+            "A",
+            Some(OpType::Added),
+            Some("2026-01-03T00:00:00Z"),
+            "pink",
+        )];
+        s.apply_page(&page(&back, Phase::Sync, "c3", 1, false))
+            .unwrap();
+        let evs = s.events_after(0, None, 10).unwrap();
+        let seen: Vec<_> = evs
+            .iter()
+            .map(|e| {
+                let color = e.device.as_ref().and_then(|d| d.color.clone());
+                (e.kind, color.unwrap(), flag(e))
+            })
+            .collect();
+        let t = Some(serde_json::json!(true));
+        assert_eq!(
+            seen,
+            [
+                (EventKind::Added, "red".to_owned(), None),
+                (EventKind::Added, "blue".to_owned(), None),
+                (EventKind::Deleted, "red".to_owned(), t),
+                (EventKind::Added, "pink".to_owned(), None),
+            ]
+        );
+        // The view agrees with the events as read.
+        let via_view: Vec<String> =
+            column(&s, "SELECT device_json FROM events_with_device ORDER BY id");
+        for (json, e) in via_view.iter().zip(&evs) {
+            assert_eq!(
+                events::decode_snapshot(json).as_ref(),
+                e.device.as_ref(),
+                "{json}"
+            );
+        }
+    }
+
     #[test]
     fn odd_protocol_10_shapes_read_back_the_same_through_rows_events_and_the_view() {
         let dir = tempfile::tempdir().unwrap();
