@@ -1,5 +1,6 @@
-//! The `events` table: a page's events inserted together (ids follow record order), the
-//! positional device snapshot each event carries, and the event queries.
+//! The `events` table: a page's events inserted together (ids follow record order; a new
+//! token's `added` events made from its rows), the positional device snapshot each event
+//! carries, and the event queries.
 
 use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
@@ -76,7 +77,9 @@ struct EventRow {
 
 /// A page's events, in record order; inserted together at the end of the page (see
 /// [`insert_many`]) with ids given as they are pushed, so ids follow record order and a
-/// device row can name its event before it is written.
+/// device row can name its event before it is written. On a new token's fetch pages the
+/// ids of most `added` events are only skipped here (`set_next_id`): those events are
+/// made from the rows, in a statement of their own (see [`PageEvents::added_from_rows`]).
 pub(super) struct PageEvents {
     next_id: i64,
     rows: Vec<EventRow>,
