@@ -327,7 +327,6 @@ pub(super) fn write_page(
                 if p.exact {
                     // Its event is made from its row, with the page's others (below).
                     debug_assert_eq!(why, Reason::Assigned);
-                    events.set_next_id(first_event + k as i64 + 1);
                     added_from_rows = true;
                 } else {
                     events.push(serial, EventKind::Added, None, d, extra.as_deref(), why);
@@ -399,28 +398,16 @@ pub(super) fn write_page(
                     let keeps_old = new_hash.is_some()
                         && o.snapshot_event_id.is_some()
                         && o.snapshot_source_id.is_none();
-                    let source = if keeps_old {
-                        let previous = o.device(&rec.device);
-                        Some(events.push_with_previous(
-                            serial,
-                            EventKind::Deleted,
-                            None,
-                            &stored,
-                            extra.as_deref(),
-                            previous,
-                            why,
-                        ))
-                    } else {
-                        events.push(
-                            serial,
-                            EventKind::Deleted,
-                            None,
-                            &stored,
-                            extra.as_deref(),
-                            why,
-                        );
-                        None
-                    };
+                    let id = events.push_with_previous(
+                        serial,
+                        EventKind::Deleted,
+                        None,
+                        &stored,
+                        extra.as_deref(),
+                        keeps_old.then(|| o.device(&rec.device)),
+                        why,
+                    );
+                    let source = keeps_old.then_some(id);
                     mark_deleted.execute(params![
                         o.id,
                         page.now,
@@ -464,7 +451,7 @@ pub(super) fn write_page(
                     changes,
                     d,
                     extra.as_deref(),
-                    previous,
+                    Some(previous),
                     why,
                 );
                 (o.snapshot_event_id, Some(id))

@@ -133,8 +133,8 @@ impl PageEvents {
         )
     }
 
-    /// [`PageEvents::push`] that also keeps `previous`, the device before this event, for
-    /// the deferred `added` event whose row this event changes; returns its id.
+    /// [`PageEvents::push`] that also keeps `previous`, when given: the device before this
+    /// event, for the deferred `added` event whose row this event changes. Returns its id.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn push_with_previous(
         &mut self,
@@ -143,16 +143,16 @@ impl PageEvents {
         changes: Option<String>,
         d: &Device,
         extra: Option<&str>,
-        previous: &Device,
+        previous: Option<&Device>,
         reason: Reason,
     ) -> i64 {
-        let previous = encode_snapshot(previous, extra_json(previous).as_deref());
+        let previous = previous.map(|p| encode_snapshot(p, extra_json(p).as_deref()));
         self.push_row(
             serial,
             kind,
             changes,
             encode_snapshot(d, extra),
-            Some(previous),
+            previous,
             reason,
         )
     }
