@@ -16,13 +16,62 @@ pub(super) const DEVICE_COLUMNS: &str =
 /// Columns of [`DEVICE_COLUMNS`]: serial, the named fields, extra_json, protocol 10.
 pub(super) const DEVICE_COLUMN_COUNT: usize = 14 + V10_FIELDS.len();
 
+/// A device's protocol-10 values in [`V10_FIELDS`] order (None when absent or null), and
+/// whether `extra` holds anything else: one pass over `extra` for everything a row is made
+/// of, instead of a map lookup per field in each of the functions below.
+pub(super) struct V10Values<'a> {
+    values: [Option<&'a Value>; V10_FIELDS.len()],
+    others: bool,
+}
+
+impl<'a> V10Values<'a> {
+    pub(super) fn of(d: &'a Device) -> Self {
+        let mut values = [None; V10_FIELDS.len()];
+        let mut others = false;
+        for (k, v) in &d.extra {
+            match v10_index(k) {
+                Some(i) => values[i] = Some(v).filter(|v| !v.is_null()),
+                None => others = true,
+            }
+        }
+        V10Values { values, others }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (FieldShape, Option<&'a Value>)> + '_ {
+        V10_FIELDS
+            .iter()
+            .zip(self.values)
+            .map(|((_, shape), v)| (*shape, v))
+    }
+}
+
+/// The position of a protocol-10 field in [`V10_FIELDS`] (a test keeps the two in step).
+fn v10_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "imei" => 0,
+        "meid" => 1,
+        "eid" => 2,
+        "wifi_mac_address" => 3,
+        "bluetooth_mac_address" => 4,
+        "ethernet_mac_address" => 5,
+        "is_replacement_device" => 6,
+        "mdm_migration_deadline" => 7,
+        "released_by_replacement" => 8,
+        _ => return None,
+    })
+}
+
 /// The protocol-10 fields of a device as their columns store them (in [`V10_FIELDS`]
 /// order): lists as JSON text, booleans 0/1, text as text; NULL when Apple sent none.
 pub(super) fn v10_sql(d: &Device) -> Vec<rusqlite::types::Value> {
+    v10_sql_of(&V10Values::of(d))
+}
+
+/// [`v10_sql`] from values already picked out.
+pub(super) fn v10_sql_of(v: &V10Values<'_>) -> Vec<rusqlite::types::Value> {
     use rusqlite::types::Value as S;
-    V10_FIELDS
-        .iter()
-        .map(|(name, shape)| match (shape, d.v10(name)) {
+    v.iter()
+        .map(|(shape, value)| match (shape, value) {
             (_, None) => S::Null,
             (_, Some(Value::String(t))) => S::Text(t.clone()),
             (FieldShape::Bool, Some(Value::Bool(b))) => S::Integer(*b as i64),
@@ -70,6 +119,11 @@ pub(super) fn qualified_device_columns(alias: &str) -> String {
 /// digests, equal rows. XXH3 (a published, fixed algorithm) over each column with its
 /// length, so the digest of a stored row never changes between versions.
 pub(super) fn content_hash(d: &Device, extra: Option<&str>) -> i64 {
+    content_hash_of(d, extra, &V10Values::of(d))
+}
+
+/// [`content_hash`] with the protocol-10 values already picked out.
+pub(super) fn content_hash_of(d: &Device, extra: Option<&str>, v10: &V10Values<'_>) -> i64 {
     fn text(buf: &mut Vec<u8>, t: Option<&str>) {
         match t {
             None => buf.push(0),
@@ -87,8 +141,8 @@ pub(super) fn content_hash(d: &Device, extra: Option<&str>) -> i64 {
         text(&mut buf, f.as_deref());
     }
     text(&mut buf, extra);
-    for (name, shape) in V10_FIELDS {
-        match (shape, d.v10(name)) {
+    for (shape, value) in v10.iter() {
+        match (shape, value) {
             (_, None) => buf.push(0),
             (_, Some(Value::String(t))) => text(&mut buf, Some(t)),
             (FieldShape::Bool, Some(Value::Bool(b))) => buf.extend_from_slice(&[2, *b as u8]),
@@ -132,7 +186,15 @@ pub(super) fn device_from_row(r: &rusqlite::Row<'_>, start: usize) -> rusqlite::
 /// `extra_json` for a device: its extra fields beyond the protocol-10 columns as a JSON
 /// object, None when it has none.
 pub(super) fn extra_json(d: &Device) -> Option<String> {
-    let is_v10 = |k: &str| V10_FIELDS.iter().any(|(name, _)| *name == k);
+    extra_json_of(d, &V10Values::of(d))
+}
+
+/// [`extra_json`] with the protocol-10 values already picked out.
+pub(super) fn extra_json_of(d: &Device, v10: &V10Values<'_>) -> Option<String> {
+    if !v10.others {
+        return None;
+    }
+    let is_v10 = |k: &str| v10_index(k).is_some();
     // Written as serde_json writes a map (keys in order), without copying the map.
     let mut out = String::new();
     for (k, v) in d.extra.iter().filter(|(k, _)| !is_v10(k)) {
@@ -148,30 +210,37 @@ pub(super) fn extra_json(d: &Device) -> Option<String> {
     Some(out)
 }
 
-/// Whether the row written for `d` reads back as `d` itself ([`v10_sql`] then
-/// [`device_from_row`]): the protocol-10 values in the shapes Apple documents — lists as
-/// lists (or a string that is not itself a JSON list), text as text, booleans as booleans.
-/// Anything else may not: the columns' affinity turns a number into text, or text such as
-/// "1" into a number. Only then may an event's snapshot be the row (see
+/// Whether the row written for a device (given its protocol-10 values) reads back as the
+/// device itself ([`v10_sql`] then [`device_from_row`]): the protocol-10 values in the
+/// shapes Apple documents — lists as lists (or a string that is not itself a JSON list),
+/// text as text, booleans as booleans. Anything else may not: the columns' affinity turns
+/// a number into text, or text such as "1" into a number. Only then may an event's snapshot be the row (see
 /// `PageEvents::push_deferred`).
-pub(super) fn reads_back_exactly(d: &Device) -> bool {
-    V10_FIELDS
-        .iter()
-        .all(|(name, shape)| match (shape, d.v10(name)) {
-            (_, None) => true,
-            (FieldShape::List, Some(Value::Array(_))) => true,
-            (FieldShape::List, Some(Value::String(t))) => {
-                !(t.starts_with('[') && serde_json::from_str::<Value>(t).is_ok())
-            }
-            (FieldShape::Text, Some(Value::String(_))) => true,
-            (FieldShape::Bool, Some(Value::Bool(_))) => true,
-            _ => false,
-        })
+pub(super) fn reads_back_exactly(v10: &V10Values<'_>) -> bool {
+    v10.iter().all(|(shape, value)| match (shape, value) {
+        (_, None) => true,
+        (FieldShape::List, Some(Value::Array(_))) => true,
+        (FieldShape::List, Some(Value::String(t))) => {
+            !(t.starts_with('[') && serde_json::from_str::<Value>(t).is_ok())
+        }
+        (FieldShape::Text, Some(Value::String(_))) => true,
+        (FieldShape::Bool, Some(Value::Bool(_))) => true,
+        _ => false,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_protocol_10_field_is_found_at_its_place() {
+        for (i, (name, _)) in V10_FIELDS.iter().enumerate() {
+            assert_eq!(v10_index(name), Some(i), "{name}");
+        }
+        assert_eq!(v10_index("serial_number"), None);
+        assert_eq!(v10_index("IMEI"), None);
+    }
 
     /// The digest of a device with every kind of protocol-10 value. Stored digests are
     /// compared with new ones on every re-fetch, so the bytes it is made of must never

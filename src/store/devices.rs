@@ -9,8 +9,8 @@ use serde_json::{Map, Value};
 
 use super::cursors::count_fetch_changes;
 use super::device_row::{
-    content_hash, device_from_row, extra_json, reads_back_exactly, v10_sql, DEVICE_COLUMNS,
-    DEVICE_COLUMN_COUNT,
+    content_hash, content_hash_of, device_from_row, extra_json, extra_json_of, reads_back_exactly,
+    v10_sql, v10_sql_of, V10Values, DEVICE_COLUMNS, DEVICE_COLUMN_COUNT,
 };
 use super::events::{materialize, PageEvents};
 use super::{insert_many, insert_many_or, upsert_state, CursorState, Store, StoreError};
@@ -90,17 +90,14 @@ pub(super) fn prepare_with(records: &[DeviceRecord], v10: bool) -> Vec<Prepared>
     records
         .iter()
         .map(|rec| {
-            let extra_json = extra_json(&rec.device);
-            let content_hash = content_hash(&rec.device, extra_json.as_deref());
+            let values = V10Values::of(&rec.device);
+            let extra_json = extra_json_of(&rec.device, &values);
+            let content_hash = content_hash_of(&rec.device, extra_json.as_deref(), &values);
             Prepared {
                 extra_json,
                 content_hash,
-                v10: if v10 {
-                    v10_sql(&rec.device)
-                } else {
-                    Vec::new()
-                },
-                exact: reads_back_exactly(&rec.device),
+                v10: if v10 { v10_sql_of(&values) } else { Vec::new() },
+                exact: reads_back_exactly(&values),
             }
         })
         .collect()
@@ -171,6 +168,9 @@ pub struct DeviceFilter {
     /// At most this many.
     pub limit: Option<u64>,
 }
+
+/// The stored state of each of a page's devices that is stored, by serial.
+pub(super) type ExistingRows<'a> = foldhash::HashMap<&'a str, Existing>;
 
 /// The stored state of one device, as needed to diff against an incoming record.
 pub(super) struct Existing {
@@ -264,11 +264,12 @@ pub(super) fn write_page(
     } else {
         None
     };
+    let (records, prepared_rest): (Vec<DeviceRecord>, Vec<Prepared>);
     let existing = match &inserted {
         None => load_existing(tx, page.token, page.records, prepared)?,
-        Some(flags) if flags.iter().all(|f| *f) => HashMap::new(),
+        Some(flags) if flags.iter().all(|f| *f) => ExistingRows::default(),
         Some(flags) => {
-            let (records, prepared): (Vec<DeviceRecord>, Vec<Prepared>) = page
+            (records, prepared_rest) = page
                 .records
                 .iter()
                 .zip(prepared)
@@ -276,7 +277,7 @@ pub(super) fn write_page(
                 .filter(|(_, inserted)| !**inserted)
                 .map(|((rec, p), _)| (rec.clone(), p.clone()))
                 .unzip();
-            load_existing(tx, page.token, &records, &prepared)?
+            load_existing(tx, page.token, &records, &prepared_rest)?
         }
     };
     // By id (read with the stored row): no second index lookup. Two statements so that a
@@ -798,34 +799,35 @@ pub(super) fn load_seen(
 /// The first statement reads only each row's bookkeeping: an unchanged device — most of a
 /// re-fetch — is recognised by its digest without its 23 Apple columns being read; the
 /// columns of the rest (changed, or stored without a digest) are read by id afterwards.
-pub(super) fn load_existing(
+pub(super) fn load_existing<'a>(
     tx: &rusqlite::Transaction<'_>,
     token: &str,
-    records: &[DeviceRecord],
+    records: &'a [DeviceRecord],
     prepared: &[Prepared],
-) -> rusqlite::Result<HashMap<String, Existing>> {
-    let incoming: HashMap<&str, (&Device, i64)> = records
+) -> rusqlite::Result<ExistingRows<'a>> {
+    let incoming: Incoming<'a> = records
         .iter()
         .zip(prepared)
         .map(|(r, p)| (r.device.serial_number.as_str(), (&r.device, p.content_hash)))
         .collect();
-    let mut map = HashMap::with_capacity(records.len());
+    let mut map = ExistingRows::with_capacity_and_hasher(records.len(), Default::default());
     // Rows whose Apple columns must be read: (serial, whether the stored row has a digest).
-    let mut unsure: Vec<(String, bool)> = Vec::new();
-    type Incoming<'a> = HashMap<&'a str, (&'a Device, i64)>;
-    fn take(
+    let mut unsure: Vec<(&'a str, bool)> = Vec::new();
+    type Incoming<'a> = foldhash::HashMap<&'a str, (&'a Device, i64)>;
+    fn take<'a>(
         r: &rusqlite::Row<'_>,
-        incoming: &Incoming<'_>,
-        map: &mut HashMap<String, Existing>,
-        unsure: &mut Vec<(String, bool)>,
+        incoming: &Incoming<'a>,
+        map: &mut ExistingRows<'a>,
+        unsure: &mut Vec<(&'a str, bool)>,
     ) -> rusqlite::Result<()> {
         let serial = r.get_ref(0)?.as_str()?;
-        let Some((_, incoming_hash)) = incoming.get(serial) else {
+        // The record's own serial is the key: no copy of the stored one.
+        let Some((&serial, (_, incoming_hash))) = incoming.get_key_value(serial) else {
             return Ok(());
         };
         let stored_hash: Option<i64> = r.get(1)?;
         if stored_hash != Some(*incoming_hash) {
-            unsure.push((serial.to_owned(), stored_hash.is_some()));
+            unsure.push((serial, stored_hash.is_some()));
         }
         let e = Existing {
             device: None,
@@ -836,7 +838,7 @@ pub(super) fn load_existing(
             snapshot_event_id: r.get(5)?,
             snapshot_source_id: r.get(6)?,
         };
-        map.insert(serial.to_owned(), e);
+        map.insert(serial, e);
         Ok(())
     }
     const BOOKKEEPING: &str = "SELECT serial_number, content_hash, last_op_date,
@@ -880,10 +882,10 @@ pub(super) fn load_existing(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
     ))?;
     for (serial, hashed) in unsure {
-        let Some(e) = map.get_mut(&serial) else {
+        let Some(e) = map.get_mut(serial) else {
             continue;
         };
-        let incoming = incoming.get(serial.as_str()).map(|(d, _)| *d);
+        let incoming = incoming.get(serial).map(|(d, _)| *d);
         e.device = read.query_row([e.id], |r| {
             // A row without a digest is compared in place: equal, it stays undecoded.
             match incoming {
