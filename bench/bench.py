@@ -21,7 +21,7 @@ incremental with the mirror in PostgreSQL (same simulator seed, same machine, sa
 with --org-sizes the largest organisation's first walk and unchanged re-walk.
 
 Usage:  bench/bench.py [--quick] [--runs N] [--sizes 10000,100000,1000000]
-                       [--org-sizes 10000,100000] [--postgres URL] [--markdown FILE]
+                       [--org-sizes 10000,100000] [--postgres URL] [--markdown FILE] [--threads]
         --org-sizes is off by default, also under --quick; --sizes "" skips the ADE scenarios.
 """
 
@@ -156,17 +156,59 @@ def write_org_config(workdir, sim, db="adesync.db"):
     return path
 
 
+# With --threads: each measured run also carries the CPU of each of its process's threads.
+THREADS = False
+
+
+class Measured(tuple):
+    """(wall s, cpu s, peak RSS MiB), with .threads: [(name, cpu s)] busiest first, or None."""
+    threads = None
+
+
+def thread_cpu(pid):
+    """{tid: (name, cpu s)} of a running process, from /proc."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
 def run_measured(argv, env=None):
     """Runs a command; returns (wall s, cpu s, peak RSS MiB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    if THREADS:
+        # Polled every 20 ms until the process exits: each thread's last reading.
+        seen = {}
+        while True:
+            seen.update(thread_cpu(proc.pid))
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.02)
+        threads = sorted(seen.values(), key=lambda t: -t[1])
+    else:
+        threads = None
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{argv} failed: {err[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    m = Measured((wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0))
+    m.threads = threads
+    return m
 
 
 def sync_once(config):
@@ -192,7 +234,23 @@ def summarize(name, devices, samples, sim_cpu):
         "devices_per_s": devices / med if med > 0 else 0,
         "cpu_us_per_device": statistics.median(cpus) / devices * 1e6 if devices else 0,
         "sim_cpu_median": statistics.median(sim_cpu),
+        "threads": busiest_threads(samples),
     }
+
+
+def busiest_threads(samples):
+    """The median CPU of the runs' busiest, second busiest, ... thread, named as in the
+    first run ("" without --threads)."""
+    runs = [s.threads for s in samples if getattr(s, "threads", None)]
+    if not runs:
+        return ""
+    ranks = min(len(r) for r in runs)
+    parts = []
+    for i in range(min(ranks, 4)):
+        cpu = statistics.median(r[i][1] for r in runs)
+        if cpu >= 0.05:
+            parts.append(f"{runs[0][i][0]} {cpu:.2f} s")
+    return ", ".join(parts)
 
 
 def scenario_full_fetch(n, runs):
@@ -535,12 +593,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 run each, sizes 10k and 100k")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--threads", action="store_true",
+                    help="also report each measured process's busiest threads and their CPU "
+                         "(/proc polled every 20 ms; in adesync the busiest tokio-rt-worker of a "
+                         "sync is the page writer, the thread named adesync downloads and parses)")
     ap.add_argument("--postgres", metavar="URL",
                     help="also run the first fetch, no-op and incremental of the largest size (and, "
                          "with --org-sizes, the largest organisation's first walk and re-walk) on this "
                          "PostgreSQL database (schemas adesync_bench* are made and dropped), e.g. the "
                          "URL `ADESYNC_CI_PG_DURABLE=1 .ci/postgres start` prints")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.quick:
         args.runs, args.sizes = 1, "10000,100000"
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -587,6 +651,8 @@ def main():
     notes += target_notes(results)
     notes += [f"database after the {r['devices']:,}-device full fetch: {r['db_bytes'] / 1e6:.0f} MB"
               for r in results if "db_bytes" in r]
+    notes += [f"threads of \"{r['scenario']}\" ({r['devices']:,}), median CPU, busiest first: {r['threads']}"
+              for r in results if r.get("threads")]
     notes += [f"PostgreSQL schema after \"{r['scenario']}\" of {r['devices']:,} devices (tables, indexes, TOAST): "
               f"{r['pg_bytes'] / 1e6:.0f} MB" for r in results if "pg_bytes" in r]
     if notes:
