@@ -214,8 +214,8 @@ pub(super) fn extra_json_of(d: &Device, v10: &V10Values<'_>) -> Option<String> {
 /// device itself ([`v10_sql`] then [`device_from_row`]): the protocol-10 values in the
 /// shapes Apple documents — lists as lists (or a string that is not itself a JSON list),
 /// text as text, booleans as booleans. Anything else may not: the columns' affinity turns
-/// a number into text, or text such as "1" into a number. Only then may an event's snapshot be the row (see
-/// `PageEvents::push_deferred`).
+/// a number into text, or text such as "1" into a number. Only then may an event's snapshot
+/// be the row (see `PageEvents::push_deferred`).
 pub(super) fn reads_back_exactly(v10: &V10Values<'_>) -> bool {
     v10.iter().all(|(shape, value)| match (shape, value) {
         (_, None) => true,
