@@ -2,7 +2,7 @@
 //! output. A batch counts as delivered once it is written and flushed — for a file,
 //! synced to disk, so a power loss cannot lose lines whose cursor was recorded.
 
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 
 use super::Failure;
 use crate::config::JsonlTarget;
@@ -55,9 +55,26 @@ fn write(target: &JsonlTarget, buf: &[u8]) -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .read(true)
                 .open(p)?;
             let len = f.metadata()?.len();
-            let written = f.write_all(buf).and_then(|_| f.sync_data());
+            // A file that does not end a line (a batch cut short when the process was
+            // killed mid-write; its events are sent again) gets its line ended first, so
+            // the batch's lines stay whole. The file is never shortened here: a reader
+            // following it would take that for a new file and read it again.
+            let mut torn = false;
+            if len > 0 {
+                let mut last = [0u8];
+                f.seek(std::io::SeekFrom::End(-1))?;
+                f.read_exact(&mut last)?;
+                torn = last[0] != b'\n';
+            }
+            let written = if torn {
+                f.write_all(b"\n").and_then(|_| f.write_all(buf))
+            } else {
+                f.write_all(buf)
+            }
+            .and_then(|_| f.sync_data());
             if written.is_err() {
                 // Cut a partly written batch off again (e.g. a full disk), so the retry
                 // does not append whole lines after a torn one.
@@ -65,5 +82,35 @@ fn write(target: &JsonlTarget, buf: &[u8]) -> std::io::Result<()> {
             }
             written
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_cut_short_is_ended_before_the_next_batch_and_never_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let target = JsonlTarget::File(path.clone());
+        write(&target, b"{\"id\":1}\n").unwrap();
+        // A kill in the middle of the next batch leaves part of a line.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"id\":2,\"se")
+            .unwrap();
+        write(&target, b"{\"id\":2}\n{\"id\":3}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"id\":1}\n{\"id\":2,\"se\n{\"id\":2}\n{\"id\":3}\n"
+        );
+        // A file that ends its last line is appended to as it is.
+        write(&target, b"{\"id\":4}\n").unwrap();
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .ends_with("{\"id\":3}\n{\"id\":4}\n"));
     }
 }
