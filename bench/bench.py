@@ -60,11 +60,17 @@ def free_port():
     return port
 
 
+def stat_cpu(path):
+    """(name, user+sys seconds) from a /proc/.../stat file of a live process or thread."""
+    with open(path) as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_cpu(pid):
     """user+sys seconds a live process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return stat_cpu(f"/proc/{pid}/stat")[1]
 
 
 class Simulator:
@@ -174,13 +180,9 @@ def thread_cpu(pid):
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            out[tid] = stat_cpu(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[tid] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
     return out
 
 

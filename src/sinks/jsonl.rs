@@ -2,7 +2,7 @@
 //! output. A batch counts as delivered once it is written and flushed — for a file,
 //! synced to disk, so a power loss cannot lose lines whose cursor was recorded.
 
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 
 use super::Failure;
 use crate::config::JsonlTarget;
@@ -55,34 +55,39 @@ fn write(target: &JsonlTarget, buf: &[u8]) -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .read(true)
                 .open(p)?;
             let len = f.metadata()?.len();
-            // A file that does not end a line (a batch cut short when the process was
-            // killed mid-write; its events are sent again) gets its line ended first, so
-            // the batch's lines stay whole. The file is never shortened here: a reader
-            // following it would take that for a new file and read it again.
-            let mut torn = false;
-            if len > 0 {
-                let mut last = [0u8];
-                f.seek(std::io::SeekFrom::End(-1))?;
-                f.read_exact(&mut last)?;
-                torn = last[0] != b'\n';
-            }
-            let written = if torn {
-                f.write_all(b"\n").and_then(|_| f.write_all(buf))
+            // A batch cut short when the process was killed mid-write (its events are sent
+            // again) gets its line ended first, so this batch's lines stay whole.
+            let end_cut_line = if ends_mid_line(p, len) {
+                f.write_all(b"\n")
             } else {
-                f.write_all(buf)
-            }
-            .and_then(|_| f.sync_data());
+                Ok(())
+            };
+            let written = end_cut_line
+                .and_then(|_| f.write_all(buf))
+                .and_then(|_| f.sync_data());
             if written.is_err() {
-                // Cut a partly written batch off again (e.g. a full disk), so the retry
-                // does not append whole lines after a torn one.
+                // Back to the length it had (e.g. a full disk), so the retry does not
+                // append whole lines after a torn one. Never shorter than that: a reader
+                // following the file would take a shorter file for a new one.
                 let _ = f.set_len(len);
             }
             written
         }
     }
+}
+
+/// Whether the file's last byte (of `len`) is not a newline. A file that cannot be read
+/// (write-only to this user) counts as ending its line.
+fn ends_mid_line(p: &std::path::Path, len: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut last = [b'\n'];
+    len > 0
+        && std::fs::File::open(p)
+            .and_then(|f| f.read_exact_at(&mut last, len - 1))
+            .is_ok()
+        && last[0] != b'\n'
 }
 
 #[cfg(test)]
