@@ -810,12 +810,14 @@ fn postgres_three_replicas_share_the_tokens_and_survive_a_sigkill() {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
+            .map(crate::common::KillOnDrop)
             .unwrap()
     };
-    let mut replicas: Vec<(String, std::process::Child)> = ["replica-a", "replica-b", "replica-c"]
-        .iter()
-        .map(|n| (n.to_string(), start(n)))
-        .collect();
+    let mut replicas: Vec<(String, crate::common::KillOnDrop)> =
+        ["replica-a", "replica-b", "replica-c"]
+            .iter()
+            .map(|n| (n.to_string(), start(n)))
+            .collect();
     let store = env.store();
     // Wait until some replica holds tokens mid-fetch, and kill the one holding the most.
     let started = std::time::Instant::now();
@@ -838,8 +840,8 @@ fn postgres_three_replicas_share_the_tokens_and_survive_a_sigkill() {
     let killed_at = std::time::Instant::now();
     let i = replicas.iter().position(|(n, _)| *n == victim).unwrap();
     let (_, mut child) = replicas.remove(i);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     // Every token ends synced by a survivor: the killed replica's tokens after takeover.
     let mut takeover = None;
     let done = loop {
@@ -898,9 +900,9 @@ fn postgres_three_replicas_share_the_tokens_and_survive_a_sigkill() {
     }
     for (_, mut c) in replicas {
         let _ = std::process::Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
+            .args(["-TERM", &c.0.id().to_string()])
             .status();
-        c.wait().unwrap();
+        c.0.wait().unwrap();
     }
     eprintln!(
         "replicas: {victim} killed holding {} token(s); first taken over after {:?}, all {TOKENS} synced {:?} after the kill",
@@ -977,12 +979,13 @@ fn postgres_status_and_metrics_name_the_replica_syncing_a_token() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(crate::common::KillOnDrop)
         .unwrap();
     let metrics = crate::common::metrics_once_they_show(&rt, port, "adesync_token_synced_by");
     let _ = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
+        .args(["-TERM", &daemon.0.id().to_string()])
         .status();
-    daemon.wait().unwrap();
+    daemon.0.wait().unwrap();
     assert!(
         metrics.contains(&format!(
             "adesync_token_synced_by{{token=\"acme\",replica=\"{replica}\"}} 1"

@@ -173,6 +173,17 @@ pub async fn kill_after(mut cmd: std::process::Command, delay: std::time::Durati
 }
 
 /// A loopback port with nothing listening on it (yet).
+/// A child process killed (and reaped) when this is dropped: a test that fails while a
+/// daemon it started runs does not leave the daemon running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
