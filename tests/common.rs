@@ -172,9 +172,9 @@ pub async fn kill_after(mut cmd: std::process::Command, delay: std::time::Durati
     killed
 }
 
-/// A loopback port with nothing listening on it (yet).
 /// A child process killed (and reaped) when this is dropped: a test that fails while a
-/// daemon it started runs does not leave the daemon running.
+/// daemon it started runs does not leave the daemon running. A child already reaped is
+/// not signalled again (`Child::kill` knows its exit status).
 pub struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -184,6 +184,20 @@ impl Drop for KillOnDrop {
     }
 }
 
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+/// A loopback port with nothing listening on it (yet).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -3,7 +3,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{adesync, assert_mirrors, event_counts, free_port, output, write_token, Env};
+use crate::common::{
+    adesync, assert_mirrors, event_counts, free_port, output, write_token, Env, KillOnDrop,
+};
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -25,7 +27,7 @@ async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-async fn wait_exit(mut child: Child, limit: Duration) -> Option<std::process::ExitStatus> {
+async fn wait_exit(mut child: KillOnDrop, limit: Duration) -> Option<std::process::ExitStatus> {
     tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         while start.elapsed() < limit {
@@ -46,7 +48,7 @@ async fn sigterm_during_a_large_fetch_exits_0_and_loses_nothing() {
     let env = Env::new(100_000, 1000).await;
     let mut cmd = adesync(&env);
     cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn().unwrap();
+    let child = KillOnDrop(cmd.spawn().unwrap());
     // Wait until the fetch is under way (some pages committed), then stop it.
     let db = env.path("adesync.db");
     let started = wait_for(Duration::from_secs(30), || {
@@ -104,7 +106,7 @@ async fn sighup_syncs_now_and_metrics_and_healthz_answer() {
     cmd.arg("run")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(env.path("daemon.log")).unwrap());
-    let child = cmd.spawn().unwrap();
+    let child = KillOnDrop(cmd.spawn().unwrap());
     let db = env.path("adesync.db");
     let log = env.path("daemon.log");
     let synced = |n: u64| {
@@ -419,7 +421,7 @@ fn the_unit_file_has_the_required_directives_and_verifies() {
 
 /// A simulator with `devices` devices and the daemon syncing it hourly, with its
 /// listener on a free loopback port.
-async fn daemon_with_listener(devices: usize) -> (Env, u16, std::process::Child) {
+async fn daemon_with_listener(devices: usize) -> (Env, u16, KillOnDrop) {
     let port = free_port();
     let env = Env::with(
         adesync_mock::MockConfig {
@@ -432,7 +434,7 @@ async fn daemon_with_listener(devices: usize) -> (Env, u16, std::process::Child)
     .await;
     let mut cmd = adesync(&env);
     cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn().unwrap();
+    let child = KillOnDrop(cmd.spawn().unwrap());
     (env, port, child)
 }
 

@@ -19,7 +19,9 @@ use adesync_mock::{
 };
 use serde_json::Value;
 
-use super::common::{empty_store, fresh_postgres_database, output, runtime, write_token, Backend};
+use super::common::{
+    empty_store, fresh_postgres_database, output, runtime, write_token, Backend, KillOnDrop,
+};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -694,15 +696,17 @@ async fn the_daemon_walks_accounts_and_reports_them_in_metrics_and_healthz() {
         &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
     )
     .await;
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_adesync"))
-        .arg("--config")
-        .arg(&env.config_path)
-        .arg("run")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_adesync"))
+            .arg("--config")
+            .arg(&env.config_path)
+            .arg("run")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let db = env.dir.path().join("adesync.db");
     let mut walked = false;
     for _ in 0..100 {
@@ -917,12 +921,14 @@ fn postgres_an_account_being_walked_is_left_to_its_replica() {
         "{org_line}"
     );
 
-    let mut daemon = adesync_with(&env.config_path)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = KillOnDrop(
+        adesync_with(&env.config_path)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let want = format!("adesync_org_account_walked_by{{account=\"org0\",replica=\"{replica}\"}} 1");
     let metrics = super::common::metrics_once_they_show(&rt, port, &want);
     let _ = std::process::Command::new("kill")
@@ -968,13 +974,15 @@ fn postgres_a_replica_killed_mid_walk_leaves_its_accounts_to_another() {
         replica_config(&env, "replica-a"),
         replica_config(&env, "replica-b"),
     );
-    let mut first = adesync_with(&a)
-        .args(["run", "--once"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = KillOnDrop(
+        adesync_with(&a)
+            .args(["run", "--once"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let store = env.store();
     let started = std::time::Instant::now();
     // Wait until replica-a holds every account and has committed pages of each.
