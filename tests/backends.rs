@@ -366,6 +366,39 @@ fn random_history(b: Backend, seed: u64) {
     // No snapshot drifted: each event reads as it did when it was written.
     let all = store.events_after(0, None, 100_000).unwrap();
     assert_eq!(all.len(), seen_events.len(), "seed {seed}");
+    // One serial's history (`device SERIAL`) is exactly its events, from any point on.
+    for serial in &serials {
+        let mine: Vec<i64> = all
+            .iter()
+            .filter(|e| &e.serial_number == serial)
+            .map(|e| e.id)
+            .collect();
+        for after in [0, mine.get(1).copied().unwrap_or(0)] {
+            let history: Vec<i64> = store
+                .events_of(after, None, Some(serial), 100_000)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect();
+            let want: Vec<i64> = mine.iter().copied().filter(|id| *id > after).collect();
+            assert_eq!(
+                history, want,
+                "seed {seed}: history of {serial} after {after}"
+            );
+        }
+        let of_token = store
+            .events_of(0, Some("acme"), Some(serial), 100_000)
+            .unwrap();
+        assert_eq!(
+            of_token.len(),
+            mine.len(),
+            "seed {seed}: {serial} in its token"
+        );
+        assert!(store
+            .events_of(0, Some("other"), Some(serial), 100_000)
+            .unwrap()
+            .is_empty());
+    }
     for e in all {
         let snapshot = e.device.as_ref().map(Device::to_json).unwrap_or_default();
         assert_eq!(

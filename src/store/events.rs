@@ -353,17 +353,38 @@ impl Store {
         if let Some(mut pg) = self.pg() {
             return pg.events_of(after, token, serial, limit);
         }
+        // One serial's events come from the index of the events that carry their own
+        // snapshot and from the rows that name a deferred one (schema migration 8), not
+        // from a scan of every event. The rows are found by key, token by token: the
+        // tokens are read off the key index, one seek each.
+        let (with, which) = if serial.is_some() {
+            (
+                "WITH RECURSIVE tokens(t) AS (
+                     SELECT MIN(token_name) FROM devices
+                     UNION ALL
+                     SELECT (SELECT MIN(token_name) FROM devices WHERE token_name > t)
+                       FROM tokens WHERE t IS NOT NULL)",
+                "e.id IN (SELECT id FROM events WHERE serial_number = ?4 AND device_json <> ''
+                              AND id > ?1
+                          UNION ALL
+                          SELECT snapshot_event_id FROM devices
+                           WHERE token_name IN (SELECT t FROM tokens)
+                             AND serial_number = ?4 AND snapshot_event_id > ?1)",
+            )
+        } else {
+            ("", "e.id > ?1 AND ?4 IS NULL")
+        };
         // An event whose snapshot is deferred (device_json '') reads its device's row.
         let sql = format!(
-            "SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
+            "{with}
+             SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
                     e.device_json, e.scope, e.reason, src.previous_json, d.snapshot_source_id, {}
              FROM events e
              LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
                   AND d.token_name = e.token_name AND d.serial_number = e.serial_number
                   AND d.snapshot_event_id = e.id
              LEFT JOIN events src ON src.id = d.snapshot_source_id
-             WHERE e.id > ?1 AND (?2 IS NULL OR e.token_name = ?2)
-               AND (?4 IS NULL OR e.serial_number = ?4)
+             WHERE {which} AND (?2 IS NULL OR e.token_name = ?2)
              ORDER BY e.id LIMIT ?3",
             qualified_device_columns("d")
         );

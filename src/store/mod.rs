@@ -1827,6 +1827,53 @@ mod tests {
     }
 
     #[test]
+    fn a_mirror_from_schema_7_finds_a_devices_history_through_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        // A's first event keeps its own snapshot (as before schema 6), B's `added` defers
+        // to its row, then A is modified and C (of another token) added.
+        database_at(
+            &path,
+            7,
+            r#"INSERT INTO devices (token_name, serial_number, model, first_seen_at, updated_at, snapshot_event_id)
+                   VALUES ('acme', 'A', 'iPad', 'x', 'x', NULL), ('acme', 'B', 'iPad', 'x', 'x', 2),
+                          ('zeta', 'B', 'iPad', 'x', 'x', 4);
+               INSERT INTO events (id, token_name, serial_number, kind, occurred_at, device_json)
+                   VALUES (1, 'acme', 'A', 'added', 'x', '["A","iPad"]'),
+                          (2, 'acme', 'B', 'added', 'x', ''),
+                          (3, 'acme', 'A', 'modified', 'x', '["A","iPad"]'),
+                          (4, 'zeta', 'B', 'added', 'x', '');"#,
+        );
+        let s = Store::open(&path).unwrap();
+        let ids = |token: Option<&str>, serial: &str, after: i64| -> Vec<i64> {
+            s.events_of(after, token, Some(serial), 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect()
+        };
+        assert_eq!(ids(None, "A", 0), [1, 3]);
+        assert_eq!(ids(None, "A", 1), [3]);
+        assert_eq!(ids(None, "B", 0), [2, 4], "both tokens' rows name one");
+        assert_eq!(ids(Some("zeta"), "B", 0), [4]);
+        assert!(ids(None, "Z", 0).is_empty());
+        // Found by index, not by reading every event.
+        let plan: Vec<String> = s
+            .conn()
+            .unwrap()
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT id FROM events
+                  WHERE serial_number = 'A' AND device_json <> '' AND id > 0",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(plan.iter().any(|p| p.contains("events_serial")), "{plan:?}");
+    }
+
+    #[test]
     fn a_completed_fetch_reconciles_devices_it_did_not_return() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path().join("x.db")).unwrap();

@@ -401,6 +401,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
     DROP INDEX devices_alive;
     CREATE INDEX devices_gone ON devices (token_name, deleted_at) WHERE deleted_at IS NOT NULL;
     "#,
+    // 8: a device's history without reading every event (`device SERIAL`, `events
+    // --serial`). Only the events that carry their own snapshot are indexed by serial: a
+    // deferred `added` event (device_json '', every event of a first fetch) is found
+    // through the row that names it (`snapshot_event_id`), so a fetch inserts nothing into
+    // this index, and a sync one entry per change.
+    r#"
+    CREATE INDEX events_serial ON events (serial_number) WHERE device_json <> '';
+    "#,
 ];
 
 impl Store {
