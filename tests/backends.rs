@@ -76,50 +76,81 @@ struct Held {
     last_op_date: Option<String>,
 }
 
-/// An event by the model: serial, kind, the snapshot it must carry, and for `modified`
-/// the changes.
+/// An event by the model: serial, kind, reason, the snapshot it must carry, and for
+/// `modified` the changes.
 type Expected = (
     String,
     adesync::model::EventKind,
+    Option<adesync::model::Reason>,
     serde_json::Value,
     Option<serde_json::Value>,
 );
 
-/// Random histories of one token, each page written on its own: a first fetch with
-/// serials repeated across pages and deletions among them, syncs with additions,
-/// modifications, deletions, records that change nothing and stale records, and full
-/// re-fetches that reconcile what they no longer return. A model applies each record with
-/// the one rule (`events::decide`) and no storage at all. After every page the new events
-/// are the model's (kind, serial, snapshot, changes) and the rows are the model's; at the
-/// end every event still carries the snapshot it had when it was written, whatever
-/// happened to its row since (the deferred snapshots of `added` events, the old content
-/// kept by the change after them). Both write paths of a fetch page are taken: the one
-/// that inserts first (`expect_new`, a first fetch) and the one that looks rows up first.
+/// Random histories, each page written on its own: a first fetch with serials repeated
+/// across pages and deletions among them, syncs with additions, modifications, deletions,
+/// records that change nothing and stale records, full re-fetches that reconcile what they
+/// no longer return, now and then a value in a shape Apple does not document (so the
+/// event keeps its own snapshot instead of deferring to the row). A model applies each
+/// record with the one rule (`events::decide`, `events::reason`) and no storage at all.
+/// After every page the new events are the model's (kind, reason, serial, snapshot,
+/// changes) and the rows are the model's; at the end every event still carries the
+/// snapshot it had when it was written, whatever happened to its row since (the deferred
+/// snapshots of `added` events, the old content kept by the change after them), and each
+/// serial's history (`device SERIAL`), from any event on and by token, is exactly its
+/// events. Both write paths of a fetch page are taken: the one that inserts first
+/// (`expect_new`, a first fetch) and the one that looks rows up first. A second token,
+/// sorting before the first, holds some of the same serials.
 /// `ADESYNC_TEST_HISTORIES=N` runs N seeds instead of 8 (a longer search).
 fn random_histories_match_the_one_rule_and_no_snapshot_drifts(b: Backend) {
     let histories = std::env::var("ADESYNC_TEST_HISTORIES")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(8u64);
+    let mut seen = HashMap::new();
     for seed in 1..=histories {
-        random_history(b, seed);
+        random_history(b, seed, &mut seen);
+    }
+    // Every case happened (in the default 8 seeds as in any longer search).
+    for case in [
+        "fetch added",
+        "fetch added, own snapshot",
+        "fetch modified",
+        "fetch unchanged",
+        "fetch revived",
+        "fetch deleted",
+        "fetch gone",
+        "reconciled",
+        "first fetch repeat",
+        "sync added",
+        "sync revived",
+        "sync modified",
+        "sync unchanged",
+        "sync deleted",
+        "sync gone",
+        "sync stale",
+    ] {
+        assert!(
+            seen.get(case).copied().unwrap_or(0) > 0,
+            "{case} never happened: {seen:?}"
+        );
     }
 }
 
 /// The model's device leaving the server: marked deleted, a `deleted` event with it as
 /// its snapshot.
-fn leave(serial: &str, h: &mut Held) -> Expected {
+fn leave(serial: &str, h: &mut Held, why: adesync::model::Reason) -> Expected {
     h.deleted = true;
     (
         serial.to_owned(),
         adesync::model::EventKind::Deleted,
+        Some(why),
         h.device.to_json(),
         None,
     )
 }
 
-fn random_history(b: Backend, seed: u64) {
-    use adesync::events::{decide, diff, Decision, Known};
+fn random_history(b: Backend, seed: u64, seen: &mut HashMap<&'static str, usize>) {
+    use adesync::events::{decide, diff, reason, Decision, Known, ReasonContext};
     use adesync::model::{Device, DeviceRecord, EventKind, OpType};
     use adesync::store::{prepare, CursorState, PageWrite};
     use std::collections::BTreeMap;
@@ -130,7 +161,9 @@ fn random_history(b: Backend, seed: u64) {
     let mut model: BTreeMap<String, Held> = BTreeMap::new();
     // Every event read so far, by id: its serial, kind and snapshot when first read.
     let mut seen_events: BTreeMap<i64, (String, EventKind, serde_json::Value)> = BTreeMap::new();
-    let mut last_event = 0i64;
+    let snapshot = |e: &adesync::store::StoredEvent| {
+        e.device.as_ref().map(Device::to_json).unwrap_or_default()
+    };
     let mut clock = 0u32;
     let mut cursor = 0u32;
 
@@ -162,8 +195,47 @@ fn random_history(b: Backend, seed: u64) {
                 serde_json::json!({"x": rng.below(2)}),
             );
         }
+        // Text where Apple documents a boolean: the row cannot be the event's snapshot,
+        // which the event then keeps itself (it still reads back the same).
+        if rng.chance(10) {
+            d.extra
+                .insert("is_replacement_device".into(), serde_json::json!("yes"));
+        }
         d
     };
+
+    // Another token, sorting before this one, holds some of the same serials.
+    let other: Vec<DeviceRecord> = serials
+        .iter()
+        .step_by(7)
+        .map(|s| DeviceRecord {
+            op_type: None,
+            op_date: None,
+            device: device(&mut rng, s),
+        })
+        .collect();
+    store
+        .apply_page(&PageWrite {
+            token: "aaa",
+            kind: Phase::Fetch,
+            records: &other,
+            next: CursorState {
+                phase: Phase::Sync,
+                cursor: Some("o1".into()),
+                fetch_run: 1,
+            },
+            fetched_until: None,
+            completes_fetch: true,
+            now: "2026-03-01T00:00:00Z",
+            unreadable: &[],
+            expect_new: true,
+            prepared: None,
+        })
+        .unwrap();
+    for e in store.events_after(0, None, 10_000).unwrap() {
+        seen_events.insert(e.id, (e.serial_number.clone(), e.kind, snapshot(&e)));
+    }
+    let mut last_event = seen_events.keys().copied().max().unwrap_or(0);
 
     for round in 0..7 {
         // Rounds 0, 3 and 6 are full fetches (round 0 the first, into an empty store);
@@ -174,10 +246,12 @@ fn random_history(b: Backend, seed: u64) {
         // The full fetch returns most serials, a few of them on more than one page.
         let mut returned: Vec<usize> = (0..serials.len()).filter(|_| rng.chance(80)).collect();
         let mut fetched_alive = std::collections::HashSet::new();
+        let mut fetched = std::collections::HashSet::new();
         for p in 0..pages {
             let mut records = Vec::new();
             let mut on_page = std::collections::HashSet::new();
-            // Now and then a page longer than one multi-row INSERT statement (40 rows).
+            // Now and then a page longer than one multi-row INSERT statement of rows
+            // (40 rows).
             let size = if rng.chance(20) {
                 40 + rng.below(50)
             } else {
@@ -259,6 +333,42 @@ fn random_history(b: Backend, seed: u64) {
                     deleted: h.deleted,
                 });
                 let decision = decide(known, r);
+                let case = match (&decision, fetch) {
+                    (Decision::Stale, _) => "sync stale",
+                    (Decision::AlreadyGone, true) => "fetch gone",
+                    (Decision::AlreadyGone, false) => "sync gone",
+                    (Decision::Unchanged, true) => "fetch unchanged",
+                    (Decision::Unchanged, false) => "sync unchanged",
+                    (Decision::Added { revived: true }, true) => "fetch revived",
+                    (Decision::Added { revived: true }, false) => "sync revived",
+                    (Decision::Added { .. }, true) => "fetch added",
+                    (Decision::Added { .. }, false) => "sync added",
+                    (Decision::Modified(_), true) => "fetch modified",
+                    (Decision::Modified(_), false) => "sync modified",
+                    (Decision::Deleted, true) => "fetch deleted",
+                    (Decision::Deleted, false) => "sync deleted",
+                };
+                *seen.entry(case).or_default() += 1;
+                if matches!(decision, Decision::Added { .. })
+                    && r.device.extra.contains_key("is_replacement_device")
+                {
+                    *seen
+                        .entry(if fetch {
+                            "fetch added, own snapshot"
+                        } else {
+                            "sync added, own snapshot"
+                        })
+                        .or_default() += 1;
+                }
+                if fetch && run == 1 && !fetched.insert(serial.clone()) {
+                    *seen.entry("first fetch repeat").or_default() += 1;
+                }
+                let why = reason(
+                    &decision,
+                    held.as_ref().map(|h| &h.device),
+                    &r.device,
+                    ReasonContext::default(),
+                );
                 let op_date = r
                     .op_date
                     .clone()
@@ -278,7 +388,13 @@ fn random_history(b: Backend, seed: u64) {
                             _ => None,
                         };
                         let kind = decision.event_kind().unwrap();
-                        expected.push((serial.clone(), kind, r.device.to_json(), changes));
+                        expected.push((
+                            serial.clone(),
+                            kind,
+                            Some(why),
+                            r.device.to_json(),
+                            changes,
+                        ));
                         model.insert(
                             serial.clone(),
                             Held {
@@ -298,7 +414,7 @@ fn random_history(b: Backend, seed: u64) {
                             }
                         }
                         h.last_op_date = op_date;
-                        expected.push(leave(serial, h));
+                        expected.push(leave(serial, h, why));
                     }
                 }
                 if fetch {
@@ -314,7 +430,14 @@ fn random_history(b: Backend, seed: u64) {
             if completes {
                 for (serial, h) in model.iter_mut() {
                     if !h.deleted && !fetched_alive.contains(serial) {
-                        expected.push(leave(serial, h));
+                        let why = reason(
+                            &Decision::Deleted,
+                            Some(&h.device),
+                            &h.device,
+                            ReasonContext::default(),
+                        );
+                        expected.push(leave(serial, h, why));
+                        *seen.entry("reconciled").or_default() += 1;
                     }
                 }
             }
@@ -326,9 +449,14 @@ fn random_history(b: Backend, seed: u64) {
             let mut got: Vec<Expected> = new
                 .iter()
                 .map(|e| {
-                    let snapshot = e.device.as_ref().map(Device::to_json).unwrap_or_default();
                     let changes = (e.kind == EventKind::Modified).then(|| e.changes.clone());
-                    (e.serial_number.clone(), e.kind, snapshot, changes)
+                    (
+                        e.serial_number.clone(),
+                        e.kind,
+                        e.reason,
+                        snapshot(e),
+                        changes,
+                    )
                 })
                 .collect();
             assert_eq!(
@@ -336,20 +464,21 @@ fn random_history(b: Backend, seed: u64) {
                 expected.len(),
                 "{what}: events {got:#?} against {expected:#?}"
             );
+            assert!(new.iter().all(|e| e.token_name == "acme"), "{what}");
             // The reconciliation's deletions in any order; the records' events in theirs.
             got[from_records..].sort_by(|a, b| a.0.cmp(&b.0));
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert_eq!(g, e, "{what}: event {i}");
             }
             for e in &new {
-                let snapshot = e.device.as_ref().map(Device::to_json).unwrap_or_default();
-                seen_events.insert(e.id, (e.serial_number.clone(), e.kind, snapshot));
+                seen_events.insert(e.id, (e.serial_number.clone(), e.kind, snapshot(e)));
                 last_event = last_event.max(e.id);
             }
 
             // The rows: every serial the model holds, deleted or not, with its fields.
             let rows = store
                 .devices(&DeviceFilter {
+                    token: Some("acme".into()),
                     deleted: Some(false),
                     ..DeviceFilter::default()
                 })
@@ -366,47 +495,41 @@ fn random_history(b: Backend, seed: u64) {
     // No snapshot drifted: each event reads as it did when it was written.
     let all = store.events_after(0, None, 100_000).unwrap();
     assert_eq!(all.len(), seen_events.len(), "seed {seed}");
-    // One serial's history (`device SERIAL`) is exactly its events, from any point on.
+    for e in &all {
+        assert_eq!(
+            seen_events[&e.id],
+            (e.serial_number.clone(), e.kind, snapshot(e)),
+            "seed {seed}: event {} changed since it was written",
+            e.id
+        );
+    }
+    // One serial's history (`device SERIAL`) is exactly its events, from any event on,
+    // of both tokens or of one.
+    let ids = |events: Vec<adesync::store::StoredEvent>| -> Vec<i64> {
+        events.iter().map(|e| e.id).collect()
+    };
     for serial in &serials {
-        let mine: Vec<i64> = all
-            .iter()
-            .filter(|e| &e.serial_number == serial)
-            .map(|e| e.id)
-            .collect();
-        for after in [0, mine.get(1).copied().unwrap_or(0)] {
-            let history: Vec<i64> = store
-                .events_of(after, None, Some(serial), 100_000)
-                .unwrap()
-                .iter()
-                .map(|e| e.id)
-                .collect();
-            let want: Vec<i64> = mine.iter().copied().filter(|id| *id > after).collect();
+        let mine: Vec<&adesync::store::StoredEvent> =
+            all.iter().filter(|e| &e.serial_number == serial).collect();
+        for after in std::iter::once(0).chain(mine.iter().map(|e| e.id)) {
+            let want: Vec<i64> = mine.iter().map(|e| e.id).filter(|id| *id > after).collect();
+            let history = ids(store.events_of(after, None, Some(serial), 100_000).unwrap());
             assert_eq!(
                 history, want,
                 "seed {seed}: history of {serial} after {after}"
             );
         }
-        let of_token = store
-            .events_of(0, Some("acme"), Some(serial), 100_000)
-            .unwrap();
-        assert_eq!(
-            of_token.len(),
-            mine.len(),
-            "seed {seed}: {serial} in its token"
-        );
-        assert!(store
-            .events_of(0, Some("other"), Some(serial), 100_000)
-            .unwrap()
-            .is_empty());
-    }
-    for e in all {
-        let snapshot = e.device.as_ref().map(Device::to_json).unwrap_or_default();
-        assert_eq!(
-            seen_events[&e.id],
-            (e.serial_number.clone(), e.kind, snapshot),
-            "seed {seed}: event {} changed since it was written",
-            e.id
-        );
+        for token in ["acme", "aaa"] {
+            let want: Vec<i64> = mine
+                .iter()
+                .filter(|e| e.token_name == token)
+                .map(|e| e.id)
+                .collect();
+            let history = ids(store
+                .events_of(0, Some(token), Some(serial), 100_000)
+                .unwrap());
+            assert_eq!(history, want, "seed {seed}: {serial} in {token}");
+        }
     }
 }
 

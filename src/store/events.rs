@@ -269,8 +269,10 @@ pub(super) fn materialize(
         (_, Some(kept)) => kept,
         (None, None) => encode_snapshot(d, extra_json(d).as_deref()),
         // The event that kept it is gone (pruned): the row has changed since, so it is
-        // not the snapshot either; the event is left as it is.
-        (Some(_), None) => return Ok(()),
+        // not the snapshot either. JSON `null` (read as no snapshot, as before) rather
+        // than '', so that the event stays in the index of a serial's events
+        // (`events_serial`) once no row names it.
+        (Some(_), None) => "null".to_owned(),
     };
     tx.prepare_cached("UPDATE events SET device_json = ?2 WHERE id = ?1 AND device_json = ''")?
         .execute(params![event_id, snapshot])
@@ -329,6 +331,48 @@ fn profile_event(
     })
 }
 
+/// The statement [`Store::events_of`] runs: events with `id > ?1`, of token `?2` when not
+/// NULL, at most `?3`, of serial `?4` when `by_serial`. An event whose snapshot is
+/// deferred (device_json '') reads its device's row.
+pub(super) fn events_sql(by_serial: bool) -> String {
+    // One serial's events come from the index of the events that carry their own snapshot
+    // and from the rows that name a deferred one (schema migration 8), not from a scan of
+    // every event. The rows are found by key, token by token: the tokens are read off the
+    // key index, one seek each. Without a serial, `?4` is NULL (the term is there only so
+    // that both statements take the same four parameters).
+    let (with, which) = if by_serial {
+        (
+            "WITH RECURSIVE tokens(t) AS (
+                 SELECT MIN(token_name) FROM devices
+                 UNION ALL
+                 SELECT (SELECT MIN(token_name) FROM devices WHERE token_name > t)
+                   FROM tokens WHERE t IS NOT NULL)",
+            "e.id IN (SELECT id FROM events WHERE serial_number = ?4 AND device_json <> ''
+                          AND id > ?1
+                      UNION ALL
+                      SELECT snapshot_event_id FROM devices
+                       WHERE token_name IN (SELECT t FROM tokens)
+                         AND serial_number = ?4 AND snapshot_event_id > ?1)
+             AND e.serial_number = ?4",
+        )
+    } else {
+        ("", "e.id > ?1 AND ?4 IS NULL")
+    };
+    format!(
+        "{with}
+         SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
+                e.device_json, e.scope, e.reason, src.previous_json, d.snapshot_source_id, {}
+         FROM events e
+         LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
+              AND d.token_name = e.token_name AND d.serial_number = e.serial_number
+              AND d.snapshot_event_id = e.id
+         LEFT JOIN events src ON src.id = d.snapshot_source_id
+         WHERE {which} AND (?2 IS NULL OR e.token_name = ?2)
+         ORDER BY e.id LIMIT ?3",
+        qualified_device_columns("d")
+    )
+}
+
 impl Store {
     /// Events with `id > after`, oldest first, each with the device as stored when the
     /// event was written (its snapshot; the current row if there is none).
@@ -353,44 +397,9 @@ impl Store {
         if let Some(mut pg) = self.pg() {
             return pg.events_of(after, token, serial, limit);
         }
-        // One serial's events come from the index of the events that carry their own
-        // snapshot and from the rows that name a deferred one (schema migration 8), not
-        // from a scan of every event. The rows are found by key, token by token: the
-        // tokens are read off the key index, one seek each.
-        let (with, which) = if serial.is_some() {
-            (
-                "WITH RECURSIVE tokens(t) AS (
-                     SELECT MIN(token_name) FROM devices
-                     UNION ALL
-                     SELECT (SELECT MIN(token_name) FROM devices WHERE token_name > t)
-                       FROM tokens WHERE t IS NOT NULL)",
-                "e.id IN (SELECT id FROM events WHERE serial_number = ?4 AND device_json <> ''
-                              AND id > ?1
-                          UNION ALL
-                          SELECT snapshot_event_id FROM devices
-                           WHERE token_name IN (SELECT t FROM tokens)
-                             AND serial_number = ?4 AND snapshot_event_id > ?1)",
-            )
-        } else {
-            ("", "e.id > ?1 AND ?4 IS NULL")
-        };
-        // An event whose snapshot is deferred (device_json '') reads its device's row.
-        let sql = format!(
-            "{with}
-             SELECT e.id, e.token_name, e.serial_number, e.kind, e.changes, e.occurred_at,
-                    e.device_json, e.scope, e.reason, src.previous_json, d.snapshot_source_id, {}
-             FROM events e
-             LEFT JOIN devices d ON e.device_json = '' AND e.scope IS NULL
-                  AND d.token_name = e.token_name AND d.serial_number = e.serial_number
-                  AND d.snapshot_event_id = e.id
-             LEFT JOIN events src ON src.id = d.snapshot_source_id
-             WHERE {which} AND (?2 IS NULL OR e.token_name = ?2)
-             ORDER BY e.id LIMIT ?3",
-            qualified_device_columns("d")
-        );
         let mut stmt = self
             .conn()?
-            .prepare_cached(&sql)
+            .prepare_cached(&events_sql(serial.is_some()))
             .map_err(self.err("read events"))?;
         let rows = stmt
             .query_map(params![after, token, limit as i64, serial], |r| {

@@ -1852,25 +1852,92 @@ mod tests {
                 .map(|e| e.id)
                 .collect()
         };
+        // (Only ids are compared: these snapshots are not in the stored form.)
         assert_eq!(ids(None, "A", 0), [1, 3]);
         assert_eq!(ids(None, "A", 1), [3]);
         assert_eq!(ids(None, "B", 0), [2, 4], "both tokens' rows name one");
+        assert_eq!(ids(None, "B", 2), [4]);
         assert_eq!(ids(Some("zeta"), "B", 0), [4]);
         assert!(ids(None, "Z", 0).is_empty());
-        // Found by index, not by reading every event.
+        // The statement `events_of` runs finds them by index, never reading every event.
         let plan: Vec<String> = s
             .conn()
             .unwrap()
-            .prepare(
-                "EXPLAIN QUERY PLAN SELECT id FROM events
-                  WHERE serial_number = 'A' AND device_json <> '' AND id > 0",
-            )
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                super::events::events_sql(true)
+            ))
             .unwrap()
-            .query_map([], |r| r.get(3))
+            .query_map(rusqlite::params![0, None::<String>, 100, "A"], |r| r.get(3))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(plan.iter().any(|p| p.contains("events_serial")), "{plan:?}");
+        assert!(
+            plan.iter().any(
+                |p| p.contains("sqlite_autoindex_devices_1 (token_name=? AND serial_number=?)")
+            ),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|p| p.starts_with("SCAN e")), "{plan:?}");
+    }
+
+    /// A deferred `added` event whose kept snapshot was pruned (the clock went back, so the
+    /// later event was older) is still in its device's history once the device returns
+    /// and the row names another event.
+    #[test]
+    fn a_device_history_keeps_an_added_event_whose_kept_snapshot_was_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path().join("x.db")).unwrap();
+        let at = |records, kind, cursor, now| {
+            let mut p = page(records, kind, cursor, 1, kind == Phase::Fetch);
+            p.now = now;
+            p
+        };
+        let added = [rec("A", None, None, "red")];
+        s.apply_page(&at(&added, Phase::Fetch, "c1", "2026-03-02T00:00:00.000Z"))
+            .unwrap();
+        let modified = [rec(
+            "A",
+            Some(OpType::Modified),
+            Some("2026-03-01T00:00:01Z"),
+            "blue",
+        )];
+        s.apply_page(&at(
+            &modified,
+            Phase::Sync,
+            "c2",
+            "2026-03-01T00:00:00.000Z",
+        ))
+        .unwrap();
+        assert_eq!(s.prune_events(2, "2026-03-01T12:00:00.000Z").unwrap(), 1);
+        let deleted = [rec(
+            "A",
+            Some(OpType::Deleted),
+            Some("2026-03-01T00:00:02Z"),
+            "blue",
+        )];
+        s.apply_page(&at(&deleted, Phase::Sync, "c3", "2026-03-03T00:00:00.000Z"))
+            .unwrap();
+        let back = [rec(
+            "A",
+            Some(OpType::Added),
+            Some("2026-03-01T00:00:03Z"),
+            "green",
+        )];
+        s.apply_page(&at(&back, Phase::Sync, "c4", "2026-03-04T00:00:00.000Z"))
+            .unwrap();
+        let all = s.events_after(0, None, 100).unwrap();
+        let ids: Vec<i64> = all.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [1, 3, 4]);
+        assert!(all[0].device.is_none(), "its snapshot is gone, as before");
+        let history: Vec<i64> = s
+            .events_of(0, None, Some("A"), 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(history, ids);
     }
 
     #[test]

@@ -402,10 +402,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX devices_gone ON devices (token_name, deleted_at) WHERE deleted_at IS NOT NULL;
     "#,
     // 8: a device's history without reading every event (`device SERIAL`, `events
-    // --serial`). Only the events that carry their own snapshot are indexed by serial: a
-    // deferred `added` event (device_json '', every event of a first fetch) is found
-    // through the row that names it (`snapshot_event_id`), so a fetch inserts nothing into
-    // this index, and a sync one entry per change.
+    // --serial`), where migration 1 read its token's events. Only the events that carry
+    // their own snapshot are indexed by serial: a deferred `added` event (device_json '',
+    // the event of nearly every device a new token's first fetch stores) is found through
+    // the row that names it (`snapshot_event_id`). So a first fetch inserts next to
+    // nothing into this index, and later passes one entry per change.
     r#"
     CREATE INDEX events_serial ON events (serial_number) WHERE device_json <> '';
     "#,
