@@ -110,7 +110,8 @@ fn random_histories_match_the_one_rule_and_no_snapshot_drifts(b: Backend) {
     for seed in 1..=histories {
         random_history(b, seed, &mut seen);
     }
-    // Every case happened (in the default 8 seeds as in any longer search).
+    // Every case happened (in the default 8 seeds as in any longer search; fewer seeds
+    // may not show them all).
     for case in [
         "fetch added",
         "fetch added, own snapshot",
@@ -130,7 +131,7 @@ fn random_histories_match_the_one_rule_and_no_snapshot_drifts(b: Backend) {
         "sync stale",
     ] {
         assert!(
-            seen.get(case).copied().unwrap_or(0) > 0,
+            histories < 8 || seen.get(case).copied().unwrap_or(0) > 0,
             "{case} never happened: {seen:?}"
         );
     }

@@ -406,7 +406,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // their own snapshot are indexed by serial: a deferred `added` event (device_json '',
     // the event of nearly every device a new token's first fetch stores) is found through
     // the row that names it (`snapshot_event_id`). So a first fetch inserts next to
-    // nothing into this index, and later passes one entry per change.
+    // nothing into this index; later passes one entry per modification or deletion, and
+    // each organisation or profile event one.
     r#"
     CREATE INDEX events_serial ON events (serial_number) WHERE device_json <> '';
     "#,
